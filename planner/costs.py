@@ -1,0 +1,278 @@
+"""The per-device, per-round cost model (METHOD.md section 3).
+
+Every cost of a configuration (a contiguous block of layers ending at the output, one rank
+per layer) is *linear* in the planner's binaries ``x[l, k]`` (layer ``l`` at rank
+``ranks[k]``): a constant plus one coefficient per ``(l, k)``. :meth:`CostModel.table`
+returns those coefficients for the formulation; :meth:`CostModel.evaluate` computes the
+same quantities directly from a configuration and is what validators and the simulated
+clock use.
+
+Time of device ``i``:
+
+    compute_s  = steps_i * (F_fwd + sum_l (F_bwd_l + r_l * F_lora_l)) / speed_i
+    download_s = B_i / downlink_i,   upload_s = B_i / uplink_i
+    time_s     = compute_s + download_s + upload_s
+
+with ``B_i = bytes_per_param * (sum_l r_l p_l + head params)``. FLOPs come from the
+:class:`~legend.models.spec.ModelSpec` (analytic) or from a :class:`Calibration` measured on
+the host (``legend calibrate``), in which case host seconds are scaled to the device by the
+ratio of effective TFLOPS.
+
+Memory of device ``i``:
+
+    frozen weights at ``weight_precision`` + head in fp32
+    + activations saved by the adapted layers (``d * activation_bytes_per_layer``)
+    + AdamW state for trainable parameters (param, grad, two moments: 16 bytes each)
+    + workspace (one layer's transient activations and the embedding output)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from legend.models.spec import ModelSpec
+from legend.planner.errors import PlannerInputError
+from legend.planner.profiles import DeviceProfile, JobParams
+
+__all__ = ["Calibration", "ConfigCost", "CostModel", "CostTable"]
+
+OPTIMIZER_BYTES_PER_PARAM = 16  # fp32 AdamW: weight, gradient, two moments
+ACT_BYTES = 4  # activations are fp32 in training here
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Host timings of one model at one batch shape (``legend calibrate`` writes it).
+
+    ``forward_s`` is one forward pass of the batch; ``backward_per_layer_s`` the extra time
+    of a backward pass per adapted layer; ``lora_per_rank_s`` the extra step time per unit
+    rank and adapted layer. ``host_tflops`` is the host's effective throughput implied by the
+    forward pass and the analytic FLOP count; device times are host times scaled by
+    ``host_tflops / device.tflops``.
+    """
+
+    model: str
+    batch_size: int
+    seq_len: int
+    forward_s: float
+    backward_per_layer_s: float
+    lora_per_rank_s: float
+    host_tflops: float
+    peak_memory_bytes: float | None = None
+    target_modules: tuple[str, ...] = ()
+    host: str = ""
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        data = json.loads(text)
+        data["target_modules"] = tuple(data.get("target_modules", ()))
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise PlannerInputError(
+                f"calibration file {path} is not a legend calibration: {exc}; "
+                "create one with `legend calibrate --model MODEL`"
+            ) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigCost:
+    """Costs of one device's configuration for one round."""
+
+    compute_s: float
+    download_s: float
+    upload_s: float
+    time_s: float
+    trainable_params: int
+    download_bytes: float
+    upload_bytes: float
+    memory_bytes: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostTable:
+    """Linear coefficients of one device's costs: ``value = const + sum x[l,k] * coef[l][k]``.
+
+    ``coef`` tuples are indexed ``[layer][rank index]``. A non-participating device costs 0.
+    """
+
+    time_const_s: float
+    time_coef_s: tuple[tuple[float, ...], ...]
+    memory_const_bytes: float
+    memory_coef_bytes: tuple[tuple[float, ...], ...]
+    bytes_const: float
+    bytes_coef: tuple[tuple[float, ...], ...]
+    compute_const_s: float
+    compute_coef_s: tuple[tuple[float, ...], ...]
+
+
+class CostModel:
+    """Predicts time, bytes and memory of configurations for a model and a job.
+
+    Parameters
+    ----------
+    spec
+        The model's shape.
+    job
+        Batch size, sequence length, local steps, precisions and rank grid.
+    calibration
+        Host timings; when given, compute times are calibrated instead of analytic.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, job: JobParams, calibration: Calibration | None = None
+    ) -> None:
+        self.spec = spec
+        self.job = job
+        self.calibration = calibration
+        tokens = job.batch_size * job.seq_len
+        self._tokens = tokens
+        if calibration is None:
+            # FLOPs per local step.
+            self._fwd = spec.forward_flops_per_token(job.seq_len) * tokens
+            self._bwd_layer = spec.layer_forward_flops_per_token(job.seq_len) * tokens
+            self._lora_rank = spec.lora_flops_per_token_per_rank() * tokens
+            self._head_bwd = 2.0 * spec.head_params * tokens
+            self._scale = 1.0  # FLOPs; divided by device FLOP/s
+        else:
+            # Host seconds per local step, scaled to this job's token count; converted to
+            # "host-equivalent FLOPs" so that dividing by device FLOP/s gives device seconds.
+            ratio = tokens / (calibration.batch_size * calibration.seq_len)
+            host_flops_per_s = calibration.host_tflops * 1e12
+            self._fwd = calibration.forward_s * ratio * host_flops_per_s
+            self._bwd_layer = calibration.backward_per_layer_s * ratio * host_flops_per_s
+            self._lora_rank = calibration.lora_per_rank_s * ratio * host_flops_per_s
+            self._head_bwd = 0.0  # included in the measured backward
+            self._scale = 1.0
+
+    # -- the pieces ---------------------------------------------------------------------
+    def head_params(self) -> int:
+        return self.spec.head_params if self.job.train_head else 0
+
+    def trainable_params(self, layers: tuple[int, ...], ranks: tuple[int, ...]) -> int:
+        return self.spec.lora_params(layers, ranks) + self.head_params()
+
+    def step_flops(self, layers: tuple[int, ...], ranks: tuple[int, ...]) -> float:
+        """FLOPs (or calibrated host-equivalent FLOPs) of one local step."""
+        if not layers:
+            return 0.0
+        return (
+            self._fwd
+            + self._head_bwd
+            + len(layers) * self._bwd_layer
+            + sum(ranks) * self._lora_rank
+        )
+
+    def static_memory_bytes(self) -> float:
+        """Memory a participating device needs whatever the configuration."""
+        spec, job = self.spec, self.job
+        frozen = (spec.total_params - spec.head_params) * job.weight_bytes
+        head = spec.head_params * ACT_BYTES
+        head_opt = self.head_params() * OPTIMIZER_BYTES_PER_PARAM
+        workspace = (
+            job.batch_size
+            * job.seq_len
+            * (4 * spec.hidden_size + spec.intermediate_size)
+            * ACT_BYTES
+            + job.batch_size * spec.num_attention_heads * job.seq_len * job.seq_len * ACT_BYTES
+        )
+        return frozen + head + head_opt + workspace
+
+    def layer_memory_bytes(self) -> float:
+        return float(self.spec.activation_bytes_per_layer(self.job.batch_size, self.job.seq_len, ACT_BYTES))
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(
+        self, device: DeviceProfile, layers: tuple[int, ...], ranks: tuple[int, ...]
+    ) -> ConfigCost:
+        """Costs of ``device`` training ``layers`` at ``ranks`` (empty: not participating)."""
+        if not layers:
+            return ConfigCost(
+                compute_s=0.0,
+                download_s=0.0,
+                upload_s=0.0,
+                time_s=0.0,
+                trainable_params=0,
+                download_bytes=0.0,
+                upload_bytes=0.0,
+                memory_bytes=0.0,
+            )
+        steps = self.job.steps_for(device)
+        compute = steps * self.step_flops(layers, ranks) / device.flops_per_s
+        params = self.trainable_params(layers, ranks)
+        nbytes = float(params * self.job.bytes_per_param)
+        down = nbytes / device.downlink_bps
+        up = nbytes / device.uplink_bps
+        memory = (
+            self.static_memory_bytes()
+            + len(layers) * self.layer_memory_bytes()
+            + self.spec.lora_params(layers, ranks) * OPTIMIZER_BYTES_PER_PARAM
+        )
+        return ConfigCost(
+            compute_s=compute,
+            download_s=down,
+            upload_s=up,
+            time_s=compute + down + up,
+            trainable_params=params,
+            download_bytes=nbytes,
+            upload_bytes=nbytes,
+            memory_bytes=memory,
+        )
+
+    def table(self, device: DeviceProfile) -> CostTable:
+        """Linear coefficients of :meth:`evaluate` for the formulation."""
+        steps = self.job.steps_for(device)
+        speed = device.flops_per_s
+        bpp = self.job.bytes_per_param
+        link = 1.0 / device.downlink_bps + 1.0 / device.uplink_bps
+        p = self.spec.params_per_rank
+        compute_const = steps * (self._fwd + self._head_bwd) / speed
+        bytes_const = float(self.head_params() * bpp)
+        compute_coef = tuple(
+            tuple(steps * (self._bwd_layer + r * self._lora_rank) / speed for r in self.job.ranks)
+            for _ in range(self.spec.num_layers)
+        )
+        bytes_coef = tuple(
+            tuple(float(r * p * bpp) for r in self.job.ranks) for _ in range(self.spec.num_layers)
+        )
+        time_coef = tuple(
+            tuple(c + b * link for c, b in zip(crow, brow, strict=True))
+            for crow, brow in zip(compute_coef, bytes_coef, strict=True)
+        )
+        layer_mem = self.layer_memory_bytes()
+        memory_coef = tuple(
+            tuple(layer_mem + r * p * OPTIMIZER_BYTES_PER_PARAM for r in self.job.ranks)
+            for _ in range(self.spec.num_layers)
+        )
+        return CostTable(
+            time_const_s=compute_const + bytes_const * link,
+            time_coef_s=time_coef,
+            memory_const_bytes=self.static_memory_bytes(),
+            memory_coef_bytes=memory_coef,
+            bytes_const=bytes_const,
+            bytes_coef=bytes_coef,
+            compute_const_s=compute_const,
+            compute_coef_s=compute_coef,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.spec.name,
+            "calibrated": self.calibration is not None,
+            "job": self.job.to_dict(),
+        }

@@ -1,0 +1,323 @@
+"""The Plan: an immutable, versioned, JSON-serialisable per-round configuration.
+
+A :class:`Plan` holds one :class:`DevicePlan` per device of the round (devices the program
+left out have ``layers == ()``), the solver's name, version, status, MIP gap and solve time,
+and a digest of the inputs it was computed from. :func:`validate_plan` re-checks a plan
+against the fleet and cost model without using any code of the formulation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from legend.models.spec import ModelSpec
+from legend.planner.costs import CostModel
+from legend.planner.errors import PlannerInputError
+from legend.planner.profiles import Fleet, JobParams
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STATUSES",
+    "DevicePlan",
+    "Plan",
+    "PlanViolation",
+    "inputs_digest",
+    "validate_plan",
+]
+
+SCHEMA_VERSION = 1
+# Our solver statuses; a Plan exists only for OPTIMAL or FEASIBLE.
+STATUSES = ("OPTIMAL", "FEASIBLE", "INFEASIBLE", "UNBOUNDED", "NOT_SOLVED", "ERROR")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DevicePlan:
+    """One device's configuration for a round and its predicted costs.
+
+    ``layers`` are 0-based, ascending, 0 next to the embeddings; ``ranks`` has one entry per
+    layer. An empty ``layers`` means the device sits the round out.
+    """
+
+    device_id: str
+    layers: tuple[int, ...]
+    ranks: tuple[int, ...]
+    predicted_time_s: float = 0.0
+    predicted_compute_s: float = 0.0
+    predicted_download_s: float = 0.0
+    predicted_upload_s: float = 0.0
+    predicted_upload_bytes: float = 0.0
+    predicted_download_bytes: float = 0.0
+    predicted_memory_bytes: float = 0.0
+    trainable_params: int = 0
+    utility: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))
+        object.__setattr__(self, "ranks", tuple(int(v) for v in self.ranks))
+
+    @property
+    def participates(self) -> bool:
+        return bool(self.layers)
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    @property
+    def rank_of(self) -> dict[int, int]:
+        return dict(zip(self.layers, self.ranks, strict=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "layers": list(self.layers),
+            "ranks": list(self.ranks),
+            "predicted_time_s": self.predicted_time_s,
+            "predicted_compute_s": self.predicted_compute_s,
+            "predicted_download_s": self.predicted_download_s,
+            "predicted_upload_s": self.predicted_upload_s,
+            "predicted_upload_bytes": self.predicted_upload_bytes,
+            "predicted_download_bytes": self.predicted_download_bytes,
+            "predicted_memory_bytes": self.predicted_memory_bytes,
+            "trainable_params": self.trainable_params,
+            "utility": self.utility,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DevicePlan:
+        return cls(**{k: data[k] for k in data if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A round's plan. Serialise with :meth:`to_json`, read back with :meth:`from_json`."""
+
+    devices: tuple[DevicePlan, ...]
+    status: str
+    solver: str
+    objective: str
+    objective_value: float
+    round_time_s: float
+    utility: float = 0.0
+    mip_gap: float | None = None
+    solver_version: str = ""
+    solve_time_s: float = 0.0
+    model: str = ""
+    num_layers: int = 0
+    ranks: tuple[int, ...] = ()
+    inputs_digest: str = ""
+    round: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise PlannerInputError(f"plan `status` must be one of {STATUSES}, got {self.status!r}")
+        object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "ranks", tuple(self.ranks))
+
+    # -- access -------------------------------------------------------------------------
+    def device(self, device_id: str) -> DevicePlan:
+        for d in self.devices:
+            if d.device_id == device_id:
+                return d
+        raise KeyError(device_id)
+
+    @property
+    def participants(self) -> tuple[DevicePlan, ...]:
+        return tuple(d for d in self.devices if d.participates)
+
+    @property
+    def total_upload_bytes(self) -> float:
+        return sum(d.predicted_upload_bytes for d in self.devices)
+
+    @property
+    def total_download_bytes(self) -> float:
+        return sum(d.predicted_download_bytes for d in self.devices)
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "status": self.status,
+            "solver": self.solver,
+            "solver_version": self.solver_version,
+            "objective": self.objective,
+            "objective_value": self.objective_value,
+            "round_time_s": self.round_time_s,
+            "utility": self.utility,
+            "mip_gap": self.mip_gap,
+            "solve_time_s": self.solve_time_s,
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "ranks": list(self.ranks),
+            "inputs_digest": self.inputs_digest,
+            "round": self.round,
+            "options": dict(self.options),
+            "devices": [d.to_dict() for d in self.devices],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<plan>") -> Plan:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlannerInputError(
+                f"{source}: plan `schema_version` is {version!r}, this legend reads version "
+                f"{SCHEMA_VERSION}; re-create the plan with `legend plan`"
+            )
+        required = ("status", "solver", "objective", "objective_value", "round_time_s", "devices")
+        for key in required:
+            if key not in data:
+                raise PlannerInputError(f"{source}: plan is missing the field `{key}`")
+        fields = {k: data[k] for k in data if k in cls.__dataclass_fields__ and k != "devices"}
+        fields["ranks"] = tuple(data.get("ranks", ()))
+        fields["options"] = dict(data.get("options") or {})
+        devices = tuple(DevicePlan.from_dict(d) for d in data["devices"])
+        return cls(devices=devices, **fields)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<plan>") -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlannerInputError(f"{source}: plan is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise PlannerInputError(f"{source}: plan must be a JSON object")
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlannerInputError(f"plan file {path} does not exist")
+        return cls.from_json(path.read_text(), source=str(path))
+
+
+def inputs_digest(*parts: Any) -> str:
+    """A short SHA-256 of JSON-serialisable inputs (fleet records, model, job, options)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanViolation:
+    device_id: str | None
+    constraint: str
+    detail: str
+
+    def __str__(self) -> str:
+        who = f"device {self.device_id!r}" if self.device_id else "plan"
+        return f"{who}: {self.constraint}: {self.detail}"
+
+
+def validate_plan(
+    plan: Plan,
+    fleet: Fleet,
+    spec: ModelSpec,
+    job: JobParams,
+    *,
+    deadline_s: float | None = None,
+    monotone_ranks: bool = True,
+    min_depth: int = 1,
+    require_all: bool = True,
+    server_mbps: float | None = None,
+    cost_model: CostModel | None = None,
+    rel_tol: float = 1e-6,
+) -> list[PlanViolation]:
+    """Check a plan independently of the formulation; return every violation (empty: valid).
+
+    Checks: every device of the fleet appears once; layers are ascending, contiguous and end
+    at the last layer; ranks come from the grid and (by default) do not decrease toward the
+    output; memory fits; every participant finishes within ``deadline_s`` (default: the
+    plan's ``round_time_s``); predictions match a fresh evaluation of the cost model; the
+    server link (``server_mbps``) carries the round's bytes within the round time.
+    """
+    costs = cost_model or CostModel(spec, job)
+    out: list[PlanViolation] = []
+
+    def bad(device_id: str | None, constraint: str, detail: str) -> None:
+        out.append(PlanViolation(device_id=device_id, constraint=constraint, detail=detail))
+
+    if plan.status not in ("OPTIMAL", "FEASIBLE"):
+        bad(None, "status", f"a plan must be OPTIMAL or FEASIBLE, got {plan.status}")
+    ids = [d.device_id for d in plan.devices]
+    fleet_ids = set(fleet.device_ids)
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        bad(dup, "unique", "appears more than once")
+    for extra in sorted(set(ids) - fleet_ids):
+        bad(extra, "fleet", "is not in the fleet")
+    for missing in sorted(fleet_ids - set(ids)):
+        bad(missing, "fleet", "has no entry in the plan")
+    limit = plan.round_time_s if deadline_s is None else deadline_s
+    grid = set(job.ranks)
+    L = spec.num_layers
+    total_bytes = 0.0
+    for dp in plan.devices:
+        if dp.device_id not in fleet_ids:
+            continue
+        device = fleet[dp.device_id]
+        if not dp.layers:
+            if require_all:
+                bad(dp.device_id, "participation", "every device must participate")
+            continue
+        if len(dp.layers) != len(dp.ranks):
+            bad(dp.device_id, "shape", f"{len(dp.layers)} layers but {len(dp.ranks)} ranks")
+            continue
+        expected = tuple(range(L - len(dp.layers), L))
+        if dp.layers != expected:
+            bad(
+                dp.device_id,
+                "contiguous",
+                f"layers {list(dp.layers)} must be the top block {list(expected)}",
+            )
+            continue
+        if len(dp.layers) < min_depth:
+            bad(dp.device_id, "min_depth", f"depth {len(dp.layers)} < {min_depth}")
+        off_grid = [r for r in dp.ranks if r not in grid]
+        if off_grid:
+            bad(dp.device_id, "rank_grid", f"ranks {off_grid} not in {sorted(grid)}")
+            continue
+        if monotone_ranks and any(b < a for a, b in zip(dp.ranks, dp.ranks[1:], strict=False)):
+            bad(dp.device_id, "monotone", f"ranks {list(dp.ranks)} decrease toward the output")
+        cost = costs.evaluate(device, dp.layers, dp.ranks)
+        total_bytes += cost.upload_bytes + cost.download_bytes
+        if cost.memory_bytes > device.memory_bytes * (1 + rel_tol):
+            bad(
+                dp.device_id,
+                "memory",
+                f"needs {cost.memory_bytes / 1e9:.3f} GB > {device.memory_gb:.3f} GB",
+            )
+        if cost.time_s > limit * (1 + rel_tol) + 1e-9:
+            bad(dp.device_id, "deadline", f"takes {cost.time_s:.3f} s > {limit:.3f} s")
+        for name, predicted, actual in (
+            ("predicted_time_s", dp.predicted_time_s, cost.time_s),
+            ("predicted_upload_bytes", dp.predicted_upload_bytes, cost.upload_bytes),
+            ("predicted_memory_bytes", dp.predicted_memory_bytes, cost.memory_bytes),
+        ):
+            if not math.isclose(predicted, actual, rel_tol=1e-6, abs_tol=1e-9):
+                bad(dp.device_id, "prediction", f"{name} {predicted} != cost model {actual}")
+    participants_time = [d.predicted_time_s for d in plan.devices if d.layers]
+    if participants_time and plan.round_time_s + 1e-9 < max(participants_time) * (1 - rel_tol):
+        bad(None, "round_time", f"round_time_s {plan.round_time_s} < slowest device")
+    if server_mbps is not None and plan.round_time_s > 0:
+        capacity = server_mbps * 1e6 / 8 * plan.round_time_s
+        if total_bytes > capacity * (1 + rel_tol):
+            bad(None, "server_link", f"{total_bytes:.0f} bytes > {capacity:.0f} in the round")
+    return out
