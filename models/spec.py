@@ -124,7 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_attention_heads": 4,
-        "vocab_size": 1024,
+        "vocab_size": 30522,
         "max_position_embeddings": 128,
         "type_vocab_size": 2,
     },
@@ -135,7 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "intermediate_size": 176,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "vocab_size": 1024,
+        "vocab_size": 30522,
         "max_position_embeddings": 128,
     },
 }

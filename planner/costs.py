@@ -148,7 +148,6 @@ class CostModel:
             self._bwd_layer = spec.layer_forward_flops_per_token(job.seq_len) * tokens
             self._lora_rank = spec.lora_flops_per_token_per_rank() * tokens
             self._head_bwd = 2.0 * spec.head_params * tokens
-            self._scale = 1.0  # FLOPs; divided by device FLOP/s
         else:
             # Host seconds per local step, scaled to this job's token count; converted to
             # "host-equivalent FLOPs" so that dividing by device FLOP/s gives device seconds.
@@ -158,7 +157,6 @@ class CostModel:
             self._bwd_layer = calibration.backward_per_layer_s * ratio * host_flops_per_s
             self._lora_rank = calibration.lora_per_rank_s * ratio * host_flops_per_s
             self._head_bwd = 0.0  # included in the measured backward
-            self._scale = 1.0
 
     # -- the pieces ---------------------------------------------------------------------
     def head_params(self) -> int:

@@ -1,0 +1,1 @@
+"""Solver backends; each registers itself in :data:`legend.planner.api.SOLVERS`."""
