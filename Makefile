@@ -34,7 +34,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy planner models federation
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy planner models federation reports
 
 clean:
 	rm -rf $(VENV) build *.egg-info

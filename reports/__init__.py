@@ -1,0 +1,1 @@
+"""legend.reports: plan, what-if and run reports."""
