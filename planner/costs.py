@@ -165,6 +165,15 @@ class CostModel:
     def trainable_params(self, layers: tuple[int, ...], ranks: tuple[int, ...]) -> int:
         return self.spec.lora_params(layers, ranks) + self.head_params()
 
+    def backward_depth(self, layers: tuple[int, ...]) -> int:
+        """Layers backward runs through: from the output down to the lowest adapted layer.
+
+        Equal to ``len(layers)`` for the planner's contiguous top blocks; larger for a
+        scattered layer set (FedRA-style baselines), where autograd still has to pass every
+        layer above the lowest adapted one.
+        """
+        return self.spec.num_layers - min(layers) if layers else 0
+
     def step_flops(self, layers: tuple[int, ...], ranks: tuple[int, ...]) -> float:
         """FLOPs (or calibrated host-equivalent FLOPs) of one local step."""
         if not layers:
@@ -172,7 +181,7 @@ class CostModel:
         return (
             self._fwd
             + self._head_bwd
-            + len(layers) * self._bwd_layer
+            + self.backward_depth(layers) * self._bwd_layer
             + sum(ranks) * self._lora_rank
         )
 
@@ -218,7 +227,7 @@ class CostModel:
         up = nbytes / device.uplink_bps
         memory = (
             self.static_memory_bytes()
-            + len(layers) * self.layer_memory_bytes()
+            + self.backward_depth(layers) * self.layer_memory_bytes()
             + self.spec.lora_params(layers, ranks) * OPTIMIZER_BYTES_PER_PARAM
         )
         return ConfigCost(
