@@ -1,0 +1,116 @@
+"""Local training and evaluation on the host (torch).
+
+The train split is tokenized once per run into fixed-length tensors; a device's data is a
+view of its partition's indices, so no device copies or re-tokenizes anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["DeviceData", "TokenizedSplit", "evaluate", "tokenize", "train_steps"]
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """Fixed-length token tensors of a split and its labels."""
+
+    tensors: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, index: np.ndarray | Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        out = {k: v.index_select(0, idx) for k, v in self.tensors.items()}
+        out["labels"] = self.labels.index_select(0, idx)
+        return out
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """One device's share of the train split (indices into a shared :class:`TokenizedSplit`)."""
+
+    split: TokenizedSplit
+    indices: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return int(len(self.indices))
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], labels: np.ndarray, seq_len: int) -> TokenizedSplit:
+    enc = tokenizer(
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=seq_len,
+        return_tensors="pt",
+    )
+    tensors = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return TokenizedSplit(tensors=tensors, labels=torch.as_tensor(np.asarray(labels), dtype=torch.long))
+
+
+def train_steps(
+    model: torch.nn.Module,
+    data: DeviceData,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    seed: Sequence[int],
+) -> float:
+    """Run ``steps`` AdamW steps on batches drawn (seeded) from the device's data.
+
+    Returns the mean training loss. Only parameters that require grad are optimised (the
+    planned LoRA factors and the head); a fresh optimizer every round, as in FedAvg.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    rng = np.random.default_rng(list(seed) + [4])
+    model.train()
+    losses: list[float] = []
+    n = data.num_samples
+    order = rng.permutation(n)
+    cursor = 0
+    for _ in range(steps):
+        if cursor + batch_size > n:
+            order = rng.permutation(n)
+            cursor = 0
+        take = order[cursor : cursor + min(batch_size, n)]
+        cursor += len(take)
+        batch = data.split.batch(data.indices[take])
+        optimizer.zero_grad(set_to_none=True)
+        out = model(**batch)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            losses.append(math.nan)
+            break
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return float(np.mean(losses)) if losses else math.nan
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: TokenizedSplit, *, batch_size: int = 64) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on a split."""
+    model.eval()
+    correct = 0
+    total_loss = 0.0
+    n = len(split)
+    for start in range(0, n, batch_size):
+        batch = split.batch(np.arange(start, min(n, start + batch_size)))
+        out = model(**batch)
+        total_loss += float(out.loss) * len(batch["labels"])
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    return correct / max(n, 1), total_loss / max(n, 1)
