@@ -1,0 +1,530 @@
+"""The in-process engine: many simulated devices on one machine (the embedded default).
+
+The frozen base model is loaded once and shared; each device's adapter is installed on it,
+trained and removed in turn. Each round's plan, the per-round and per-device records and a
+checkpoint are written as soon as the round completes, so killing the run loses nothing
+completed and ``--resume`` continues from the last completed round with the same result.
+
+Run directory::
+
+    config.toml            the resolved job
+    calibration.json       host timings used by the simulated clock (if calibrated)
+    plans/round_0001.json  each round's plan
+    rounds.csv             one row per round (simulated and host time, accuracy, bytes, ...)
+    devices.csv            one row per round and device (plan, predicted/observed time, ...)
+    checkpoints/           global adapter (npz) after every round and state.json
+    adapter/               the final global adapter in PEFT ``save_pretrained`` format
+    summary.json           method, final accuracy, time and bytes to target
+    run.log                warnings (drop-outs, rejected updates)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from legend.federation.adapters import AdapterState, init_global
+from legend.federation.core import ClientCore, ClientReply, RoundResult, ServerCore
+from legend.federation.errors import FederationInputError
+from legend.federation.job import JobConfig
+from legend.models.spec import ModelSpec, get_model_spec
+from legend.planner.costs import Calibration
+from legend.planner.profiles import Fleet, load_fleet
+
+__all__ = ["ROUND_COLUMNS", "DEVICE_COLUMNS", "RunResult", "prepare", "run_job"]
+
+log = logging.getLogger("legend.federation")
+
+ROUND_COLUMNS = (
+    "round",
+    "sim_time_s",
+    "sim_clock_s",
+    "host_time_s",
+    "host_clock_s",
+    "accuracy",
+    "test_loss",
+    "bytes_up",
+    "bytes_down",
+    "cum_bytes",
+    "participants",
+    "planned",
+    "dropped",
+    "rejected",
+    "waiting_mean_s",
+    "waiting_max_s",
+    "planned_round_time_s",
+    "server_time_s",
+    "solver_status",
+    "solve_time_s",
+)
+DEVICE_COLUMNS = (
+    "round",
+    "device_id",
+    "device_class",
+    "status",
+    "layers",
+    "ranks",
+    "depth",
+    "predicted_time_s",
+    "observed_time_s",
+    "predicted_compute_s",
+    "observed_compute_s",
+    "bytes_up",
+    "bytes_down",
+    "memory_bytes",
+    "train_loss",
+    "samples",
+    "host_time_s",
+    "waiting_s",
+)
+
+
+class RunDirError(FederationInputError):
+    """A run directory that cannot be written or resumed."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out_dir: Path
+    rounds_completed: int
+    final_accuracy: float
+    global_state: AdapterState
+    summary: Mapping[str, Any]
+
+
+@dataclass
+class Prepared:
+    """Everything loaded once per run: model, data, devices' shares, calibration."""
+
+    cfg: JobConfig
+    fleet: Fleet
+    spec: ModelSpec
+    host: Any
+    tokenizer: Any
+    train: Any
+    test: Any
+    device_data: dict[str, Any]
+    calibration: Calibration | None
+    initial_head: dict[str, np.ndarray]
+
+
+def prepare(cfg: JobConfig, *, calibration: Calibration | None | str = "config") -> Prepared:
+    """Load the fleet, model, data and calibration of a job (heavy imports happen here)."""
+    import torch
+
+    from legend.federation.apply import AdapterHost
+    from legend.federation.data import load_dataset, partition
+    from legend.federation.training import DeviceData, tokenize
+    from legend.models.loaders import load_base_model, load_tokenizer
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    fleet = load_fleet(cfg.job.fleet)
+    d = cfg.data
+    dataset = load_dataset(
+        d.dataset,
+        seed=cfg.job.seed,
+        test_fraction=d.test_fraction,
+        max_train=d.max_train or None,
+        max_test=d.max_test or None,
+    )
+    spec = get_model_spec(
+        cfg.job.model, target_modules=cfg.train.target_modules, num_labels=dataset.num_labels
+    )
+    base = load_base_model(cfg.job.model, num_labels=dataset.num_labels, seed=cfg.job.seed)
+    tokenizer = load_tokenizer(cfg.job.model)
+    train = tokenize(tokenizer, dataset.train_texts, dataset.train_labels, cfg.train.seq_len)
+    test = tokenize(tokenizer, dataset.test_texts, dataset.test_labels, cfg.train.seq_len)
+    sizes = [dev.num_samples for dev in fleet.devices] if d.samples_from_fleet else None
+    parts = partition(
+        dataset.train_labels,
+        len(fleet),
+        alpha=d.alpha,
+        quantity_skew=d.quantity_skew,
+        seed=cfg.job.seed,
+        min_samples=d.min_samples,
+        sizes=sizes,
+    )
+    device_data = {
+        dev.device_id: DeviceData(train, np.asarray(idx)) for dev, idx in zip(fleet.devices, parts, strict=True)
+    }
+    host = AdapterHost(base, spec, cfg.job_params)
+    if calibration == "config":
+        calibration = _calibration_for(cfg)
+    return Prepared(
+        cfg=cfg,
+        fleet=fleet,
+        spec=spec,
+        host=host,
+        tokenizer=tokenizer,
+        train=train,
+        test=test,
+        device_data=device_data,
+        calibration=calibration if isinstance(calibration, Calibration) else None,
+        initial_head=host.head_state(),
+    )
+
+
+def _calibration_for(cfg: JobConfig) -> Calibration | None:
+    setting = cfg.planner.calibration
+    if setting == "none":
+        return None
+    if setting != "auto":
+        return Calibration.load(setting)
+    from legend.federation.calibrate import calibrate, default_calibration_path
+
+    t = cfg.train
+    path = default_calibration_path(
+        cfg.job.model, batch_size=t.batch_size, seq_len=t.seq_len, target_modules=t.target_modules
+    )
+    if path.is_file():
+        try:
+            return Calibration.load(path)
+        except ValueError:
+            pass
+    log.info("calibrating %s on this host (once; cached at %s)", cfg.job.model, path)
+    cal = calibrate(
+        cfg.job.model,
+        batch_size=t.batch_size,
+        seq_len=t.seq_len,
+        target_modules=t.target_modules,
+        ranks=t.ranks,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cal.save(path)
+    return cal
+
+
+# -- run directory ---------------------------------------------------------------------------
+
+
+def _write_csv_rows(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in columns})
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return value
+
+
+def _truncate_csv(path: Path, last_round: int) -> None:
+    """Drop rows of rounds after ``last_round`` (written by a run killed mid-round)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    keep = [r for r in body if r and int(r[0]) <= last_round]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(keep)
+    tmp.replace(path)
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
+    tmp.replace(path)
+
+
+@dataclass
+class _Progress:
+    round: int = 0
+    sim_clock_s: float = 0.0
+    host_clock_s: float = 0.0
+    cum_bytes: float = 0.0
+    accuracy: float = math.nan
+    target_round: int | None = None
+    target_sim_s: float | None = None
+    target_bytes: float | None = None
+
+
+def _checkpoint(out: Path, result: RoundResult, progress: _Progress) -> None:
+    ck = out / "checkpoints"
+    ck.mkdir(exist_ok=True)
+    path = ck / f"round_{result.round:04d}.npz"
+    result.global_state.to_npz(path)
+    _atomic_json(
+        ck / "state.json",
+        {
+            "round": result.round,
+            "global_state": path.name,
+            "estimates": {k: list(v) for k, v in result.estimates.items()},
+            "progress": progress.__dict__,
+        },
+    )
+
+
+def _load_checkpoint(out: Path) -> tuple[_Progress, AdapterState, dict[str, tuple[float, float, float]]]:
+    state_path = out / "checkpoints" / "state.json"
+    if not state_path.is_file():
+        raise RunDirError(
+            f"cannot resume {out}: {state_path} is missing (no completed round); "
+            "start a new run with --out"
+        )
+    state = json.loads(state_path.read_text())
+    npz = out / "checkpoints" / state["global_state"]
+    if not npz.is_file():
+        raise RunDirError(f"cannot resume {out}: checkpoint {npz} is missing")
+    global_state = AdapterState.from_npz(npz)
+    estimates = {k: (float(v[0]), float(v[1]), float(v[2])) for k, v in state["estimates"].items()}
+    progress = _Progress(**state["progress"])
+    return progress, global_state, estimates
+
+
+def _comparable(cfg: JobConfig) -> dict[str, Any]:
+    data = cfg.to_dict()
+    data["job"].pop("rounds", None)
+    return data
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def run_job(
+    cfg: JobConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    prepared: Prepared | None = None,
+    on_round: Callable[[Mapping[str, Any]], None] | None = None,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+) -> RunResult:
+    """Run (or resume) a federated job in-process and write its run directory.
+
+    Parameters
+    ----------
+    cfg
+        The job.
+    out_dir
+        The run directory (created; must not hold another run unless ``resume``).
+    resume
+        Continue from the last completed round found in ``out_dir``.
+    prepared
+        Reuse already loaded model and data (tests, benchmarks running several methods).
+    on_round
+        Called with each completed round's row (for progress displays and tests).
+    stop_after
+        Stop after this round (tests simulate a crash with it).
+    """
+    out = Path(out_dir)
+    if resume:
+        saved_cfg = out / "config.toml"
+        if not saved_cfg.is_file():
+            raise RunDirError(f"cannot resume {out}: {saved_cfg} is missing")
+        from legend.federation.job import load_job
+
+        previous = load_job(saved_cfg)
+        if _comparable(previous) != _comparable(cfg):
+            raise RunDirError(
+                f"cannot resume {out}: the job differs from the one it was started with "
+                f"({saved_cfg}); only job.rounds may change"
+            )
+    elif out.exists() and (out / "checkpoints").exists():
+        raise RunDirError(
+            f"run directory {out} already holds a run; continue it with --resume {out} "
+            "or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plans").mkdir(exist_ok=True)
+    handler = logging.FileHandler(out / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return _run(cfg, out, resume, prepared, on_round, stop_after, show_progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(
+    cfg: JobConfig,
+    out: Path,
+    resume: bool,
+    prepared: Prepared | None,
+    on_round: Callable[[Mapping[str, Any]], None] | None,
+    stop_after: int | None,
+    show_progress: bool,
+) -> RunResult:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from legend.federation.training import evaluate
+
+    console = Console(stderr=True, quiet=not show_progress)
+    cal_file = out / "calibration.json"
+    if resume and cal_file.is_file():
+        calibration: Calibration | None | str = Calibration.load(cal_file)
+    elif resume:
+        calibration = None
+    else:
+        calibration = "config"
+    with console.status("loading model and data"):
+        p = prepared or prepare(cfg, calibration=calibration)
+    if resume:
+        progress, global_state, estimates = _load_checkpoint(out)
+        _truncate_csv(out / "rounds.csv", progress.round)
+        _truncate_csv(out / "devices.csv", progress.round)
+        calibration_used = Calibration.load(cal_file) if cal_file.is_file() else None
+    else:
+        (out / "config.toml").write_text(cfg.to_toml())
+        calibration_used = p.calibration
+        if calibration_used is not None:
+            calibration_used.save(cal_file)
+        for name in ("rounds.csv", "devices.csv"):
+            (out / name).unlink(missing_ok=True)
+        progress = _Progress()
+        r_max = max(cfg.train.ranks)
+        global_state = init_global(p.spec, r_max, p.initial_head, seed=cfg.job.seed)
+        estimates = {}
+    server = ServerCore(
+        cfg,
+        p.fleet,
+        p.spec,
+        calibration=calibration_used,
+        global_state=global_state,
+        estimates=estimates,
+    )
+    client = ClientCore(p.host, server.costs, jitter=cfg.federation.jitter)
+    target = cfg.job.target_accuracy
+    last = cfg.job.rounds if stop_after is None else min(cfg.job.rounds, stop_after)
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(
+            f"{cfg.job.method} rounds", total=cfg.job.rounds, completed=progress.round, status=""
+        )
+        for t in range(progress.round + 1, last + 1):
+            host_start = time.perf_counter()
+            server_start = time.perf_counter()
+            ids = server.select(t)
+            plan = server.plan(t, ids)
+            instructions = server.instructions(t, plan)
+            server_time = time.perf_counter() - server_start
+            plan.save(out / "plans" / f"round_{t:04d}.json")
+            replies: list[ClientReply] = []
+            for ins in instructions:
+                bar.update(task, status=f"round {t}: training {ins.device_id}")
+                replies.append(
+                    client.train(ins, p.fleet[ins.device_id], p.device_data[ins.device_id])
+                )
+            agg_start = time.perf_counter()
+            result = server.finish_round(t, plan, replies, server_time_s=0.0)
+            server_time += time.perf_counter() - agg_start
+            accuracy, test_loss = math.nan, math.nan
+            if t % cfg.federation.eval_every == 0 or t == last:
+                bar.update(task, status=f"round {t}: evaluating")
+                with p.host.evaluation_model(result.global_state) as model:
+                    accuracy, test_loss = evaluate(
+                        model, p.test, batch_size=cfg.federation.eval_batch_size
+                    )
+            host_time = time.perf_counter() - host_start
+            row = dict(result.round_row)
+            row["server_time_s"] = server_time
+            row["sim_time_s"] = row["sim_time_s"] + server_time
+            progress.round = t
+            progress.sim_clock_s += row["sim_time_s"]
+            progress.host_clock_s += host_time
+            progress.cum_bytes += row["bytes_up"] + row["bytes_down"]
+            if not math.isnan(accuracy):
+                progress.accuracy = accuracy
+            if (
+                target is not None
+                and progress.target_round is None
+                and not math.isnan(accuracy)
+                and accuracy >= target
+            ):
+                progress.target_round = t
+                progress.target_sim_s = progress.sim_clock_s
+                progress.target_bytes = progress.cum_bytes
+            row.update(
+                sim_clock_s=progress.sim_clock_s,
+                host_time_s=host_time,
+                host_clock_s=progress.host_clock_s,
+                accuracy=accuracy,
+                test_loss=test_loss,
+                cum_bytes=progress.cum_bytes,
+            )
+            _write_csv_rows(out / "devices.csv", DEVICE_COLUMNS, result.device_rows)
+            _write_csv_rows(out / "rounds.csv", ROUND_COLUMNS, [row])
+            _checkpoint(out, result, progress)
+            acc = "-" if math.isnan(accuracy) else f"{accuracy:.3f}"
+            console.print(
+                f"round {t:>3}/{cfg.job.rounds}  acc {acc}  "
+                f"sim {row['sim_time_s']:8.1f} s (total {progress.sim_clock_s:9.1f} s)  "
+                f"host {host_time:6.1f} s  up {row['bytes_up'] / 1e6:7.2f} MB  "
+                f"devices {row['participants']}/{row['planned']}"
+                + (f"  dropped {row['dropped']}" if row["dropped"] else "")
+                + (f"  rejected {row['rejected']}" if row["rejected"] else "")
+            )
+            bar.update(task, advance=1, status="")
+            if on_round is not None:
+                on_round(row)
+    global_state = server.global_state
+    finished = progress.round >= cfg.job.rounds
+    if finished:
+        adapter_dir = out / "adapter"
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        p.host.save_pretrained(global_state, adapter_dir)
+    summary = {
+        "method": cfg.job.method,
+        "model": cfg.job.model,
+        "dataset": cfg.data.dataset,
+        "aggregation": cfg.aggregation,
+        "seed": cfg.job.seed,
+        "rounds": progress.round,
+        "rounds_planned": cfg.job.rounds,
+        "finished": finished,
+        "final_accuracy": progress.accuracy,
+        "sim_time_s": progress.sim_clock_s,
+        "host_time_s": progress.host_clock_s,
+        "total_bytes": progress.cum_bytes,
+        "target_accuracy": target,
+        "target_round": progress.target_round,
+        "time_to_target_sim_s": progress.target_sim_s,
+        "bytes_to_target": progress.target_bytes,
+        "calibrated": calibration_used is not None,
+        "clock": "simulated device time from the cost model (calibrated on this host)"
+        if calibration_used is not None
+        else "simulated device time from the analytic cost model",
+    }
+    _atomic_json(out / "summary.json", summary)
+    return RunResult(
+        out_dir=out,
+        rounds_completed=progress.round,
+        final_accuracy=progress.accuracy,
+        global_state=global_state,
+        summary=summary,
+    )
