@@ -270,7 +270,7 @@ def test_check_update_accepts_a_trained_slice(global_state, good):
 
 @pytest.mark.parametrize(("value", "word"), [(np.nan, "1 NaN"), (np.inf, "1 Inf")])
 def test_check_update_catches_non_finite_values(global_state, good, value, word):
-    a, b = good.factors[(3, "value")]
+    _, b = good.factors[(3, "value")]
     b = b.copy()
     b[1, 1] = value
     problems = _check(global_state, _edit(good, (3, "value"), b=b))
