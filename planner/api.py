@@ -76,6 +76,11 @@ class PlannerOptions:
     layer_weights
         ``w_l`` of the utility: ``"linear"`` (``(l+1)/L``, the default) or ``"uniform"``,
         or an explicit tuple of ``L`` positive weights.
+    use_classes
+        Plan per device class (``True``), per device (``False``) or choose automatically.
+    class_bucket_ratio
+        Form classes from profiles rounded *down* to the grid ``ratio**k`` (conservative:
+        every plan stays feasible for every member); ``None`` groups equal profiles only.
     """
 
     objective: str = "rate"
@@ -94,6 +99,7 @@ class PlannerOptions:
     min_participants: int = 0
     layer_weights: str | tuple[float, ...] = "linear"
     use_classes: bool | None = None  # None: automatic (class formulation for large fleets)
+    class_bucket_ratio: float | None = None  # round profiles down to ratio**k to form classes
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +131,12 @@ class PlannerOptions:
             )
         if self.server_mbps is not None and not self.server_mbps > 0:
             raise PlannerInputError(f"`server_mbps` must be > 0, got {self.server_mbps!r}")
+        if self.class_bucket_ratio is not None and not (
+            math.isfinite(self.class_bucket_ratio) and self.class_bucket_ratio > 1
+        ):
+            raise PlannerInputError(
+                f"`class_bucket_ratio` must be > 1 (e.g. 1.25), got {self.class_bucket_ratio!r}"
+            )
         if isinstance(self.layer_weights, str) and self.layer_weights not in ("linear", "uniform"):
             raise PlannerInputError(
                 f"`layer_weights` must be 'linear', 'uniform' or a tuple of weights, "
