@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from legend.federation.errors import FederationInputError
 from legend.models.spec import ModelSpec
 

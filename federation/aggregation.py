@@ -13,8 +13,11 @@ not); a rule still refuses updates that do not fit the global state (unknown key
 above ``r_max``, wrong dimensions, non-finite values) with :class:`AggregationInputError`.
 
 "Exact" below means: the aggregate's ``B @ A`` equals the sample-weighted average of the
-clients' ``B_i @ A_i`` (each client's product over the slots it trained). Averaging ``A``
-and ``B`` separately is not exact in general, since ``mean(B) @ mean(A) != mean(B @ A)``.
+clients' ``B_i @ A_i`` (each client's product over the slots it trained). For the rules
+that keep untrained slots (slot-wise, HetLoRA, FFA) the comparison is over the slots the
+clients trained; a slot nobody trained keeps its previous value and adds its previous
+product. Averaging ``A`` and ``B`` separately is not exact in general, since
+``mean(B) @ mean(A) != mean(B @ A)``.
 
 Weights are ``num_samples`` normalised over the updates that hold the ``(layer, module)``
 in question (so a layer trained by few devices is averaged among those devices). The head
@@ -27,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
 from legend.federation.adapters import AdapterState, ClientUpdate, Key
 from legend.federation.errors import FederationInputError
 
