@@ -1,0 +1,220 @@
+"""Exact oracle for tiny instances, solver ``brute-force``.
+
+Enumerates every valid configuration of every device (a contiguous block of layers ending
+at the output, at least ``min_depth`` deep, one rank of the grid per layer, ranks
+non-decreasing toward the output when ``monotone_ranks``; the empty configuration too when
+``allow_dropping``) and every combination of them, and returns the best combination for the
+objective. It shares nothing with the integer program but the cost model's
+:meth:`~legend.planner.costs.CostModel.evaluate` and the utility, so it is the reference the
+IP backends and the greedy are tested against.
+
+Constraint semantics (the same as the integer program's, METHOD.md section 4):
+
+- round time ``T`` is the slowest participant's time (``deadline`` objective: every
+  participant finishes within ``deadline_s``);
+- memory: every participant fits its device;
+- server link: bytes of the round in both directions ``<= server_mbps * T`` (``T`` is
+  ``deadline_s`` for the ``deadline`` objective);
+- coverage: each of the top ``coverage_layers`` layers is trained on at least
+  ``coverage_share`` of the participants' samples;
+- ``min_participants`` (with ``allow_dropping``), and at least one participant always.
+
+Objectives: ``deadline`` maximises ``U``; ``rate`` maximises ``U / T``; ``min-time``
+minimises ``T`` subject to ``U >= floor`` (``utility_floor``, or ``utility_floor_share``
+times the largest ``U`` of any feasible combination), breaking ties by larger ``U``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from importlib import metadata
+
+import numpy as np
+from numpy.typing import NDArray
+
+from legend.planner.api import Configuration, PlanningProblem, SolverOutcome, register_solver
+from legend.planner.errors import InfeasibleError, PlannerInputError
+from legend.planner.greedy import minimal_configuration_reasons
+
+__all__ = ["MAX_COMBINATIONS", "device_configurations", "solve_bruteforce"]
+
+MAX_COMBINATIONS = 2_000_000
+_REL_TOL = 1e-9
+
+
+def _version() -> str:
+    try:
+        return "legend " + metadata.version("legend")
+    except metadata.PackageNotFoundError:  # pragma: no cover
+        return "legend"
+
+
+def device_configurations(
+    num_layers: int, ranks: tuple[int, ...], *, min_depth: int = 1, monotone: bool = True
+) -> list[Configuration]:
+    """Every configuration of one device: top blocks of ``min_depth..num_layers`` layers,
+    each layer at a rank of ``ranks`` (non-decreasing toward the output when ``monotone``).
+    """
+    out: list[Configuration] = []
+    for depth in range(min_depth, num_layers + 1):
+        layers = tuple(range(num_layers - depth, num_layers))
+        combos = (
+            itertools.combinations_with_replacement(ranks, depth)
+            if monotone
+            else itertools.product(ranks, repeat=depth)
+        )
+        for combo in combos:
+            out.append((layers, tuple(combo)))
+    return out
+
+
+def _count(sizes: list[int]) -> int:
+    total = 1
+    for s in sizes:
+        total *= s
+    return total
+
+
+@register_solver("brute-force")
+def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
+    """Solver backend ``brute-force``: exhaustive search (status ``OPTIMAL``, gap 0).
+
+    Raises
+    ------
+    PlannerInputError
+        The instance has more than :data:`MAX_COMBINATIONS` combinations.
+    InfeasibleError
+        No combination satisfies the constraints.
+    """
+    opts = problem.options
+    fleet = problem.fleet
+    L = problem.spec.num_layers
+    all_configs = device_configurations(
+        L, problem.job.ranks, min_depth=opts.min_depth, monotone=opts.monotone_ranks
+    )
+    deadline = opts.deadline_s if opts.objective == "deadline" else None
+
+    # Per device: the configurations that fit memory (and the deadline, if fixed).
+    per_device: list[list[Configuration]] = []
+    times: list[NDArray[np.float64]] = []
+    nbytes: list[NDArray[np.float64]] = []
+    utils: list[NDArray[np.float64]] = []
+    depths: list[NDArray[np.int64]] = []
+    for i, device in enumerate(fleet.devices):
+        kept: list[Configuration] = [((), ())] if opts.allow_dropping else []
+        row_t, row_b, row_u, row_d = (
+            [0.0] * len(kept),
+            [0.0] * len(kept),
+            [0.0] * len(kept),
+            [0] * len(kept),
+        )
+        for layers, ranks in all_configs:
+            cost = problem.costs.evaluate(device, layers, ranks)
+            if cost.memory_bytes > device.memory_bytes * (1 + _REL_TOL):
+                continue
+            if deadline is not None and cost.time_s > deadline * (1 + _REL_TOL):
+                continue
+            kept.append((layers, ranks))
+            row_t.append(cost.time_s)
+            row_b.append(cost.upload_bytes + cost.download_bytes)
+            row_u.append(problem.utility(i, layers, ranks))
+            row_d.append(len(layers))
+        per_device.append(kept)
+        times.append(np.array(row_t))
+        nbytes.append(np.array(row_b))
+        utils.append(np.array(row_u))
+        depths.append(np.array(row_d, dtype=np.int64))
+
+    if not opts.allow_dropping and any(not kept for kept in per_device):
+        reasons = minimal_configuration_reasons(problem, deadline)
+        raise InfeasibleError(
+            f"{len(reasons)} device(s) cannot run their minimal configuration", reasons
+        )
+    sizes = [len(k) for k in per_device]
+    count = _count(sizes)
+    if count > MAX_COMBINATIONS:
+        raise PlannerInputError(
+            f"brute-force would enumerate {count:,} combinations ({len(sizes)} devices, up to "
+            f"{max(sizes)} configurations each); the limit is {MAX_COMBINATIONS:,}. Use an IP "
+            "solver (--solver pulp-highs) or a smaller fleet, model or rank grid"
+        )
+
+    # Combination arrays by broadcasting: axis i indexes device i's configurations.
+    n = len(per_device)
+    shape = [1] * n
+
+    def axis(values: NDArray[np.float64] | NDArray[np.int64], i: int) -> NDArray[np.float64]:
+        s = list(shape)
+        s[i] = len(values)
+        return np.asarray(values, dtype=np.float64).reshape(s)
+
+    total_u = np.zeros(sizes)
+    round_t = np.zeros(sizes)
+    total_b = np.zeros(sizes)
+    participants = np.zeros(sizes)
+    for i in range(n):
+        total_u = total_u + axis(utils[i], i)
+        round_t = np.maximum(round_t, axis(times[i], i))
+        total_b = total_b + axis(nbytes[i], i)
+        participants = participants + axis((depths[i] > 0).astype(np.float64), i)
+
+    need = max(1, opts.min_participants if opts.allow_dropping else 0)
+    feasible = participants >= need
+    if opts.server_mbps is not None:
+        link_t = deadline if deadline is not None else round_t
+        feasible &= total_b <= opts.server_mbps * 1e6 / 8 * link_t * (1 + _REL_TOL)
+    cover = min(opts.coverage_layers, L)
+    if cover > 0 and opts.coverage_share > 0:
+        covered = np.zeros(sizes)
+        trained = np.zeros(sizes)
+        for i, device in enumerate(fleet.devices):
+            covered = covered + axis(device.num_samples * (depths[i] >= cover), i)
+            trained = trained + axis(device.num_samples * (depths[i] > 0), i)
+        feasible &= covered >= opts.coverage_share * trained * (1 - _REL_TOL)
+    if not feasible.any():
+        raise InfeasibleError(
+            "no combination of configurations satisfies the constraints "
+            f"(server link, coverage, participants) over {count:,} combinations",
+            minimal_configuration_reasons(problem, deadline),
+        )
+
+    value: float
+    if opts.objective == "deadline":
+        score = np.where(feasible, total_u, -np.inf)
+        flat = int(np.argmax(score))
+        value = float(total_u.flat[flat])
+    elif opts.objective == "rate":
+        rate = np.where(
+            feasible & (round_t > 0), total_u / np.where(round_t > 0, round_t, 1), -np.inf
+        )
+        flat = int(np.argmax(rate))
+        value = float(rate.flat[flat])
+    else:
+        u_max = float(total_u[feasible].max())
+        floor = (
+            float(opts.utility_floor)
+            if opts.utility_floor is not None
+            else opts.utility_floor_share * u_max
+        )
+        ok = feasible & (total_u >= floor * (1 - _REL_TOL))
+        if not ok.any():
+            raise InfeasibleError(
+                f"the utility floor {floor:.6g} exceeds the largest feasible utility "
+                f"{u_max:.6g}; lower `utility_floor`"
+            )
+        t_min = float(round_t[ok].min())
+        ties = ok & (round_t <= t_min * (1 + 1e-12))
+        flat = int(np.argmax(np.where(ties, total_u, -np.inf)))
+        value = float(round_t.flat[flat])
+    index = np.unravel_index(flat, sizes)
+    configurations = tuple(per_device[i][int(k)] for i, k in enumerate(index))
+    return SolverOutcome(
+        configurations=configurations,
+        status="OPTIMAL",
+        solver="brute-force",
+        solver_version=_version(),
+        mip_gap=0.0,
+        objective_value=value if math.isfinite(value) else None,
+        deadline_s=deadline,
+    )

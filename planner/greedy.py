@@ -1,0 +1,608 @@
+"""The LEGEND-style greedy planner ("LCD" reconstruction, METHOD.md section 5), solver ``greedy``.
+
+Per device, start from the output layer (or the top ``min_depth`` layers) at the lowest
+rank of the grid; then repeatedly apply the move with the best utility gain per second of
+round time:
+
+- *deepen*: add the next layer below the current block at the lowest rank, or
+- *raise*: lift one adapted layer to the next rank of the grid (with ``monotone_ranks`` only
+  when the layer above already has a higher rank, so ranks stay non-decreasing toward the
+  output),
+
+among the moves that keep the device within the deadline and its memory. The device stops
+when no move fits. The deadline depends on the objective:
+
+``deadline``
+    ``options.deadline_s``.
+``rate``
+    Candidate deadlines are the devices' minimal and maximal configuration times; the
+    greedy runs at each and keeps the plan with the best ``U / T`` (``T`` the slowest
+    participant of the resulting plan). Large candidate sets are searched coarse-to-fine
+    (at most :data:`MAX_CANDIDATES` per pass).
+``min-time``
+    The smallest candidate deadline whose plan reaches the utility floor, refined by
+    bisection between that candidate and the largest one that failed. A relative floor
+    (``utility_floor_share``) is taken of the greedy's own maximum utility (no deadline), a
+    lower bound on the exact maximum when memory binds.
+
+Optional constraints: ``min_depth`` (the starting block), ``monotone_ranks``,
+``allow_dropping`` with ``min_participants`` (devices whose minimal configuration misses the
+deadline or memory sit the round out), ``server_mbps`` (moves of all devices compete for
+the link's bytes in order of gain per second), and layer coverage, which the greedy meets
+conservatively by giving every participant at least ``coverage_layers`` layers.
+
+Everything is vectorised over (candidate deadline, device) rows with NumPy; devices with
+identical profiles share one row unless the server link couples them. Costs come from
+:meth:`~legend.planner.costs.CostModel.table`, so the greedy sees exactly the cost model the
+integer program sees.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import metadata
+
+import numpy as np
+from numpy.typing import NDArray
+
+from legend.planner.api import (
+    Configuration,
+    PlanningProblem,
+    SolverOutcome,
+    rank_gain,
+    register_solver,
+)
+from legend.planner.errors import InfeasibleError
+from legend.planner.profiles import DeviceProfile
+
+__all__ = [
+    "MAX_CANDIDATES",
+    "GreedyResult",
+    "greedy_configurations",
+    "minimal_configuration_reasons",
+    "solve_greedy",
+]
+
+MAX_CANDIDATES = 48  # candidate deadlines evaluated per pass of the rate search
+_MAX_ROWS = 400_000  # rows (candidate x device) per vectorised batch
+_REL_TOL = 1e-9
+_REFINE_STEPS = 30
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+
+def _version() -> str:
+    try:
+        return "legend " + metadata.version("legend")
+    except metadata.PackageNotFoundError:  # pragma: no cover - source checkout without install
+        return "legend"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Tables:
+    """Linear cost coefficients of every distinct profile, as arrays.
+
+    ``*_coef`` arrays are ``[profile, layer, rank index]``; ``*_const`` are ``[profile]``.
+    ``bytes_*`` count both directions (what the server's link carries).
+    """
+
+    time_const: FloatArray
+    time_coef: FloatArray
+    mem_const: FloatArray
+    mem_coef: FloatArray
+    bytes_const: FloatArray
+    bytes_coef: FloatArray
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Rows:
+    """The result of greedy runs, one row per (deadline, device)."""
+
+    depth: IntArray
+    rank_index: IntArray  # [row, layer], -1 where the layer carries no LoRA
+    time_s: FloatArray
+    utility: FloatArray
+    nbytes: FloatArray
+    participates: NDArray[np.bool_]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GreedyResult:
+    """Configurations in fleet order and the deadline the greedy planned them for."""
+
+    configurations: tuple[Configuration, ...]
+    deadline_s: float
+    round_time_s: float
+    utility: float
+
+
+class _Greedy:
+    """Precomputed arrays of one planning problem; :meth:`run` does the greedy."""
+
+    def __init__(self, problem: PlanningProblem) -> None:
+        self.problem = problem
+        opts = problem.options
+        fleet = problem.fleet
+        spec = problem.spec
+        self.L = spec.num_layers
+        self.ranks = np.asarray(problem.job.ranks, dtype=np.int64)
+        self.K = len(self.ranks)
+        self.monotone = opts.monotone_ranks
+        coverage_depth = (
+            min(opts.coverage_layers, self.L)
+            if opts.coverage_layers > 0 and opts.coverage_share > 0
+            else 0
+        )
+        self.start_depth = max(opts.min_depth, coverage_depth)
+        self.server_bps = None if opts.server_mbps is None else opts.server_mbps * 1e6 / 8
+
+        # Distinct cost profiles: the cost model sees speed, links and local steps only.
+        keys: dict[tuple[float, float, float, int], int] = {}
+        profile_of = np.empty(len(fleet), dtype=np.int64)
+        representatives: list[DeviceProfile] = []
+        for i, device in enumerate(fleet.devices):
+            key = (
+                device.tflops,
+                device.uplink_mbps,
+                device.downlink_mbps,
+                problem.job.steps_for(device),
+            )
+            if key not in keys:
+                keys[key] = len(representatives)
+                representatives.append(device)
+            profile_of[i] = keys[key]
+        tables = [problem.costs.table(d) for d in representatives]
+        self.tables = _Tables(
+            time_const=np.array([t.time_const_s for t in tables]),
+            time_coef=np.array([t.time_coef_s for t in tables], dtype=np.float64),
+            mem_const=np.array([t.memory_const_bytes for t in tables]),
+            mem_coef=np.array([t.memory_coef_bytes for t in tables], dtype=np.float64),
+            # Both directions cross the server's link: download of the slice, upload.
+            bytes_const=2.0 * np.array([t.bytes_const for t in tables]),
+            bytes_coef=2.0 * np.array([t.bytes_coef for t in tables], dtype=np.float64),
+        )
+        self.profile_of = profile_of
+        self.capacity = np.array([d.memory_bytes for d in fleet.devices])
+        self.samples = np.array([d.num_samples for d in fleet.devices], dtype=np.float64)
+
+        # Rows the greedy runs on: devices with the same cost profile and memory make the
+        # same moves (a device's sample count scales all its gains alike), so they share a
+        # row, unless the server link couples devices: then moves of different devices
+        # compete and every device is its own row.
+        if self.server_bps is None:
+            row_keys = np.stack([profile_of.astype(np.float64), self.capacity], axis=1)
+            _, first, inverse = np.unique(row_keys, axis=0, return_index=True, return_inverse=True)
+            self.unique_devices = first.astype(np.int64)
+            self.row_of_device = inverse.reshape(-1).astype(np.int64)
+        else:
+            self.unique_devices = np.arange(len(fleet), dtype=np.int64)
+            self.row_of_device = np.arange(len(fleet), dtype=np.int64)
+        n_unique = len(self.unique_devices)
+        self.row_samples = np.bincount(self.row_of_device, weights=self.samples, minlength=n_unique)
+        self.row_counts = np.bincount(self.row_of_device, minlength=n_unique).astype(np.float64)
+
+        w = np.asarray(problem.layer_weights, dtype=np.float64)
+        g = np.array([rank_gain(int(r)) for r in self.ranks])
+        self.add_gain = w * g[0]  # [layer]: utility per sample of adding layer at rank 0
+        self.raise_gain = w[:, None] * np.diff(g)[None, :]  # [layer, k]: k -> k+1
+        tc = self.tables
+        self.raise_dt = np.diff(tc.time_coef, axis=2)  # [profile, layer, k]
+        self.raise_dm = np.diff(tc.mem_coef, axis=2)
+        self.raise_db = np.diff(tc.bytes_coef, axis=2)
+
+        # Minimal configuration (start_depth top layers at the lowest rank) and maximal one.
+        top = slice(self.L - self.start_depth, self.L)
+        dev_prof = profile_of
+        self.min_time = tc.time_const[dev_prof] + tc.time_coef[dev_prof, top, 0].sum(axis=1)
+        self.min_mem = tc.mem_const[dev_prof] + tc.mem_coef[dev_prof, top, 0].sum(axis=1)
+        self.min_bytes = tc.bytes_const[dev_prof] + tc.bytes_coef[dev_prof, top, 0].sum(axis=1)
+        self.max_time = tc.time_const[dev_prof] + tc.time_coef[dev_prof, :, -1].sum(axis=1)
+        self.memory_ok = self.min_mem <= self.capacity * (1 + _REL_TOL)
+
+    # -- the greedy ---------------------------------------------------------------------
+    def run(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Rows:
+        """Greedy for each row ``r``: greedy row ``rows_of[r]`` under deadline ``deadlines[r]``.
+
+        Rows whose minimal configuration misses the deadline or memory do not participate.
+        ``groups[r]`` names the candidate a row belongs to (rows of one group share the
+        server link's byte budget). Utilities are per sample of the row's devices.
+        """
+        tc = self.tables
+        L, K = self.L, self.K
+        n_rows = len(rows_of)
+        devices = self.unique_devices[rows_of]
+        prof = self.profile_of[devices]
+        cap = self.capacity[devices] * (1 + _REL_TOL)
+        limit = deadlines * (1 + _REL_TOL) + 1e-12
+        weight = self.row_samples[rows_of]
+        participates = self.memory_ok[devices] & (self.min_time[devices] <= limit)
+
+        depth = np.where(participates, self.start_depth, 0).astype(np.int64)
+        rank_index = np.full((n_rows, L), -1, dtype=np.int64)
+        rank_index[participates, L - self.start_depth :] = 0
+        time_s = np.where(participates, self.min_time[devices], 0.0)
+        mem = np.where(participates, self.min_mem[devices], 0.0)
+        nbytes = np.where(participates, self.min_bytes[devices], 0.0)
+        top = slice(L - self.start_depth, L)
+        utility = np.where(participates, self.add_gain[top].sum(), 0.0)
+
+        budget: FloatArray | None = None
+        if self.server_bps is not None:
+            n_groups = int(groups.max()) + 1 if n_rows else 0
+            used = np.bincount(groups, weights=nbytes, minlength=n_groups)
+            group_deadline = np.zeros(n_groups)
+            np.maximum.at(group_deadline, groups, deadlines)
+            budget = self.server_bps * group_deadline * (1 + _REL_TOL) - used
+
+        # Flat views: one 1-D ``take`` per move kind is much faster than 3-D fancy indexing.
+        kr = max(K - 1, 1)
+        add_dt = tc.time_coef[:, :, 0].reshape(-1)
+        add_dm = tc.mem_coef[:, :, 0].reshape(-1)
+        add_db = tc.bytes_coef[:, :, 0].reshape(-1)
+        r_dt = self.raise_dt.reshape(-1)
+        r_dm = self.raise_dm.reshape(-1)
+        r_db = self.raise_db.reshape(-1)
+        r_du = self.raise_gain.reshape(-1)
+        layer_idx = np.arange(L)
+
+        active = np.flatnonzero(participates)
+        while active.size:
+            n = active.size
+            a_prof = prof[active]
+            d = depth[active]
+            t_room = limit[active] - time_s[active]
+            m_room = cap[active] - mem[active]
+            b_room = budget[groups[active]] if budget is not None else None
+            # Deepen: the layer just below the block, at the lowest rank.
+            new_layer = np.maximum(L - 1 - d, 0)
+            fa = a_prof * L + new_layer
+            dt_a, dm_a, db_a = add_dt[fa], add_dm[fa], add_db[fa]
+            ok_a = (d < L) & (dt_a <= t_room) & (dm_a <= m_room)
+            if b_room is not None:
+                ok_a &= db_a <= b_room
+            rate_a = np.where(ok_a, self.add_gain[new_layer] / np.maximum(dt_a, 1e-300), -np.inf)
+            # Raise: one layer to the next rank of the grid.
+            arange_n = np.arange(n)
+            if K > 1:
+                ki = rank_index[active]
+                can = (ki >= 0) & (ki < K - 1)
+                if self.monotone and L > 1:
+                    above = np.concatenate([ki[:, 1:], np.full((n, 1), K - 1)], axis=1)
+                    can &= ki + 1 <= above
+                kk = np.clip(ki, 0, K - 2)
+                fl = layer_idx[None, :] * kr + kk
+                fr = a_prof[:, None] * (L * kr) + fl
+                dt_r = r_dt[fr]
+                dm_r = r_dm[fr]
+                ok_r = can & (dt_r <= t_room[:, None]) & (dm_r <= m_room[:, None])
+                db_r = r_db[fr]
+                if b_room is not None:
+                    ok_r &= db_r <= b_room[:, None]
+                rate_r = np.where(ok_r, r_du[fl] / np.maximum(dt_r, 1e-300), -np.inf)
+                best_l = np.argmax(rate_r, axis=1)
+                best_r = rate_r[arange_n, best_l]
+                use_add = rate_a > best_r
+                ratio = np.where(use_add, rate_a, best_r)
+                mdt = np.where(use_add, dt_a, dt_r[arange_n, best_l])
+                mdm = np.where(use_add, dm_a, dm_r[arange_n, best_l])
+                mdb = np.where(use_add, db_a, db_r[arange_n, best_l])
+                mdu = np.where(use_add, self.add_gain[new_layer], r_du[fl[arange_n, best_l]])
+            else:
+                best_l = np.zeros(n, dtype=np.int64)
+                use_add = np.ones(n, dtype=bool)
+                ratio, mdt, mdm, mdb = rate_a, dt_a, dm_a, db_a
+                mdu = self.add_gain[new_layer]
+            has_move = np.isfinite(ratio)
+            if budget is not None:
+                has_move = self._server_accept(
+                    active, has_move, ratio * weight[active], mdb, groups, budget
+                )
+            if not has_move.any():
+                break
+            rows = active[has_move]
+            add = use_add[has_move]
+            add_rows = rows[add]
+            rank_index[add_rows, L - 1 - depth[add_rows]] = 0
+            depth[add_rows] += 1
+            rank_index[rows[~add], best_l[has_move][~add]] += 1
+            time_s[rows] += mdt[has_move]
+            mem[rows] += mdm[has_move]
+            nbytes[rows] += mdb[has_move]
+            utility[rows] += mdu[has_move]
+            active = rows
+        return _Rows(
+            depth=depth,
+            rank_index=rank_index,
+            time_s=time_s,
+            utility=utility,
+            nbytes=nbytes,
+            participates=participates,
+        )
+
+    @staticmethod
+    def _server_accept(
+        active: IntArray,
+        has_move: NDArray[np.bool_],
+        gain_rate: FloatArray,
+        nbytes: FloatArray,
+        groups: IntArray,
+        budget: FloatArray,
+    ) -> NDArray[np.bool_]:
+        """Accept proposed moves in order of gain per second while each group's link has room."""
+        idx = np.flatnonzero(has_move)
+        if idx.size == 0:
+            return has_move
+        g = groups[active[idx]]
+        order = np.lexsort((-gain_rate[idx], g))
+        g_sorted, b_sorted = g[order], nbytes[idx][order]
+        csum = np.cumsum(b_sorted)
+        starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
+        offsets = np.repeat(csum[starts] - b_sorted[starts], np.diff(np.r_[starts, len(order)]))
+        within = (csum - offsets) <= budget[g_sorted]
+        accepted = np.zeros_like(has_move)
+        accepted[idx[order[within]]] = True
+        np.subtract.at(budget, g_sorted[within], b_sorted[within])
+        return accepted
+
+    # -- evaluation of candidate deadlines ------------------------------------------------
+    def evaluate(self, deadlines: FloatArray) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
+        """Per candidate deadline: total utility, round time and whether the plan is valid."""
+        n_u = len(self.unique_devices)
+        per_batch = max(1, _MAX_ROWS // max(n_u, 1))
+        utilities = np.zeros(len(deadlines))
+        round_times = np.zeros(len(deadlines))
+        valid = np.zeros(len(deadlines), dtype=bool)
+        opts = self.problem.options
+        need = max(1, opts.min_participants if opts.allow_dropping else 0)
+        for start in range(0, len(deadlines), per_batch):
+            chunk = deadlines[start : start + per_batch]
+            c = len(chunk)
+            rows = self.run(
+                np.repeat(chunk, n_u), np.tile(np.arange(n_u), c), np.repeat(np.arange(c), n_u)
+            )
+            part = rows.participates.reshape(c, n_u)
+            util = rows.utility.reshape(c, n_u) @ self.row_samples
+            times = np.where(part, rows.time_s.reshape(c, n_u), 0.0).max(axis=1)
+            ok = part.astype(np.float64) @ self.row_counts >= need
+            if not opts.allow_dropping:
+                ok &= part.all(axis=1)
+            if self.server_bps is not None and opts.objective != "deadline":
+                total = rows.nbytes.reshape(c, n_u) @ self.row_counts
+                ok &= total <= self.server_bps * times * (1 + 1e-7)
+            utilities[start : start + c] = util
+            round_times[start : start + c] = times
+            valid[start : start + c] = ok
+        return utilities, round_times, valid
+
+    def configurations(self, deadline: float) -> tuple[tuple[Configuration, ...], _Rows]:
+        """Every device's configuration (fleet order) under ``deadline``, and the row results."""
+        n_u = len(self.unique_devices)
+        rows = self.run(np.full(n_u, deadline), np.arange(n_u), np.zeros(n_u, dtype=np.int64))
+        per_row: list[Configuration] = []
+        for row in range(n_u):
+            d = int(rows.depth[row])
+            if d == 0:
+                per_row.append(((), ()))
+                continue
+            layers = tuple(range(self.L - d, self.L))
+            ranks = tuple(int(self.ranks[k]) for k in rows.rank_index[row, self.L - d :])
+            per_row.append((layers, ranks))
+        return tuple(per_row[row] for row in self.row_of_device), rows
+
+    # -- infeasibility ------------------------------------------------------------------
+    def blocked_reasons(self, deadline_s: float | None) -> tuple[str, ...]:
+        """One line per device whose minimal configuration misses memory or the deadline."""
+        return minimal_configuration_reasons(self.problem, deadline_s, depth=self.start_depth)
+
+
+def minimal_configuration_reasons(
+    problem: PlanningProblem, deadline_s: float | None, *, depth: int | None = None
+) -> tuple[str, ...]:
+    """Explain which devices cannot run the minimal configuration, and by how much.
+
+    The minimal configuration is the top ``depth`` layers (default ``min_depth``) at the
+    lowest rank of the grid: every configuration needs at least its memory and time, so a
+    device it does not fit cannot participate at all.
+    """
+    L = problem.spec.num_layers
+    depth = problem.options.min_depth if depth is None else depth
+    layers = tuple(range(L - depth, L))
+    low = problem.job.ranks[0]
+    what = f"{depth} layer{'s' if depth > 1 else ''} at rank {low}"
+    out: list[str] = []
+    for device in problem.fleet.devices:
+        cost = problem.costs.evaluate(device, layers, (low,) * depth)
+        if cost.memory_bytes > device.memory_bytes * (1 + _REL_TOL):
+            need = cost.memory_bytes / 1e9
+            out.append(
+                f"device {device.device_id!r}: memory: the minimal configuration ({what}) "
+                f"needs {need:.4g} GB > {device.memory_gb:.4g} GB available "
+                f"(short by {need - device.memory_gb:.4g} GB)"
+            )
+        elif deadline_s is not None and cost.time_s > deadline_s * (1 + _REL_TOL):
+            out.append(
+                f"device {device.device_id!r}: deadline: the minimal configuration ({what}) "
+                f"takes {cost.time_s:.4g} s > deadline {deadline_s:.4g} s "
+                f"(over by {cost.time_s - deadline_s:.4g} s)"
+            )
+    return tuple(out)
+
+
+def _candidates(greedy: _Greedy) -> FloatArray:
+    """Sorted candidate deadlines: minimal and maximal configuration times of the devices."""
+    opts = greedy.problem.options
+    usable = greedy.memory_ok
+    mins = greedy.min_time[usable]
+    if mins.size == 0:
+        return np.zeros(0)
+    if opts.allow_dropping:
+        need = max(1, opts.min_participants)
+        if need > mins.size:
+            return np.zeros(0)
+        lower = float(np.sort(mins)[need - 1])
+    else:
+        lower = float(mins.max())
+    upper = max(float(greedy.max_time[usable].max()), lower)
+    cands = np.unique(np.concatenate([mins, greedy.max_time[usable], [lower, upper]]))
+    return cands[(cands >= lower) & (cands <= upper)]
+
+
+def _thin(values: FloatArray, count: int) -> FloatArray:
+    if len(values) <= count:
+        return values
+    idx = np.unique(np.round(np.linspace(0, len(values) - 1, count)).astype(np.int64))
+    return values[idx]
+
+
+def _search_rate(greedy: _Greedy, cands: FloatArray) -> float | None:
+    """The candidate deadline with the best ``U / T``; coarse-to-fine over many candidates."""
+    pool = cands
+    best_t: float | None = None
+    best_rate = -np.inf
+    while True:
+        probe = _thin(pool, MAX_CANDIDATES)
+        util, times, ok = greedy.evaluate(probe)
+        rate = np.where(ok & (times > 0), util / np.where(times > 0, times, 1.0), -np.inf)
+        i = int(np.argmax(rate))
+        if rate[i] > best_rate:
+            best_rate, best_t = float(rate[i]), float(probe[i])
+        if len(probe) == len(pool) or not np.isfinite(rate[i]):
+            break
+        # Zoom into the candidates between the neighbours of the best probe.
+        lo = probe[max(i - 1, 0)]
+        hi = probe[min(i + 1, len(probe) - 1)]
+        pool = pool[(pool >= lo) & (pool <= hi)]
+    return best_t
+
+
+def _search_min_time(greedy: _Greedy, cands: FloatArray, floor: float) -> float | None:
+    """The smallest deadline whose greedy plan reaches ``floor`` (candidates, then bisection)."""
+    found: float | None = None
+    failed: float | None = None
+    for start in range(0, len(cands), MAX_CANDIDATES):
+        chunk = cands[start : start + MAX_CANDIDATES]
+        util, _, ok = greedy.evaluate(chunk)
+        good = ok & (util >= floor * (1 - 1e-12))
+        if good.any():
+            j = int(np.argmax(good))
+            found = float(chunk[j])
+            if j > 0:
+                failed = float(chunk[j - 1])
+            elif start > 0:
+                failed = float(cands[start - 1])
+            break
+    if found is None:
+        return None
+    if failed is not None:
+        lo, hi = failed, found
+        for _ in range(_REFINE_STEPS):
+            mid = 0.5 * (lo + hi)
+            util, _, ok = greedy.evaluate(np.array([mid]))
+            if ok[0] and util[0] >= floor * (1 - 1e-12):
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo <= 1e-9 * hi:
+                break
+        found = hi
+    return found
+
+
+def greedy_configurations(problem: PlanningProblem) -> GreedyResult:
+    """Run the greedy for ``problem`` and return configurations in fleet order.
+
+    Raises
+    ------
+    InfeasibleError
+        Some device cannot run its minimal configuration (memory, or the deadline of the
+        ``deadline`` objective) and dropping is not allowed, too few devices are left, or
+        the utility floor is out of the greedy's reach.
+    """
+    opts = problem.options
+    greedy = _Greedy(problem)
+    deadline: float | None
+    if opts.objective == "deadline":
+        assert opts.deadline_s is not None  # PlannerOptions enforces it
+        deadline = float(opts.deadline_s)
+        _, _, ok = greedy.evaluate(np.array([deadline]))
+        if not ok[0]:
+            _raise_infeasible(greedy, deadline, "at the deadline")
+    else:
+        cands = _candidates(greedy)
+        if cands.size == 0:
+            _raise_infeasible(greedy, None, "")
+        if opts.objective == "rate":
+            deadline = _search_rate(greedy, cands)
+            if deadline is None:
+                _raise_infeasible(greedy, None, "at any candidate deadline")
+        else:
+            u_max, _, ok_max = greedy.evaluate(np.array([math.inf]))
+            if not ok_max[0]:
+                _raise_infeasible(greedy, None, "")
+            floor = (
+                float(opts.utility_floor)
+                if opts.utility_floor is not None
+                else opts.utility_floor_share * float(u_max[0])
+            )
+            if floor > float(u_max[0]) * (1 + 1e-12):
+                raise InfeasibleError(
+                    f"the utility floor {floor:.6g} exceeds the greedy's maximum utility "
+                    f"{float(u_max[0]):.6g}; lower `utility_floor`"
+                )
+            deadline = _search_min_time(greedy, cands, floor)
+            if deadline is None:
+                deadline = math.inf
+    assert deadline is not None
+    configs, rows = greedy.configurations(deadline)
+    part = rows.participates[greedy.row_of_device]
+    round_time = float(np.where(part, rows.time_s[greedy.row_of_device], 0.0).max())
+    return GreedyResult(
+        configurations=configs,
+        deadline_s=deadline,
+        round_time_s=round_time,
+        utility=float(rows.utility @ greedy.row_samples),
+    )
+
+
+def _raise_infeasible(greedy: _Greedy, deadline_s: float | None, where: str) -> None:
+    reasons = greedy.blocked_reasons(deadline_s)
+    opts = greedy.problem.options
+    if opts.allow_dropping:
+        need = max(1, opts.min_participants)
+        message = (
+            f"fewer than {need} device(s) can run their minimal configuration {where}".rstrip()
+        )
+    elif reasons:
+        message = f"{len(reasons)} device(s) cannot run their minimal configuration"
+    elif greedy.server_bps is not None:
+        message = (
+            f"the server link ({opts.server_mbps} Mbit/s) cannot carry the round's bytes "
+            f"{where}; raise `server_mbps` or allow dropping devices".replace("  ", " ")
+        )
+    else:
+        message = f"the greedy found no feasible plan {where}".rstrip()
+    raise InfeasibleError(message, reasons)
+
+
+@register_solver("greedy")
+def solve_greedy(problem: PlanningProblem) -> SolverOutcome:
+    """Solver backend ``greedy``: the LEGEND-style greedy (status ``FEASIBLE``, no gap)."""
+    result = greedy_configurations(problem)
+    objective = problem.options.objective
+    if objective == "rate":
+        value = result.utility / result.round_time_s if result.round_time_s > 0 else 0.0
+    elif objective == "deadline":
+        value = result.utility
+    else:
+        value = result.round_time_s
+    return SolverOutcome(
+        configurations=result.configurations,
+        status="FEASIBLE",
+        solver="greedy",
+        solver_version=_version(),
+        mip_gap=None,
+        objective_value=value,
+        deadline_s=result.deadline_s if math.isfinite(result.deadline_s) else None,
+    )
