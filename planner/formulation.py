@@ -1,0 +1,695 @@
+r"""The per-round integer program as backend-neutral data (METHOD.md section 4).
+
+:func:`formulate` builds a :class:`MILP` (variables with bounds and integrality, linear
+rows with names, an objective and an index from every variable to its meaning); a backend
+in :mod:`legend.planner.solvers` only translates it; :func:`decode` maps the solution
+values back to one configuration per device.
+
+The per-device program
+----------------------
+Devices ``i = 1..N``, layers ``l = 0..L-1`` (``L-1`` next to the output), rank grid
+``r_1 < ... < r_K``. Binaries ``x[i,l,k]`` (device ``i`` trains layer ``l`` at rank
+``r_k``) and ``z[i]`` (device ``i`` participates; fixed to 1 unless
+``allow_dropping``), ``y[i,l] = sum_k x[i,l,k]``. From the cost model's linear table of
+device ``i`` (:meth:`~legend.planner.costs.CostModel.table`):
+
+.. math::
+
+    t_i(x) = a_i z_i + \sum_{l,k} a_{ilk} x_{ilk}, \quad
+    m_i(x) = b_i z_i + \sum_{l,k} b_{ilk} x_{ilk}, \quad
+    B_i(x) = c_i z_i + \sum_{l,k} c_{ilk} x_{ilk}
+
+(round time in seconds, memory in bytes, bytes each way) and the utility
+
+.. math::
+
+    U(x) = \sum_i n_i \sum_l w_l \sum_k g(r_k) x_{ilk}, \qquad g(r) = \log_2(1 + r).
+
+Rows (names as in the code; ``T`` is the round time, a constant deadline or a variable)::
+
+    C1[i,l]   sum_k x[i,l,k] <= 1                                 one rank per layer
+    C2[i,l]   y[i,l] - y[i,l+1] <= 0            (l < L-1)         contiguous from the output
+    C3[i]     y[i,L-1] - z[i] = 0                                 participants train layer L-1
+    C3min[i]  y[i,L-d_min] - z[i] = 0           (d_min > 1)       minimum depth
+    C4[i,l]   sum_k r_k x[i,l,k] - sum_k r_k x[i,l+1,k] <= 0      ranks non-decreasing (option)
+    C5[i]     t_i(x) - T <= 0                                     round deadline
+    C6[i]     m_i(x) <= memory_i                                  memory
+    C7        sum_i 2 B_i(x) - server_Bps * T <= 0                server link (option)
+    C8[l]     sum_i n_i y[i,l] - q sum_i n_i z[i] >= 0            coverage of the top D layers
+    C9        sum_i z[i] >= min_participants                      (option)
+    UF        U(x) >= U_floor                                     utility floor (O2 only)
+
+Objectives: O1 ``deadline``: ``max U`` with ``T = deadline_s`` a constant; O2
+``min-time``: ``min T`` subject to ``UF``; O3 ``rate``: ``max U / T`` solved by Dinkelbach
+iterations over :meth:`MILP.with_rate` (``max U - lambda T``), see
+:mod:`legend.planner.solvers`. Memory rows are written in GB and byte rows in MB, and the
+utility is divided by the mean sample count (``utility_scale``) so that every row and the
+objective have moderate magnitudes; :meth:`MILP.utility_value` undoes the scaling.
+
+The class program
+-----------------
+With device classes (:mod:`legend.planner.classes`), class ``c`` of ``N_c`` members has
+Pareto-efficient configurations ``j`` with round time ``t_cj``, bytes ``B_cj``, depth
+``d_j`` and per-sample utility ``u_j``; every configuration already satisfies C1-C4 and C6
+(and C5 when the deadline is a constant). Integer counts ``m[c,j] in [0, N_c]``, the number
+of members sitting out ``o[c]`` (only with ``allow_dropping``), and, when ``T`` is a
+variable, binaries ``v[c,j]`` (configuration ``j`` is used by class ``c``)::
+
+    C3[c]     sum_j m[c,j] + o[c] = N_c
+    C5[c,j]   t_cj v[c,j] - T <= 0        (only where t_cj exceeds the lower bound of T)
+    C5v[c,j]  m[c,j] - N_c v[c,j] <= 0
+    C7        sum_cj 2 B_cj m[c,j] - server_Bps * T <= 0
+    C8[l]     sum_cj n_c m[c,j] ([d_j >= L - l] - q) >= 0
+    C9        sum_cj m[c,j] >= min_participants
+    UF        sum_cj n_c u_j m[c,j] >= U_floor
+
+with the utility ``U = sum_cj n_c u_j m[c,j]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+
+from legend.planner.api import Configuration, PlanningProblem, rank_gain
+from legend.planner.classes import (
+    ClassConfigs,
+    ConfigCatalog,
+    DeviceClass,
+    class_pareto_configs,
+    enumerate_configurations,
+    expand_counts,
+    group_devices,
+    resolve_use_classes,
+)
+from legend.planner.errors import InfeasibleError, PlannerInputError
+
+__all__ = ["MILP", "VarKey", "decode", "formulate", "round_time_lower_bound", "round_time_of"]
+
+GB = 1e9
+MB = 1e6
+
+
+class VarKey(NamedTuple):
+    """What a variable means: ``kind`` is one of
+
+    ``"x"`` (``owner`` = device, ``a`` = layer, ``b`` = rank index), ``"z"`` (device),
+    ``"T"`` (round time), ``"m"`` (``owner`` = class, ``a`` = configuration: a count),
+    ``"v"`` (class, configuration: used), ``"o"`` (class: members sitting out).
+    """
+
+    kind: str
+    owner: int = -1
+    a: int = -1
+    b: int = -1
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DeviceLayout:
+    num_devices: int
+    num_layers: int
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ClassLayout:
+    num_devices: int
+    classes: tuple[DeviceClass, ...]
+    catalog: ConfigCatalog
+    configs: tuple[ClassConfigs, ...]
+    count_offset: tuple[int, ...]  # first "m" variable of each class
+
+
+@dataclass(frozen=True, kw_only=True)
+class MILP:
+    """A mixed-integer linear program ``opt c'v s.t. row_lower <= A v <= row_upper``.
+
+    Attributes
+    ----------
+    kind
+        ``"device"`` (per-device program) or ``"class"`` (class program).
+    var_names, index
+        One name and one :class:`VarKey` per variable.
+    lower, upper, integer
+        Variable bounds and integrality.
+    matrix, row_names, row_lower, row_upper
+        The rows (CSR), named after the constraints C1..C9 and UF.
+    objective, sense
+        Objective coefficients and ``"max"`` or ``"min"``.
+    utility, utility_scale
+        Coefficients of the (scaled) utility ``U / utility_scale``.
+    round_time
+        Index of the variable ``T``, or ``None`` when the deadline is a constant.
+    deadline_s
+        The constant deadline, if any.
+    time_lower_bound_s
+        A proven lower bound on the round time of any plan with a participant.
+    start
+        Warm-start values (from ``problem.warm_start``), or ``None``.
+    """
+
+    kind: str
+    var_names: tuple[str, ...]
+    index: tuple[VarKey, ...]
+    lower: np.ndarray
+    upper: np.ndarray
+    integer: np.ndarray
+    matrix: sp.csr_matrix
+    row_names: tuple[str, ...]
+    row_lower: np.ndarray
+    row_upper: np.ndarray
+    objective: np.ndarray
+    sense: str
+    utility: np.ndarray
+    utility_scale: float
+    round_time: int | None
+    deadline_s: float | None
+    time_lower_bound_s: float
+    start: np.ndarray | None
+    layout: _DeviceLayout | _ClassLayout
+
+    @property
+    def num_vars(self) -> int:
+        return len(self.var_names)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_names)
+
+    def with_rate(self, lam: float) -> MILP:
+        """The Dinkelbach subproblem ``max U - lam * T`` (scaled units; needs ``T``)."""
+        if self.round_time is None:
+            raise PlannerInputError("the rate objective needs a program with a variable T")
+        c = self.utility.copy()
+        c[self.round_time] -= lam
+        return replace(self, objective=c, sense="max")
+
+    def utility_value(self, values: np.ndarray) -> float:
+        """The utility ``U`` of a solution, in the utility's own units."""
+        return float(self.utility @ values) * self.utility_scale
+
+    def rows_named(self, prefix: str) -> list[int]:
+        """Indices of rows whose name is ``prefix`` or starts with ``prefix + '['``."""
+        return [
+            j for j, n in enumerate(self.row_names) if n == prefix or n.startswith(prefix + "[")
+        ]
+
+
+class _Rows:
+    """Accumulates rows as COO triples."""
+
+    def __init__(self) -> None:
+        self.rows: list[np.ndarray] = []
+        self.cols: list[np.ndarray] = []
+        self.vals: list[np.ndarray] = []
+        self.lower: list[float] = []
+        self.upper: list[float] = []
+        self.names: list[str] = []
+
+    def add(
+        self, name: str, cols: np.ndarray, vals: np.ndarray, lower: float, upper: float
+    ) -> None:
+        r = len(self.names)
+        self.rows.append(np.full(len(cols), r, dtype=np.int64))
+        self.cols.append(np.asarray(cols, dtype=np.int64))
+        self.vals.append(np.asarray(vals, dtype=float))
+        self.lower.append(lower)
+        self.upper.append(upper)
+        self.names.append(name)
+
+    def matrix(self, num_vars: int) -> sp.csr_matrix:
+        if not self.names:
+            return sp.csr_matrix((0, num_vars))
+        m = sp.coo_matrix(
+            (np.concatenate(self.vals), (np.concatenate(self.rows), np.concatenate(self.cols))),
+            shape=(len(self.names), num_vars),
+        ).tocsr()
+        m.sum_duplicates()
+        return m
+
+
+def formulate(
+    problem: PlanningProblem,
+    deadline_s: float | None = None,
+    *,
+    utility_floor: float | None = None,
+    use_classes: bool | None = None,
+) -> MILP:
+    """Build the program for ``problem``.
+
+    Parameters
+    ----------
+    deadline_s
+        A constant round deadline (O1: ``max U``); ``None`` makes ``T`` a variable.
+    utility_floor
+        With ``deadline_s=None``: add ``U >= utility_floor`` and minimise ``T`` (O2).
+        Otherwise the objective is ``max U`` (use :meth:`MILP.with_rate` for O3).
+    use_classes
+        Build the class program; ``None`` resolves ``problem.options.use_classes``.
+
+    Raises
+    ------
+    InfeasibleError
+        A device class has no configuration that fits (class program without dropping).
+    """
+    if utility_floor is not None and deadline_s is not None:
+        raise PlannerInputError("give either `deadline_s` (O1) or `utility_floor` (O2), not both")
+    opts = problem.options
+    if opts.coverage_share > 0 and opts.coverage_layers > problem.spec.num_layers:
+        raise PlannerInputError(
+            f"`coverage_layers` {opts.coverage_layers} exceeds the {problem.spec.num_layers} "
+            f"layers of {problem.spec.name}"
+        )
+    if opts.min_participants > len(problem.fleet):
+        raise PlannerInputError(
+            f"`min_participants` {opts.min_participants} exceeds the fleet's "
+            f"{len(problem.fleet)} devices"
+        )
+    if use_classes is None:
+        use_classes = resolve_use_classes(problem)
+    if use_classes:
+        return _formulate_classes(problem, deadline_s, utility_floor)
+    return _formulate_devices(problem, deadline_s, utility_floor)
+
+
+def round_time_lower_bound(problem: PlanningProblem) -> float:
+    """Round time no plan with a participant can beat: the smallest configuration's time of
+    the slowest device (every device participates) or of the fastest (with dropping)."""
+    L = problem.spec.num_layers
+    d = problem.options.min_depth
+    times = []
+    for device in problem.fleet.devices:
+        t = problem.costs.table(device)
+        times.append(t.time_const_s + sum(t.time_coef_s[ly][0] for ly in range(L - d, L)))
+    return min(times) if problem.options.allow_dropping else max(times)
+
+
+# -- per-device program --------------------------------------------------------------------
+
+
+def _formulate_devices(
+    problem: PlanningProblem, deadline_s: float | None, utility_floor: float | None
+) -> MILP:
+    opts = problem.options
+    devices = problem.fleet.devices
+    N, L = len(devices), problem.spec.num_layers
+    ranks = problem.job.ranks
+    K = len(ranks)
+    r = np.asarray(ranks, dtype=float)
+    tables = [problem.costs.table(d) for d in devices]
+    time_c = np.asarray([t.time_const_s for t in tables])
+    time_x = np.asarray([t.time_coef_s for t in tables])  # (N, L, K)
+    mem_c = np.asarray([t.memory_const_bytes for t in tables]) / GB
+    mem_x = np.asarray([t.memory_coef_bytes for t in tables]) / GB
+    byte_c = np.asarray([t.bytes_const for t in tables]) / MB
+    byte_x = np.asarray([t.bytes_coef for t in tables]) / MB
+    samples = np.asarray([d.num_samples for d in devices], dtype=float)
+    scale = float(samples.mean())
+    n = samples / scale
+    w = np.asarray(problem.layer_weights)
+    g = np.asarray([rank_gain(k) for k in ranks])
+    util_x = n[:, None, None] * w[None, :, None] * g[None, None, :]
+
+    nx = N * L * K
+    x_id = np.arange(nx).reshape(N, L, K)
+    z_id = nx + np.arange(N)
+    has_t = deadline_s is None
+    t_id = nx + N if has_t else -1
+    num_vars = nx + N + (1 if has_t else 0)
+
+    t_lb = round_time_lower_bound(problem)
+    t_max_dev = time_c + time_x.max(axis=2).sum(axis=1)
+    t_ub = float(t_max_dev.max())
+    if opts.server_mbps is not None:
+        worst_mb = float((2 * (byte_c + byte_x.max(axis=2).sum(axis=1))).sum())
+        t_ub = max(t_ub, worst_mb / (opts.server_mbps / 8))
+    t_ub = t_ub * 1.01 + 1.0
+
+    lower = np.zeros(num_vars)
+    upper = np.ones(num_vars)
+    integer = np.ones(num_vars, dtype=bool)
+    if not opts.allow_dropping:
+        lower[z_id] = 1.0
+    if has_t:
+        lower[t_id], upper[t_id], integer[t_id] = t_lb, t_ub, False
+
+    rows = _Rows()
+    ones = np.ones(K)
+    for i in range(N):
+        for ly in range(L):
+            rows.add(f"C1[{i},{ly}]", x_id[i, ly], ones, -np.inf, 1.0)
+        for ly in range(L - 1):
+            rows.add(
+                f"C2[{i},{ly}]",
+                np.concatenate([x_id[i, ly], x_id[i, ly + 1]]),
+                np.concatenate([ones, -ones]),
+                -np.inf,
+                0.0,
+            )
+        rows.add(f"C3[{i}]", np.append(x_id[i, L - 1], z_id[i]), np.append(ones, -1.0), 0.0, 0.0)
+        if opts.min_depth > 1:
+            lm = L - opts.min_depth
+            rows.add(
+                f"C3min[{i}]", np.append(x_id[i, lm], z_id[i]), np.append(ones, -1.0), 0.0, 0.0
+            )
+        if opts.monotone_ranks:
+            for ly in range(L - 1):
+                rows.add(
+                    f"C4[{i},{ly}]",
+                    np.concatenate([x_id[i, ly], x_id[i, ly + 1]]),
+                    np.concatenate([r, -r]),
+                    -np.inf,
+                    0.0,
+                )
+        cols = np.append(x_id[i].ravel(), z_id[i])
+        tvals = np.append(time_x[i].ravel(), time_c[i])
+        if has_t:
+            rows.add(f"C5[{i}]", np.append(cols, t_id), np.append(tvals, -1.0), -np.inf, 0.0)
+        else:
+            assert deadline_s is not None
+            rows.add(f"C5[{i}]", cols, tvals, -np.inf, deadline_s)
+        rows.add(
+            f"C6[{i}]",
+            cols,
+            np.append(mem_x[i].ravel(), mem_c[i]),
+            -np.inf,
+            devices[i].memory_bytes / GB,
+        )
+    if opts.server_mbps is not None:
+        link_mb_s = opts.server_mbps / 8  # MB per second
+        cols = np.concatenate([x_id.ravel(), z_id])
+        vals = np.concatenate([2 * byte_x.ravel(), 2 * byte_c])
+        if has_t:
+            rows.add("C7", np.append(cols, t_id), np.append(vals, -link_mb_s), -np.inf, 0.0)
+        else:
+            assert deadline_s is not None
+            rows.add("C7", cols, vals, -np.inf, link_mb_s * deadline_s)
+    if opts.coverage_share > 0 and opts.coverage_layers > 0:
+        q = opts.coverage_share
+        for ly in range(L - opts.coverage_layers, L):
+            cols = np.concatenate([x_id[:, ly, :].ravel(), z_id])
+            vals = np.concatenate([np.repeat(n, K), -q * n])
+            rows.add(f"C8[{ly}]", cols, vals, 0.0, np.inf)
+    if opts.min_participants > 0:
+        rows.add("C9", z_id, np.ones(N), float(opts.min_participants), np.inf)
+
+    utility = np.zeros(num_vars)
+    utility[:nx] = util_x.ravel()
+    if utility_floor is not None:
+        rows.add("UF", np.arange(nx), util_x.ravel(), utility_floor / scale, np.inf)
+        objective = np.zeros(num_vars)
+        objective[t_id] = 1.0
+        sense = "min"
+    else:
+        objective, sense = utility.copy(), "max"
+
+    index = (
+        [VarKey("x", i, ly, k) for i in range(N) for ly in range(L) for k in range(K)]
+        + [VarKey("z", i) for i in range(N)]
+        + ([VarKey("T")] if has_t else [])
+    )
+    names = [f"x_{i}_{ly}_{k}" for i in range(N) for ly in range(L) for k in range(K)]
+    names += [f"z_{i}" for i in range(N)] + (["T"] if has_t else [])
+
+    start = _device_start(problem, num_vars, x_id, z_id, t_id, time_c, time_x)
+    return MILP(
+        kind="device",
+        var_names=tuple(names),
+        index=tuple(index),
+        lower=lower,
+        upper=upper,
+        integer=integer,
+        matrix=rows.matrix(num_vars),
+        row_names=tuple(rows.names),
+        row_lower=np.asarray(rows.lower),
+        row_upper=np.asarray(rows.upper),
+        objective=objective,
+        sense=sense,
+        utility=utility,
+        utility_scale=scale,
+        round_time=t_id if has_t else None,
+        deadline_s=deadline_s,
+        time_lower_bound_s=t_lb,
+        start=start,
+        layout=_DeviceLayout(num_devices=N, num_layers=L, ranks=ranks),
+    )
+
+
+def _device_start(
+    problem: PlanningProblem,
+    num_vars: int,
+    x_id: np.ndarray,
+    z_id: np.ndarray,
+    t_id: int,
+    time_c: np.ndarray,
+    time_x: np.ndarray,
+) -> np.ndarray | None:
+    """Warm start from last round's plan when it names every device with grid ranks."""
+    plan = problem.warm_start
+    if plan is None:
+        return None
+    by_id = {d.device_id: d for d in plan.devices}
+    L = problem.spec.num_layers
+    k_of = {r: k for k, r in enumerate(problem.job.ranks)}
+    values = np.zeros(num_vars)
+    t = 0.0
+    for i, device in enumerate(problem.fleet.devices):
+        dp = by_id.get(device.device_id)
+        if dp is None or any(rk not in k_of for rk in dp.ranks):
+            return None
+        if dp.layers and dp.layers != tuple(range(L - len(dp.layers), L)):
+            return None
+        if not dp.layers:
+            if not problem.options.allow_dropping:
+                return None
+            continue
+        values[z_id[i]] = 1.0
+        ti = time_c[i]
+        for layer, rank in zip(dp.layers, dp.ranks, strict=True):
+            values[x_id[i, layer, k_of[rank]]] = 1.0
+            ti += time_x[i, layer, k_of[rank]]
+        t = max(t, ti)
+    if t_id >= 0:
+        values[t_id] = t
+    return values
+
+
+# -- class program -------------------------------------------------------------------------
+
+
+def _formulate_classes(
+    problem: PlanningProblem, deadline_s: float | None, utility_floor: float | None
+) -> MILP:
+    opts = problem.options
+    L = problem.spec.num_layers
+    classes = group_devices(problem, bucket_ratio=opts.class_bucket_ratio)
+    catalog = enumerate_configurations(problem)
+    configs = tuple(
+        class_pareto_configs(problem, c, catalog, deadline_s=deadline_s) for c in classes
+    )
+    if not opts.allow_dropping:
+        blocked = [c for c, cc in zip(classes, configs, strict=True) if len(cc) == 0]
+        if blocked:
+            from legend.planner.diagnose import explain_class_block
+
+            raise InfeasibleError(
+                "no plan: some devices cannot run even their smallest configuration",
+                tuple(explain_class_block(problem, c, deadline_s) for c in blocked),
+            )
+    samples_all = np.asarray([d.num_samples for d in problem.fleet.devices], dtype=float)
+    scale = float(samples_all.mean())
+    has_t = deadline_s is None
+
+    # lower bound of T over plans with a participant
+    mins = [float(cc.time_s.min()) for cc in configs if len(cc)]
+    t_lb = (min(mins) if opts.allow_dropping else max(mins)) if mins else 0.0
+
+    index: list[VarKey] = []
+    names: list[str] = []
+    lower: list[float] = []
+    upper: list[float] = []
+    integer: list[bool] = []
+
+    def var(key: VarKey, name: str, lo: float, hi: float, is_int: bool) -> int:
+        index.append(key)
+        names.append(name)
+        lower.append(lo)
+        upper.append(hi)
+        integer.append(is_int)
+        return len(index) - 1
+
+    m_ids: list[np.ndarray] = []
+    offsets: list[int] = []
+    for c, (cls, cc) in enumerate(zip(classes, configs, strict=True)):
+        offsets.append(len(index))
+        ids = [var(VarKey("m", c, j), f"m_{c}_{j}", 0.0, cls.size, True) for j in range(len(cc))]
+        m_ids.append(np.asarray(ids, dtype=np.int64))
+    o_ids = [
+        var(VarKey("o", c), f"o_{c}", 0.0, cls.size, True) if opts.allow_dropping else -1
+        for c, cls in enumerate(classes)
+    ]
+    v_ids: list[dict[int, int]] = []
+    if has_t:
+        for c, cc in enumerate(configs):
+            v_ids.append(
+                {
+                    j: var(VarKey("v", c, j), f"v_{c}_{j}", 0.0, 1.0, True)
+                    for j in range(len(cc))
+                    if cc.time_s[j] > t_lb * (1 + 1e-12)
+                }
+            )
+    t_id = -1
+    if has_t:
+        t_ub = max((float(cc.time_s.max()) for cc in configs if len(cc)), default=1.0)
+        if opts.server_mbps is not None:
+            worst = sum(
+                2 * float(cc.bytes_one_way.max()) * cls.size / MB
+                for cls, cc in zip(classes, configs, strict=True)
+                if len(cc)
+            )
+            t_ub = max(t_ub, worst / (opts.server_mbps / 8))
+        t_id = var(VarKey("T"), "T", t_lb, t_ub * 1.01 + 1.0, False)
+    num_vars = len(index)
+
+    rows = _Rows()
+    for c, (cls, cc) in enumerate(zip(classes, configs, strict=True)):
+        cols = m_ids[c]
+        vals = np.ones(len(cols))
+        if o_ids[c] >= 0:
+            cols, vals = np.append(cols, o_ids[c]), np.append(vals, 1.0)
+        rows.add(f"C3[{c}]", cols, vals, float(cls.size), float(cls.size))
+        if has_t:
+            for j, vid in v_ids[c].items():
+                rows.add(
+                    f"C5[{c},{j}]",
+                    np.asarray([vid, t_id]),
+                    np.asarray([cc.time_s[j], -1.0]),
+                    -np.inf,
+                    0.0,
+                )
+                rows.add(
+                    f"C5v[{c},{j}]",
+                    np.asarray([m_ids[c][j], vid]),
+                    np.asarray([1.0, -float(cls.size)]),
+                    -np.inf,
+                    0.0,
+                )
+    all_m = np.concatenate(m_ids) if m_ids else np.zeros(0, dtype=np.int64)
+    n_c = np.concatenate(
+        [np.full(len(cc), cls.samples / scale) for cls, cc in zip(classes, configs, strict=True)]
+    )
+    depth = np.concatenate([cc.depth for cc in configs])
+    util = np.concatenate([cc.utility_per_sample for cc in configs]) * n_c
+    if opts.server_mbps is not None:
+        link_mb_s = opts.server_mbps / 8
+        vals = np.concatenate([2 * cc.bytes_one_way / MB for cc in configs])
+        if has_t:
+            rows.add("C7", np.append(all_m, t_id), np.append(vals, -link_mb_s), -np.inf, 0.0)
+        else:
+            assert deadline_s is not None
+            rows.add("C7", all_m, vals, -np.inf, link_mb_s * deadline_s)
+    if opts.coverage_share > 0 and opts.coverage_layers > 0:
+        q = opts.coverage_share
+        for ly in range(L - opts.coverage_layers, L):
+            vals = n_c * ((depth >= L - ly).astype(float) - q)
+            rows.add(f"C8[{ly}]", all_m, vals, 0.0, np.inf)
+    if opts.min_participants > 0:
+        rows.add("C9", all_m, np.ones(len(all_m)), float(opts.min_participants), np.inf)
+
+    utility = np.zeros(num_vars)
+    utility[all_m] = util
+    if utility_floor is not None:
+        rows.add("UF", all_m, util, utility_floor / scale, np.inf)
+        objective = np.zeros(num_vars)
+        objective[t_id] = 1.0
+        sense = "min"
+    else:
+        objective, sense = utility.copy(), "max"
+    return MILP(
+        kind="class",
+        var_names=tuple(names),
+        index=tuple(index),
+        lower=np.asarray(lower),
+        upper=np.asarray(upper),
+        integer=np.asarray(integer, dtype=bool),
+        matrix=rows.matrix(num_vars),
+        row_names=tuple(rows.names),
+        row_lower=np.asarray(rows.lower),
+        row_upper=np.asarray(rows.upper),
+        objective=objective,
+        sense=sense,
+        utility=utility,
+        utility_scale=scale,
+        round_time=t_id if has_t else None,
+        deadline_s=deadline_s,
+        time_lower_bound_s=t_lb,
+        start=None,
+        layout=_ClassLayout(
+            num_devices=len(problem.fleet),
+            classes=classes,
+            catalog=catalog,
+            configs=configs,
+            count_offset=tuple(offsets),
+        ),
+    )
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+
+def decode(milp: MILP, values: Sequence[float] | np.ndarray) -> tuple[Configuration, ...]:
+    """One configuration ``(layers, ranks)`` per device, in fleet order (``((), ())``: out)."""
+    v = np.asarray(values, dtype=float)
+    layout = milp.layout
+    if isinstance(layout, _DeviceLayout):
+        N, L, K = layout.num_devices, layout.num_layers, len(layout.ranks)
+        x = v[: N * L * K].reshape(N, L, K) > 0.5
+        out: list[Configuration] = []
+        for i in range(N):
+            layers = tuple(int(ly) for ly in np.flatnonzero(x[i].any(axis=1)))
+            ranks = tuple(layout.ranks[int(np.argmax(x[i, ly]))] for ly in layers)
+            out.append((layers, ranks))
+        return tuple(out)
+    counts = [
+        np.rint(v[off : off + len(cc)]).astype(np.int64)
+        for off, cc in zip(layout.count_offset, layout.configs, strict=True)
+    ]
+    return expand_counts(layout.classes, layout.catalog, layout.configs, counts, layout.num_devices)
+
+
+def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
+    """The round time a solution implies: its slowest participant, at least what the server
+    link (C7) needs, at least ``time_lower_bound_s``; 0 when nobody participates."""
+    v = np.asarray(values, dtype=float)
+    layout = milp.layout
+    t = 0.0
+    if isinstance(layout, _DeviceLayout):
+        rows = milp.rows_named("C5")
+        if rows:
+            activity = milp.matrix[rows] @ v
+            if milp.round_time is not None:
+                activity = activity + v[milp.round_time]
+            participants = v[[k for k, key in enumerate(milp.index) if key.kind == "z"]] > 0.5
+            if participants.any():
+                t = float(activity[participants].max())
+    else:
+        for off, cc in zip(layout.count_offset, layout.configs, strict=True):
+            used = np.rint(v[off : off + len(cc)]) > 0
+            if used.any():
+                t = max(t, float(cc.time_s[used].max()))
+    if t == 0.0:
+        return 0.0
+    if milp.round_time is not None:
+        link = milp.rows_named("C7")
+        if link:
+            row = milp.matrix[link[0]]
+            coef_t = -float(row[0, milp.round_time])
+            nbytes = float(row @ v) + coef_t * v[milp.round_time]
+            t = max(t, nbytes / coef_t)
+    elif milp.deadline_s is not None:
+        pass  # C7 already holds within the constant deadline
+    return max(t, milp.time_lower_bound_s)
