@@ -262,6 +262,7 @@ class ServerCore:
                     layers=dp.layers,
                     ranks=dp.ranks,
                     global_state=self.global_state,
+                    frozen_a=self.cfg.aggregation == "ffa",
                 )
             )
             if not math.isfinite(reply.train_loss) and not problems:
