@@ -10,11 +10,13 @@ IP backends and the greedy are tested against.
 
 Constraint semantics (the same as the integer program's, METHOD.md section 4):
 
-- round time ``T`` is the slowest participant's time (``deadline`` objective: every
-  participant finishes within ``deadline_s``);
+- round time ``T`` is the slowest participant's time, or the time the server's link needs
+  for the round's bytes if that is longer (``deadline`` objective: every participant
+  finishes within ``deadline_s``);
 - memory: every participant fits its device;
-- server link: bytes of the round in both directions ``<= server_mbps * T`` (``T`` is
-  ``deadline_s`` for the ``deadline`` objective);
+- server link: bytes of the round in both directions ``<= server_mbps * T`` (a hard
+  limit with ``T = deadline_s`` for the ``deadline`` objective, otherwise it stretches
+  ``T``);
 - coverage: each of the top ``coverage_layers`` layers is trained on at least
   ``coverage_share`` of the participants' samples;
 - ``min_participants`` (with ``allow_dropping``), and at least one participant always.
@@ -34,8 +36,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from legend.planner.api import Configuration, PlanningProblem, SolverOutcome, register_solver
+from legend.planner.diagnose import blocked_devices, explain_infeasibility
 from legend.planner.errors import InfeasibleError, PlannerInputError
-from legend.planner.greedy import minimal_configuration_reasons
+from legend.planner.greedy import check_fleet_options
 
 __all__ = ["MAX_COMBINATIONS", "device_configurations", "solve_bruteforce"]
 
@@ -90,6 +93,7 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
     opts = problem.options
     fleet = problem.fleet
     L = problem.spec.num_layers
+    check_fleet_options(problem)
     all_configs = device_configurations(
         L, problem.job.ranks, min_depth=opts.min_depth, monotone=opts.monotone_ranks
     )
@@ -127,9 +131,9 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
         depths.append(np.array(row_d, dtype=np.int64))
 
     if not opts.allow_dropping and any(not kept for kept in per_device):
-        reasons = minimal_configuration_reasons(problem, deadline)
         raise InfeasibleError(
-            f"{len(reasons)} device(s) cannot run their minimal configuration", reasons
+            "no plan: some devices cannot run even their smallest configuration",
+            tuple(str(b) for b in blocked_devices(problem, deadline)),
         )
     sizes = [len(k) for k in per_device]
     count = _count(sizes)
@@ -162,8 +166,13 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
     need = max(1, opts.min_participants if opts.allow_dropping else 0)
     feasible = participants >= need
     if opts.server_mbps is not None:
-        link_t = deadline if deadline is not None else round_t
-        feasible &= total_b <= opts.server_mbps * 1e6 / 8 * link_t * (1 + _REL_TOL)
+        link_bps = opts.server_mbps * 1e6 / 8
+        if deadline is not None:
+            feasible &= total_b <= link_bps * deadline * (1 + _REL_TOL)
+        else:
+            # The round lasts until the slowest device is done and the link has carried
+            # every byte.
+            round_t = np.maximum(round_t, total_b / link_bps)
     cover = min(opts.coverage_layers, L)
     if cover > 0 and opts.coverage_share > 0:
         covered = np.zeros(sizes)
@@ -176,7 +185,7 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
         raise InfeasibleError(
             "no combination of configurations satisfies the constraints "
             f"(server link, coverage, participants) over {count:,} combinations",
-            minimal_configuration_reasons(problem, deadline),
+            explain_infeasibility(problem, deadline),
         )
 
     value: float

@@ -53,12 +53,14 @@ from legend.planner.api import (
     rank_gain,
     register_solver,
 )
-from legend.planner.errors import InfeasibleError
+from legend.planner.diagnose import blocked_devices, fleet_reasons
+from legend.planner.errors import InfeasibleError, PlannerInputError
 from legend.planner.profiles import DeviceProfile
 
 __all__ = [
     "MAX_CANDIDATES",
     "GreedyResult",
+    "check_fleet_options",
     "greedy_configurations",
     "minimal_configuration_reasons",
     "solve_greedy",
@@ -368,9 +370,14 @@ class _Greedy:
             ok = part.astype(np.float64) @ self.row_counts >= need
             if not opts.allow_dropping:
                 ok &= part.all(axis=1)
-            if self.server_bps is not None and opts.objective != "deadline":
+            if self.server_bps is not None:
                 total = rows.nbytes.reshape(c, n_u) @ self.row_counts
-                ok &= total <= self.server_bps * times * (1 + 1e-7)
+                if opts.objective == "deadline":
+                    # C7 with the constant deadline: a hard limit on the round's bytes.
+                    ok &= total <= self.server_bps * chunk * (1 + 1e-7)
+                else:
+                    # C7 with the round time a variable: the link can stretch the round.
+                    times = np.maximum(times, total / self.server_bps)
             utilities[start : start + c] = util
             round_times[start : start + c] = times
             valid[start : start + c] = ok
@@ -515,12 +522,15 @@ def greedy_configurations(problem: PlanningProblem) -> GreedyResult:
 
     Raises
     ------
+    PlannerInputError
+        ``coverage_layers`` exceeds the model's layers or ``min_participants`` the fleet.
     InfeasibleError
-        Some device cannot run its minimal configuration (memory, or the deadline of the
+        Some device cannot run its smallest configuration (memory, or the deadline of the
         ``deadline`` objective) and dropping is not allowed, too few devices are left, or
-        the utility floor is out of the greedy's reach.
+        the greedy finds no plan that meets the server link, coverage or utility floor.
     """
     opts = problem.options
+    check_fleet_options(problem)
     greedy = _Greedy(problem)
     deadline: float | None
     if opts.objective == "deadline":
@@ -528,19 +538,19 @@ def greedy_configurations(problem: PlanningProblem) -> GreedyResult:
         deadline = float(opts.deadline_s)
         _, _, ok = greedy.evaluate(np.array([deadline]))
         if not ok[0]:
-            _raise_infeasible(greedy, deadline, "at the deadline")
+            _raise_infeasible(greedy, deadline)
     else:
         cands = _candidates(greedy)
         if cands.size == 0:
-            _raise_infeasible(greedy, None, "")
+            _raise_infeasible(greedy, None)
         if opts.objective == "rate":
             deadline = _search_rate(greedy, cands)
             if deadline is None:
-                _raise_infeasible(greedy, None, "at any candidate deadline")
+                _raise_infeasible(greedy, None)
         else:
             u_max, _, ok_max = greedy.evaluate(np.array([math.inf]))
             if not ok_max[0]:
-                _raise_infeasible(greedy, None, "")
+                _raise_infeasible(greedy, None)
             floor = (
                 float(opts.utility_floor)
                 if opts.utility_floor is not None
@@ -548,8 +558,11 @@ def greedy_configurations(problem: PlanningProblem) -> GreedyResult:
             )
             if floor > float(u_max[0]) * (1 + 1e-12):
                 raise InfeasibleError(
-                    f"the utility floor {floor:.6g} exceeds the greedy's maximum utility "
-                    f"{float(u_max[0]):.6g}; lower `utility_floor`"
+                    "no plan reaches the utility floor",
+                    (
+                        f"utility floor: {floor:.6g} exceeds the greedy's highest utility "
+                        f"{float(u_max[0]):.6g}; lower utility_floor or utility_floor_share",
+                    ),
                 )
             deadline = _search_min_time(greedy, cands, floor)
             if deadline is None:
@@ -558,6 +571,8 @@ def greedy_configurations(problem: PlanningProblem) -> GreedyResult:
     configs, rows = greedy.configurations(deadline)
     part = rows.participates[greedy.row_of_device]
     round_time = float(np.where(part, rows.time_s[greedy.row_of_device], 0.0).max())
+    if greedy.server_bps is not None and opts.objective != "deadline":
+        round_time = max(round_time, float(rows.nbytes @ greedy.row_counts) / greedy.server_bps)
     return GreedyResult(
         configurations=configs,
         deadline_s=deadline,
@@ -566,24 +581,46 @@ def greedy_configurations(problem: PlanningProblem) -> GreedyResult:
     )
 
 
-def _raise_infeasible(greedy: _Greedy, deadline_s: float | None, where: str) -> None:
-    reasons = greedy.blocked_reasons(deadline_s)
-    opts = greedy.problem.options
-    if opts.allow_dropping:
-        need = max(1, opts.min_participants)
-        message = (
-            f"fewer than {need} device(s) can run their minimal configuration {where}".rstrip()
+def check_fleet_options(problem: PlanningProblem) -> None:
+    """Reject options that no fleet of this size and model can meet (exit status 2)."""
+    opts = problem.options
+    L = problem.spec.num_layers
+    if opts.coverage_share > 0 and opts.coverage_layers > L:
+        raise PlannerInputError(
+            f"`coverage_layers` {opts.coverage_layers} exceeds the {L} layers of "
+            f"{problem.spec.name}"
         )
-    elif reasons:
-        message = f"{len(reasons)} device(s) cannot run their minimal configuration"
-    elif greedy.server_bps is not None:
-        message = (
-            f"the server link ({opts.server_mbps} Mbit/s) cannot carry the round's bytes "
-            f"{where}; raise `server_mbps` or allow dropping devices".replace("  ", " ")
+    if opts.min_participants > len(problem.fleet):
+        raise PlannerInputError(
+            f"`min_participants` {opts.min_participants} exceeds the fleet's "
+            f"{len(problem.fleet)} devices"
         )
-    else:
-        message = f"the greedy found no feasible plan {where}".rstrip()
-    raise InfeasibleError(message, reasons)
+
+
+def _raise_infeasible(greedy: _Greedy, deadline_s: float | None) -> None:
+    problem = greedy.problem
+    opts = problem.options
+    if not opts.allow_dropping:
+        blocks = blocked_devices(problem, deadline_s)
+        if blocks:
+            raise InfeasibleError(
+                "no plan: some devices cannot run even their smallest configuration",
+                tuple(str(b) for b in blocks),
+            )
+    reasons = list(fleet_reasons(problem, deadline_s))
+    if greedy.start_depth > opts.min_depth:
+        extra = minimal_configuration_reasons(problem, deadline_s, depth=greedy.start_depth)
+        reasons.extend(
+            f"{r} (the greedy meets coverage by giving every participant "
+            f"{greedy.start_depth} layers; an IP solver may still find a plan)"
+            for r in extra
+        )
+    if not reasons:
+        reasons.append(
+            "the greedy found no plan that meets the server link, coverage and participant "
+            "constraints together; an IP solver may still find one"
+        )
+    raise InfeasibleError("no plan found by the greedy", tuple(reasons))
 
 
 @register_solver("greedy")
