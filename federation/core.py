@@ -333,7 +333,11 @@ class ServerCore:
                     "waiting_s": (sim_round - reply.sim_time_s) if ok and reply else math.nan,
                 }
             )
-        waits = [r["waiting_s"] for r in device_rows if r["status"] == "ok" or r["status"].startswith("rejected")]
+        waits = [
+            r["waiting_s"]
+            for r in device_rows
+            if r["status"] == "ok" or r["status"].startswith("rejected")
+        ]
         round_row = {
             "round": round_index,
             "sim_time_s": sim_round,
@@ -372,9 +376,13 @@ class ServerCore:
                 continue
             device = self.fleet[reply.device_id]
             tflops, up, down = self.estimates[reply.device_id]
-            flops = self.cfg.job_params.steps_for(device) * self.costs.step_flops(dp.layers, dp.ranks)
+            flops = self.cfg.job_params.steps_for(device) * self.costs.step_flops(
+                dp.layers, dp.ranks
+            )
             obs_tflops = flops / reply.sim_compute_s / 1e12
-            obs_up = reply.upload_bytes * 8 / reply.sim_upload_s / 1e6 if reply.sim_upload_s > 0 else up
+            obs_up = (
+                reply.upload_bytes * 8 / reply.sim_upload_s / 1e6 if reply.sim_upload_s > 0 else up
+            )
             obs_down = (
                 reply.download_bytes * 8 / reply.sim_download_s / 1e6
                 if reply.sim_download_s > 0
@@ -417,7 +425,7 @@ class ClientCore:
         ins = instruction
         dp = DevicePlan(device_id=ins.device_id, layers=ins.layers, ranks=ins.ranks)
         cost = self.costs.evaluate(profile, ins.layers, ins.ranks)
-        rng = np.random.default_rng(list(ins.seed) + [3])
+        rng = np.random.default_rng([*list(ins.seed), 3])
         noise = rng.lognormal(0.0, self.jitter, size=3) if self.jitter > 0 else np.ones(3)
         if ins.fault == "drop":
             return ClientReply(

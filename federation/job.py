@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from legend.federation.errors import FederationInputError
 from legend.planner.profiles import JobParams, parse_rank_grid
@@ -276,7 +277,9 @@ def _coerce_section(name: str, raw: Mapping[str, Any], source: str) -> Any:
 
 def _choice(source: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise JobError(f"{source}: `{key}` = {value!r} is not allowed; use one of {', '.join(allowed)}")
+        raise JobError(
+            f"{source}: `{key}` = {value!r} is not allowed; use one of {', '.join(allowed)}"
+        )
 
 
 def _positive(source: str, key: str, value: float, *, zero_ok: bool = False) -> None:

@@ -37,7 +37,7 @@ from legend.planner.errors import InfeasibleError
 from legend.planner.plan import Plan
 from legend.planner.profiles import Fleet
 
-__all__ = ["planner_options", "plan_for_method"]
+__all__ = ["plan_for_method", "planner_options"]
 
 
 def planner_options(cfg: JobConfig, **changes: object) -> PlannerOptions:
@@ -87,14 +87,18 @@ def plan_for_method(
     elif method == "hetlora":
         configs = _hetlora(problem)
     elif method == "fedra":
-        configs = _fedra(problem, cfg.train.uniform_rank, seed=cfg.job.seed, round_index=round_index)
+        configs = _fedra(
+            problem, cfg.train.uniform_rank, seed=cfg.job.seed, round_index=round_index
+        )
     else:  # pragma: no cover - JobConfig validates the method
         raise ValueError(method)
     outcome = SolverOutcome(configurations=configs, status="FEASIBLE", solver=method)
     return make_plan(problem, outcome, round_index=round_index)
 
 
-def _fits_memory(problem: PlanningProblem, index: int, layers: tuple[int, ...], ranks: tuple[int, ...]) -> bool:
+def _fits_memory(
+    problem: PlanningProblem, index: int, layers: tuple[int, ...], ranks: tuple[int, ...]
+) -> bool:
     device = problem.fleet.devices[index]
     return problem.costs.evaluate(device, layers, ranks).memory_bytes <= device.memory_bytes
 
@@ -137,7 +141,7 @@ def _hetlora(problem: PlanningProblem) -> tuple[Configuration, ...]:
         return _require_someone(problem, tuple(((), ()) for _ in devices))
     budget = max(base_times)
     configs: list[Configuration] = []
-    for i, device in enumerate(devices):
+    for _i, device in enumerate(devices):
         chosen: Configuration = ((), ())
         for r in grid:
             ranks = (r,) * L

@@ -18,11 +18,15 @@ def run_command(
         typer.Option(help="exact, greedy, uniform, hetlora, fedra, depth-only or rank-only."),
     ] = None,
     rounds: Annotated[int | None, typer.Option(help="Number of rounds.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/NAME-METHOD-sSEED).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default runs/NAME-METHOD-sSEED).")
+    ] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run in this directory from its last round.")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for data split, sampling and faults.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for data split, sampling and faults.")
+    ] = None,
     engine: Annotated[
         str | None, typer.Option(help="inprocess (default), flower-sim or flower-deploy.")
     ] = None,

@@ -42,7 +42,7 @@ from legend.models.spec import ModelSpec, get_model_spec
 from legend.planner.costs import Calibration
 from legend.planner.profiles import Fleet, load_fleet
 
-__all__ = ["ROUND_COLUMNS", "DEVICE_COLUMNS", "RunResult", "prepare", "run_job"]
+__all__ = ["DEVICE_COLUMNS", "ROUND_COLUMNS", "RunResult", "RunSession", "prepare", "run_job"]
 
 log = logging.getLogger("legend.federation")
 
@@ -119,7 +119,7 @@ class Prepared:
     initial_head: dict[str, np.ndarray]
 
 
-def prepare(cfg: JobConfig, *, calibration: Calibration | None | str = "config") -> Prepared:
+def prepare(cfg: JobConfig, *, calibration: Calibration | str | None = "config") -> Prepared:
     """Load the fleet, model, data and calibration of a job (heavy imports happen here)."""
     import torch
 
@@ -157,7 +157,8 @@ def prepare(cfg: JobConfig, *, calibration: Calibration | None | str = "config")
         sizes=sizes,
     )
     device_data = {
-        dev.device_id: DeviceData(train, np.asarray(idx)) for dev, idx in zip(fleet.devices, parts, strict=True)
+        dev.device_id: DeviceData(train, np.asarray(idx))
+        for dev, idx in zip(fleet.devices, parts, strict=True)
     }
     host = AdapterHost(base, spec, cfg.job_params)
     if calibration == "config":
@@ -279,7 +280,9 @@ def _checkpoint(out: Path, result: RoundResult, progress: _Progress) -> None:
     )
 
 
-def _load_checkpoint(out: Path) -> tuple[_Progress, AdapterState, dict[str, tuple[float, float, float]]]:
+def _load_checkpoint(
+    out: Path,
+) -> tuple[_Progress, AdapterState, dict[str, tuple[float, float, float]]]:
     state_path = out / "checkpoints" / "state.json"
     if not state_path.is_file():
         raise RunDirError(
@@ -363,6 +366,199 @@ def run_job(
         handler.close()
 
 
+class RunSession:
+    """One run's bookkeeping, shared by every engine.
+
+    It loads (or resumes) the run, owns the :class:`ServerCore`, and after each round
+    aggregates, evaluates, writes the records and the checkpoint. Engines only deliver
+    instructions to devices and replies back::
+
+        session = RunSession(cfg, out, resume=False)
+        for t in session.pending_rounds():
+            plan, instructions = session.start_round(t)
+            replies = [...]                      # the engine's transport
+            session.complete_round(t, plan, replies)
+        result = session.finish()
+    """
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        out: Path,
+        *,
+        resume: bool,
+        prepared: Prepared | None = None,
+        show_progress: bool = True,
+        stop_after: int | None = None,
+        on_round: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> None:
+        from rich.console import Console
+
+        self.cfg = cfg
+        self.out = out
+        self.on_round = on_round
+        self.console = Console(stderr=True, quiet=not show_progress)
+        cal_file = out / "calibration.json"
+        calibration: Calibration | str | None
+        if resume:
+            calibration = Calibration.load(cal_file) if cal_file.is_file() else None
+        else:
+            calibration = "config"
+        with self.console.status("loading model and data"):
+            self.prepared = p = prepared or prepare(cfg, calibration=calibration)
+        if resume:
+            progress, global_state, estimates = _load_checkpoint(out)
+            _truncate_csv(out / "rounds.csv", progress.round)
+            _truncate_csv(out / "devices.csv", progress.round)
+            self.calibration = Calibration.load(cal_file) if cal_file.is_file() else None
+        else:
+            (out / "config.toml").write_text(cfg.to_toml())
+            self.calibration = p.calibration
+            if self.calibration is not None:
+                self.calibration.save(cal_file)
+            for name in ("rounds.csv", "devices.csv"):
+                (out / name).unlink(missing_ok=True)
+            progress = _Progress()
+            r_max = max(cfg.train.ranks)
+            global_state = init_global(p.spec, r_max, p.initial_head, seed=cfg.job.seed)
+            estimates = {}
+        self.progress = progress
+        self.server = ServerCore(
+            cfg,
+            p.fleet,
+            p.spec,
+            calibration=self.calibration,
+            global_state=global_state,
+            estimates=estimates,
+        )
+        self.last_round = cfg.job.rounds if stop_after is None else min(cfg.job.rounds, stop_after)
+        self._round_start = 0.0
+        self._server_time = 0.0
+
+    def pending_rounds(self) -> range:
+        return range(self.progress.round + 1, self.last_round + 1)
+
+    def start_round(self, t: int, available: Sequence[str] | None = None) -> tuple[Any, list[Any]]:
+        """Select, plan and slice round ``t``; the plan is written before training starts."""
+        self._round_start = time.perf_counter()
+        ids = self.server.select(t, available)
+        plan = self.server.plan(t, ids)
+        instructions = self.server.instructions(t, plan)
+        self._server_time = time.perf_counter() - self._round_start
+        plan.save(self.out / "plans" / f"round_{t:04d}.json")
+        return plan, instructions
+
+    def complete_round(
+        self,
+        t: int,
+        plan: Any,
+        replies: Sequence[ClientReply],
+        *,
+        missing: Sequence[str] = (),
+        status: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Aggregate, evaluate, record and checkpoint round ``t``; return its rounds.csv row."""
+        from legend.federation.training import evaluate
+
+        cfg, p, progress = self.cfg, self.prepared, self.progress
+        agg_start = time.perf_counter()
+        result = self.server.finish_round(t, plan, replies, missing=missing)
+        server_time = self._server_time + time.perf_counter() - agg_start
+        accuracy, test_loss = math.nan, math.nan
+        if t % cfg.federation.eval_every == 0 or t == self.last_round:
+            if status is not None:
+                status(f"round {t}: evaluating")
+            with p.host.evaluation_model(result.global_state) as model:
+                accuracy, test_loss = evaluate(
+                    model, p.test, batch_size=cfg.federation.eval_batch_size
+                )
+        host_time = time.perf_counter() - self._round_start
+        row = dict(result.round_row)
+        row["server_time_s"] = server_time
+        row["sim_time_s"] = row["sim_time_s"] + server_time
+        progress.round = t
+        progress.sim_clock_s += row["sim_time_s"]
+        progress.host_clock_s += host_time
+        progress.cum_bytes += row["bytes_up"] + row["bytes_down"]
+        if not math.isnan(accuracy):
+            progress.accuracy = accuracy
+        target = cfg.job.target_accuracy
+        if (
+            target is not None
+            and progress.target_round is None
+            and not math.isnan(accuracy)
+            and accuracy >= target
+        ):
+            progress.target_round = t
+            progress.target_sim_s = progress.sim_clock_s
+            progress.target_bytes = progress.cum_bytes
+        row.update(
+            sim_clock_s=progress.sim_clock_s,
+            host_time_s=host_time,
+            host_clock_s=progress.host_clock_s,
+            accuracy=accuracy,
+            test_loss=test_loss,
+            cum_bytes=progress.cum_bytes,
+        )
+        _write_csv_rows(self.out / "devices.csv", DEVICE_COLUMNS, result.device_rows)
+        _write_csv_rows(self.out / "rounds.csv", ROUND_COLUMNS, [row])
+        _checkpoint(self.out, result, progress)
+        acc = "-" if math.isnan(accuracy) else f"{accuracy:.3f}"
+        self.console.print(
+            f"round {t:>3}/{cfg.job.rounds}  acc {acc}  "
+            f"sim {row['sim_time_s']:8.1f} s (total {progress.sim_clock_s:9.1f} s)  "
+            f"host {host_time:6.1f} s  up {row['bytes_up'] / 1e6:7.2f} MB  "
+            f"devices {row['participants']}/{row['planned']}"
+            + (f"  dropped {row['dropped']}" if row["dropped"] else "")
+            + (f"  rejected {row['rejected']}" if row["rejected"] else "")
+        )
+        if self.on_round is not None:
+            self.on_round(row)
+        return row
+
+    def finish(self) -> RunResult:
+        """Write the final adapter (when every round is done) and ``summary.json``."""
+        cfg, progress = self.cfg, self.progress
+        global_state = self.server.global_state
+        finished = progress.round >= cfg.job.rounds
+        if finished:
+            adapter_dir = self.out / "adapter"
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)
+            self.prepared.host.save_pretrained(global_state, adapter_dir)
+        summary = {
+            "method": cfg.job.method,
+            "model": cfg.job.model,
+            "dataset": cfg.data.dataset,
+            "engine": cfg.job.engine,
+            "aggregation": cfg.aggregation,
+            "seed": cfg.job.seed,
+            "rounds": progress.round,
+            "rounds_planned": cfg.job.rounds,
+            "finished": finished,
+            "final_accuracy": progress.accuracy,
+            "sim_time_s": progress.sim_clock_s,
+            "host_time_s": progress.host_clock_s,
+            "total_bytes": progress.cum_bytes,
+            "target_accuracy": cfg.job.target_accuracy,
+            "target_round": progress.target_round,
+            "time_to_target_sim_s": progress.target_sim_s,
+            "bytes_to_target": progress.target_bytes,
+            "calibrated": self.calibration is not None,
+            "clock": "simulated device time from the cost model calibrated on this host"
+            if self.calibration is not None
+            else "simulated device time from the analytic cost model",
+        }
+        _atomic_json(self.out / "summary.json", summary)
+        return RunResult(
+            out_dir=self.out,
+            rounds_completed=progress.round,
+            final_accuracy=progress.accuracy,
+            global_state=global_state,
+            summary=summary,
+        )
+
+
 def _run(
     cfg: JobConfig,
     out: Path,
@@ -372,48 +568,19 @@ def _run(
     stop_after: int | None,
     show_progress: bool,
 ) -> RunResult:
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from legend.federation.training import evaluate
-
-    console = Console(stderr=True, quiet=not show_progress)
-    cal_file = out / "calibration.json"
-    if resume and cal_file.is_file():
-        calibration: Calibration | None | str = Calibration.load(cal_file)
-    elif resume:
-        calibration = None
-    else:
-        calibration = "config"
-    with console.status("loading model and data"):
-        p = prepared or prepare(cfg, calibration=calibration)
-    if resume:
-        progress, global_state, estimates = _load_checkpoint(out)
-        _truncate_csv(out / "rounds.csv", progress.round)
-        _truncate_csv(out / "devices.csv", progress.round)
-        calibration_used = Calibration.load(cal_file) if cal_file.is_file() else None
-    else:
-        (out / "config.toml").write_text(cfg.to_toml())
-        calibration_used = p.calibration
-        if calibration_used is not None:
-            calibration_used.save(cal_file)
-        for name in ("rounds.csv", "devices.csv"):
-            (out / name).unlink(missing_ok=True)
-        progress = _Progress()
-        r_max = max(cfg.train.ranks)
-        global_state = init_global(p.spec, r_max, p.initial_head, seed=cfg.job.seed)
-        estimates = {}
-    server = ServerCore(
+    session = RunSession(
         cfg,
-        p.fleet,
-        p.spec,
-        calibration=calibration_used,
-        global_state=global_state,
-        estimates=estimates,
+        out,
+        resume=resume,
+        prepared=prepared,
+        show_progress=show_progress,
+        stop_after=stop_after,
+        on_round=on_round,
     )
-    client = ClientCore(p.host, server.costs, jitter=cfg.federation.jitter)
-    target = cfg.job.target_accuracy
-    last = cfg.job.rounds if stop_after is None else min(cfg.job.rounds, stop_after)
+    p = session.prepared
+    client = ClientCore(p.host, session.server.costs, jitter=cfg.federation.jitter)
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -421,110 +588,23 @@ def _run(
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
     ]
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=session.console, transient=False) as bar:
         task = bar.add_task(
-            f"{cfg.job.method} rounds", total=cfg.job.rounds, completed=progress.round, status=""
+            f"{cfg.job.method} rounds",
+            total=cfg.job.rounds,
+            completed=session.progress.round,
+            status="",
         )
-        for t in range(progress.round + 1, last + 1):
-            host_start = time.perf_counter()
-            server_start = time.perf_counter()
-            ids = server.select(t)
-            plan = server.plan(t, ids)
-            instructions = server.instructions(t, plan)
-            server_time = time.perf_counter() - server_start
-            plan.save(out / "plans" / f"round_{t:04d}.json")
+        for t in session.pending_rounds():
+            plan, instructions = session.start_round(t)
             replies: list[ClientReply] = []
             for ins in instructions:
                 bar.update(task, status=f"round {t}: training {ins.device_id}")
                 replies.append(
                     client.train(ins, p.fleet[ins.device_id], p.device_data[ins.device_id])
                 )
-            agg_start = time.perf_counter()
-            result = server.finish_round(t, plan, replies, server_time_s=0.0)
-            server_time += time.perf_counter() - agg_start
-            accuracy, test_loss = math.nan, math.nan
-            if t % cfg.federation.eval_every == 0 or t == last:
-                bar.update(task, status=f"round {t}: evaluating")
-                with p.host.evaluation_model(result.global_state) as model:
-                    accuracy, test_loss = evaluate(
-                        model, p.test, batch_size=cfg.federation.eval_batch_size
-                    )
-            host_time = time.perf_counter() - host_start
-            row = dict(result.round_row)
-            row["server_time_s"] = server_time
-            row["sim_time_s"] = row["sim_time_s"] + server_time
-            progress.round = t
-            progress.sim_clock_s += row["sim_time_s"]
-            progress.host_clock_s += host_time
-            progress.cum_bytes += row["bytes_up"] + row["bytes_down"]
-            if not math.isnan(accuracy):
-                progress.accuracy = accuracy
-            if (
-                target is not None
-                and progress.target_round is None
-                and not math.isnan(accuracy)
-                and accuracy >= target
-            ):
-                progress.target_round = t
-                progress.target_sim_s = progress.sim_clock_s
-                progress.target_bytes = progress.cum_bytes
-            row.update(
-                sim_clock_s=progress.sim_clock_s,
-                host_time_s=host_time,
-                host_clock_s=progress.host_clock_s,
-                accuracy=accuracy,
-                test_loss=test_loss,
-                cum_bytes=progress.cum_bytes,
-            )
-            _write_csv_rows(out / "devices.csv", DEVICE_COLUMNS, result.device_rows)
-            _write_csv_rows(out / "rounds.csv", ROUND_COLUMNS, [row])
-            _checkpoint(out, result, progress)
-            acc = "-" if math.isnan(accuracy) else f"{accuracy:.3f}"
-            console.print(
-                f"round {t:>3}/{cfg.job.rounds}  acc {acc}  "
-                f"sim {row['sim_time_s']:8.1f} s (total {progress.sim_clock_s:9.1f} s)  "
-                f"host {host_time:6.1f} s  up {row['bytes_up'] / 1e6:7.2f} MB  "
-                f"devices {row['participants']}/{row['planned']}"
-                + (f"  dropped {row['dropped']}" if row["dropped"] else "")
-                + (f"  rejected {row['rejected']}" if row["rejected"] else "")
+            session.complete_round(
+                t, plan, replies, status=lambda text: bar.update(task, status=text)
             )
             bar.update(task, advance=1, status="")
-            if on_round is not None:
-                on_round(row)
-    global_state = server.global_state
-    finished = progress.round >= cfg.job.rounds
-    if finished:
-        adapter_dir = out / "adapter"
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        p.host.save_pretrained(global_state, adapter_dir)
-    summary = {
-        "method": cfg.job.method,
-        "model": cfg.job.model,
-        "dataset": cfg.data.dataset,
-        "aggregation": cfg.aggregation,
-        "seed": cfg.job.seed,
-        "rounds": progress.round,
-        "rounds_planned": cfg.job.rounds,
-        "finished": finished,
-        "final_accuracy": progress.accuracy,
-        "sim_time_s": progress.sim_clock_s,
-        "host_time_s": progress.host_clock_s,
-        "total_bytes": progress.cum_bytes,
-        "target_accuracy": target,
-        "target_round": progress.target_round,
-        "time_to_target_sim_s": progress.target_sim_s,
-        "bytes_to_target": progress.target_bytes,
-        "calibrated": calibration_used is not None,
-        "clock": "simulated device time from the cost model (calibrated on this host)"
-        if calibration_used is not None
-        else "simulated device time from the analytic cost model",
-    }
-    _atomic_json(out / "summary.json", summary)
-    return RunResult(
-        out_dir=out,
-        rounds_completed=progress.round,
-        final_accuracy=progress.accuracy,
-        global_state=global_state,
-        summary=summary,
-    )
+    return session.finish()

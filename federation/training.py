@@ -43,10 +43,12 @@ class DeviceData:
 
     @property
     def num_samples(self) -> int:
-        return int(len(self.indices))
+        return len(self.indices)
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], labels: np.ndarray, seq_len: int) -> TokenizedSplit:
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], labels: np.ndarray, seq_len: int
+) -> TokenizedSplit:
     enc = tokenizer(
         list(texts),
         padding="max_length",
@@ -54,8 +56,12 @@ def tokenize(tokenizer: Any, texts: Sequence[str], labels: np.ndarray, seq_len: 
         max_length=seq_len,
         return_tensors="pt",
     )
-    tensors = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    return TokenizedSplit(tensors=tensors, labels=torch.as_tensor(np.asarray(labels), dtype=torch.long))
+    tensors = {
+        k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    return TokenizedSplit(
+        tensors=tensors, labels=torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    )
 
 
 def train_steps(
@@ -75,7 +81,7 @@ def train_steps(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    rng = np.random.default_rng(list(seed) + [4])
+    rng = np.random.default_rng([*list(seed), 4])
     model.train()
     losses: list[float] = []
     n = data.num_samples
@@ -102,7 +108,9 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: TokenizedSplit, *, batch_size: int = 64) -> tuple[float, float]:
+def evaluate(
+    model: torch.nn.Module, split: TokenizedSplit, *, batch_size: int = 64
+) -> tuple[float, float]:
     """Accuracy and mean cross-entropy of ``model`` on a split."""
     model.eval()
     correct = 0
