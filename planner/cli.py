@@ -1,0 +1,313 @@
+"""``legend plan``: plan one round for a fleet file and write the plan as JSON.
+
+The contract (other tools rely on it; ``docs/cli.md`` has the details)::
+
+    legend plan --fleet FLEET --model MODEL --out PLAN.json
+                [--objective rate|deadline|min-time] [--deadline-s S]
+                [--solver pulp-cbc|pulp-highs|cvxpy-highs|greedy|brute-force]
+                [--ranks 2,4,8,16] [--time-limit-s S] [--format table|json]
+
+Exit status 0 with the plan written, 2 for bad input, 3 when no plan exists (the message
+names every blocked device, the constraint and by how much), 4 when the solver fails.
+Errors are raised as :class:`~legend.models.errors.LegendError` subclasses; the ``legend``
+entry point prints them as one line and exits with their ``exit_code``.
+
+This module imports no solver library, torch or transformers at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from legend.planner.errors import PlannerInputError
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from legend.planner.plan import Plan
+    from legend.planner.profiles import Fleet
+
+__all__ = ["plan_command", "plan_table"]
+
+FORMATS = ("table", "json")
+TARGET_PRESETS = ("qv", "attention", "all")
+
+
+def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
+    if value not in allowed:
+        raise PlannerInputError(
+            f"{option} {value!r} is not supported; expected one of {', '.join(allowed)}"
+        )
+    return value
+
+
+def plan_command(
+    fleet: Annotated[
+        Path, typer.Option("--fleet", help="Fleet file (.csv, .toml or .json), one device a row.")
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", help="Model preset (e.g. all-MiniLM-L6-v2), model directory or config.json."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the plan (JSON).")],
+    objective: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            help="rate (max utility per second), deadline (max utility within --deadline-s) "
+            "or min-time (shortest round reaching the utility floor).",
+        ),
+    ] = "rate",
+    deadline_s: Annotated[
+        float | None,
+        typer.Option("--deadline-s", help="Round deadline in seconds (objective deadline)."),
+    ] = None,
+    solver: Annotated[
+        str,
+        typer.Option(
+            "--solver",
+            help="pulp-highs (default), pulp-cbc, cvxpy-highs, greedy or brute-force.",
+        ),
+    ] = "pulp-highs",
+    ranks: Annotated[
+        str, typer.Option("--ranks", help="Rank grid, strictly increasing, e.g. 2,4,8,16.")
+    ] = "2,4,8,16",
+    time_limit_s: Annotated[
+        float, typer.Option("--time-limit-s", help="Solver time limit in seconds.")
+    ] = 60.0,
+    output_format: Annotated[
+        str, typer.Option("--format", help="What to print: table (summary) or json (the plan).")
+    ] = "table",
+    target_modules: Annotated[
+        str,
+        typer.Option("--target-modules", help="Adapted modules per layer: qv, attention or all."),
+    ] = "qv",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Local batch size.")] = 16,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Sequence length in tokens.")] = 64,
+    local_steps: Annotated[
+        int,
+        typer.Option(
+            "--local-steps", help="Local steps per round (a fleet row's local_steps wins)."
+        ),
+    ] = 10,
+    bytes_per_param: Annotated[
+        int,
+        typer.Option("--bytes-per-param", help="Bytes per transferred parameter (4 fp32, 2 fp16)."),
+    ] = 4,
+    weight_precision: Annotated[
+        str,
+        typer.Option(
+            "--weight-precision", help="Frozen weights in memory: fp32, fp16, bf16, int8, 4bit."
+        ),
+    ] = "fp32",
+    calibration: Annotated[
+        Path | None,
+        typer.Option("--calibration", help="Host timings from `legend calibrate` (JSON)."),
+    ] = None,
+    server_mbps: Annotated[
+        float | None,
+        typer.Option("--server-mbps", help="Capacity of the server's link, Mbit/s."),
+    ] = None,
+    allow_dropping: Annotated[
+        bool,
+        typer.Option("--allow-dropping", help="Let the planner leave devices out of the round."),
+    ] = False,
+    min_depth: Annotated[
+        int, typer.Option("--min-depth", help="Minimum number of adapted layers per device.")
+    ] = 1,
+    min_participants: Annotated[
+        int,
+        typer.Option("--min-participants", help="With --allow-dropping: at least this many."),
+    ] = 0,
+    utility_floor: Annotated[
+        float | None,
+        typer.Option("--utility-floor", help="min-time: absolute utility the plan must reach."),
+    ] = None,
+    utility_floor_share: Annotated[
+        float,
+        typer.Option(
+            "--utility-floor-share",
+            help="min-time without --utility-floor: share of the highest utility to reach.",
+        ),
+    ] = 0.5,
+    monotone_ranks: Annotated[
+        bool,
+        typer.Option(
+            "--monotone-ranks/--free-ranks",
+            help="Ranks non-decreasing toward the output (default) or free.",
+        ),
+    ] = True,
+) -> None:
+    """Plan one round: choose every device's LoRA depth and per-layer ranks."""
+    # Light imports only; the solver libraries load inside the chosen backend.
+    from legend.models.spec import get_model_spec
+    from legend.planner.api import PlannerOptions, plan_round
+    from legend.planner.costs import Calibration
+    from legend.planner.profiles import JobParams, load_fleet, parse_rank_grid
+
+    output_format = _choice(output_format, FORMATS, "--format")
+    target_modules = _choice(target_modules, TARGET_PRESETS, "--target-modules")
+    loaded = load_fleet(fleet)
+    spec = get_model_spec(model, target_modules=target_modules)
+    grid = parse_rank_grid(ranks)
+    job = JobParams(
+        batch_size=batch_size,
+        seq_len=seq_len,
+        local_steps=local_steps,
+        bytes_per_param=bytes_per_param,
+        weight_precision=weight_precision,
+        target_modules=target_modules,
+        ranks=grid,
+    )
+    if utility_floor is not None and not utility_floor > 0:
+        raise PlannerInputError(f"--utility-floor must be > 0, got {utility_floor!r}")
+    if min_participants < 0:
+        raise PlannerInputError(f"--min-participants must be >= 0, got {min_participants!r}")
+    options = PlannerOptions(
+        objective=objective,
+        deadline_s=deadline_s,
+        solver=solver,
+        time_limit_s=time_limit_s,
+        monotone_ranks=monotone_ranks,
+        min_depth=min_depth,
+        allow_dropping=allow_dropping,
+        server_mbps=server_mbps,
+        min_participants=min_participants,
+        utility_floor=utility_floor,
+        utility_floor_share=utility_floor_share,
+    )
+    calib = Calibration.load(calibration) if calibration is not None else None
+    if calib is not None and calib.model != spec.name:
+        raise PlannerInputError(
+            f"calibration file {calibration} was measured for model {calib.model!r}, not "
+            f"{spec.name!r}; re-run `legend calibrate --model {spec.name}`"
+        )
+
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    with (
+        err.status(f"Planning {len(loaded)} devices with {solver} ({objective})..."),
+        _native_stdout_to_stderr(),
+    ):
+        plan = plan_round(loaded, spec, job, options, calibration=calib)
+    plan.save(out)
+
+    if output_format == "json":
+        sys.stdout.write(plan.to_json() + "\n")
+    else:
+        console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
+        console.print(plan_table(plan, loaded))
+        console.print(f"plan written to {out}")
+
+
+@contextlib.contextmanager
+def _native_stdout_to_stderr() -> Iterator[None]:
+    """Send what solver libraries print on file descriptor 1 (banners, logs) to stderr, so
+    that stdout carries only the summary or the plan JSON."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (embedded interpreters)
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def plan_table(plan: Plan, fleet: Fleet) -> RenderableType:
+    """A rich renderable summarising ``plan`` for ``fleet``: header lines and a table."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    gap = "-" if plan.mip_gap is None else f"{plan.mip_gap:.2e}"
+    value = (
+        f"{plan.objective_value:.6g} utility/s"
+        if plan.objective == "rate"
+        else f"{plan.objective_value:.6g}" + (" utility" if plan.objective == "deadline" else " s")
+    )
+    participants = sum(1 for d in plan.devices if d.participates)
+    header = Text.assemble(
+        ("solver ", "bold"),
+        f"{plan.solver} ({plan.solver_version})   ",
+        ("status ", "bold"),
+        f"{plan.status}   ",
+        ("objective ", "bold"),
+        f"{plan.objective} = {value}\n",
+        ("round time ", "bold"),
+        f"{plan.round_time_s:.3f} s   ",
+        ("gap ", "bold"),
+        f"{gap}   ",
+        ("solve time ", "bold"),
+        f"{plan.solve_time_s:.3f} s   ",
+        ("participants ", "bold"),
+        f"{participants}/{len(plan.devices)}   ",
+        ("upload ", "bold"),
+        _bytes(plan.total_upload_bytes),
+    )
+    table = Table(show_lines=False, header_style="bold")
+    for name, justify in (
+        ("device", "left"),
+        ("class", "left"),
+        ("depth", "right"),
+        ("layers", "left"),
+        ("ranks", "left"),
+        ("time s", "right"),
+        ("upload", "right"),
+        ("memory / capacity GB", "right"),
+        ("waiting s", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for dp in plan.devices:
+        device = fleet[dp.device_id]
+        if dp.participates:
+            layers = f"{dp.layers[0]}-{dp.layers[-1]}" if len(dp.layers) > 1 else str(dp.layers[0])
+            table.add_row(
+                dp.device_id,
+                device.device_class or "-",
+                str(dp.depth),
+                layers,
+                _ranks(dp.ranks),
+                f"{dp.predicted_time_s:.3f}",
+                _bytes(dp.predicted_upload_bytes),
+                f"{dp.predicted_memory_bytes / 1e9:.3f} / {device.memory_gb:.3g}",
+                f"{max(plan.round_time_s - dp.predicted_time_s, 0.0):.3f}",
+            )
+        else:
+            table.add_row(
+                dp.device_id, device.device_class or "-", "0", "-", "-", "-", "-", "-", "-"
+            )
+    return Group(header, table)
+
+
+def _ranks(ranks: tuple[int, ...]) -> str:
+    """Ranks from the lowest adapted layer up, runs compressed: ``4,8x2,16x3``."""
+    parts: list[str] = []
+    for rank, group in itertools.groupby(ranks):
+        count = len(list(group))
+        parts.append(f"{rank}x{count}" if count > 1 else str(rank))
+    return ",".join(parts)
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
