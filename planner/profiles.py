@@ -152,9 +152,29 @@ class Fleet:
         return [d.to_dict() for d in self.devices]
 
     @classmethod
-    def from_records(cls, records: Sequence[Mapping[str, Any]], source: str = "<memory>") -> Fleet:
-        """Build a fleet from dict rows, validating each field (strings are parsed)."""
-        devices = [_device_from_row(row, source, index + 1) for index, row in enumerate(records)]
+    def from_records(
+        cls,
+        records: Sequence[Mapping[str, Any]],
+        source: str = "<memory>",
+        row_numbers: Sequence[int] | None = None,
+    ) -> Fleet:
+        """Build a fleet from dict rows, validating each field (strings are parsed).
+
+        ``row_numbers`` are what error messages call each record (default: 1, 2, ...).
+        """
+        numbers = list(row_numbers) if row_numbers is not None else range(1, len(records) + 1)
+        devices = [
+            _device_from_row(row, source, number)
+            for row, number in zip(records, numbers, strict=True)
+        ]
+        first_row: dict[str, int] = {}
+        for device, number in zip(devices, numbers, strict=True):
+            if device.device_id in first_row:
+                raise FleetError(
+                    f"{source}, row {number}: duplicate `device_id` {device.device_id!r} "
+                    f"(first at row {first_row[device.device_id]}); ids must be unique"
+                )
+            first_row[device.device_id] = number
         return cls(devices=tuple(devices), source=source)
 
 
@@ -313,8 +333,9 @@ def load_fleet(path: str | Path) -> Fleet:
     except (OSError, UnicodeDecodeError) as exc:
         raise FleetError(f"fleet file {source} cannot be read: {exc}") from None
     records: list[Mapping[str, Any]]
+    row_numbers: list[int] | None = None
     if suffix == ".csv":
-        records = _read_csv(text, source)
+        records, row_numbers = _read_csv(text, source)
     elif suffix in (".toml", ".json"):
         try:
             data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
@@ -328,10 +349,11 @@ def load_fleet(path: str | Path) -> Fleet:
         records = devices
     else:
         raise FleetError(f"fleet file {source}: unsupported suffix {suffix!r}; use .csv, .toml or .json")
-    return Fleet.from_records(records, source=source)
+    return Fleet.from_records(records, source=source, row_numbers=row_numbers)
 
 
-def _read_csv(text: str, source: str) -> list[Mapping[str, Any]]:
+def _read_csv(text: str, source: str) -> tuple[list[Mapping[str, Any]], list[int]]:
+    """Rows as dicts and their numbers (row 1 is the line after the header)."""
     lines = text.splitlines()
     if not any(line.strip() for line in lines):
         raise FleetError(f"{source}: the fleet is empty; expected a header row and device rows")
@@ -352,6 +374,7 @@ def _read_csv(text: str, source: str) -> list[Mapping[str, Any]]:
     if len(set(header)) != len(header):
         raise FleetError(f"{source}, header: duplicate column names in {header}")
     rows: list[Mapping[str, Any]] = []
+    numbers: list[int] = []
     for number, cells in enumerate(reader, start=1):
         if not any(c.strip() for c in cells):
             continue
@@ -361,6 +384,7 @@ def _read_csv(text: str, source: str) -> list[Mapping[str, Any]]:
                 f"columns ({','.join(header)})"
             )
         rows.append(dict(zip(header, cells, strict=True)))
+        numbers.append(number)
     if not rows:
         raise FleetError(f"{source}: the fleet is empty; add at least one device row")
-    return rows
+    return rows, numbers
