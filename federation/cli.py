@@ -31,6 +31,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+@app.callback()
+def _root() -> None:
+    """Federated LoRA fine-tuning on heterogeneous devices: plan, run and report."""
+
+
 # (module, attribute, command name); a module may expose a function or a Typer sub-app.
 _COMMANDS = (
     ("legend.planner.cli", "plan_command", "plan"),

@@ -173,7 +173,7 @@ def prepare(cfg: JobConfig, *, calibration: Calibration | str | None = "config")
         test=test,
         device_data=device_data,
         calibration=calibration if isinstance(calibration, Calibration) else None,
-        initial_head=host.head_state(),
+        initial_head=host.initial_head(),
     )
 
 

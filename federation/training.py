@@ -60,7 +60,7 @@ def tokenize(
         k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")
     }
     return TokenizedSplit(
-        tensors=tensors, labels=torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        tensors=tensors, labels=torch.tensor(np.asarray(labels), dtype=torch.long)
     )
 
 
