@@ -40,7 +40,12 @@ from legend.planner.diagnose import blocked_devices, explain_infeasibility
 from legend.planner.errors import InfeasibleError, PlannerInputError
 from legend.planner.greedy import check_fleet_options
 
-__all__ = ["MAX_COMBINATIONS", "device_configurations", "solve_bruteforce"]
+__all__ = [
+    "MAX_COMBINATIONS",
+    "count_configurations",
+    "device_configurations",
+    "solve_bruteforce",
+]
 
 MAX_COMBINATIONS = 2_000_000
 _REL_TOL = 1e-9
@@ -72,6 +77,17 @@ def device_configurations(
     return out
 
 
+def count_configurations(
+    num_layers: int, num_ranks: int, *, min_depth: int = 1, monotone: bool = True
+) -> int:
+    """How many configurations :func:`device_configurations` lists, without listing them."""
+    if monotone:
+        return sum(
+            math.comb(d + num_ranks - 1, num_ranks - 1) for d in range(min_depth, num_layers + 1)
+        )
+    return sum(num_ranks**d for d in range(min_depth, num_layers + 1))
+
+
 def _count(sizes: list[int]) -> int:
     total = 1
     for s in sizes:
@@ -94,6 +110,16 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
     fleet = problem.fleet
     L = problem.spec.num_layers
     check_fleet_options(problem)
+    per_device_count = count_configurations(
+        L, len(problem.job.ranks), min_depth=opts.min_depth, monotone=opts.monotone_ranks
+    )
+    if per_device_count > MAX_COMBINATIONS:
+        raise PlannerInputError(
+            f"brute-force would enumerate {per_device_count:,} configurations per device "
+            f"({L} layers, {len(problem.job.ranks)} ranks); the limit is "
+            f"{MAX_COMBINATIONS:,}. Use an IP solver (--solver pulp-highs) or a smaller model "
+            "or rank grid"
+        )
     all_configs = device_configurations(
         L, problem.job.ranks, min_depth=opts.min_depth, monotone=opts.monotone_ranks
     )
