@@ -164,7 +164,7 @@ def test_verify_adapter_reports_mismatches(bert: torch.nn.Module) -> None:
     assert "layer 3 `value` has rank 4, planned 8" in text
     with pytest.raises(FederationError, match="not in the plan"):
         verify_adapter(model, _plan((3,), (4,)), spec)
-    with pytest.raises(FederationError, match="LoRA scale 2.0, expected 1.0"):
+    with pytest.raises(FederationError, match=r"LoRA scale 2\.0, expected 1\.0"):
         verify_adapter(model, built, spec, lora_scale=1.0)
     # A pattern that matches nothing is not silently accepted.
     typo = LoraConfig(task_type="SEQ_CLS", target_modules=["query", "valu"], r=2)
@@ -376,18 +376,21 @@ def test_host_errors(bert: torch.nn.Module) -> None:
     with pytest.raises(FederationError, match="inside activate"):
         host.extract()
     wrong = slice_for(glob, (3,), (8,))
-    with pytest.raises(FederationInputError, match=r"A \(8, 64\).*expected A \(4, 64\)"):
-        with host.activate(plan, wrong):
-            pass
+    with (
+        pytest.raises(FederationInputError, match=r"A \(8, 64\).*expected A \(4, 64\)"),
+        host.activate(plan, wrong),
+    ):
+        pass
     assert not host.active
-    with host.activate(plan, slice_for(glob, (3,), (4,))):
-        with pytest.raises(FederationError, match="still installed"):
-            with host.activate(plan, slice_for(glob, (3,), (4,))):
-                pass
+    with (
+        host.activate(plan, slice_for(glob, (3,), (4,))),
+        pytest.raises(FederationError, match="still installed"),
+        host.activate(plan, slice_for(glob, (3,), (4,))),
+    ):
+        pass
     assert not host.active
-    with pytest.raises(RuntimeError, match="boom"):
-        with host.activate(plan, slice_for(glob, (3,), (4,))):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), host.activate(plan, slice_for(glob, (3,), (4,))):
+        raise RuntimeError("boom")
     assert not host.active and not hasattr(bert, "peft_config")
     unfrozen = load_base_model("tiny-bert")
     next(unfrozen.parameters()).requires_grad_(True)
