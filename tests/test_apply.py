@@ -389,7 +389,8 @@ def test_host_errors(bert: torch.nn.Module) -> None:
     ):
         pass
     assert not host.active
-    with pytest.raises(RuntimeError, match="boom"), host.activate(plan, slice_for(glob, (3,), (4,))):
+    init = slice_for(glob, (3,), (4,))
+    with pytest.raises(RuntimeError, match="boom"), host.activate(plan, init):
         raise RuntimeError("boom")
     assert not host.active and not hasattr(bert, "peft_config")
     unfrozen = load_base_model("tiny-bert")
