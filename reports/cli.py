@@ -1,0 +1,174 @@
+"""``legend report plan|whatif|run``: write a report directory (HTML, Markdown, CSV, PNG).
+
+Only light modules load at import time; pandas, matplotlib and the planner's solvers load
+inside the commands. Bad input raises :class:`~legend.reports.errors.ReportInputError`
+(exit status 2), with the file and what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from legend.reports.errors import ReportInputError
+
+__all__ = ["report_app"]
+
+report_app = typer.Typer(
+    name="report",
+    help="Reports people would rather look at than read: plan, what-if and run comparisons.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+OutOption = Annotated[Path, typer.Option("--out", help="Directory to write the report into.")]
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ReportInputError(
+            f"`{option}` must be comma-separated numbers like 0.25,0.5,1,2,4, got {text!r}"
+        ) from None
+    return values
+
+
+def _done(kind: str, written: object, started: float) -> None:
+    from legend.reports.render import WrittenReport
+
+    assert isinstance(written, WrittenReport)
+    print(
+        f"{kind} report -> {written.html} and {written.markdown} "
+        f"({len(written.tables)} tables, {len(written.figures)} figures, "
+        f"{time.perf_counter() - started:.1f} s)"
+    )
+
+
+@report_app.command("plan")
+def plan_command(
+    plan: Annotated[Path, typer.Argument(help="A plan JSON written by `legend plan`.")],
+    out: OutOption,
+    fleet: Annotated[
+        Path | None,
+        typer.Option(help="The fleet the plan was made for: adds classes, capacities, slack."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model (default: the plan's) for recomputing costs.")
+    ] = None,
+    job: Annotated[
+        Path | None,
+        typer.Option(help="Job parameters (TOML/JSON, [job] or [train] table) behind the plan."),
+    ] = None,
+    per_device_limit: Annotated[
+        int, typer.Option(help="Above this many devices, plots aggregate by device class.")
+    ] = 60,
+) -> None:
+    """Report one plan: costs, timeline, memory, bytes and binding constraints."""
+    from legend.planner.profiles import load_fleet
+    from legend.reports.plan_report import build_plan_report, load_job, load_plan
+    from legend.reports.render import write_report
+
+    started = time.perf_counter()
+    loaded, raw = load_plan(plan)
+    report = build_plan_report(
+        loaded,
+        fleet=load_fleet(fleet) if fleet is not None else None,
+        job=load_job(job) if job is not None else None,
+        model=model,
+        raw=raw,
+        source=str(plan),
+        per_device_limit=per_device_limit,
+    )
+    _done("plan", write_report(report, out), started)
+
+
+@report_app.command("whatif")
+def whatif_command(
+    fleet: Annotated[Path, typer.Option(help="Fleet file (.csv, .toml or .json).")],
+    model: Annotated[str, typer.Option(help="Model preset, model directory or config.json.")],
+    out: OutOption,
+    solver: Annotated[str, typer.Option(help="Planner for every point.")] = "greedy",
+    objective: Annotated[str, typer.Option(help="rate, deadline or min-time.")] = "rate",
+    deadline_s: Annotated[
+        float | None, typer.Option(help="Deadline for objective 'deadline'.")
+    ] = None,
+    time_limit_s: Annotated[float, typer.Option(help="Per-plan solver time limit.")] = 5.0,
+    bandwidth_scales: Annotated[str, typer.Option(help="Bandwidth factors.")] = "0.25,0.5,1,2,4",
+    fleet_scales: Annotated[str, typer.Option(help="Fleet size factors.")] = "0.5,1,2",
+    deadline_points: Annotated[int, typer.Option(help="Points of the deadline sweep.")] = 8,
+    models: Annotated[
+        str, typer.Option(help="Models to swap in (comma-separated; empty: skip).")
+    ] = "all-MiniLM-L6-v2,roberta-large,llama-2-7b",
+    job: Annotated[Path | None, typer.Option(help="Job parameters (TOML/JSON).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override the job's batch size.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Override the job's sequence length.")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="Override local steps.")] = None,
+    ranks: Annotated[str | None, typer.Option(help="Rank grid, e.g. 2,4,8,16.")] = None,
+    target_modules: Annotated[str | None, typer.Option(help="qv, attention or all.")] = None,
+    weight_precision: Annotated[
+        str | None, typer.Option(help="fp32, fp16, bf16, int8 or 4bit.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Sweep bandwidth, fleet size, deadline and model with the planner."""
+    from legend.models.spec import get_model_spec
+    from legend.planner.api import PlannerOptions
+    from legend.planner.profiles import JobParams, load_fleet, parse_rank_grid
+    from legend.reports.plan_report import load_job
+    from legend.reports.render import write_report
+    from legend.reports.whatif import WhatIfSettings, build_whatif_report, run_whatif
+
+    started = time.perf_counter()
+    base = load_job(job) if job is not None else JobParams()
+    changes: dict[str, object] = {}
+    for name, value in (
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("local_steps", local_steps),
+        ("target_modules", target_modules),
+        ("weight_precision", weight_precision),
+    ):
+        if value is not None:
+            changes[name] = value
+    if ranks is not None:
+        changes["ranks"] = parse_rank_grid(ranks)
+    params = base.with_(**changes) if changes else base
+    options = PlannerOptions(
+        solver=solver, objective=objective, deadline_s=deadline_s, time_limit_s=time_limit_s
+    )
+    settings = WhatIfSettings(
+        bandwidth_scales=_floats(bandwidth_scales, "--bandwidth-scales"),
+        fleet_scales=_floats(fleet_scales, "--fleet-scales"),
+        deadline_points=deadline_points,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()),
+    )
+    spec = get_model_spec(model, target_modules=params.target_modules)
+    result = run_whatif(load_fleet(fleet), spec, params, options, settings, progress=progress)
+    _done("what-if", write_report(build_whatif_report(result), out), started)
+
+
+@report_app.command("run")
+def run_command(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories written by `legend run`.")],
+    out: OutOption,
+    target: Annotated[
+        float | None,
+        typer.Option(help="Target accuracy (default: the lowest final accuracy of the runs)."),
+    ] = None,
+    per_device_limit: Annotated[
+        int, typer.Option(help="Rows shown of per-device and per-round tables.")
+    ] = 60,
+) -> None:
+    """Compare runs: accuracy vs simulated time and bytes, time-to-target, calibration."""
+    from legend.reports.render import write_report
+    from legend.reports.run_report import build_run_report, load_run
+
+    started = time.perf_counter()
+    loaded = [load_run(r) for r in runs]
+    report = build_run_report(loaded, target=target, per_device_limit=per_device_limit)
+    _done("run", write_report(report, out), started)
