@@ -58,6 +58,7 @@ variable, binaries ``v[c,j]`` (configuration ``j`` is used by class ``c``)::
     C3[c]     sum_j m[c,j] + o[c] = N_c
     C5[c,j]   t_cj v[c,j] - T <= 0        (only where t_cj exceeds the lower bound of T)
     C5v[c,j]  m[c,j] - N_c v[c,j] <= 0
+    C5avg[c]  sum_j (t_cj - T_lb) m[c,j] / N_c - T <= -T_lb   (valid cut, slow configs only)
     C7        sum_cj 2 B_cj m[c,j] - server_Bps * T <= 0
     C8[l]     sum_cj n_c m[c,j] ([d_j >= L - l] - q) >= 0
     C9        sum_cj m[c,j] >= min_participants
@@ -562,7 +563,17 @@ def _formulate_classes(
         if o_ids[c] >= 0:
             cols, vals = np.append(cols, o_ids[c]), np.append(vals, 1.0)
         rows.add(f"C3[{c}]", cols, vals, float(cls.size), float(cls.size))
-        if has_t:
+        if has_t and v_ids[c]:
+            # Valid cut (the round lasts at least the class's sample-average excess over
+            # T_lb); it makes the LP relaxation charge mixed configurations their mean time.
+            slow = np.asarray(sorted(v_ids[c]), dtype=np.int64)
+            rows.add(
+                f"C5avg[{c}]",
+                np.append(m_ids[c][slow], t_id),
+                np.append((cc.time_s[slow] - t_lb) / cls.size, -1.0),
+                -np.inf,
+                -t_lb,
+            )
             for j, vid in v_ids[c].items():
                 rows.add(
                     f"C5[{c},{j}]",
