@@ -29,6 +29,8 @@ from typing import Any
 import tomllib
 
 from legend.federation.errors import FederationInputError
+from legend.models.errors import ModelInputError
+from legend.models.spec import get_model_spec
 from legend.planner.profiles import JobParams, parse_rank_grid
 
 __all__ = [
@@ -363,6 +365,10 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
     if not fleet_path.is_file():
         raise JobError(f"{source}: `job.fleet` = {job.fleet!r}: file {fleet_path} does not exist")
     sections["job"] = replace(job, fleet=str(fleet_path))
+    try:
+        get_model_spec(job.model, target_modules=sections["train"].target_modules)
+    except ModelInputError as exc:
+        raise JobError(f"{source}: `job.model` / `train.target_modules`: {exc}") from None
     data: DataSection = sections["data"]
     if data.dataset not in ("rotten_tomatoes", "imdb"):
         data_path = Path(data.dataset)

@@ -1,0 +1,227 @@
+"""End-to-end federated runs on the tiny model: every method, resume, faults, bad job files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from legend.federation.adapters import AdapterState
+from legend.federation.cli import main
+from legend.federation.job import METHODS, JobError, load_job
+from legend.federation.runner import prepare, run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "tiny.toml"
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return load_job(TINY, job__rounds=2)
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_cfg):
+    """Model, tokenized data and partitions loaded once for every tiny run of this module."""
+    return prepare(tiny_cfg, calibration=None)
+
+
+def _same_data(cfg, prepared):
+    # The prepared bundle must match the job it is reused for.
+    assert cfg.job.model == prepared.cfg.job.model
+    assert cfg.job.seed == prepared.cfg.job.seed
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_end_to_end(method, tiny_cfg, prepared, tmp_path):
+    cfg = tiny_cfg.override("job", method=method)
+    _same_data(cfg, prepared)
+    result = run_job(cfg, tmp_path / method, prepared=prepared, show_progress=False)
+    out = result.out_dir
+    assert result.rounds_completed == 2
+    rounds = _rows(out / "rounds.csv")
+    devices = _rows(out / "devices.csv")
+    assert [int(r["round"]) for r in rounds] == [1, 2]
+    assert len(devices) == 2 * 6
+    for r in rounds:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+        assert float(r["sim_time_s"]) > 0 and float(r["host_time_s"]) > 0
+        assert int(r["participants"]) >= 1
+        assert float(r["bytes_up"]) > 0
+    for t in (1, 2):
+        plan = json.loads((out / "plans" / f"round_{t:04d}.json").read_text())
+        assert plan["status"] in ("OPTIMAL", "FEASIBLE")
+        assert len(plan["devices"]) == 6
+    trained = [d for d in devices if d["status"] == "ok"]
+    assert trained and all(math.isfinite(float(d["train_loss"])) for d in trained)
+    if method in ("uniform", "hetlora", "rank-only"):
+        assert all(d["depth"] == "4" for d in trained)
+    if method == "uniform":
+        assert {d["ranks"] for d in trained} == {"4 4 4 4"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["finished"] is True
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert all(
+        np.isfinite(a).all() and np.isfinite(b).all()
+        for a, b in result.global_state.factors.values()
+    )
+
+
+def test_exact_plans_are_heterogeneous(tiny_cfg, prepared, tmp_path):
+    result = run_job(tiny_cfg, tmp_path / "exact", prepared=prepared, show_progress=False)
+    devices = [d for d in _rows(result.out_dir / "devices.csv") if d["round"] == "1"]
+    configs = {(d["layers"], d["ranks"]) for d in devices}
+    assert len(configs) >= 2, configs
+    # Slow phones get shallower adapters than laptops.
+    depth = {d["device_id"]: int(d["depth"]) for d in devices}
+    assert depth["phone-1"] <= depth["laptop-1"]
+
+
+def test_adapter_loads_with_peft(tiny_cfg, prepared, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from legend.models.loaders import load_base_model
+
+    result = run_job(tiny_cfg, tmp_path / "run", prepared=prepared, show_progress=False)
+    base = load_base_model("tiny-bert", num_labels=2, seed=tiny_cfg.job.seed)
+    model = PeftModel.from_pretrained(base, str(result.out_dir / "adapter"))
+    batch = prepared.test.batch(np.arange(16))
+    batch.pop("labels")
+    with torch.no_grad(), prepared.host.evaluation_model(result.global_state) as reference:
+        expected = reference(**batch).logits
+    with torch.no_grad():
+        got = model(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_resume_equals_uninterrupted_run(tiny_cfg, prepared, tmp_path):
+    cfg = tiny_cfg.override("job", rounds=3)
+    full = run_job(cfg, tmp_path / "full", prepared=prepared, show_progress=False)
+    part = run_job(cfg, tmp_path / "part", prepared=prepared, show_progress=False, stop_after=1)
+    assert part.rounds_completed == 1
+    assert not (tmp_path / "part" / "adapter").exists()
+    resumed = run_job(cfg, tmp_path / "part", prepared=prepared, show_progress=False, resume=True)
+    assert resumed.rounds_completed == 3
+    for key, (a, b) in full.global_state.factors.items():
+        a2, b2 = resumed.global_state.factors[key]
+        np.testing.assert_allclose(a2, a, atol=1e-6)
+        np.testing.assert_allclose(b2, b, atol=1e-6)
+    rows_full = _rows(tmp_path / "full" / "rounds.csv")
+    rows_resumed = _rows(tmp_path / "part" / "rounds.csv")
+    assert [r["round"] for r in rows_resumed] == ["1", "2", "3"]
+    assert [r["accuracy"] for r in rows_resumed] == [r["accuracy"] for r in rows_full]
+    assert [r["bytes_up"] for r in rows_resumed] == [r["bytes_up"] for r in rows_full]
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_cfg, prepared, tmp_path):
+    cfg = tiny_cfg.override("job", rounds=1)
+    run_job(cfg, tmp_path / "run", prepared=prepared, show_progress=False)
+    before = (tmp_path / "run" / "rounds.csv").read_text()
+    with pytest.raises(ValueError, match="--resume"):
+        run_job(cfg, tmp_path / "run", prepared=prepared, show_progress=False)
+    assert (tmp_path / "run" / "rounds.csv").read_text() == before
+
+
+def test_faults_are_excluded_and_logged(tiny_cfg, prepared, tmp_path):
+    cfg = tiny_cfg.override("federation", dropout_prob=0.25, corrupt_prob=0.5).override(
+        "job", rounds=3
+    )
+    result = run_job(cfg, tmp_path / "faults", prepared=prepared, show_progress=False)
+    assert result.rounds_completed == 3
+    devices = _rows(tmp_path / "faults" / "devices.csv")
+    statuses = [d["status"] for d in devices]
+    assert any(s == "dropped" for s in statuses)
+    rejected = [s for s in statuses if s.startswith("rejected")]
+    assert rejected
+    log = (tmp_path / "faults" / "run.log").read_text()
+    assert "rejected" in log and "dropped out" in log
+    for a, b in result.global_state.factors.values():
+        assert np.isfinite(a).all() and np.isfinite(b).all()
+    rounds = _rows(tmp_path / "faults" / "rounds.csv")
+    assert sum(int(r["rejected"]) for r in rounds) == len(rejected)
+    # A dropped device makes the server wait for its timeout.
+    for r in rounds:
+        if int(r["dropped"]):
+            assert float(r["sim_time_s"]) >= 1.5 * float(r["planned_round_time_s"])
+
+
+def test_killed_process_resumes_to_the_same_result(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "legend.federation.cli", "run", str(TINY), "--quiet"]
+    full = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "full")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert full.returncode == 0, full.stderr
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(run_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    state = run_dir / "checkpoints" / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["round"] >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = json.loads(state.read_text())["round"]
+    assert 1 <= done < 3
+    resumed = subprocess.run(
+        [*cmd, "--resume", str(run_dir)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a = AdapterState.from_npz(tmp_path / "full" / "checkpoints" / "round_0003.npz")
+    b = AdapterState.from_npz(run_dir / "checkpoints" / "round_0003.npz")
+    for key, (fa, fb) in a.factors.items():
+        np.testing.assert_allclose(b.factors[key][0], fa, atol=1e-6)
+        np.testing.assert_allclose(b.factors[key][1], fb, atol=1e-6)
+    rounds = _rows(run_dir / "rounds.csv")
+    assert [r["round"] for r in rounds] == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[job]\nfleet='tiny_fleet.csv'\nbogus=1\n", "unknown key `job.bogus`"),
+        ("[job]\nfleet='tiny_fleet.csv'\nrounds='three'\n", "`job.rounds`"),
+        ("[job]\nfleet='tiny_fleet.csv'\nmethod='magic'\n", "`job.method` = 'magic'"),
+        ("[job]\nfleet='tiny_fleet.csv'\nmodel='gpt-9'\n", "unknown model 'gpt-9'"),
+        ("[job]\nfleet='missing.csv'\n", "does not exist"),
+        ("[job]\nfleet='tiny_fleet.csv'\n[data]\ndataset='nope.csv'\n", "`data.dataset`"),
+        ("[job]\nfleet='tiny_fleet.csv'\n[extra]\nx=1\n", "unknown section [extra]"),
+        ("[job]\nfleet='tiny_fleet.csv'\n[train]\nranks=[8,4]\n", "strictly increasing"),
+        ("[job\n", "not valid TOML"),
+    ],
+)
+def test_bad_job_files_exit_2_with_the_key(text, needle, tmp_path, capsys):
+    (tmp_path / "tiny_fleet.csv").write_text((ROOT / "examples" / "tiny_fleet.csv").read_text())
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    with pytest.raises(JobError):
+        load_job(job)
+    code = main(["run", str(job), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
