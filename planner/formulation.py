@@ -35,9 +35,15 @@ Rows (names as in the code; ``T`` is the round time, a constant deadline or a va
     C5[i]     t_i(x) - T <= 0                                     round deadline
     C6[i]     m_i(x) <= memory_i                                  memory
     C7        sum_i 2 B_i(x) - server_Bps * T <= 0                server link (option)
+    C7max[i]  T - t_i(x) + M h[i] <= M,  C7h[i]  h[i] <= z[i],  C7one  sum_i h[i] = 1
     C8[l]     sum_i n_i y[i,l] - q sum_i n_i z[i] >= 0            coverage of the top D layers
     C9        sum_i z[i] >= min_participants                      (option)
     UF        U(x) >= U_floor                                     utility floor (O2 only)
+
+C7 holds against the plan's real round time, the slowest participant's ``t_i``: with the
+server link on, ``T`` is a variable (bounded by the deadline under O1) and binaries ``h[i]``
+pick the participant whose time ``T`` equals (``M`` is an upper bound of every ``t_i``);
+a plan must then have at least one participant.
 
 Objectives: O1 ``deadline``: ``max U`` with ``T = deadline_s`` a constant; O2
 ``min-time``: ``min T`` subject to ``UF``; O3 ``rate``: ``max U / T`` solved by Dinkelbach
@@ -60,6 +66,7 @@ variable, binaries ``v[c,j]`` (configuration ``j`` is used by class ``c``)::
     C5v[c,j]  m[c,j] - N_c v[c,j] <= 0
     C5avg[c]  sum_j (t_cj - T_lb) m[c,j] / N_c - T <= -T_lb   (valid cut, slow configs only)
     C7        sum_cj 2 B_cj m[c,j] - server_Bps * T <= 0
+    C7max[c,j] T + M h[c,j] <= t_cj + M,  C7h[c,j]  h[c,j] <= m[c,j],  C7one  sum h = 1
     C8[l]     sum_cj n_c m[c,j] ([d_j >= L - l] - q) >= 0
     C9        sum_cj m[c,j] >= min_participants
     UF        sum_cj n_c u_j m[c,j] >= U_floor
@@ -318,17 +325,19 @@ def _formulate_devices(
     nx = N * L * K
     x_id = np.arange(nx).reshape(N, L, K)
     z_id = nx + np.arange(N)
-    has_t = deadline_s is None
+    link = opts.server_mbps is not None
+    # With the server link, T must be the slowest participant's time exactly (C7 is checked
+    # against the real round time), so T is a variable even under a constant deadline.
+    has_t = deadline_s is None or link
     t_id = nx + N if has_t else -1
-    num_vars = nx + N + (1 if has_t else 0)
+    h_id = nx + N + 1 + np.arange(N) if link else np.zeros(0, dtype=np.int64)
+    num_vars = nx + N + (1 if has_t else 0) + len(h_id)
 
     t_lb = round_time_lower_bound(problem)
     t_max_dev = time_c + time_x.max(axis=2).sum(axis=1)
-    t_ub = float(t_max_dev.max())
-    if opts.server_mbps is not None:
-        worst_mb = float((2 * (byte_c + byte_x.max(axis=2).sum(axis=1))).sum())
-        t_ub = max(t_ub, worst_mb / (opts.server_mbps / 8))
-    t_ub = t_ub * 1.01 + 1.0
+    t_ub = float(t_max_dev.max()) * 1.01 + 1.0
+    if deadline_s is not None:
+        t_ub = deadline_s
 
     lower = np.zeros(num_vars)
     upper = np.ones(num_vars)
@@ -373,6 +382,19 @@ def _formulate_devices(
         else:
             assert deadline_s is not None
             rows.add(f"C5[{i}]", cols, tvals, -np.inf, deadline_s)
+        if link:
+            # C7max: T <= t_i(x) + M (1 - h_i) for the device h_i = 1 that sets the round time
+            big_m = t_ub
+            rows.add(
+                f"C7max[{i}]",
+                np.concatenate([[t_id], cols, [h_id[i]]]),
+                np.concatenate([[1.0], -tvals, [big_m]]),
+                -np.inf,
+                big_m,
+            )
+            rows.add(
+                f"C7h[{i}]", np.asarray([h_id[i], z_id[i]]), np.asarray([1.0, -1.0]), -np.inf, 0.0
+            )
         rows.add(
             f"C6[{i}]",
             cols,
@@ -384,11 +406,8 @@ def _formulate_devices(
         link_mb_s = opts.server_mbps / 8  # MB per second
         cols = np.concatenate([x_id.ravel(), z_id])
         vals = np.concatenate([2 * byte_x.ravel(), 2 * byte_c])
-        if has_t:
-            rows.add("C7", np.append(cols, t_id), np.append(vals, -link_mb_s), -np.inf, 0.0)
-        else:
-            assert deadline_s is not None
-            rows.add("C7", cols, vals, -np.inf, link_mb_s * deadline_s)
+        rows.add("C7", np.append(cols, t_id), np.append(vals, -link_mb_s), -np.inf, 0.0)
+        rows.add("C7one", h_id, np.ones(N), 1.0, 1.0)
     if opts.coverage_share > 0 and opts.coverage_layers > 0:
         q = opts.coverage_share
         for ly in range(L - opts.coverage_layers, L):
@@ -412,11 +431,13 @@ def _formulate_devices(
         [VarKey("x", i, ly, k) for i in range(N) for ly in range(L) for k in range(K)]
         + [VarKey("z", i) for i in range(N)]
         + ([VarKey("T")] if has_t else [])
+        + [VarKey("h", i) for i in range(len(h_id))]
     )
     names = [f"x_{i}_{ly}_{k}" for i in range(N) for ly in range(L) for k in range(K)]
     names += [f"z_{i}" for i in range(N)] + (["T"] if has_t else [])
+    names += [f"h_{i}" for i in range(len(h_id))]
 
-    start = _device_start(problem, num_vars, x_id, z_id, t_id, time_c, time_x)
+    start = _device_start(problem, num_vars, x_id, z_id, t_id, h_id, time_c, time_x)
     return MILP(
         kind="device",
         var_names=tuple(names),
@@ -446,6 +467,7 @@ def _device_start(
     x_id: np.ndarray,
     z_id: np.ndarray,
     t_id: int,
+    h_id: np.ndarray,
     time_c: np.ndarray,
     time_x: np.ndarray,
 ) -> np.ndarray | None:
@@ -458,6 +480,7 @@ def _device_start(
     k_of = {r: k for k, r in enumerate(problem.job.ranks)}
     values = np.zeros(num_vars)
     t = 0.0
+    slowest = -1
     for i, device in enumerate(problem.fleet.devices):
         dp = by_id.get(device.device_id)
         if dp is None or any(rk not in k_of for rk in dp.ranks):
@@ -473,9 +496,12 @@ def _device_start(
         for layer, rank in zip(dp.layers, dp.ranks, strict=True):
             values[x_id[i, layer, k_of[rank]]] = 1.0
             ti += time_x[i, layer, k_of[rank]]
-        t = max(t, ti)
+        if ti > t:
+            t, slowest = ti, i
     if t_id >= 0:
         values[t_id] = t
+    if len(h_id) and slowest >= 0:
+        values[h_id[slowest]] = 1.0
     return values
 
 
@@ -503,7 +529,8 @@ def _formulate_classes(
             )
     samples_all = np.asarray([d.num_samples for d in problem.fleet.devices], dtype=float)
     scale = float(samples_all.mean())
-    has_t = deadline_s is None
+    link = opts.server_mbps is not None
+    has_t = deadline_s is None or link
 
     # lower bound of T over plans with a participant
     mins = [float(cc.time_s.min()) for cc in configs if len(cc)]
@@ -544,16 +571,16 @@ def _formulate_classes(
                 }
             )
     t_id = -1
+    t_ub = max((float(cc.time_s.max()) for cc in configs if len(cc)), default=1.0) * 1.01 + 1.0
+    if deadline_s is not None:
+        t_ub = deadline_s
     if has_t:
-        t_ub = max((float(cc.time_s.max()) for cc in configs if len(cc)), default=1.0)
-        if opts.server_mbps is not None:
-            worst = sum(
-                2 * float(cc.bytes_one_way.max()) * cls.size / MB
-                for cls, cc in zip(classes, configs, strict=True)
-                if len(cc)
-            )
-            t_ub = max(t_ub, worst / (opts.server_mbps / 8))
-        t_id = var(VarKey("T"), "T", t_lb, t_ub * 1.01 + 1.0, False)
+        t_id = var(VarKey("T"), "T", t_lb, t_ub, False)
+    h_ids: list[np.ndarray] = []
+    if link:
+        for c, cc in enumerate(configs):
+            ids = [var(VarKey("h", c, j), f"h_{c}_{j}", 0.0, 1.0, True) for j in range(len(cc))]
+            h_ids.append(np.asarray(ids, dtype=np.int64))
     num_vars = len(index)
 
     rows = _Rows()
@@ -589,6 +616,23 @@ def _formulate_classes(
                     -np.inf,
                     0.0,
                 )
+        if link:
+            # T is the time of one used configuration (h = 1): T <= t_cj + M (1 - h_cj)
+            for j in range(len(cc)):
+                rows.add(
+                    f"C7max[{c},{j}]",
+                    np.asarray([t_id, h_ids[c][j]]),
+                    np.asarray([1.0, t_ub]),
+                    -np.inf,
+                    float(cc.time_s[j]) + t_ub,
+                )
+                rows.add(
+                    f"C7h[{c},{j}]",
+                    np.asarray([h_ids[c][j], m_ids[c][j]]),
+                    np.asarray([1.0, -1.0]),
+                    -np.inf,
+                    0.0,
+                )
     all_m = np.concatenate(m_ids) if m_ids else np.zeros(0, dtype=np.int64)
     n_c = np.concatenate(
         [np.full(len(cc), cls.samples / scale) for cls, cc in zip(classes, configs, strict=True)]
@@ -598,11 +642,9 @@ def _formulate_classes(
     if opts.server_mbps is not None:
         link_mb_s = opts.server_mbps / 8
         vals = np.concatenate([2 * cc.bytes_one_way / MB for cc in configs])
-        if has_t:
-            rows.add("C7", np.append(all_m, t_id), np.append(vals, -link_mb_s), -np.inf, 0.0)
-        else:
-            assert deadline_s is not None
-            rows.add("C7", all_m, vals, -np.inf, link_mb_s * deadline_s)
+        rows.add("C7", np.append(all_m, t_id), np.append(vals, -link_mb_s), -np.inf, 0.0)
+        all_h = np.concatenate(h_ids)
+        rows.add("C7one", all_h, np.ones(len(all_h)), 1.0, 1.0)
     if opts.coverage_share > 0 and opts.coverage_layers > 0:
         q = opts.coverage_share
         for ly in range(L - opts.coverage_layers, L):
@@ -673,8 +715,8 @@ def decode(milp: MILP, values: Sequence[float] | np.ndarray) -> tuple[Configurat
 
 
 def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
-    """The round time a solution implies: its slowest participant, at least what the server
-    link (C7) needs, at least ``time_lower_bound_s``; 0 when nobody participates."""
+    """The round time a solution implies: its slowest participant (at least
+    ``time_lower_bound_s``); 0 when nobody participates."""
     v = np.asarray(values, dtype=float)
     layout = milp.layout
     t = 0.0
@@ -694,13 +736,4 @@ def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
                 t = max(t, float(cc.time_s[used].max()))
     if t == 0.0:
         return 0.0
-    if milp.round_time is not None:
-        link = milp.rows_named("C7")
-        if link:
-            row = milp.matrix[link[0]]
-            coef_t = -float(row[0, milp.round_time])
-            nbytes = float(row @ v) + coef_t * v[milp.round_time]
-            t = max(t, nbytes / coef_t)
-    elif milp.deadline_s is not None:
-        pass  # C7 already holds within the constant deadline
     return max(t, milp.time_lower_bound_s)

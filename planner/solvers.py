@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import import_module, metadata
+from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -529,15 +529,29 @@ def solve_problem(problem: PlanningProblem, backend: str) -> SolverOutcome:
             max_utility = base.utility_value(r0.values)
             floor = opts.utility_floor_share * max_utility
         milp = formulate(problem, None, utility_floor=floor, use_classes=use_classes)
-        res = _checked(
-            problem,
-            milp,
-            backend,
-            clock,
-            what="minimising the round time",
-            utility_floor=floor,
-            max_utility=max_utility,
-        )
+        try:
+            res = _checked(
+                problem,
+                milp,
+                backend,
+                clock,
+                what="minimising the round time",
+                utility_floor=floor,
+                max_utility=max_utility,
+            )
+        except InfeasibleError:
+            if max_utility is not None:
+                raise
+            # An absolute floor: find the highest utility to say by how much it is missed.
+            base = formulate(problem, None, use_classes=use_classes)
+            r0 = _checked(problem, base, backend, clock, what="finding the highest utility")
+            assert r0.values is not None
+            raise InfeasibleError(
+                "no plan satisfies the constraints",
+                explain_infeasibility(
+                    problem, None, utility_floor=floor, max_utility=base.utility_value(r0.values)
+                ),
+            ) from None
         assert res.values is not None
         gaps.append(res.gap)
         statuses.append(res.status)
@@ -620,10 +634,4 @@ for _name in BACKENDS:
     _register(_name)
 
 # The other planners register themselves on import.
-from legend.planner import greedy  # noqa: E402, F401
-
-try:
-    import_module("legend.planner.bruteforce")
-except ModuleNotFoundError as _exc:  # pragma: no cover - until the oracle module lands
-    if _exc.name != "legend.planner.bruteforce":
-        raise
+from legend.planner import bruteforce, greedy  # noqa: E402, F401
