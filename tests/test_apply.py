@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -228,7 +229,7 @@ def test_injecting_adapters_consumes_no_global_randomness(bert: torch.nn.Module)
     assert torch.equal(before, torch.random.get_rng_state())
 
 
-def test_roberta_head_round_trips(tmp_path: pytest.TempPathFactory) -> None:
+def test_roberta_head_round_trips(tmp_path: Path) -> None:
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     config = RobertaConfig(
@@ -238,8 +239,8 @@ def test_roberta_head_round_trips(tmp_path: pytest.TempPathFactory) -> None:
         num_attention_heads=4,
         vocab_size=100,
         max_position_embeddings=40,
-        num_labels=3,
     )
+    config.num_labels = 3
     torch.manual_seed(0)
     RobertaForSequenceClassification(config).save_pretrained(str(tmp_path))
     base = load_base_model(str(tmp_path), num_labels=3)
@@ -337,9 +338,7 @@ def test_backward_stops_at_the_lowest_adapted_layer(
     assert set(fired) == set(range(lowest, spec.num_layers))
 
 
-def test_evaluation_model_and_save_pretrained(
-    bert: torch.nn.Module, tmp_path: pytest.TempPathFactory
-) -> None:
+def test_evaluation_model_and_save_pretrained(bert: torch.nn.Module, tmp_path: Path) -> None:
     host = _host(bert, "tiny-bert", "qv")
     spec = host.spec
     glob = init_global(spec, 8, host.initial_head(), seed=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -101,7 +102,6 @@ def test_local_directory_with_its_own_tokenizer(tmp_path: Path) -> None:
         num_attention_heads=4,
         vocab_size=30522,
         max_position_embeddings=40,
-        num_labels=2,
     )
     torch.manual_seed(0)
     original = RobertaForSequenceClassification(config)
@@ -119,12 +119,12 @@ def test_local_directory_with_its_own_tokenizer(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def minilm() -> torch.nn.Module:
+def minilm() -> Any:
     return load_base_model("all-MiniLM-L6-v2", seed=0)
 
 
 @pytest.mark.slow
-def test_minilm_has_the_real_pretrained_weights(minilm: torch.nn.Module) -> None:
+def test_minilm_has_the_real_pretrained_weights(minilm: Any) -> None:
     from safetensors.numpy import load_file
 
     stored = load_file(str(minilm_path() / "model.safetensors"))
@@ -138,7 +138,7 @@ def test_minilm_has_the_real_pretrained_weights(minilm: torch.nn.Module) -> None
 
 
 @pytest.mark.slow
-def test_minilm_tokenizer_and_forward(minilm: torch.nn.Module) -> None:
+def test_minilm_tokenizer_and_forward(minilm: Any) -> None:
     tokenizer = load_tokenizer("all-MiniLM-L6-v2")
     batch = tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
     assert tokenizer.pad_token == "[PAD]"
