@@ -281,13 +281,23 @@ def _moves(
     return out
 
 
+def _deadline_of(plan: Plan) -> float:
+    """The time a device may use: the deadline under objective ``deadline``, else the round
+    time (growing past it would lengthen the round)."""
+    options = plan.options or {}
+    deadline = options.get("deadline_s")
+    if plan.objective == "deadline" and isinstance(deadline, (int, float)) and deadline > 0:
+        return max(float(deadline), plan.round_time_s)
+    return plan.round_time_s
+
+
 def _limit(dp: DevicePlan, device: DeviceProfile, costs: CostModel, plan: Plan) -> str:
     grid = plan.ranks or costs.job.ranks
     moves = _moves(dp.layers, dp.ranks, tuple(grid), plan.num_layers or costs.spec.num_layers)
     if not moves:
         return "largest config"
     over_time = over_memory = 0
-    tol_t = plan.round_time_s * (1 + 1e-9) + 1e-12
+    tol_t = _deadline_of(plan) * (1 + 1e-9) + 1e-12
     for layers, ranks in moves:
         cost = costs.evaluate(device, layers, ranks)
         t = cost.time_s > tol_t
@@ -335,7 +345,9 @@ def device_frame(ctx: PlanContext) -> pd.DataFrame:
             row["capacity_GB"] = device.memory_gb
             row["memory_slack_GB"] = device.memory_gb - dp.predicted_memory_bytes / GB
             row["memory_use_pct"] = 100.0 * dp.predicted_memory_bytes / device.memory_bytes
-        row["deadline_slack_s"] = row["waiting_s"]
+        row["deadline_slack_s"] = (
+            _deadline_of(plan) - dp.predicted_time_s if dp.participates else None
+        )
         row["at_max_depth"] = bool(L and dp.depth == L)
         row["at_max_rank"] = bool(max_rank is not None and dp.ranks and max(dp.ranks) == max_rank)
         row["utility"] = dp.utility
