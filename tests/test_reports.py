@@ -243,7 +243,7 @@ def test_plan_cli_and_bad_plan_files(example_plan, tmp_path, capsys):
         load_plan(tmp_path / "missing.json")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    with pytest.raises(ReportInputError, match="broken.json is not readable JSON"):
+    with pytest.raises(ReportInputError, match=r"broken\.json is not readable JSON"):
         load_plan(broken)
     # A fleet that lacks the plan's devices.
     with pytest.raises(
