@@ -10,13 +10,10 @@ IP backends and the greedy are tested against.
 
 Constraint semantics (the same as the integer program's, METHOD.md section 4):
 
-- round time ``T`` is the slowest participant's time, or the time the server's link needs
-  for the round's bytes if that is longer (``deadline`` objective: every participant
-  finishes within ``deadline_s``);
+- round time ``T`` is the slowest participant's time (``deadline`` objective: every
+  participant finishes within ``deadline_s``);
 - memory: every participant fits its device;
-- server link: bytes of the round in both directions ``<= server_mbps * T`` (a hard
-  limit with ``T = deadline_s`` for the ``deadline`` objective, otherwise it stretches
-  ``T``);
+- server link: bytes of the round in both directions ``<= server_mbps * T``;
 - coverage: each of the top ``coverage_layers`` layers is trained on at least
   ``coverage_share`` of the participants' samples;
 - ``min_participants`` (with ``allow_dropping``), and at least one participant always.
@@ -156,6 +153,11 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
         utils.append(np.array(row_u))
         depths.append(np.array(row_d, dtype=np.int64))
 
+    if all(len(kept) == 1 for kept in per_device) and opts.allow_dropping:
+        raise InfeasibleError(
+            "no plan: no device can run even its smallest configuration",
+            tuple(str(b) for b in blocked_devices(problem, deadline)),
+        )
     if not opts.allow_dropping and any(not kept for kept in per_device):
         raise InfeasibleError(
             "no plan: some devices cannot run even their smallest configuration",
@@ -192,13 +194,8 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
     need = max(1, opts.min_participants if opts.allow_dropping else 0)
     feasible = participants >= need
     if opts.server_mbps is not None:
-        link_bps = opts.server_mbps * 1e6 / 8
-        if deadline is not None:
-            feasible &= total_b <= link_bps * deadline * (1 + _REL_TOL)
-        else:
-            # The round lasts until the slowest device is done and the link has carried
-            # every byte.
-            round_t = np.maximum(round_t, total_b / link_bps)
+        # C7 against the real round time: the slowest participant's.
+        feasible &= total_b <= opts.server_mbps * 1e6 / 8 * round_t * (1 + _REL_TOL)
     cover = min(opts.coverage_layers, L)
     if cover > 0 and opts.coverage_share > 0:
         covered = np.zeros(sizes)

@@ -27,8 +27,9 @@ when no move fits. The deadline depends on the objective:
 
 Optional constraints: ``min_depth`` (the starting block), ``monotone_ranks``,
 ``allow_dropping`` with ``min_participants`` (devices whose minimal configuration misses the
-deadline or memory sit the round out), ``server_mbps`` (moves of all devices compete for
-the link's bytes in order of gain per second), and layer coverage, which the greedy meets
+deadline or memory sit the round out), ``server_mbps`` (the round's bytes in both
+directions must pass the server's link within the slowest participant's time; moves of all
+devices compete for it in order of gain per second), and layer coverage, which the greedy meets
 conservatively by giving every participant at least ``coverage_layers`` layers.
 
 Everything is vectorised over (candidate deadline, device) rows with NumPy; devices with
@@ -230,13 +231,17 @@ class _Greedy:
         top = slice(L - self.start_depth, L)
         utility = np.where(participates, self.add_gain[top].sum(), 0.0)
 
-        budget: FloatArray | None = None
+        # C7 state per group: bytes through the server's link and the slowest participant's
+        # time; a move must keep ``used <= server_bps * slowest``.
+        link: tuple[FloatArray, FloatArray] | None = None
         if self.server_bps is not None:
             n_groups = int(groups.max()) + 1 if n_rows else 0
-            used = np.bincount(groups, weights=nbytes, minlength=n_groups)
-            group_deadline = np.zeros(n_groups)
-            np.maximum.at(group_deadline, groups, deadlines)
-            budget = self.server_bps * group_deadline * (1 + _REL_TOL) - used
+            used: FloatArray = np.bincount(groups, weights=nbytes, minlength=n_groups).astype(
+                np.float64
+            )
+            slowest = np.zeros(n_groups)
+            np.maximum.at(slowest, groups, time_s)
+            link = (used, slowest)
 
         # Flat views: one 1-D ``take`` per move kind is much faster than 3-D fancy indexing.
         kr = max(K - 1, 1)
@@ -256,14 +261,17 @@ class _Greedy:
             d = depth[active]
             t_room = limit[active] - time_s[active]
             m_room = cap[active] - mem[active]
-            b_room = budget[groups[active]] if budget is not None else None
+            if link is not None:
+                g_a = groups[active]
+                used_a, slow_a = link[0][g_a], link[1][g_a]
+                t_a = time_s[active]
             # Deepen: the layer just below the block, at the lowest rank.
             new_layer = np.maximum(L - 1 - d, 0)
             fa = a_prof * L + new_layer
             dt_a, dm_a, db_a = add_dt[fa], add_dm[fa], add_db[fa]
             ok_a = (d < L) & (dt_a <= t_room) & (dm_a <= m_room)
-            if b_room is not None:
-                ok_a &= db_a <= b_room
+            if link is not None:
+                ok_a &= used_a + db_a <= self._link_cap(np.maximum(slow_a, t_a + dt_a))
             rate_a = np.where(ok_a, self.add_gain[new_layer] / np.maximum(dt_a, 1e-300), -np.inf)
             # Raise: one layer to the next rank of the grid.
             arange_n = np.arange(n)
@@ -280,8 +288,10 @@ class _Greedy:
                 dm_r = r_dm[fr]
                 ok_r = can & (dt_r <= t_room[:, None]) & (dm_r <= m_room[:, None])
                 db_r = r_db[fr]
-                if b_room is not None:
-                    ok_r &= db_r <= b_room[:, None]
+                if link is not None:
+                    ok_r &= used_a[:, None] + db_r <= self._link_cap(
+                        np.maximum(slow_a[:, None], t_a[:, None] + dt_r)
+                    )
                 rate_r = np.where(ok_r, r_du[fl] / np.maximum(dt_r, 1e-300), -np.inf)
                 best_l = np.argmax(rate_r, axis=1)
                 best_r = rate_r[arange_n, best_l]
@@ -297,9 +307,15 @@ class _Greedy:
                 ratio, mdt, mdm, mdb = rate_a, dt_a, dm_a, db_a
                 mdu = self.add_gain[new_layer]
             has_move = np.isfinite(ratio)
-            if budget is not None:
+            if link is not None:
                 has_move = self._server_accept(
-                    active, has_move, ratio * weight[active], mdb, groups, budget
+                    active,
+                    has_move,
+                    ratio * weight[active],
+                    mdb,
+                    time_s[active] + mdt,
+                    groups,
+                    link,
                 )
             if not has_move.any():
                 break
@@ -323,29 +339,46 @@ class _Greedy:
             participates=participates,
         )
 
-    @staticmethod
+    def _link_cap(self, slowest_s: FloatArray) -> FloatArray:
+        assert self.server_bps is not None
+        return self.server_bps * slowest_s * (1 + _REL_TOL)
+
     def _server_accept(
+        self,
         active: IntArray,
         has_move: NDArray[np.bool_],
         gain_rate: FloatArray,
         nbytes: FloatArray,
+        new_time_s: FloatArray,
         groups: IntArray,
-        budget: FloatArray,
+        link: tuple[FloatArray, FloatArray],
     ) -> NDArray[np.bool_]:
-        """Accept proposed moves in order of gain per second while each group's link has room."""
+        """Accept proposed moves per group in order of gain per second, up to the first that
+        the link (``used <= server_bps * slowest``) cannot take; update ``link``."""
         idx = np.flatnonzero(has_move)
         if idx.size == 0:
             return has_move
+        used, slowest = link
         g = groups[active[idx]]
         order = np.lexsort((-gain_rate[idx], g))
-        g_sorted, b_sorted = g[order], nbytes[idx][order]
-        csum = np.cumsum(b_sorted)
-        starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
-        offsets = np.repeat(csum[starts] - b_sorted[starts], np.diff(np.r_[starts, len(order)]))
-        within = (csum - offsets) <= budget[g_sorted]
+        gs, bs, ts = g[order], nbytes[idx][order], new_time_s[idx][order]
+        starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
+        seg_len = np.diff(np.r_[starts, len(order)])
+        seg = np.repeat(np.arange(len(starts)), seg_len)
+        csum = np.cumsum(bs)
+        csum_seg = csum - np.repeat(csum[starts] - bs[starts], seg_len)
+        # Running maximum of the new times within each group (offsets keep groups apart).
+        offset = seg * (float(ts.max()) + 1.0)
+        run_max = np.maximum(np.maximum.accumulate(ts + offset) - offset, ts)
+        within = used[gs] + csum_seg <= self._link_cap(np.maximum(slowest[gs], run_max))
+        missed = (~within).astype(np.int64)
+        fails = np.cumsum(missed)
+        fails_seg: IntArray = fails - np.repeat(fails[starts] - missed[starts], seg_len)
+        take: NDArray[np.bool_] = fails_seg == 0
         accepted = np.zeros_like(has_move)
-        accepted[idx[order[within]]] = True
-        np.subtract.at(budget, g_sorted[within], b_sorted[within])
+        accepted[idx[order[take]]] = True
+        np.add.at(used, gs[take], bs[take])
+        np.maximum.at(slowest, gs[take], ts[take])
         return accepted
 
     # -- evaluation of candidate deadlines ------------------------------------------------
@@ -371,13 +404,9 @@ class _Greedy:
             if not opts.allow_dropping:
                 ok &= part.all(axis=1)
             if self.server_bps is not None:
+                # C7 against the real round time, the slowest participant's.
                 total = rows.nbytes.reshape(c, n_u) @ self.row_counts
-                if opts.objective == "deadline":
-                    # C7 with the constant deadline: a hard limit on the round's bytes.
-                    ok &= total <= self.server_bps * chunk * (1 + 1e-7)
-                else:
-                    # C7 with the round time a variable: the link can stretch the round.
-                    times = np.maximum(times, total / self.server_bps)
+                ok &= total <= self.server_bps * times * (1 + 1e-7)
             utilities[start : start + c] = util
             round_times[start : start + c] = times
             valid[start : start + c] = ok
@@ -571,8 +600,6 @@ def greedy_configurations(problem: PlanningProblem) -> GreedyResult:
     configs, rows = greedy.configurations(deadline)
     part = rows.participates[greedy.row_of_device]
     round_time = float(np.where(part, rows.time_s[greedy.row_of_device], 0.0).max())
-    if greedy.server_bps is not None and opts.objective != "deadline":
-        round_time = max(round_time, float(rows.nbytes @ greedy.row_counts) / greedy.server_bps)
     return GreedyResult(
         configurations=configs,
         deadline_s=deadline,
@@ -608,6 +635,14 @@ def _raise_infeasible(greedy: _Greedy, deadline_s: float | None) -> None:
                 tuple(str(b) for b in blocks),
             )
     reasons = list(fleet_reasons(problem, deadline_s))
+    if opts.allow_dropping:
+        blocks = blocked_devices(problem, deadline_s)
+        able = len(problem.fleet) - len({b.device_id for b in blocks})
+        if able == 0:
+            raise InfeasibleError(
+                "no plan: no device can run even its smallest configuration",
+                tuple(str(b) for b in blocks),
+            )
     if greedy.start_depth > opts.min_depth:
         extra = minimal_configuration_reasons(problem, deadline_s, depth=greedy.start_depth)
         reasons.extend(

@@ -141,16 +141,17 @@ def test_dropping_leaves_out_devices_that_cannot_make_the_deadline() -> None:
         greedy(fleet, allow_dropping=True, min_participants=3)
 
 
-def test_server_link_limits_the_bytes_of_a_deadline_round() -> None:
-    devs = tuple(device(f"d{i}", tflops=1.0, uplink_mbps=100.0) for i in range(3))
+def test_server_link_carries_the_round_within_the_slowest_device() -> None:
+    devs = (*(device(f"d{i}", tflops=1.0, uplink_mbps=100.0) for i in range(3)), device("s"))
     fleet = Fleet(devices=devs)
     free = greedy(fleet, objective="deadline", deadline_s=0.5)
-    free_bytes = free.total_upload_bytes + free.total_download_bytes
-    server_mbps = free_bytes / 4 * 8 / 1e6 / 0.5  # a quarter of what the free plan moves
+    free_rate_mbps = (free.total_upload_bytes + free.total_download_bytes) * 8 / 1e6
+    server_mbps = free_rate_mbps / free.round_time_s * 0.7  # 70% of what it needs
     plan = greedy(fleet, objective="deadline", deadline_s=0.5, server_mbps=server_mbps)
     moved = plan.total_upload_bytes + plan.total_download_bytes
-    assert moved <= server_mbps * 1e6 / 8 * 0.5 * (1 + 1e-9)
+    assert moved <= server_mbps * 1e6 / 8 * plan.round_time_s * (1 + 1e-9)
     assert plan.utility < free.utility
+    assert validate_plan(plan, fleet, TINY, JOB, deadline_s=0.5, server_mbps=server_mbps) == []
 
 
 def test_coverage_is_met_by_giving_everyone_the_covered_layers() -> None:
