@@ -129,7 +129,8 @@ def load_plan(path: str | Path) -> tuple[Plan, dict[str, Any]]:
 
 
 def load_job(path: str | Path) -> JobParams:
-    """Job parameters from a ``.toml`` or ``.json`` file (a ``[job]`` table or top level)."""
+    """Job parameters from a ``.toml`` or ``.json`` file: top level, or the ``[job]`` and
+    ``[train]`` tables of a ``legend run`` job file (a run directory's ``config.toml``)."""
     import tomllib
 
     path = Path(path)
@@ -140,7 +141,23 @@ def load_job(path: str | Path) -> JobParams:
         data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ReportInputError(f"job file {path} is not valid: {exc}") from None
-    return job_from_mapping(data.get("job", data) if isinstance(data, dict) else data, str(path))
+    if not isinstance(data, dict):
+        raise ReportInputError(f"job file {path} must hold a table of job parameters")
+    if "job" in data or "train" in data:
+        # A `legend run` job file (or its run directory's config.toml): parameters live in
+        # [train], a few may sit in [job].
+        merged: dict[str, Any] = {}
+        for section in ("job", "train"):
+            table = data.get(section, {})
+            if isinstance(table, dict):
+                merged.update(table)
+        data = merged
+    if not set(data) & set(JobParams.__dataclass_fields__):
+        raise ReportInputError(
+            f"job file {path} has no job parameters; expected some of "
+            f"{', '.join(JobParams.__dataclass_fields__)} (top level, [job] or [train])"
+        )
+    return job_from_mapping(data, str(path))
 
 
 def job_from_mapping(data: Any, source: str) -> JobParams:

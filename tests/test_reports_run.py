@@ -255,3 +255,26 @@ def test_bad_target(tmp_path):
     run = load_run(write_run(tmp_path / "r", "exact", [0.5], [1], 1))
     with pytest.raises(ReportInputError, match="--target"):
         build_run_report([run], target=1.5)
+
+
+@pytest.mark.slow
+def test_plan_report_of_a_run_round_with_its_job(real_runs, tmp_path, capsys):
+    """A run's round plan with the run's config.toml as --job: the report recovers the
+    cost model (the tiny job is not the default one) and analyses moves."""
+    run = real_runs[0]
+    out = tmp_path / "plan"
+    args = [
+        "report",
+        "plan",
+        str(run / "plans" / "round_0001.json"),
+        "--fleet",
+        str(ROOT / "examples" / "tiny_fleet.csv"),
+        "--job",
+        str(run / "config.toml"),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "reproduces the plan" in (out / "report.md").read_text()
+    limits = pd.read_csv(out / "tables" / "devices.csv")["limited_by"]
+    assert not limits.str.contains("unknown without").any()
