@@ -82,6 +82,26 @@ def train_steps(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     rng = np.random.default_rng([*list(seed), 4])
+    # Dropout draws from torch's global generator: seed a private copy of it from the
+    # device's seed so that an update does not depend on what the process ran before
+    # (engines that train devices in other processes or orders then agree).
+    torch_seed = int(np.random.default_rng([*list(seed), 5]).integers(2**62))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch_seed)
+        losses = _train_loop(model, optimizer, data, rng, steps=steps, batch_size=batch_size)
+    model.eval()
+    return float(np.mean(losses)) if losses else math.nan
+
+
+def _train_loop(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: DeviceData,
+    rng: np.random.Generator,
+    *,
+    steps: int,
+    batch_size: int,
+) -> list[float]:
     model.train()
     losses: list[float] = []
     n = data.num_samples
@@ -103,8 +123,7 @@ def train_steps(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    model.eval()
-    return float(np.mean(losses)) if losses else math.nan
+    return losses
 
 
 @torch.no_grad()
