@@ -19,8 +19,12 @@ memory slack (capacity minus predicted memory), whether it sits at the deepest d
 largest rank, and, when the job's cost model is known (the fleet is given and the plan's
 predictions are reproduced), what stops it from taking the next larger configuration: every
 one-step move (one more layer at the lowest rank, or one layer one rank up) would exceed
-the round time (``deadline``), the memory (``memory``), either (``deadline+memory``), or the
-device already has the largest configuration (``largest config``).
+the time it may use (the round time, or the deadline under objective ``deadline``:
+``deadline``), its memory (``memory``) or the server link's capacity over the round
+(``server link``, when the plan has ``server_mbps``); several names joined by ``+`` when
+every move breaks each of them, by ``/`` when different moves break different ones;
+``largest config`` when no move exists. At an exact optimum of objective ``deadline`` no
+device is left with a move that fits.
 """
 
 from __future__ import annotations
@@ -308,28 +312,41 @@ def _deadline_of(plan: Plan) -> float:
     return plan.round_time_s
 
 
+def _link_bytes_per_s(plan: Plan) -> float | None:
+    """The server link's capacity (C7), bytes per second; ``None`` if unlimited."""
+    mbps = plan.options.get("server_mbps") if plan.options else None
+    return float(mbps) * 1e6 / 8 if mbps else None
+
+
 def _limit(dp: DevicePlan, device: DeviceProfile, costs: CostModel, plan: Plan) -> str:
     grid = plan.ranks or costs.job.ranks
     moves = _moves(dp.layers, dp.ranks, tuple(grid), plan.num_layers or costs.spec.num_layers)
     if not moves:
         return "largest config"
-    over_time = over_memory = 0
+    # C7 holds against the round's real time: the slowest participant, which a move may
+    # lengthen (up to the deadline under objective 'deadline').
+    link_bps = _link_bytes_per_s(plan)
+    total = plan.total_upload_bytes + plan.total_download_bytes
+    current = dp.predicted_upload_bytes + dp.predicted_download_bytes
+    blocked: dict[str, int] = {"deadline": 0, "memory": 0, "server link": 0}
     tol_t = _deadline_of(plan) * (1 + 1e-9) + 1e-12
     for layers, ranks in moves:
         cost = costs.evaluate(device, layers, ranks)
-        t = cost.time_s > tol_t
-        m = cost.memory_bytes > device.memory_bytes * (1 + 1e-9)
-        if not (t or m):
+        hits = {
+            "deadline": cost.time_s > tol_t,
+            "memory": cost.memory_bytes > device.memory_bytes * (1 + 1e-9),
+            "server link": link_bps is not None
+            and total - current + cost.upload_bytes + cost.download_bytes
+            > link_bps * max(plan.round_time_s, cost.time_s) * (1 + 1e-9),
+        }
+        if not any(hits.values()):
             return "none (a larger config fits)"
-        over_time += t
-        over_memory += m
-    if over_time == len(moves) and over_memory == len(moves):
-        return "deadline+memory"
-    if over_time == len(moves):
-        return "deadline"
-    if over_memory == len(moves):
-        return "memory"
-    return "deadline/memory"
+        for name, hit in hits.items():
+            blocked[name] += hit
+    every = [name for name, count in blocked.items() if count == len(moves)]
+    if every:
+        return "+".join(every)
+    return "/".join(name for name, count in blocked.items() if count)
 
 
 def device_frame(ctx: PlanContext) -> pd.DataFrame:
@@ -715,7 +732,7 @@ def _server_link(plan: Plan) -> tuple[str, str] | None:
     return (
         "Server link",
         f"{verdict}: {total / MB:,.1f} MB in the round = {100 * share:.1f}% of "
-        f"{float(mbps):g} Mbit/s x {plan.round_time_s:.3g} s",
+        f"{float(mbps):g} Mbit/s x round time {plan.round_time_s:.3g} s",
     )
 
 

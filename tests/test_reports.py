@@ -166,6 +166,34 @@ def test_binding_constraints_known_answer():
     assert frame.loc["tight", "deadline_slack_s"] > 0
 
 
+@pytest.mark.parametrize("server_mbps", [None, 20.0])
+def test_exact_deadline_plans_leave_no_device_room_to_grow(server_mbps):
+    """At an exact optimum of objective 'deadline' every one-step larger configuration of
+    every device breaks a constraint, so the report never says 'a larger config fits'."""
+    fleet = load_fleet(EXAMPLE_FLEET)
+    options = PlannerOptions(
+        solver="pulp-highs",
+        objective="deadline",
+        deadline_s=6.0,
+        mip_gap=1e-7,
+        server_mbps=server_mbps,
+    )
+    plan = plan_round(fleet, get_model_spec(MINILM), JobParams(), options)
+    assert plan.status == "OPTIMAL"
+    report = build_plan_report(plan, fleet=fleet)
+    limits = report.table("devices").frame["limited_by"]
+    assert not limits.str.contains("fits").any()
+    if server_mbps is not None:
+        link = next(
+            b
+            for s in report.sections
+            for b in s.blocks
+            if getattr(b, "items", None) and b.items[0][0] == "Server link"
+        )  # type: ignore[union-attr]
+        assert link.items[0][1].startswith("binds")  # type: ignore[union-attr]
+        assert limits.str.contains("server link").any()
+
+
 def test_plan_report_without_fleet_shows_what_the_plan_supports(example_plan):
     plan, _ = example_plan
     report = build_plan_report(plan)
