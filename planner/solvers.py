@@ -41,7 +41,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any
 
@@ -58,6 +58,7 @@ __all__ = [
     "CVXPY_STATUS",
     "PULP_STATUS",
     "MilpResult",
+    "satisfies",
     "solve_milp",
     "solve_problem",
 ]
@@ -103,9 +104,11 @@ PULP_STATUS: dict[tuple[int, int], str] = {
     (1, 0): "NOT_SOLVED",
     (0, 0): "NOT_SOLVED",
     (-1, -1): "INFEASIBLE",
-    (-1, 0): "INFEASIBLE",
+    # CBC 2.10 reports "Infeasible" when the time limit interrupts its preprocessing
+    # ("Pre-processing says infeasible or unbounded") with no solution status: not a proof.
+    (-1, 0): "NOT_SOLVED",
     (-2, -2): "UNBOUNDED",
-    (-2, 0): "UNBOUNDED",
+    (-2, 0): "NOT_SOLVED",
     (-3, 0): "ERROR",
     (-3, -3): "ERROR",
 }
@@ -166,6 +169,33 @@ def _solve_pulp_cbc(
     abs_gap: float | None,
     threads: int | None,
 ) -> MilpResult:
+    start = time.perf_counter()
+    res = _solve_pulp_cbc_once(
+        milp, time_limit_s=time_limit_s, mip_gap=mip_gap, abs_gap=abs_gap, threads=threads
+    )
+    left = time_limit_s - (time.perf_counter() - start)
+    if res.status == "ERROR" and milp.start is not None:
+        # The bundled CBC 2.10.3 can crash (SIGSEGV) when a MIP start meets a time limit
+        # that interrupts its preprocessing; retry once without the start.
+        res = _solve_pulp_cbc_once(
+            replace(milp, start=None),
+            time_limit_s=max(left, 0.01),
+            mip_gap=mip_gap,
+            abs_gap=abs_gap,
+            threads=threads,
+        )
+        res = replace(res, native_status=res.native_status + " (retried without warm start)")
+    return res
+
+
+def _solve_pulp_cbc_once(
+    milp: MILP,
+    *,
+    time_limit_s: float,
+    mip_gap: float,
+    abs_gap: float | None,
+    threads: int | None,
+) -> MilpResult:
     import pulp
 
     prob, variables = _build_pulp(milp)
@@ -187,12 +217,18 @@ def _solve_pulp_cbc(
         try:
             prob.solve(solver)
         except pulp.PulpSolverError as exc:
+            with open(log_path, encoding="utf-8", errors="replace") as fh:
+                log = fh.read()
+            # CBC 2.10 gives up in preprocessing when the time limit interrupts it and
+            # writes a solution file PuLP cannot read: inconclusive, not a failure.
+            cut_short = "Pre-processing says infeasible" in log
             return MilpResult(
-                status="ERROR",
+                status="NOT_SOLVED" if cut_short else "ERROR",
                 values=None,
                 objective=None,
                 bound=None,
-                native_status=str(exc),
+                native_status=str(exc).split(",")[0]
+                + (" (preprocessing stopped: Pre-processing says infeasible)" if cut_short else ""),
                 solver_version=f"pulp {pulp.__version__} / CBC",
             )
         with open(log_path, encoding="utf-8", errors="replace") as fh:
@@ -381,6 +417,16 @@ def _solve_cvxpy_highs(
                 values[cols] = np.asarray(var.value, dtype=float)
             objective = float(milp.objective @ values)
             info: Any = problem.solver_stats.extra_stats
+            if info is not None and int(info.primal_solution_status) != 2:
+                # kSolutionStatusFeasible == 2: HiGHS stopped without an incumbent.
+                return MilpResult(
+                    status="NOT_SOLVED",
+                    values=None,
+                    objective=None,
+                    bound=None,
+                    native_status=native + " (no incumbent)",
+                    solver_version=version,
+                )
             dual = float(info.mip_dual_bound) if info is not None else float("nan")
             if math.isfinite(dual):
                 bound = -dual if milp.sense == "max" else dual
@@ -418,10 +464,40 @@ def solve_milp(
     abs_gap: float | None = None,
     threads: int | None = None,
 ) -> MilpResult:
-    """Solve one program with one backend; never raises for solver outcomes."""
-    return BACKENDS[backend](
+    """Solve one program with one backend; never raises for solver outcomes.
+
+    Values a solver returns are checked against the rows, bounds and integrality; a "solution"
+    that violates them (e.g. a relaxation left behind by a time-limit stop) is NOT_SOLVED.
+    """
+    res = BACKENDS[backend](
         milp, time_limit_s=time_limit_s, mip_gap=mip_gap, abs_gap=abs_gap, threads=threads
     )
+    if res.values is not None and not satisfies(milp, res.values):
+        return replace(
+            res,
+            status="NOT_SOLVED",
+            values=None,
+            objective=None,
+            bound=None,
+            native_status=res.native_status + " (returned values violate the program)",
+        )
+    return res
+
+
+def satisfies(milp: MILP, values: np.ndarray, tol: float = 1e-5) -> bool:
+    """Whether ``values`` satisfy every row, bound and integrality of ``milp``."""
+    v = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(v)):
+        return False
+    if np.any(v < milp.lower - tol) or np.any(v > milp.upper + tol):
+        return False
+    ints = v[milp.integer]
+    if np.any(np.abs(ints - np.rint(ints)) > tol):
+        return False
+    act = milp.matrix @ v
+    lo_ok = act >= milp.row_lower - tol * (1 + np.abs(milp.row_lower))
+    hi_ok = act <= milp.row_upper + tol * (1 + np.abs(milp.row_upper))
+    return bool(np.all(lo_ok & hi_ok))
 
 
 # -- the objectives ------------------------------------------------------------------------
