@@ -1134,6 +1134,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     node.add_argument("--give-up-after-s", type=float, default=30.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     stop = threading.Event()
 
     def _stop(_signum: int, _frame: Any) -> None:
