@@ -310,6 +310,7 @@ def make_plan(
         inputs_digest=problem.digest(),
         round=round_index,
         options=problem.options.to_dict(),
+        job=problem.job.to_dict(),
     )
 
 

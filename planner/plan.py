@@ -114,6 +114,7 @@ class Plan:
     inputs_digest: str = ""
     round: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    job: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -160,6 +161,7 @@ class Plan:
             "inputs_digest": self.inputs_digest,
             "round": self.round,
             "options": dict(self.options),
+            "job": dict(self.job),
             "devices": [d.to_dict() for d in self.devices],
         }
 
@@ -189,6 +191,7 @@ class Plan:
         fields = {k: data[k] for k in data if k in cls.__dataclass_fields__ and k != "devices"}
         fields["ranks"] = tuple(data.get("ranks", ()))
         fields["options"] = dict(data.get("options") or {})
+        fields["job"] = dict(data.get("job") or {})
         devices = tuple(DevicePlan.from_dict(d) for d in data["devices"])
         return cls(devices=devices, **fields)
 
