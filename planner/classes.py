@@ -63,6 +63,7 @@ __all__ = [
     "bucket_down",
     "class_formulation_available",
     "class_pareto_configs",
+    "decoupled_best_rate",
     "enumerate_configurations",
     "expand_counts",
     "group_devices",
@@ -423,3 +424,42 @@ def expand_counts(
             for _ in range(int(cnt[j])):
                 out[next(members)] = catalog.configuration(int(configs.index[j]))
     return tuple(out)
+
+
+def decoupled_best_rate(problem: PlanningProblem, *, max_work: int = 5_000_000) -> float | None:
+    """``max_tau U(tau) / tau`` with every class at its best configuration within ``tau``.
+
+    This is the exact optimum of the rate objective (O3) when no constraint couples devices
+    (C7, C8, C9), and an upper bound otherwise; the Dinkelbach iterations start from it.
+    Returns ``None`` when the cost table has no class structure, nothing fits, or the
+    candidate search would exceed ``max_work`` (classes x candidate round times).
+    """
+    if not class_formulation_available(problem):
+        return None
+    classes = group_devices(problem, bucket_ratio=problem.options.class_bucket_ratio)
+    catalog = enumerate_configurations(problem)
+    fronts = [class_pareto_configs(problem, c, catalog, deadline_s=None) for c in classes]
+    fronts_times = [f.time_s for f in fronts if len(f)]
+    if not fronts_times:
+        return None
+    taus = np.unique(np.concatenate(fronts_times))
+    if len(taus) * len(classes) > max_work:
+        return None
+    total = np.zeros(len(taus))
+    feasible = np.ones(len(taus), dtype=bool)
+    for cls, front in zip(classes, fronts, strict=True):
+        if len(front) == 0:
+            if not problem.options.allow_dropping:
+                return None
+            continue
+        order = np.argsort(front.time_s, kind="stable")
+        t = front.time_s[order]
+        best_u = np.maximum.accumulate(front.utility_per_sample[order])
+        pos = np.searchsorted(t, taus, side="right") - 1
+        fits = pos >= 0
+        if not problem.options.allow_dropping:
+            feasible &= fits
+        total += np.where(fits, best_u[np.maximum(pos, 0)], 0.0) * cls.samples * cls.size
+    rates = np.where(feasible & (total > 0), total / taus, -np.inf)
+    best = float(rates.max())
+    return best if math.isfinite(best) else None

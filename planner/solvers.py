@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from legend.planner.api import PlanningProblem, SolverOutcome, register_solver
-from legend.planner.classes import resolve_use_classes
+from legend.planner.classes import decoupled_best_rate, resolve_use_classes
 from legend.planner.diagnose import blocked_devices, explain_infeasibility
 from legend.planner.errors import InfeasibleError, SolverError
 from legend.planner.formulation import MILP, decode, formulate, round_time_of
@@ -650,7 +650,11 @@ def _dinkelbach(
     opts = problem.options
     milp = formulate(problem, None, use_classes=use_classes)
     t_lb = milp.time_lower_bound_s
-    lam = 0.0
+    # Start from the rate of the decoupled problem (exact without C7/C8/C9, an upper bound
+    # otherwise); it is "unverified" until a plan of this program reaches it.
+    start = decoupled_best_rate(problem)
+    lam = start / milp.utility_scale if start is not None else 0.0
+    verified = start is None
     best: tuple[float, np.ndarray, float] | None = None  # ratio, values, T
     last: MilpResult | None = None
     ratio_ub = math.inf
@@ -675,11 +679,16 @@ def _dinkelbach(
         if best is None or ratio > best[0]:
             best = (ratio, res.values, t)
         if lam > 0 and t_lb > 0 and res.bound is not None:
-            ratio_ub = lam + max(res.bound, 0.0) / t_lb
-        if lam > 0 and ratio <= lam * (1 + DINKELBACH_RTOL):
+            # every plan has U - lam T <= bound, so U / T <= lam + bound / T_lb
+            ratio_ub = min(ratio_ub, lam + max(res.bound, 0.0) / t_lb)
+        if (
+            lam > 0
+            and ratio <= lam * (1 + DINKELBACH_RTOL)
+            and (verified or ratio >= lam * (1 - DINKELBACH_RTOL))
+        ):
             converged = True
             break
-        lam = max(lam, ratio)
+        lam, verified = best[0], True
     assert best is not None and last is not None
     ratio, values, t = best
     gap = None if not math.isfinite(ratio_ub) or ratio <= 0 else max(0.0, ratio_ub - ratio) / ratio
