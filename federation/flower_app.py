@@ -621,7 +621,10 @@ NODES_FILE = "flower_nodes.csv"
 def _write_status(run_dir: Path, **status: Any) -> None:
     path = run_dir / STATUS_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **status}))
+    import socket
+
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), **status}
+    tmp.write_text(json.dumps(record))
     tmp.replace(path)
 
 
@@ -758,8 +761,8 @@ class LegendStrategy(Strategy):
             self.lost.update(missing)
         row = self.session.complete_round(server_round, plan, decoded, missing=missing)
         _append_rows(self._nodes_csv, node_rows)
-        metrics = {
-            k: float(v)
+        metrics: dict[str, Any] = {
+            str(k): float(v)
             for k, v in row.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         }
@@ -869,7 +872,7 @@ def _query_profiles(
             continue
         error = record.get("error", "")
         if error:
-            problems.append(f"node {node}: {error}")
+            problems.append(f"node {node}: {error!s}")
             continue
         data = {k: v for k, v in record.items() if k in DeviceProfile.__dataclass_fields__}
         try:

@@ -491,6 +491,14 @@ def _wait_for_run(
             return
         if status.get("state") == "failed":
             raise _status_error(status)
+        if _server_died(status):
+            time.sleep(0.5)
+            if _server_died(_read_status(out)):
+                raise FlowerEngineError(
+                    f"the ServerApp process (pid {status['pid']}) of Flower run {run_id} died "
+                    f"before the job finished. Completed rounds are in {out}: continue with "
+                    f"--resume {out}"
+                )
         now = time.monotonic()
         if now - last_check >= 2.0:
             last_check = now
@@ -519,6 +527,16 @@ def _wait_for_run(
                 f"Completed rounds are in {out}: continue with --resume {out}"
             )
         time.sleep(0.3)
+
+
+def _server_died(status: Mapping[str, Any]) -> bool:
+    """True when the ServerApp ran on this machine and its process is gone."""
+    return (
+        status.get("state") in ("starting", "querying", "running")
+        and status.get("host") == socket.gethostname()
+        and isinstance(status.get("pid"), int)
+        and not pid_alive(status["pid"])
+    )
 
 
 def _load_result(out: Path) -> Any:

@@ -199,8 +199,10 @@ def test_missing_or_malformed_node_profiles_name_the_problem(tiny_job, node_conf
     _, fleet = tiny_job
     with pytest.raises(FlowerNodeError, match=match) as info:
         node_profile(node_config, fleet)
-    assert isinstance(info.value, InputError) and isinstance(info.value, ValueError)
-    assert info.value.exit_code == 2
+    error = info.value
+    assert isinstance(error, ValueError)
+    assert isinstance(error, InputError)
+    assert error.exit_code == 2
 
 
 def test_server_settings_round_trip_through_the_run_config():
