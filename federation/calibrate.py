@@ -470,6 +470,10 @@ def calibrate_command(
         int, typer.Option("--repeats", help="Timed steps per configuration (the fastest counts).")
     ] = 5,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="torch CPU threads while timing (default: torch's)."),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -486,6 +490,10 @@ def calibrate_command(
 
     console = Console(stderr=True)
     modules = _parse_modules(target_modules)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(_positive_int(threads, "threads"))
     path = out or default_calibration_path(
         model, batch_size=batch_size, seq_len=seq_len, target_modules=modules
     )
