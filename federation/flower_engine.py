@@ -678,7 +678,7 @@ class LocalFederation:
         proc.popen.kill()
         proc.popen.wait(timeout=10)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
         """Stop workers, SuperNodes and the SuperLink (SIGTERM, then SIGKILL) by pid, then any
         descendant they left (SuperExec, ServerApp processes)."""
         all_pids = self.pids()
