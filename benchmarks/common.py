@@ -163,7 +163,9 @@ def spread(values: Iterable[float | None]) -> Spread:
         return Spread(n=0, mean=math.nan, std=math.nan, lo=math.nan, hi=math.nan)
     arr = np.asarray(finite)
     std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return Spread(n=len(arr), mean=float(arr.mean()), std=std, lo=float(arr.min()), hi=float(arr.max()))
+    return Spread(
+        n=len(arr), mean=float(arr.mean()), std=std, lo=float(arr.min()), hi=float(arr.max())
+    )
 
 
 # -- output -------------------------------------------------------------------------------
@@ -196,7 +198,9 @@ def markdown_table(
     head = "| " + " | ".join(headers.get(c, c) for c in columns) + " |"
     align = []
     for c in columns:
-        numeric = any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)
+        numeric = any(
+            isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows
+        )
         align.append("---:" if numeric else "---")
     lines = [head, "|" + "|".join(align) + "|"]
     for r in rows:
@@ -243,7 +247,13 @@ def host_description() -> str:
 def write_markdown(path: Path, title: str, blocks: Sequence[str], command: str) -> Path:
     """``# title``, the blocks, and how to reproduce; returns the path."""
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    text = [f"# {title}", "", f"Reproduce: `{command}`  ", f"Host: {host_description()}; {stamp}", ""]
+    text = [
+        f"# {title}",
+        "",
+        f"Reproduce: `{command}`  ",
+        f"Host: {host_description()}; {stamp}",
+        "",
+    ]
     for block in blocks:
         text.append(block.rstrip() + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,3 +276,244 @@ def current_rss_bytes() -> int:
     except (OSError, ValueError, IndexError):
         return 0
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+# -- measuring one configuration in a fresh process ----------------------------------------
+
+WORKER_FLAG = "--measure-config"
+
+
+def measure_in_subprocess(
+    payload: Mapping[str, Any], *, timeout_s: float = 3600.0
+) -> dict[str, Any]:
+    """Run :func:`measure_configs` in a fresh Python process and return its result."""
+    import json
+    import subprocess
+
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(payload.get("threads", 1))}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, json.dumps(dict(payload))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout_s,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"measuring {dict(payload)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    last = [line for line in proc.stdout.splitlines() if line.startswith("{")][-1]
+    result: dict[str, Any] = json.loads(last)
+    return result
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) of this process (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so the next baseline is honest."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_configs(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Train LoRA configurations of one model on this host and measure each.
+
+    ``payload`` keys: ``model``; ``configs``, a list of ``[layers, ranks]``; ``batch_size``,
+    ``seq_len``; ``steps`` (timed per configuration and pass), ``warmup`` (untimed steps
+    after each adapter installation), ``passes`` (sweeps over the configurations, each in a
+    fresh seeded order; the step time is the fastest and the median over all passes);
+    ``learning_rate``, ``threads``, ``seed``; ``data``: ``"random"`` (one random token batch,
+    for timing) or ``"rotten_tomatoes"`` (seeded batches of the train split, then an
+    evaluation on ``max_test`` test examples after the last pass).
+
+    The frozen base model is loaded once. Memory, read from ``/proc/self/status``:
+    ``model_load_bytes``, the resident set size added by loading the model (libraries,
+    data and autograd already started before); per configuration ``train_peak_bytes``, the
+    peak resident set size while its adapter is installed and trained (``VmHWM``, reset
+    just before) minus the resident set size just before (freed heap returned to the OS
+    first), in the first pass. Step times are host wall clock of forward, backward and the
+    AdamW update.
+    """
+    import gc
+    import random
+
+    import torch
+
+    from legend.federation.adapters import init_global, slice_for
+    from legend.federation.apply import AdapterHost
+    from legend.models.loaders import load_base_model
+    from legend.models.spec import get_model_spec
+    from legend.planner.plan import DevicePlan
+    from legend.planner.profiles import JobParams
+
+    torch.set_num_threads(int(payload.get("threads", 1)))
+    seed = int(payload.get("seed", 0))
+    model_name = str(payload["model"])
+    configs = [
+        (tuple(int(v) for v in layers), tuple(int(v) for v in ranks))
+        for layers, ranks in payload["configs"]
+    ]
+    batch_size, seq_len = int(payload["batch_size"]), int(payload["seq_len"])
+    steps, warmup = int(payload["steps"]), int(payload.get("warmup", 1))
+    passes = int(payload.get("passes", 1))
+    data_kind = str(payload.get("data", "random"))
+    spec = get_model_spec(model_name, target_modules="qv")
+    grid = tuple(sorted({r for _, ranks in configs for r in ranks}))
+    job = JobParams(batch_size=batch_size, seq_len=seq_len, target_modules="qv", ranks=grid)
+
+    train = test = None
+    if data_kind == "random":
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, spec.vocab_size, (batch_size, seq_len), generator=gen)
+        fixed = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, spec.num_labels, (batch_size,), generator=gen),
+        }
+    else:
+        from legend.federation.data import load_dataset
+        from legend.federation.training import tokenize
+        from legend.models.loaders import load_tokenizer
+
+        ds = load_dataset(data_kind, seed=seed, max_test=int(payload.get("max_test", 500)))
+        tok = load_tokenizer(model_name)
+        train = tokenize(tok, ds.train_texts, ds.train_labels, seq_len)
+        test = tokenize(tok, ds.test_texts, ds.test_labels, seq_len)
+        del tok, ds
+    # Load the code the model and PEFT need, and start autograd, before the baseline, so that
+    # the measured increase is the model, its adapter and training, not library imports.
+    import peft  # noqa: F401
+    import transformers
+
+    for cls in ("BertForSequenceClassification", "LlamaForSequenceClassification"):
+        getattr(transformers, cls)
+    probe = torch.ones(4, requires_grad=True)
+    (probe * 2).sum().backward()
+    del probe
+    gc.collect()
+    _malloc_trim()
+    reset = _reset_peak_rss()
+    rss_before = current_rss_bytes()
+    base = load_base_model(model_name, num_labels=spec.num_labels, seed=seed)
+    host = AdapterHost(base, spec, job)
+    glob = init_global(spec, max(grid), host.initial_head(), seed=seed)
+    gc.collect()
+    _malloc_trim()
+    model_load = current_rss_bytes() - rss_before
+    # One untimed step of the first configuration: PEFT's and the optimizer's first-use
+    # costs land here, not on whichever configuration happens to be measured first.
+    first_layers, first_ranks = configs[0]
+    first = DevicePlan(device_id="bench", layers=first_layers, ranks=first_ranks)
+    with host.activate(first, slice_for(glob, first_layers, first_ranks)) as model:
+        warm_batch = fixed if train is None else train.batch(np.arange(batch_size))
+        warm_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        model(**warm_batch).loss.backward()
+        warm_opt.step()
+        del warm_opt, warm_batch
+
+    results: dict[int, dict[str, Any]] = {
+        i: {"layers": list(c[0]), "ranks": list(c[1]), "times": [], "losses": []}
+        for i, c in enumerate(configs)
+    }
+    order = random.Random(seed)
+    for sweep in range(passes):
+        indices = list(range(len(configs)))
+        if sweep > 0:
+            order.shuffle(indices)
+        for i in indices:
+            layers, ranks = configs[i]
+            res = results[i]
+            rng = np.random.default_rng([seed, 11, i])
+            gc.collect()
+            _malloc_trim()
+            reset = _reset_peak_rss()
+            rss0 = current_rss_bytes()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                plan = DevicePlan(device_id="bench", layers=layers, ranks=ranks)
+                state = res.get("state") or slice_for(glob, layers, ranks)
+                with host.activate(plan, state) as model:
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    res["trainable_params"] = sum(int(p.numel()) for p in params)
+                    lr = float(payload.get("learning_rate", 1e-3))
+                    optimizer = torch.optim.AdamW(params, lr=lr)
+                    perm = rng.permutation(len(train)) if train is not None else None
+                    cursor = 0
+                    model.train()
+                    for k in range(warmup + steps):
+                        if train is not None and perm is not None:
+                            if cursor + batch_size > len(perm):
+                                perm, cursor = rng.permutation(len(train)), 0
+                            batch = train.batch(perm[cursor : cursor + batch_size])
+                            cursor += batch_size
+                        else:
+                            batch = fixed
+                        start = time.perf_counter()
+                        loss = model(**batch).loss
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        elapsed = time.perf_counter() - start
+                        res["losses"].append(float(loss.detach()))
+                        if k >= warmup:
+                            res["times"].append(elapsed)
+                    if sweep == 0:
+                        peak = _status_kib("VmHWM") * 1024 if reset else peak_rss_bytes()
+                        res["train_peak_bytes"] = peak - rss0
+                        res["peak_reset"] = reset
+                    if test is not None and sweep == passes - 1:
+                        from legend.federation.training import evaluate
+
+                        res["accuracy"], res["test_loss"] = evaluate(model, test, batch_size=64)
+                    if passes > 1 and data_kind != "random":
+                        res["state"] = host.extract()  # keep training across passes
+                    del optimizer, params
+    out = []
+    for i in range(len(configs)):
+        res = results[i]
+        res.pop("state", None)
+        times = np.asarray(res.pop("times"))
+        losses = res.pop("losses")
+        res.update(
+            step_fastest_s=float(times.min()),
+            step_median_s=float(np.median(times)),
+            timed_steps=len(times),
+            train_loss_last=float(np.mean(losses[-min(20, len(losses)) :])),
+        )
+        out.append(res)
+    return {
+        "model": model_name,
+        "model_load_bytes": model_load,
+        "threads": torch.get_num_threads(),
+        "results": out,
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    if len(sys.argv) == 3 and sys.argv[1] == WORKER_FLAG:
+        set_offline_env()
+        print(json.dumps(measure_configs(json.loads(sys.argv[2]))), flush=True)
+    else:
+        print(f"usage: {sys.argv[0]} {WORKER_FLAG} JSON (used by the benchmark scripts)")
+        raise SystemExit(2)

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     FLEET50,
     REPO_ROOT,
     markdown_table,
@@ -43,13 +43,13 @@ from common import (  # noqa: E402
     write_csv,
     write_markdown,
 )
-from planner_scale import distinct_fleet  # noqa: E402
+from planner_scale import distinct_fleet
 
-from legend.models.spec import get_model_spec  # noqa: E402
-from legend.planner.api import PlannerOptions, PlanningProblem, plan_round  # noqa: E402
-from legend.planner.api import _load_backends as load_backends  # noqa: E402
-from legend.planner.plan import validate_plan  # noqa: E402
-from legend.planner.profiles import Fleet, JobParams, load_fleet  # noqa: E402
+from legend.models.spec import get_model_spec
+from legend.planner.api import PlannerOptions, PlanningProblem, plan_round
+from legend.planner.api import _load_backends as load_backends
+from legend.planner.plan import validate_plan
+from legend.planner.profiles import Fleet, JobParams, load_fleet
 
 COLUMNS = (
     "fleet",
@@ -174,8 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="fleets of 10 and 30, one seed")
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--fleets", nargs="+", default=["fleet50", "distinct"],
-                        choices=["fleet50", "distinct"])
+    parser.add_argument(
+        "--fleets", nargs="+", default=["fleet50", "distinct"], choices=["fleet50", "distinct"]
+    )
     parser.add_argument("--solver", default="pulp-highs")
     parser.add_argument("--time-limit-s", type=float, default=60.0)
     parser.add_argument("--max-device-level", type=int, default=100)

@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
+from common import (
     FLEET50,
     REPO_ROOT,
     markdown_table,
@@ -236,9 +236,7 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _ratios(
-    rows: Sequence[Mapping[str, Any]], method: str, base: str, key: str
-) -> list[float]:
+def _ratios(rows: Sequence[Mapping[str, Any]], method: str, base: str, key: str) -> list[float]:
     """Per seed ``base[key] / method[key]`` (only seeds where both are finite)."""
     out = []
     by = {(r["seed"], r["method"]): r for r in rows}
@@ -256,7 +254,9 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list
     out = []
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
-        saved = [100.0 * (1.0 - 1.0 / x) for x in _ratios(rows, method, "uniform", "bytes_to_target")]
+        saved = [
+            100.0 * (1.0 - 1.0 / x) for x in _ratios(rows, method, "uniform", "bytes_to_target")
+        ]
         out.append(
             {
                 "method": method,
@@ -383,9 +383,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.seeds = args.seeds or [0, 1, 2]
         args.rounds = args.rounds or 20
         args.target = 0.75 if args.target is None else args.target
-        args.devices_per_round = (
-            10 if args.devices_per_round is None else args.devices_per_round
-        )
+        args.devices_per_round = 10 if args.devices_per_round is None else args.devices_per_round
         args.out = args.out or REPO_ROOT / "runs" / "bench" / "time_to_accuracy"
     if not 0 < args.target <= 1:
         parser.error(f"--target must be an accuracy in (0, 1], got {args.target}")

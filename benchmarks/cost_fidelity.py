@@ -1,0 +1,310 @@
+"""Cost model fidelity: measured host step time and memory against the cost model.
+
+For all-MiniLM-L6-v2 (batch 16 x 48 tokens, the settings of ``time_to_accuracy.py``) and
+the tiny BERT (batch 8 x 32), every depth ``d = 1..L`` (LoRA on the top ``d`` layers,
+query+value) at ranks 2, 8 and 16 is trained on this host (one torch thread, a random token
+batch, AdamW) in one process per model, in ``--passes`` sweeps of shuffled order; the step
+time is the fastest timed step (other work on a shared host only ever adds time).
+
+Two predictions of the step time, both through :class:`~legend.planner.costs.CostModel`:
+
+calibrated
+    the calibrated model (``forward + d * backward_per_layer + sum(r) * lora_per_rank``)
+    fitted on four *anchor* configurations only (depth 1 and depth L at the lowest and
+    highest rank), as ``legend calibrate`` would with two depths; the other configurations
+    are held out and their error is reported separately;
+analytic
+    the analytic FLOP model (no calibration) with the host's throughput set from one
+    anchor (depth 1, lowest rank): it tests the model's *shape*, how cost grows with depth
+    and rank.
+
+Memory: the cost model's ``memory_bytes`` (frozen weights at fp32 + head + AdamW state of
+the trainable parameters + activations saved by the adapted layers + a workspace) against
+the measured resident memory of the loaded model plus the peak extra resident memory while
+the configuration trains (``/proc/self/status`` ``VmHWM``, reset before each configuration,
+freed heap returned to the OS first). Resident memory also counts what the model does not
+(PyTorch's and PEFT's bookkeeping, allocator slack), and a tiny model's figures are at the
+level of that noise.
+
+Host timings on a shared machine are noisy; the fastest-of-N step is used and the spread is
+reported. ``--smoke``: the tiny BERT at depths 1, 2 and 4 and ranks 2 and 8, in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    REPO_ROOT,
+    markdown_table,
+    measure_in_subprocess,
+    reproduce_command,
+    set_offline_env,
+    write_csv,
+    write_markdown,
+)
+
+from legend.models.spec import ModelSpec, get_model_spec
+from legend.planner.costs import Calibration, CostModel
+from legend.planner.profiles import DeviceProfile, JobParams
+
+SHAPES = {"all-MiniLM-L6-v2": (16, 48), "tiny-bert": (8, 32)}
+
+COLUMNS = (
+    "model",
+    "depth",
+    "rank",
+    "anchor",
+    "measured_step_s",
+    "median_step_s",
+    "calibrated_s",
+    "calibrated_err_pct",
+    "analytic_s",
+    "analytic_err_pct",
+    "measured_memory_MB",
+    "predicted_memory_MB",
+    "memory_err_pct",
+    "measured_train_MB",
+    "predicted_train_MB",
+    "train_memory_err_pct",
+)
+SUMMARY_COLUMNS = (
+    "model",
+    "configs",
+    "calibrated_heldout_median_abs_pct",
+    "calibrated_heldout_max_abs_pct",
+    "analytic_median_abs_pct",
+    "analytic_max_abs_pct",
+    "memory_median_abs_pct",
+    "memory_max_abs_pct",
+    "train_memory_median_abs_pct",
+    "fit_forward_ms",
+    "fit_backward_per_layer_ms",
+    "fit_lora_per_rank_us",
+    "model_load_MB",
+)
+
+
+def host_device(tflops: float) -> DeviceProfile:
+    """A device profile for this host: seconds come out as host seconds."""
+    return DeviceProfile(
+        device_id="host",
+        tflops=tflops,
+        memory_gb=1000.0,
+        uplink_mbps=1e6,
+        downlink_mbps=1e6,
+        num_samples=1,
+        local_steps=1,
+    )
+
+
+def fit_anchors(points: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """Fit ``t = f + d * b + sum_r * c`` (``f, b, c >= 0``) to relative errors."""
+    from scipy.optimize import nnls
+
+    design = np.array([[1.0, d, s] for d, s, _ in points])
+    target = np.array([t for _, _, t in points])
+    coef, _ = nnls(design / target[:, None], np.ones_like(target))
+    return float(coef[0]), float(coef[1]), float(coef[2])
+
+
+def predictions(
+    model: str, measured: dict[str, Any], depths: Sequence[int], ranks: Sequence[int]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    batch, seq = SHAPES[model]
+    spec: ModelSpec = get_model_spec(model, target_modules="qv")
+    L = spec.num_layers
+    job = JobParams(
+        batch_size=batch, seq_len=seq, local_steps=1, target_modules="qv", ranks=tuple(ranks)
+    )
+    by = {(len(r["layers"]), r["ranks"][0]): r for r in measured["results"]}
+    lo, hi = min(ranks), max(ranks)
+    anchors = {(1, lo), (1, hi), (L, lo), (L, hi)}
+    points = [(d, d * r, by[(d, r)]["step_fastest_s"]) for d, r in sorted(anchors)]
+    f, b, c = fit_anchors(points)
+    tokens = batch * seq
+    host_tflops = spec.forward_flops_per_token(seq) * tokens / f / 1e12
+    cal = Calibration(
+        model=spec.name,
+        batch_size=batch,
+        seq_len=seq,
+        forward_s=f,
+        backward_per_layer_s=b,
+        lora_per_rank_s=c,
+        host_tflops=host_tflops,
+        target_modules=tuple(spec.target_modules),
+        host="this host (benchmarks/cost_fidelity.py anchors)",
+    )
+    calibrated = CostModel(spec, job, cal)
+    analytic = CostModel(spec, job)
+    top1 = (L - 1,)
+    anchor_flops = analytic.step_flops(top1, (lo,))
+    analytic_host = host_device(anchor_flops / by[(1, lo)]["step_fastest_s"] / 1e12)
+    cal_host = host_device(host_tflops)
+    frozen = (spec.total_params - spec.head_params) * job.weight_bytes + spec.head_params * 4
+    rows = []
+    for d in depths:
+        for r in ranks:
+            m = by[(d, r)]
+            layers = tuple(range(L - d, L))
+            rank_t = (r,) * d
+            t_cal = calibrated.evaluate(cal_host, layers, rank_t).compute_s
+            t_ana = analytic.evaluate(analytic_host, layers, rank_t).compute_s
+            mem = analytic.evaluate(analytic_host, layers, rank_t).memory_bytes
+            measured_mem = measured["model_load_bytes"] + m["train_peak_bytes"]
+            t = m["step_fastest_s"]
+            rows.append(
+                {
+                    "model": model,
+                    "depth": d,
+                    "rank": r,
+                    "anchor": (d, r) in anchors,
+                    "measured_step_s": t,
+                    "median_step_s": m["step_median_s"],
+                    "calibrated_s": t_cal,
+                    "calibrated_err_pct": 100 * (t_cal - t) / t,
+                    "analytic_s": t_ana,
+                    "analytic_err_pct": 100 * (t_ana - t) / t,
+                    "measured_memory_MB": measured_mem / 1e6,
+                    "predicted_memory_MB": mem / 1e6,
+                    "memory_err_pct": 100 * (mem - measured_mem) / measured_mem,
+                    "measured_train_MB": m["train_peak_bytes"] / 1e6,
+                    "predicted_train_MB": (mem - frozen) / 1e6,
+                    "train_memory_err_pct": 100
+                    * (mem - frozen - m["train_peak_bytes"])
+                    / max(m["train_peak_bytes"], 1),
+                }
+            )
+
+    def med(key: str, only: Sequence[dict[str, Any]]) -> float:
+        vals = [abs(r[key]) for r in only]
+        return float(np.median(vals)) if vals else math.nan
+
+    def mx(key: str, only: Sequence[dict[str, Any]]) -> float:
+        vals = [abs(r[key]) for r in only]
+        return float(max(vals)) if vals else math.nan
+
+    held = [r for r in rows if not r["anchor"]]
+    summary = {
+        "model": model,
+        "configs": len(rows),
+        "calibrated_heldout_median_abs_pct": med("calibrated_err_pct", held),
+        "calibrated_heldout_max_abs_pct": mx("calibrated_err_pct", held),
+        "analytic_median_abs_pct": med("analytic_err_pct", rows),
+        "analytic_max_abs_pct": mx("analytic_err_pct", rows),
+        "memory_median_abs_pct": med("memory_err_pct", rows),
+        "memory_max_abs_pct": mx("memory_err_pct", rows),
+        "train_memory_median_abs_pct": med("train_memory_err_pct", rows),
+        "fit_forward_ms": 1e3 * f,
+        "fit_backward_per_layer_ms": 1e3 * b,
+        "fit_lora_per_rank_us": 1e6 * c,
+        "model_load_MB": measured["model_load_bytes"] / 1e6,
+    }
+    return rows, summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny BERT, 3 depths, 2 ranks")
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted(SHAPES))
+    parser.add_argument("--ranks", type=int, nargs="+", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per pass")
+    parser.add_argument("--passes", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    set_offline_env()
+    models = args.models or (["tiny-bert"] if args.smoke else ["all-MiniLM-L6-v2", "tiny-bert"])
+    ranks = args.ranks or ([2, 8] if args.smoke else [2, 8, 16])
+    steps = args.steps or (2 if args.smoke else 4)
+    passes = args.passes or (1 if args.smoke else 3)
+    default_out = "cost_fidelity_smoke" if args.smoke else "cost_fidelity"
+    out: Path = args.out or REPO_ROOT / "runs" / "bench" / default_out
+    command = reproduce_command("cost_fidelity.py", argv)
+
+    rows: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    for model in models:
+        L = get_model_spec(model).num_layers
+        depths = [1, 2, L] if args.smoke else list(range(1, L + 1))
+        batch, seq = SHAPES[model]
+        configs = [[list(range(L - d, L)), [r] * d] for d in depths for r in ranks]
+        measured = measure_in_subprocess(
+            {
+                "model": model,
+                "configs": configs,
+                "batch_size": batch,
+                "seq_len": seq,
+                "steps": steps,
+                "warmup": 1,
+                "passes": passes,
+                "threads": args.threads,
+                "data": "random",
+            }
+        )
+        model_rows, summary = predictions(model, measured, depths, ranks)
+        rows += model_rows
+        summaries.append(summary)
+        print(f"{model}: {summary}", flush=True)
+    write_csv(out / "cost_fidelity.csv", rows, COLUMNS)
+    write_csv(out / "cost_fidelity_summary.csv", summaries, SUMMARY_COLUMNS)
+    pct = {k: (lambda v: f"{v:+.1f}%") for k in COLUMNS if k.endswith("_pct")}
+    ms = {
+        k: (lambda v: f"{1e3 * v:.1f}")
+        for k in ("measured_step_s", "median_step_s", "calibrated_s", "analytic_s")
+    }
+    mb = {k: (lambda v: f"{v:.1f}") for k in COLUMNS if k.endswith("_MB")}
+    table = markdown_table(
+        rows,
+        COLUMNS,
+        headers={
+            "measured_step_s": "measured (ms, fastest)",
+            "median_step_s": "median (ms)",
+            "calibrated_s": "calibrated (ms)",
+            "calibrated_err_pct": "error",
+            "analytic_s": "analytic (ms)",
+            "analytic_err_pct": "error",
+            "measured_memory_MB": "measured MB",
+            "predicted_memory_MB": "predicted MB",
+            "memory_err_pct": "error",
+            "measured_train_MB": "measured training MB",
+            "predicted_train_MB": "predicted training MB",
+            "train_memory_err_pct": "error",
+        },
+        formats={**pct, **ms, **mb, "anchor": lambda v: "anchor" if v else ""},
+    )
+    summary_md = markdown_table(
+        summaries,
+        SUMMARY_COLUMNS,
+        formats={
+            k: (lambda v: f"{v:.1f}") for k in SUMMARY_COLUMNS if k not in ("model", "configs")
+        },
+    )
+    md = write_markdown(
+        out / "cost_fidelity.md",
+        "Cost model fidelity (host time and memory)",
+        [
+            f"Host step times (one thread) with {steps} timed steps x {passes} passes per "
+            "configuration; errors are (predicted - measured) / measured.",
+            "## Summary (absolute errors, %)\n\n" + summary_md,
+            "## Every configuration\n\n" + table,
+        ],
+        command,
+    )
+    print(summary_md)
+    print(f"wrote {out / 'cost_fidelity.csv'}, {md}")
+    print(f"reproduce: {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""The benchmark scripts' ``--smoke`` variants run end to end and write sane outputs.
+
+Each script runs as it would from the command line (a subprocess, offline), on the tiny
+BERT or small fleets; the assertions check the outputs' shape and ranges, not the numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+METHODS = ("exact", "greedy", "uniform", "hetlora", "fedra", "depth-only", "rank-only")
+
+
+def run_script(name: str, out: Path, *extra: str) -> str:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / name), "--smoke", "--out", str(out), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"benchmarks/{name} --smoke --out" in proc.stdout  # the reproduce command
+    return proc.stdout
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    assert path.is_file(), path
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_fleet50_matches_its_generator() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import FLEET50, FLEET50_CLASSES, fleet50_csv
+    finally:
+        sys.path.remove(str(BENCH))
+    assert FLEET50.read_text() == fleet50_csv()
+    from legend.planner.profiles import load_fleet
+
+    fleet = load_fleet(FLEET50)
+    assert len(fleet) == 50
+    classes = {d.device_class for d in fleet.devices}
+    assert len(classes) >= 4 and len(classes) == len(FLEET50_CLASSES)
+    tflops = [d.tflops for d in fleet.devices]
+    up = [d.uplink_mbps for d in fleet.devices]
+    down = [d.downlink_mbps for d in fleet.devices]
+    assert max(tflops) / min(tflops) >= 10
+    assert max(up) / min(up) >= 10 and max(down) / min(down) >= 10
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "tta"
+    run_script("time_to_accuracy.py", out)
+    runs = rows(out / "runs.csv")
+    assert sorted(r["method"] for r in runs) == sorted(METHODS)
+    for r in runs:
+        assert 0.0 <= float(r["final_accuracy"]) <= 1.0
+        assert float(r["sim_time_s"]) > 0 and float(r["total_bytes"]) > 0
+        assert float(r["waiting_mean_s"]) >= 0
+        assert int(r["rounds"]) == 2
+        if r["reached"] == "True":
+            assert 0 < float(r["time_to_target_s"]) <= float(r["sim_time_s"]) + 1e-9
+            assert 0 < float(r["bytes_to_target"]) <= float(r["total_bytes"]) + 1e-6
+        # Every method reaches the common target (the lowest final accuracy).
+        assert float(r["time_to_common_s"]) > 0
+    summary = rows(out / "summary.csv")
+    assert [r["method"] for r in summary] == list(METHODS)
+    uniform = next(r for r in summary if r["method"] == "uniform")
+    assert uniform["speedup_vs_uniform"] in ("1.00x", "")
+    goals = rows(out / "goals.csv")
+    assert len(goals) == 4 and all(g["met"] in ("True", "False") for g in goals)
+    for method in METHODS:
+        assert (out / "seed0" / method / "summary.json").is_file()
+    assert (out / "report_seed0" / "report.html").is_file()
+    assert "Time and bytes to accuracy" in (out / "time_to_accuracy.md").read_text()
+    # A second invocation reuses the finished runs instead of training again.
+    before = (out / "seed0" / "exact" / "rounds.csv").stat().st_mtime_ns
+    run_script("time_to_accuracy.py", out, "--no-report")
+    assert (out / "seed0" / "exact" / "rounds.csv").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_observation_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "obs"
+    run_script("observation.py", out)
+    summary = rows(out / "observation_summary.csv")
+    assert [r["config"] for r in summary] == ["top-1", "top-2", "all-4", "bottom-2"]
+    # Equal trainable-parameter budgets by construction.
+    assert len({r["lora_params"] for r in summary}) == 1
+    per_seed = rows(out / "observation.csv")
+    assert len(per_seed) == 4
+    for r in per_seed:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+        assert float(r["step_median_s"]) > 0
+        assert float(r["train_peak_MB"]) >= 0
+        assert math.isfinite(float(r["train_loss_last"]))
+
+
+@pytest.mark.slow
+def test_cost_fidelity_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "cf"
+    run_script("cost_fidelity.py", out)
+    table = rows(out / "cost_fidelity.csv")
+    assert {(int(r["depth"]), int(r["rank"])) for r in table} == {
+        (d, r) for d in (1, 2, 4) for r in (2, 8)
+    }
+    assert sum(r["anchor"] == "True" for r in table) == 4
+    for r in table:
+        assert float(r["measured_step_s"]) > 0
+        assert float(r["calibrated_s"]) > 0 and float(r["analytic_s"]) > 0
+        assert float(r["predicted_memory_MB"]) > 0 and float(r["measured_memory_MB"]) > 0
+        assert math.isfinite(float(r["calibrated_err_pct"]))
+    # The analytic model is anchored on depth 1 at the lowest rank: no error there.
+    anchor = next(r for r in table if r["depth"] == "1" and r["rank"] == "2")
+    assert abs(float(anchor["analytic_err_pct"])) < 1e-6
+    assert len(rows(out / "cost_fidelity_summary.csv")) == 1
+
+
+def test_planner_quality_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "pq"
+    run_script("planner_quality.py", out)
+    table = rows(out / "planner_quality.csv")
+    assert {(r["fleet"], int(r["devices"])) for r in table} == {
+        (k, n) for k in ("fleet50", "distinct") for n in (10, 30)
+    }
+    for r in table:
+        assert r["valid"] == "True"
+        assert r["ip_status"] in ("OPTIMAL", "FEASIBLE")
+        ratio = float(r["greedy_over_ip"])
+        gap = float(r["ip_gap"] or 0.0)
+        # The exact planner's objective bounds the greedy's (up to its proven gap).
+        assert 0 < ratio <= 1 + gap + 1e-6
+        assert float(r["ip_time_s"]) > 0 and float(r["greedy_time_s"]) > 0
