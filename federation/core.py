@@ -300,7 +300,7 @@ class ServerCore:
 
         device_rows = []
         for dp in plan.devices:
-            reply = by_id.get(dp.device_id)
+            answer = by_id.get(dp.device_id)
             device = self.fleet[dp.device_id]
             if not dp.participates:
                 status = "idle"
@@ -310,7 +310,7 @@ class ServerCore:
                 status = "rejected: " + rejected[dp.device_id]
             else:
                 status = "ok"
-            ok = reply is not None and not reply.dropped
+            ok = answer is not None and not answer.dropped
             device_rows.append(
                 {
                     "round": round_index,
@@ -321,16 +321,16 @@ class ServerCore:
                     "ranks": " ".join(map(str, dp.ranks)),
                     "depth": dp.depth,
                     "predicted_time_s": dp.predicted_time_s,
-                    "observed_time_s": reply.sim_time_s if ok and reply else math.nan,
+                    "observed_time_s": answer.sim_time_s if ok and answer else math.nan,
                     "predicted_compute_s": dp.predicted_compute_s,
-                    "observed_compute_s": reply.sim_compute_s if ok and reply else math.nan,
-                    "bytes_up": reply.upload_bytes if ok and reply else 0.0,
+                    "observed_compute_s": answer.sim_compute_s if ok and answer else math.nan,
+                    "bytes_up": answer.upload_bytes if ok and answer else 0.0,
                     "bytes_down": dp.predicted_download_bytes if dp.participates else 0.0,
                     "memory_bytes": dp.predicted_memory_bytes,
-                    "train_loss": reply.train_loss if ok and reply else math.nan,
-                    "samples": reply.num_samples if ok and reply else 0,
-                    "host_time_s": reply.host_time_s if reply else 0.0,
-                    "waiting_s": (sim_round - reply.sim_time_s) if ok and reply else math.nan,
+                    "train_loss": answer.train_loss if ok and answer else math.nan,
+                    "samples": answer.num_samples if ok and answer else 0,
+                    "host_time_s": answer.host_time_s if answer else 0.0,
+                    "waiting_s": (sim_round - answer.sim_time_s) if ok and answer else math.nan,
                 }
             )
         waits = [
