@@ -49,6 +49,7 @@ __all__ = [
     "calibrate",
     "calibrate_command",
     "default_calibration_path",
+    "fit_step_time",
     "load_or_none",
     "run_calibration",
 ]
@@ -173,8 +174,13 @@ def _spread(values: Sequence[int], most: int) -> tuple[int, ...]:
     return tuple(values[i] for i in sorted(picks))
 
 
-def _fit(rows: Sequence[tuple[int, int, int]], times: Sequence[float]) -> tuple[float, ...]:
-    """Fit ``t = f + d * b + sum_r * c`` with ``f, b, c >= 0``.
+def fit_step_time(
+    samples: Sequence[tuple[int, int, float]],
+) -> tuple[float, float, float]:
+    """Fit ``step_s = forward_s + depth * backward_per_layer_s + rank_sum * lora_per_rank_s``.
+
+    ``samples`` are ``(depth, sum of ranks, measured step seconds)``; the coefficients are
+    returned in that order, all ``>= 0``.
 
     The residuals are relative (``(predicted - t) / t``) under a soft-L1 loss: a shared
     machine produces occasional slow outliers, and a plain least-squares fit lets one of
@@ -183,8 +189,10 @@ def _fit(rows: Sequence[tuple[int, int, int]], times: Sequence[float]) -> tuple[
     import numpy as np
     from scipy.optimize import least_squares, nnls
 
-    design = np.array([[1.0, d, s] for d, s, _ in rows])
-    target = np.array(times)
+    if len(samples) < 3:
+        raise FederationInputError(f"the fit needs at least three samples, got {len(samples)}")
+    design = np.array([[1.0, d, s] for d, s, _ in samples])
+    target = np.array([t for _, _, t in samples])
     weighted = design / target[:, None]
     scale = np.abs(weighted).max(axis=0)
     start, _ = nnls(weighted / scale, np.ones_like(target))
@@ -195,7 +203,8 @@ def _fit(rows: Sequence[tuple[int, int, int]], times: Sequence[float]) -> tuple[
     result = least_squares(
         relative, start, bounds=(0.0, np.inf), loss="soft_l1", f_scale=0.05, method="trf"
     )
-    return tuple(float(c) for c in result.x / scale)
+    forward_s, backward_s, lora_s = (float(c) for c in result.x / scale)
+    return forward_s, backward_s, lora_s
 
 
 def run_calibration(
@@ -363,11 +372,13 @@ def run_calibration(
 
     # The fastest timed step of each configuration: noise on a shared host only adds time.
     fastest = [min(t) for _, _, t in samples]
-    rows = [(d, d * r, r) for d, r, _ in samples]
-    forward_s, backward_s, lora_s = _fit(rows, fastest)
+    rows = [(d, d * r) for d, r, _ in samples]
+    forward_s, backward_s, lora_s = fit_step_time(
+        [(d, s, t) for (d, s), t in zip(rows, fastest, strict=True)]
+    )
     if forward_s <= 0:  # pragma: no cover - a step always takes time
         forward_s = min(fastest)
-    predicted = [forward_s + d * backward_s + s * lora_s for d, s, _ in rows]
+    predicted = [forward_s + d * backward_s + s * lora_s for d, s in rows]
     residuals = np.array(predicted) - np.array(fastest)
     tokens = batch_size * seq_len
     host_tflops = spec.forward_flops_per_token(seq_len) * tokens / forward_s / 1e12
