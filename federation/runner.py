@@ -200,7 +200,8 @@ def _calibration_for(cfg: JobConfig) -> Calibration | None:
         batch_size=t.batch_size,
         seq_len=t.seq_len,
         target_modules=t.target_modules,
-        ranks=t.ranks,
+        ranks=(min(t.ranks), max(t.ranks)),
+        repeats=2,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     cal.save(path)
