@@ -11,10 +11,11 @@ greedy's objective and time for comparison. Two kinds of fleet, both seeded:
 ``distinct``
     every device has its own random profile; fleets up to ``--max-device-level`` devices are
     planned per device, larger ones with conservative bucketing
-    (``class_bucket_ratio``, profiles rounded down to ``ratio**k``).
+    (``class_bucket_ratio``, profiles rounded down to ``ratio**k``, default 2).
 
-Run ``python benchmarks/planner_scale.py --quick`` for a smoke run; without ``--quick``
-the full grid runs (about ten minutes on a 2-core machine). ``--csv PATH`` writes the rows.
+Run ``python benchmarks/planner_scale.py --quick`` for a smoke run (under a minute);
+without ``--quick`` the full grid runs (over ten minutes on a 2-core machine, mostly the
+10,000-device distinct fleets). ``--csv PATH`` writes the rows. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -182,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--fleets", nargs="*", default=["classes", "distinct"])
     parser.add_argument("--solver", default="pulp-highs")
-    parser.add_argument("--time-limit-s", type=float, default=60.0)
+    parser.add_argument("--time-limit-s", type=float, default=30.0)
     parser.add_argument("--mip-gap", type=float, default=1e-4)
-    parser.add_argument("--bucket-ratio", type=float, default=1.5)
-    parser.add_argument("--max-device-level", type=int, default=100)
+    parser.add_argument("--bucket-ratio", type=float, default=2.0)
+    parser.add_argument("--max-device-level", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = parser.parse_args(argv)

@@ -13,15 +13,17 @@ program reads: ``tflops``, ``memory_gb``, ``uplink_mbps``, ``downlink_mbps``,
 ``local_steps`` and ``num_samples``. The optimum is then exactly the per-device optimum.
 
 Conservative bucketing (``PlannerOptions.class_bucket_ratio = rho > 1``) rounds
-``tflops``, ``memory_gb`` and both bandwidths *down* to the geometric grid ``rho**k``
-before grouping. A plan computed for the rounded-down profile is feasible for every member
-(each member is at least as fast, has at least as much memory and bandwidth), so no plan
-ever breaks a member's deadline or memory; the price is some optimality. Under bucketing,
-``num_samples`` is not part of the class key (unless the coverage constraint C8 is on, which
-needs exact per-device samples): the program weighs each member's utility with the class's
-mean sample count, and expansion hands the higher-utility configurations to the members
-with more samples, so the plan's true utility is at least what the program counted
-(rearrangement inequality).
+``tflops``, ``memory_gb`` and the combined link rate ``1 / (1/up + 1/down)`` (transfers
+cost ``bytes * (1/up + 1/down)``) *down* to the geometric grid ``rho**k`` before grouping;
+the class profile gets equal up- and downlinks with that combined rate. A plan computed
+for the rounded-down profile is feasible for every member (each member is at least as
+fast and has at least as much memory and bandwidth), so no plan ever breaks a member's
+deadline or memory; the price is some optimality, partly won back by
+:func:`polish_configurations`. Under bucketing, ``num_samples`` is not part of the class
+key (unless the coverage constraint C8 is on, which needs exact per-device samples): the
+program weighs each member's utility with the class's mean sample count, and expansion
+hands the higher-utility configurations to the members with more samples, so the plan's
+true utility is at least what the program counted (rearrangement inequality).
 
 Configurations
 --------------
@@ -67,6 +69,7 @@ __all__ = [
     "enumerate_configurations",
     "expand_counts",
     "group_devices",
+    "polish_configurations",
     "resolve_use_classes",
 ]
 
@@ -130,10 +133,20 @@ def group_devices(
     groups: dict[tuple[object, ...], list[int]] = {}
     profiles: dict[tuple[object, ...], DeviceProfile] = {}
     for index, device in enumerate(problem.fleet.devices):
-        raw = (device.tflops, device.memory_gb, device.uplink_mbps, device.downlink_mbps)
-        hw: tuple[float, ...] = (
-            raw if bucket_ratio is None else tuple(bucket_down(v, bucket_ratio) for v in raw)
-        )
+        hw: tuple[float, ...]
+        if bucket_ratio is None:
+            hw = (device.tflops, device.memory_gb, device.uplink_mbps, device.downlink_mbps)
+        else:
+            # Transfers cost bytes * (1/up + 1/down): bucket the combined link rate and give
+            # the class equal up and down links with the same (rounded-down) combination.
+            link = 1.0 / (1.0 / device.uplink_mbps + 1.0 / device.downlink_mbps)
+            both = 2.0 * bucket_down(link, bucket_ratio)
+            hw = (
+                bucket_down(device.tflops, bucket_ratio),
+                bucket_down(device.memory_gb, bucket_ratio),
+                both,
+                both,
+            )
         steps = job.steps_for(device)
         key: tuple[object, ...] = (*hw, steps, device.num_samples if exact_samples else None)
         if key not in groups:
@@ -463,3 +476,56 @@ def decoupled_best_rate(problem: PlanningProblem, *, max_work: int = 5_000_000) 
     rates = np.where(feasible & (total > 0), total / taus, -np.inf)
     best = float(rates.max())
     return best if math.isfinite(best) else None
+
+
+def polish_configurations(
+    problem: PlanningProblem,
+    configurations: Sequence[Configuration],
+    round_time_s: float | None = None,
+) -> tuple[Configuration, ...]:
+    """Give each participant its best configuration within ``round_time_s`` (default: the
+    plan's own round time on the true profiles) on its *own* profile, after planning with
+    rounded-down class profiles.
+
+    A participant moves to the highest-utility configuration of the catalogue that fits its
+    memory, finishes within ``round_time_s`` and is at least as deep as before (so coverage
+    C8 still holds); the round time does not grow. Not applied with the server link (C7),
+    whose bytes couple the devices. Returns the configurations unchanged when the cost table
+    has no class structure.
+    """
+    if problem.options.server_mbps is not None or not class_formulation_available(problem):
+        return tuple(configurations)
+    devices = problem.fleet.devices
+    if round_time_s is None:
+        round_time_s = max(
+            (problem.costs.evaluate(devices[i], *c).time_s for i, c in enumerate(configurations)),
+            default=0.0,
+        )
+    catalog = enumerate_configurations(problem)
+    d = catalog.depth.astype(float)
+    s = catalog.rank_sum.astype(float)
+    out = list(configurations)
+    for i, (layers, _ranks) in enumerate(configurations):
+        if not layers:
+            continue
+        device = problem.fleet.devices[i]
+        costs = _affine_costs(problem.costs.table(device), problem.job.ranks)
+        assert costs is not None
+        time = costs.time[0] + d * costs.time[1] + s * costs.time[2]
+        memory = costs.memory[0] + d * costs.memory[1] + s * costs.memory[2]
+        ok = (
+            (time <= round_time_s * (1 + 1e-12))
+            & (memory <= device.memory_bytes)
+            & (catalog.depth >= len(layers))
+        )
+        if not ok.any():
+            continue
+        util = np.where(ok, catalog.utility_per_sample, -np.inf)
+        j = int(np.argmax(util))
+        current = sum(
+            problem.layer_weights[layer] * rank_gain(r)
+            for layer, r in zip(layers, _ranks, strict=True)
+        )
+        if util[j] > current * (1 + 1e-12):
+            out[i] = catalog.configuration(j)
+    return tuple(out)

@@ -47,8 +47,12 @@ from typing import Any
 
 import numpy as np
 
-from legend.planner.api import PlanningProblem, SolverOutcome, register_solver
-from legend.planner.classes import decoupled_best_rate, resolve_use_classes
+from legend.planner.api import Configuration, PlanningProblem, SolverOutcome, register_solver
+from legend.planner.classes import (
+    decoupled_best_rate,
+    polish_configurations,
+    resolve_use_classes,
+)
 from legend.planner.diagnose import blocked_devices, explain_infeasibility
 from legend.planner.errors import InfeasibleError, SolverError
 from legend.planner.formulation import MILP, decode, formulate, round_time_of
@@ -556,6 +560,16 @@ def _checked(
     raise SolverError(f"{backend} failed while {what}: status {res.status} ({res.native_status})")
 
 
+def _decoded(
+    problem: PlanningProblem, milp: MILP, values: np.ndarray, deadline_s: float | None = None
+) -> tuple[Configuration, ...]:
+    """Configurations of a solution; under bucketing, polished on the true profiles."""
+    configs = decode(milp, values)
+    if milp.kind == "class" and problem.options.class_bucket_ratio is not None:
+        configs = polish_configurations(problem, configs, deadline_s)
+    return configs
+
+
 def solve_problem(problem: PlanningProblem, backend: str) -> SolverOutcome:
     """Plan ``problem`` exactly with ``backend`` (a key of :data:`BACKENDS`).
 
@@ -583,7 +597,7 @@ def solve_problem(problem: PlanningProblem, backend: str) -> SolverOutcome:
         res = _checked(problem, milp, backend, clock, what="maximising utility")
         assert res.values is not None
         return SolverOutcome(
-            configurations=decode(milp, res.values),
+            configurations=_decoded(problem, milp, res.values, deadline),
             status=res.status,
             solver=backend,
             solver_version=res.solver_version,
@@ -632,7 +646,7 @@ def solve_problem(problem: PlanningProblem, backend: str) -> SolverOutcome:
         gaps.append(res.gap)
         statuses.append(res.status)
         return SolverOutcome(
-            configurations=decode(milp, res.values),
+            configurations=_decoded(problem, milp, res.values),
             status="OPTIMAL" if all(s == "OPTIMAL" for s in statuses) else "FEASIBLE",
             solver=backend,
             solver_version=res.solver_version,
@@ -696,7 +710,7 @@ def _dinkelbach(
         converged and last.status == "OPTIMAL" and gap is not None and gap <= opts.mip_gap + 1e-9
     )
     return SolverOutcome(
-        configurations=decode(milp, values),
+        configurations=_decoded(problem, milp, values),
         status="OPTIMAL" if optimal else "FEASIBLE",
         solver=backend,
         solver_version=last.solver_version,

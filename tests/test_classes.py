@@ -18,12 +18,14 @@ from legend.planner.classes import (
     class_pareto_configs,
     enumerate_configurations,
     group_devices,
+    polish_configurations,
     resolve_use_classes,
 )
 from legend.planner.errors import InfeasibleError, PlannerInputError
-from legend.planner.formulation import formulate
+from legend.planner.formulation import decode, formulate
 from legend.planner.plan import validate_plan
 from legend.planner.profiles import DeviceProfile, Fleet
+from legend.planner.solvers import solve_milp
 
 
 def device(name: str, **kw: float) -> DeviceProfile:
@@ -261,6 +263,44 @@ def test_bucketed_plans_are_feasible_for_every_member(seed: int) -> None:
         )
         assert violations == []
         assert bucketed.objective_value <= exact.objective_value * (1 + 2e-4)
+
+
+def test_polishing_raises_utility_within_the_deadline() -> None:
+    rng = np.random.default_rng(7)
+    fleet = Fleet(
+        devices=tuple(
+            device(
+                f"d{i}",
+                tflops=float(rng.uniform(0.02, 0.5)),
+                uplink_mbps=float(rng.uniform(1, 20)),
+                num_samples=int(rng.integers(20, 300)),
+            )
+            for i in range(12)
+        )
+    )
+    job = tiny_job()
+    deadline = 0.05
+    options = PlannerOptions(objective="deadline", deadline_s=deadline, class_bucket_ratio=2.0)
+    problem = PlanningProblem.create(fleet, TINY, job, options)
+    milp = formulate(problem, deadline)
+    assert milp.kind == "class"
+    res = solve_milp(milp, "pulp-highs", time_limit_s=30.0)
+    assert res.values is not None
+    raw = decode(milp, res.values)
+    polished = polish_configurations(problem, raw, deadline)
+    plan = plan_round(fleet, TINY, job, options)
+    assert tuple((d.layers, d.ranks) for d in plan.devices) == polished
+    assert validate_plan(plan, fleet, TINY, job, deadline_s=deadline) == []
+
+    def totals(configs):  # (utility, round time) on the true profiles
+        t = max(problem.costs.evaluate(fleet.devices[i], *c).time_s for i, c in enumerate(configs))
+        return sum(problem.utility(i, *c) for i, c in enumerate(configs)), t
+
+    (u_raw, t_raw), (u_pol, t_pol) = totals(raw), totals(polished)
+    assert t_raw <= deadline and t_pol <= deadline * (1 + 1e-12)
+    assert u_pol > u_raw  # rounding down by up to 2x leaves room on the true profiles
+    for (layers_raw, _), (layers_pol, _) in zip(raw, polished, strict=True):
+        assert len(layers_pol) >= len(layers_raw)
 
 
 def test_bucketing_that_blocks_a_class_is_explained() -> None:
