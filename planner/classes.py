@@ -370,9 +370,11 @@ def class_pareto_configs(
     memory = costs.memory[0] + d * costs.memory[1] + s * costs.memory[2]
     nbytes = costs.bytes[0] + d * costs.bytes[1] + s * costs.bytes[2]
     util = catalog.utility_per_sample
-    ok = memory <= device_class.profile.memory_bytes
+    # The affine form rounds differently from CostModel.evaluate; allow 1e-9 relative so
+    # that a configuration exactly at the limit (by evaluate) is kept.
+    ok = memory <= device_class.profile.memory_bytes * (1 + 1e-9)
     if deadline_s is not None:
-        ok &= time <= deadline_s
+        ok &= time <= deadline_s * (1 + 1e-9)
     idx = np.flatnonzero(ok)
     opts = problem.options
     extra: list[np.ndarray] = []

@@ -186,9 +186,9 @@ def explain_infeasibility(
     max_utility: float | None = None,
 ) -> tuple[str, ...]:
     """One line per reason the program has no solution (never empty)."""
-    reasons: list[str] = []
-    if not problem.options.allow_dropping:
-        reasons.extend(str(b) for b in blocked_devices(problem, deadline_s))
+    # Blocked devices explain infeasibility directly, or (with dropping) why they could not
+    # help meet the fleet-wide rows.
+    reasons: list[str] = [str(b) for b in blocked_devices(problem, deadline_s)]
     reasons.extend(
         fleet_reasons(problem, deadline_s, utility_floor=utility_floor, max_utility=max_utility)
     )

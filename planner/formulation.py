@@ -345,7 +345,9 @@ def _formulate_devices(
     if not opts.allow_dropping:
         lower[z_id] = 1.0
     if has_t:
-        lower[t_id], upper[t_id], integer[t_id] = t_lb, t_ub, False
+        # min(): with dropping, a deadline below every device's smallest configuration
+        # leaves nobody to train; the rows (not the bounds) then say "infeasible".
+        lower[t_id], upper[t_id], integer[t_id] = min(t_lb, t_ub), t_ub, False
 
     rows = _Rows()
     ones = np.ones(K)
@@ -381,7 +383,7 @@ def _formulate_devices(
             rows.add(f"C5[{i}]", np.append(cols, t_id), np.append(tvals, -1.0), -np.inf, 0.0)
         else:
             assert deadline_s is not None
-            rows.add(f"C5[{i}]", cols, tvals, -np.inf, deadline_s)
+            rows.add(f"C5[{i}]", cols, tvals / deadline_s, -np.inf, 1.0)
         if link:
             # C7max: T <= t_i(x) + M (1 - h_i) for the device h_i = 1 that sets the round time
             big_m = t_ub
@@ -395,12 +397,15 @@ def _formulate_devices(
             rows.add(
                 f"C7h[{i}]", np.asarray([h_id[i], z_id[i]]), np.asarray([1.0, -1.0]), -np.inf, 0.0
             )
+        # Memory and a constant deadline are written relative to the capacity, so that the
+        # solver's feasibility tolerance (1e-7 .. 1e-6) is a relative one, as in validate_plan.
+        cap_gb = devices[i].memory_bytes / GB
         rows.add(
             f"C6[{i}]",
             cols,
-            np.append(mem_x[i].ravel(), mem_c[i]),
+            np.append(mem_x[i].ravel(), mem_c[i]) / cap_gb,
             -np.inf,
-            devices[i].memory_bytes / GB,
+            1.0,
         )
     if opts.server_mbps is not None:
         link_mb_s = opts.server_mbps / 8  # MB per second
