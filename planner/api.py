@@ -12,13 +12,16 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from legend.models.spec import ModelSpec
 from legend.planner.costs import Calibration, CostModel
 from legend.planner.errors import PlannerInputError
 from legend.planner.plan import DevicePlan, Plan, inputs_digest
 from legend.planner.profiles import Fleet, JobParams
+
+if TYPE_CHECKING:
+    from legend.planner.topology import Topology
 
 __all__ = [
     "OBJECTIVES",
@@ -163,6 +166,7 @@ class PlanningProblem:
     options: PlannerOptions
     costs: CostModel = field(compare=False)
     warm_start: Plan | None = field(default=None, compare=False)
+    topology: Topology | None = field(default=None, compare=False)
 
     @classmethod
     def create(
@@ -174,9 +178,15 @@ class PlanningProblem:
         *,
         calibration: Calibration | None = None,
         warm_start: Plan | None = None,
+        topology: Topology | None = None,
     ) -> PlanningProblem:
         job = job or JobParams()
         options = options or PlannerOptions()
+        if topology is not None and options.server_mbps is not None:
+            raise PlannerInputError(
+                "give either `server_mbps` or a topology, not both: model the server's link "
+                "as a link to 'server' in the topology"
+            )
         if options.min_depth > spec.num_layers:
             raise PlannerInputError(
                 f"`min_depth` {options.min_depth} exceeds the {spec.num_layers} layers of "
@@ -194,6 +204,7 @@ class PlanningProblem:
             options=options,
             costs=CostModel(spec, job, calibration),
             warm_start=warm_start,
+            topology=topology,
         )
 
     @property
@@ -213,13 +224,20 @@ class PlanningProblem:
         return n * sum(w[l] * rank_gain(r) for l, r in zip(layers, ranks, strict=True))
 
     def digest(self) -> str:
-        return inputs_digest(
+        parts: list[Any] = [
             self.fleet.to_records(),
             self.spec.to_dict(),
             self.job.to_dict(),
-            {k: v for k, v in self.options.to_dict().items() if k not in ("time_limit_s", "threads")},
+            {
+                k: v
+                for k, v in self.options.to_dict().items()
+                if k not in ("time_limit_s", "threads")
+            },
             self.costs.calibration.to_json() if self.costs.calibration else None,
-        )
+        ]
+        if self.topology is not None:
+            parts.append(self.topology.to_dict())
+        return inputs_digest(*parts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,6 +304,15 @@ def make_plan(
                 utility=util,
             )
         )
+    if problem.topology is not None:
+        from legend.planner.topology import predicted_round_time
+
+        round_time = predicted_round_time(
+            problem.topology,
+            problem.fleet,
+            problem.costs,
+            {d.device_id: (d.layers, d.ranks) for d in devices},
+        )
     objective = problem.options.objective
     if objective == "rate":
         value = total_utility / round_time if round_time > 0 else 0.0
@@ -323,8 +350,12 @@ def plan_round(
     calibration: Calibration | None = None,
     warm_start: Plan | None = None,
     round_index: int | None = None,
+    topology: Topology | None = None,
 ) -> Plan:
     """Plan one round: choose every device's LoRA depth and ranks.
+
+    With a ``topology`` (:mod:`legend.planner.topology`), links shared by several devices
+    add contention rows to the exact program and the plan's round time includes them.
 
     Raises
     ------
@@ -336,13 +367,24 @@ def plan_round(
         The solver failed or stopped without a feasible plan (exit 4).
     """
     problem = PlanningProblem.create(
-        fleet, spec, job, options, calibration=calibration, warm_start=warm_start
+        fleet,
+        spec,
+        job,
+        options,
+        calibration=calibration,
+        warm_start=warm_start,
+        topology=topology,
     )
     _load_backends()
     name = problem.options.solver
     if name not in SOLVERS:
         raise PlannerInputError(
             f"unknown solver {name!r}; expected one of {', '.join(sorted(SOLVERS))}"
+        )
+    if topology is not None and name in ("greedy", "brute-force"):
+        raise PlannerInputError(
+            f"solver {name!r} does not model a topology; use pulp-highs, pulp-cbc or "
+            "cvxpy-highs with --topology"
         )
     start = time.perf_counter()
     outcome = SOLVERS[name](problem)

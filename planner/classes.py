@@ -130,6 +130,11 @@ def group_devices(
             opts.coverage_share > 0 and opts.coverage_layers > 0
         )
     job = problem.job
+    shared = (
+        [e for e, _up, _down in problem.topology.congested(problem.fleet)]
+        if problem.topology is not None
+        else None
+    )
     groups: dict[tuple[object, ...], list[int]] = {}
     profiles: dict[tuple[object, ...], DeviceProfile] = {}
     for index, device in enumerate(problem.fleet.devices):
@@ -149,6 +154,9 @@ def group_devices(
             )
         steps = job.steps_for(device)
         key: tuple[object, ...] = (*hw, steps, device.num_samples if exact_samples else None)
+        if shared is not None:
+            # classes are split by route over the topology's congested links
+            key = (*key, tuple(e for e in shared if e in problem.topology.routes[device.device_id]))  # type: ignore[union-attr]
         if key not in groups:
             groups[key] = []
             profiles[key] = DeviceProfile(

@@ -118,6 +118,12 @@ def plan_command(
         float | None,
         typer.Option("--server-mbps", help="Capacity of the server's link, Mbit/s."),
     ] = None,
+    topology: Annotated[
+        Path | None,
+        typer.Option(
+            "--topology", help="Network topology (TOML/JSON): links the devices share."
+        ),
+    ] = None,
     allow_dropping: Annotated[
         bool,
         typer.Option("--allow-dropping", help="Let the planner leave devices out of the round."),
@@ -187,6 +193,11 @@ def plan_command(
         utility_floor_share=utility_floor_share,
     )
     calib = Calibration.load(calibration) if calibration is not None else None
+    topo = None
+    if topology is not None:
+        from legend.planner.topology import load_topology
+
+        topo = load_topology(topology, loaded)
     if calib is not None and calib.model != spec.name:
         raise PlannerInputError(
             f"calibration file {calibration} was measured for model {calib.model!r}, not "
@@ -200,7 +211,7 @@ def plan_command(
         err.status(f"Planning {len(loaded)} devices with {solver} ({objective})..."),
         _native_stdout_to_stderr(),
     ):
-        plan = plan_round(loaded, spec, job, options, calibration=calib)
+        plan = plan_round(loaded, spec, job, options, calibration=calib, topology=topo)
     plan.save(out)
 
     if output_format == "json":

@@ -326,9 +326,10 @@ def _formulate_devices(
     x_id = np.arange(nx).reshape(N, L, K)
     z_id = nx + np.arange(N)
     link = opts.server_mbps is not None
+    shared = _shared_link_rows(problem) if problem.topology is not None else []
     # With the server link, T must be the slowest participant's time exactly (C7 is checked
     # against the real round time), so T is a variable even under a constant deadline.
-    has_t = deadline_s is None or link
+    has_t = deadline_s is None or link or bool(shared)
     t_id = nx + N if has_t else -1
     h_id = nx + N + 1 + np.arange(N) if link else np.zeros(0, dtype=np.int64)
     num_vars = nx + N + (1 if has_t else 0) + len(h_id)
@@ -413,6 +414,27 @@ def _formulate_devices(
         vals = np.concatenate([2 * byte_x.ravel(), 2 * byte_c])
         rows.add("C7", np.append(cols, t_id), np.append(vals, -link_mb_s), -np.inf, 0.0)
         rows.add("C7one", h_id, np.ones(N), 1.0, 1.0)
+    for name, own, per_byte, members in shared:
+        # C10: compute of `own` + the link's bytes at its capacity (see planner.topology)
+        i = own
+        d8, u8 = 8 / devices[i].downlink_mbps, 8 / devices[i].uplink_mbps
+        own_byte = (0.0 if per_byte[1] else d8) + (0.0 if per_byte[0] else u8)
+        comp_x = time_x[i].ravel() - byte_x[i].ravel() * (d8 + u8) + byte_x[i].ravel() * own_byte
+        comp_c = time_c[i] - byte_c[i] * (d8 + u8) + byte_c[i] * own_byte
+        k_e = per_byte[2]
+        cols_l = [x_id[i].ravel(), [z_id[i]]]
+        vals_l = [comp_x, [comp_c]]
+        if k_e > 0:
+            for j in members:
+                cols_l += [x_id[j].ravel(), [z_id[j]]]
+                vals_l += [byte_x[j].ravel() * k_e, [byte_c[j] * k_e]]
+        rows.add(
+            name,
+            np.append(np.concatenate(cols_l), t_id),
+            np.append(np.concatenate(vals_l), -1.0),
+            -np.inf,
+            0.0,
+        )
     if opts.coverage_share > 0 and opts.coverage_layers > 0:
         q = opts.coverage_share
         for ly in range(L - opts.coverage_layers, L):
@@ -464,6 +486,24 @@ def _formulate_devices(
         start=start,
         layout=_DeviceLayout(num_devices=N, num_layers=L, ranks=ranks),
     )
+
+
+def _shared_link_rows(
+    problem: PlanningProblem,
+) -> list[tuple[str, int, tuple[bool, bool, float], list[int]]]:
+    """``(row name, device, (up congested, down congested, s per MB of the link's bytes),
+    devices on the link)`` for every congested link of the topology and device on it."""
+    topo = problem.topology
+    assert topo is not None
+    pos = {d: i for i, d in enumerate(problem.fleet.device_ids)}
+    out = []
+    for e, up_c, down_c in topo.congested(problem.fleet):
+        link = topo.links[e]
+        k_e = (8 / link.up_mbps if up_c else 0.0) + (8 / link.down_mbps if down_c else 0.0)
+        members = [pos[d] for d in topo.devices_on(e)]
+        for i in members:
+            out.append((f"C10[{e},{i}]", i, (up_c, down_c, k_e), members))
+    return out
 
 
 def _device_start(
@@ -535,7 +575,10 @@ def _formulate_classes(
     samples_all = np.asarray([d.num_samples for d in problem.fleet.devices], dtype=float)
     scale = float(samples_all.mean())
     link = opts.server_mbps is not None
-    has_t = deadline_s is None or link
+    congested = (
+        problem.topology.congested(problem.fleet) if problem.topology is not None else []
+    )
+    has_t = deadline_s is None or link or bool(congested)
 
     # lower bound of T over plans with a participant
     mins = [float(cc.time_s.min()) for cc in configs if len(cc)]
@@ -575,6 +618,12 @@ def _formulate_classes(
                     if cc.time_s[j] > t_lb * (1 + 1e-12)
                 }
             )
+    if congested:
+        # the link rows need "configuration j is used" for every configuration
+        for c, cc in enumerate(configs):
+            for j in range(len(cc)):
+                if j not in v_ids[c]:
+                    v_ids[c][j] = var(VarKey("v", c, j), f"v_{c}_{j}", 0.0, 1.0, True)
     t_id = -1
     t_ub = max((float(cc.time_s.max()) for cc in configs if len(cc)), default=1.0) * 1.01 + 1.0
     if deadline_s is not None:
@@ -595,7 +644,7 @@ def _formulate_classes(
         if o_ids[c] >= 0:
             cols, vals = np.append(cols, o_ids[c]), np.append(vals, 1.0)
         rows.add(f"C3[{c}]", cols, vals, float(cls.size), float(cls.size))
-        if has_t and v_ids[c]:
+        if has_t and v_ids[c] and not congested:
             # Valid cut (the round lasts at least the class's sample-average excess over
             # T_lb); it makes the LP relaxation charge mixed configurations their mean time.
             slow = np.asarray(sorted(v_ids[c]), dtype=np.int64)
@@ -650,6 +699,8 @@ def _formulate_classes(
         rows.add("C7", np.append(all_m, t_id), np.append(vals, -link_mb_s), -np.inf, 0.0)
         all_h = np.concatenate(h_ids)
         rows.add("C7one", all_h, np.ones(len(all_h)), 1.0, 1.0)
+    if congested:
+        _class_link_rows(problem, rows, classes, configs, m_ids, v_ids, t_id, congested)
     if opts.coverage_share > 0 and opts.coverage_layers > 0:
         q = opts.coverage_share
         for ly in range(L - opts.coverage_layers, L):
@@ -696,6 +747,44 @@ def _formulate_classes(
     )
 
 
+def _class_link_rows(
+    problem: PlanningProblem,
+    rows: _Rows,
+    classes: tuple[DeviceClass, ...],
+    configs: tuple[ClassConfigs, ...],
+    m_ids: list[np.ndarray],
+    v_ids: list[dict[int, int]],
+    t_id: int,
+    congested: list[tuple[int, bool, bool]],
+) -> None:
+    """C10[e,c,j]: compute of configuration j of class c + link e's bytes at capacity <= T."""
+    topo = problem.topology
+    assert topo is not None
+    ids = problem.fleet.device_ids
+    for e, up_c, down_c in congested:
+        link = topo.links[e]
+        k_e = (8 / link.up_mbps if up_c else 0.0) + (8 / link.down_mbps if down_c else 0.0)
+        on = [c for c, cls in enumerate(classes) if e in topo.routes[ids[cls.members[0]]]]
+        if not on:
+            continue
+        cols = np.concatenate([m_ids[c] for c in on])
+        vals = np.concatenate([configs[c].bytes_one_way / MB * k_e for c in on])
+        for c in on:
+            prof = classes[c].profile
+            d8, u8 = 8 / prof.downlink_mbps, 8 / prof.uplink_mbps
+            own = (0.0 if down_c else d8) + (0.0 if up_c else u8)
+            b = configs[c].bytes_one_way / MB
+            comp = configs[c].time_s - b * (d8 + u8) + b * own
+            for j in range(len(configs[c])):
+                rows.add(
+                    f"C10[{e},{c},{j}]",
+                    np.concatenate([cols, [v_ids[c][j], t_id]]),
+                    np.concatenate([vals, [comp[j], -1.0]]),
+                    -np.inf,
+                    0.0,
+                )
+
+
 # -- decoding ------------------------------------------------------------------------------
 
 
@@ -734,11 +823,19 @@ def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
             participants = v[[k for k, key in enumerate(milp.index) if key.kind == "z"]] > 0.5
             if participants.any():
                 t = float(activity[participants].max())
+                shared = milp.rows_named("C10")
+                if shared and milp.round_time is not None:
+                    act = milp.matrix[shared] @ v + v[milp.round_time]
+                    t = max(t, float(act.max()))
     else:
         for off, cc in zip(layout.count_offset, layout.configs, strict=True):
             used = np.rint(v[off : off + len(cc)]) > 0
             if used.any():
                 t = max(t, float(cc.time_s[used].max()))
+        shared = milp.rows_named("C10")
+        if shared and milp.round_time is not None and t > 0:
+            act = milp.matrix[shared] @ v + v[milp.round_time]
+            t = max(t, float(act.max()))
     if t == 0.0:
         return 0.0
     return max(t, milp.time_lower_bound_s)

@@ -243,6 +243,7 @@ def validate_plan(
     server_mbps: float | None = None,
     cost_model: CostModel | None = None,
     rel_tol: float = 1e-6,
+    topology: Any = None,
 ) -> list[PlanViolation]:
     """Check a plan independently of the formulation; return every violation (empty: valid).
 
@@ -319,6 +320,22 @@ def validate_plan(
     participants_time = [d.predicted_time_s for d in plan.devices if d.layers]
     if participants_time and plan.round_time_s + 1e-9 < max(participants_time) * (1 - rel_tol):
         bad(None, "round_time", f"round_time_s {plan.round_time_s} < slowest device")
+    if topology is not None and plan.round_time_s > 0:
+        # every link carries the round's bytes each way within the round time
+        by_id = {d.device_id: d for d in plan.devices}
+        for link in topology.links:
+            up = down = 0.0
+            for device_id, route in topology.routes.items():
+                entry = by_id.get(device_id)
+                on_route = link in (topology.links[k] for k in route)
+                if entry is None or not entry.layers or not on_route:
+                    continue
+                c = costs.evaluate(fleet[device_id], entry.layers, entry.ranks)
+                up, down = up + c.upload_bytes, down + c.download_bytes
+            for way, nbytes, mbps in (("up", up, link.up_mbps), ("down", down, link.down_mbps)):
+                cap = mbps * 1e6 / 8 * plan.round_time_s
+                if nbytes > cap * (1 + rel_tol):
+                    bad(None, f"link {link.name} {way}", f"{nbytes:.0f} bytes > {cap:.0f}")
     if server_mbps is not None and plan.round_time_s > 0:
         capacity = server_mbps * 1e6 / 8 * plan.round_time_s
         if total_bytes > capacity * (1 + rel_tol):
