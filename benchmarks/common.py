@@ -347,11 +347,12 @@ def measure_configs(payload: Mapping[str, Any]) -> dict[str, Any]:
 
     The frozen base model is loaded once. Memory, read from ``/proc/self/status``:
     ``model_load_bytes``, the resident set size added by loading the model (libraries,
-    data and autograd already started before); per configuration ``train_peak_bytes``, the
-    peak resident set size while its adapter is installed and trained (``VmHWM``, reset
-    just before) minus the resident set size just before (freed heap returned to the OS
-    first), in the first pass. Step times are host wall clock of forward, backward and the
-    AdamW update.
+    data and autograd already started before), read after one untimed training step (the
+    weights of a memory-mapped checkpoint become resident when first used); per
+    configuration ``train_peak_bytes``, the peak resident set size while its adapter is
+    installed and trained (``VmHWM``, reset just before) minus the resident set size just
+    before (freed heap returned to the OS first), in the first pass. Step times are host
+    wall clock of forward, backward and the AdamW update.
     """
     import gc
     import random
@@ -416,9 +417,6 @@ def measure_configs(payload: Mapping[str, Any]) -> dict[str, Any]:
     base = load_base_model(model_name, num_labels=spec.num_labels, seed=seed)
     host = AdapterHost(base, spec, job)
     glob = init_global(spec, max(grid), host.initial_head(), seed=seed)
-    gc.collect()
-    _malloc_trim()
-    model_load = current_rss_bytes() - rss_before
     # One untimed step of the first configuration: PEFT's and the optimizer's first-use
     # costs land here, not on whichever configuration happens to be measured first.
     first_layers, first_ranks = configs[0]
@@ -429,6 +427,11 @@ def measure_configs(payload: Mapping[str, Any]) -> dict[str, Any]:
         model(**warm_batch).loss.backward()
         warm_opt.step()
         del warm_opt, warm_batch
+    # Weights may be memory-mapped from the checkpoint and become resident only when first
+    # used: the loaded model's memory is read after that first step, its adapter removed.
+    gc.collect()
+    _malloc_trim()
+    model_load = current_rss_bytes() - rss_before
 
     results: dict[int, dict[str, Any]] = {
         i: {"layers": list(c[0]), "ranks": list(c[1]), "times": [], "losses": []}
