@@ -11,7 +11,9 @@ Server side, per round ``t``:
    draws the round's injected faults (drop-outs, corrupt updates) deterministically;
 4. :meth:`ServerCore.finish_round` checks each reply, excludes broken ones (logged),
    aggregates the rest with the run's rule, updates the capacity estimates and returns the
-   round's records (simulated clock, bytes, waiting).
+   round's records (simulated clock, bytes, waiting). With a network topology the clock
+   is the fair-sharing one of :func:`round_clock`: transfers through a shared link slow
+   each other down, and each link's utilisation is recorded.
 
 Client side, :meth:`ClientCore.train` installs the device's adapter on the shared frozen
 base model, trains ``local_steps`` steps on the device's data, and reports its update and
@@ -28,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,7 @@ from legend.models.spec import ModelSpec
 from legend.planner.costs import Calibration, CostModel
 from legend.planner.plan import DevicePlan, Plan
 from legend.planner.profiles import DeviceProfile, Fleet
+from legend.planner.topology import Topology, simulate_round
 
 __all__ = [
     "FAULT_KINDS",
@@ -55,6 +58,8 @@ __all__ = [
     "RoundResult",
     "ServerCore",
     "device_seed",
+    "restrict_topology",
+    "round_clock",
 ]
 
 log = logging.getLogger("legend.federation")
@@ -121,6 +126,7 @@ class RoundResult:
     device_rows: tuple[Mapping[str, Any], ...]
     estimates: Mapping[str, tuple[float, float, float]]
     rejected: Mapping[str, str] = field(default_factory=dict)
+    link_rows: tuple[Mapping[str, Any], ...] = ()
 
 
 class ServerCore:
@@ -141,6 +147,10 @@ class ServerCore:
     estimates
         EMA capacity estimates ``device_id -> (tflops, uplink_mbps, downlink_mbps)``;
         defaults to the declared profiles.
+    topology
+        The links the fleet shares (:func:`~legend.planner.topology.load_topology`), or
+        ``None`` for a private link per device. It drives the simulated clock; planning
+        sees it when ``cfg.planner.use_topology`` holds and the method's solver models it.
     """
 
     def __init__(
@@ -152,8 +162,10 @@ class ServerCore:
         calibration: Calibration | None,
         global_state: AdapterState,
         estimates: Mapping[str, tuple[float, float, float]] | None = None,
+        topology: Topology | None = None,
     ) -> None:
         self.cfg = cfg
+        self.topology = topology
         self.fleet = fleet
         self.spec = spec
         self.calibration = calibration
@@ -186,6 +198,11 @@ class ServerCore:
             round_index=round_index,
             calibration=self.calibration,
             warm_start=self.last_plan,
+            topology=(
+                restrict_topology(self.topology, device_ids)
+                if self.topology is not None and self.cfg.planner.use_topology
+                else None
+            ),
         )
         self.last_plan = plan
         return plan
@@ -291,11 +308,17 @@ class ServerCore:
             log.warning("round %d: no valid update; the global adapter is unchanged", round_index)
 
         # Simulated clock: the slowest reply, or the timeout if someone never answered.
-        times = [r.sim_time_s for r in replies if not r.dropped]
-        slowest = max(times, default=0.0)
+        answered = [r for r in replies if not r.dropped]
+        finish = round_clock(self.topology, self.fleet, answered)
+        slowest = max(finish.values(), default=0.0)
         if dropped:
             slowest = max(slowest, f.timeout_factor * plan.round_time_s)
         sim_round = slowest + server_time_s
+        link_rows = (
+            tuple(self._link_rows(round_index, answered, slowest))
+            if self.topology is not None
+            else ()
+        )
         self._update_estimates(replies)
 
         device_rows = []
@@ -321,7 +344,7 @@ class ServerCore:
                     "ranks": " ".join(map(str, dp.ranks)),
                     "depth": dp.depth,
                     "predicted_time_s": dp.predicted_time_s,
-                    "observed_time_s": answer.sim_time_s if ok and answer else math.nan,
+                    "observed_time_s": finish[dp.device_id] if ok else math.nan,
                     "predicted_compute_s": dp.predicted_compute_s,
                     "observed_compute_s": answer.sim_compute_s if ok and answer else math.nan,
                     "bytes_up": answer.upload_bytes if ok and answer else 0.0,
@@ -330,7 +353,7 @@ class ServerCore:
                     "train_loss": answer.train_loss if ok and answer else math.nan,
                     "samples": answer.num_samples if ok and answer else 0,
                     "host_time_s": answer.host_time_s if answer else 0.0,
-                    "waiting_s": (sim_round - answer.sim_time_s) if ok and answer else math.nan,
+                    "waiting_s": (sim_round - finish[dp.device_id]) if ok else math.nan,
                 }
             )
         waits = [
@@ -363,7 +386,48 @@ class ServerCore:
             device_rows=tuple(device_rows),
             estimates=dict(self.estimates),
             rejected=rejected,
+            link_rows=link_rows,
         )
+
+    def _link_rows(
+        self, round_index: int, answered: Sequence[ClientReply], round_s: float
+    ) -> list[dict[str, Any]]:
+        """``links.csv`` rows: each link's bytes this round, utilisation and whether it binds.
+
+        Utilisation is bytes through the link / (capacity x the devices' round time); a link
+        *binds* when doubling its capacity would end the round sooner on the same clock.
+        """
+        topo = self.topology
+        assert topo is not None
+        by_link: dict[int, list[ClientReply]] = {}
+        for r in answered:
+            for e in topo.routes[r.device_id]:
+                by_link.setdefault(e, []).append(r)
+        rows = []
+        for e, link in enumerate(topo.links):
+            on = by_link.get(e)
+            if not on:
+                continue
+            up = sum(r.upload_bytes for r in on)
+            down = sum(r.download_bytes for r in on)
+            binding = False
+            if len(on) > 1 and round_s > 0:
+                wider = round_clock(topo.with_capacity(e, factor=2.0), self.fleet, answered)
+                binding = max(wider.values(), default=0.0) < round_s * (1 - 1e-9)
+            rows.append(
+                {
+                    "round": round_index,
+                    "link": link.name,
+                    "up_bytes": up,
+                    "down_bytes": down,
+                    "utilisation_up": up * 8 / (link.up_mbps * 1e6 * round_s) if round_s else 0.0,
+                    "utilisation_down": (
+                        down * 8 / (link.down_mbps * 1e6 * round_s) if round_s else 0.0
+                    ),
+                    "binding": binding,
+                }
+            )
+        return rows
 
     def _update_estimates(self, replies: Sequence[ClientReply]) -> None:
         """EMA capacity estimation from observed compute time and link throughput."""
@@ -393,6 +457,47 @@ class ServerCore:
                 rho * up + (1 - rho) * obs_up,
                 rho * down + (1 - rho) * obs_down,
             )
+
+
+def restrict_topology(topology: Topology, device_ids: Sequence[str]) -> Topology:
+    """``topology`` with routes for ``device_ids`` only (a round's sample of the fleet)."""
+    keep = set(device_ids)
+    return Topology(
+        links=topology.links,
+        routes={d: r for d, r in topology.routes.items() if d in keep},
+        node_kinds=topology.node_kinds,
+    )
+
+
+def round_clock(
+    topology: Topology | None, fleet: Fleet, replies: Sequence[ClientReply]
+) -> dict[str, float]:
+    """Each answering device's finish time in the round on the simulated clock.
+
+    Without a topology a device finishes at its own ``sim_time_s`` (a private link).
+    With one, the round runs on :func:`~legend.planner.topology.simulate_round`: every
+    device downloads from time 0, computes for ``sim_compute_s``, then uploads; transfers
+    through a shared link share it max-min fairly, each capped by the device's own rate in
+    this round (``bytes / sim_*_s``, so jitter carries over).
+    """
+    if topology is None or not replies:
+        return {r.device_id: r.sim_time_s for r in replies}
+    devices = []
+    for r in replies:
+        base = fleet[r.device_id]
+        up, down = base.uplink_mbps, base.downlink_mbps
+        if r.sim_upload_s > 0 and r.upload_bytes > 0:
+            up = r.upload_bytes * 8 / r.sim_upload_s / 1e6
+        if r.sim_download_s > 0 and r.download_bytes > 0:
+            down = r.download_bytes * 8 / r.sim_download_s / 1e6
+        devices.append(replace(base, uplink_mbps=up, downlink_mbps=down))
+    finish = simulate_round(
+        restrict_topology(topology, [r.device_id for r in replies]),
+        devices,
+        [r.sim_compute_s for r in replies],
+        [max(r.upload_bytes, r.download_bytes) for r in replies],
+    )
+    return {r.device_id: t for r, t in zip(replies, finish, strict=True)}
 
 
 class ClientCore:

@@ -458,7 +458,12 @@ def _loaded_job(payload: Mapping[str, Any]) -> _LoadedJob:
             job_path.write_text(_field(payload, "job-toml", str, "job message"))
             # The node needs the fleet only to partition the data; calibration arrives in
             # the message (a server-side path would not exist here).
-            cfg = load_job(job_path, job__fleet=str(fleet_path), planner__calibration="none")
+            cfg = load_job(
+                job_path,
+                job__fleet=str(fleet_path),
+                job__topology="",  # the server's clock applies it; a node never reads it
+                planner__calibration="none",
+            )
         cal_json = _field(payload, "calibration-json", str, "job message")
         calibration = Calibration.from_json(cal_json) if cal_json else None
         threads = cfg.train.threads or int(os.environ.get("LEGEND_NODE_THREADS") or 0)

@@ -63,6 +63,7 @@ class JobSection:
     name: str = "legend-job"
     model: str = "all-MiniLM-L6-v2"
     fleet: str = ""
+    topology: str = ""  # network topology file (links the devices share); "" = private links
     method: str = "exact"
     rounds: int = 10
     seed: int = 0
@@ -116,6 +117,7 @@ class PlannerSection:
     min_depth: int = 1
     server_mbps: float | None = None
     layer_weights: str = "linear"
+    use_topology: bool = True  # false: plan blind to job.topology (the clock still applies it)
     calibration: str = "auto"  # "auto": time the host once per run; "none": analytic; or a file
 
 
@@ -330,6 +332,11 @@ def _validate(cfg: JobConfig) -> None:
     _positive(s, "federation.eval_every", f.eval_every)
     if j.target_accuracy is not None and not 0 < j.target_accuracy <= 1:
         raise JobError(f"{s}: `job.target_accuracy` = {j.target_accuracy} must be in (0, 1]")
+    if j.topology and p.server_mbps is not None:
+        raise JobError(
+            f"{s}: `planner.server_mbps` and `job.topology` cannot be combined: model the "
+            "server's link as a link to 'server' in the topology and drop planner.server_mbps"
+        )
     if p.objective == "deadline" and p.deadline_s is None:
         raise JobError(f"{s}: `planner.deadline_s` is required when planner.objective = 'deadline'")
 
@@ -364,7 +371,17 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
         fleet_path = (path.parent / fleet_path).resolve()
     if not fleet_path.is_file():
         raise JobError(f"{source}: `job.fleet` = {job.fleet!r}: file {fleet_path} does not exist")
-    sections["job"] = replace(job, fleet=str(fleet_path))
+    sections["job"] = job = replace(job, fleet=str(fleet_path))
+    if job.topology:
+        topology_path = Path(job.topology)
+        if not topology_path.is_absolute():
+            topology_path = (path.parent / topology_path).resolve()
+        if not topology_path.is_file():
+            raise JobError(
+                f"{source}: `job.topology` = {job.topology!r}: file {topology_path} does not "
+                'exist; give a topology file (.toml or .json) or "" for none'
+            )
+        sections["job"] = replace(job, topology=str(topology_path))
     try:
         get_model_spec(job.model, target_modules=sections["train"].target_modules)
     except ModelInputError as exc:

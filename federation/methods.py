@@ -36,6 +36,7 @@ from legend.planner.costs import Calibration
 from legend.planner.errors import InfeasibleError
 from legend.planner.plan import Plan
 from legend.planner.profiles import Fleet
+from legend.planner.topology import Topology
 
 __all__ = ["plan_for_method", "planner_options"]
 
@@ -64,15 +65,24 @@ def plan_for_method(
     round_index: int,
     calibration: Calibration | None = None,
     warm_start: Plan | None = None,
+    topology: Topology | None = None,
 ) -> Plan:
-    """The plan of ``cfg.job.method`` for one round over ``fleet`` (estimated profiles)."""
+    """The plan of ``cfg.job.method`` for one round over ``fleet`` (estimated profiles).
+
+    ``topology`` (restricted to ``fleet``'s devices) reaches the methods whose solver models
+    shared links (``exact``, ``depth-only``, ``rank-only`` on an integer-program solver);
+    the others plan blind to it, as a topology-blind baseline would.
+    """
     method = cfg.job.method
     job = cfg.job_params
-    common = {"calibration": calibration, "round_index": round_index}
+    if cfg.planner.solver in ("greedy", "brute-force"):
+        topology = None
+    common = {"calibration": calibration, "round_index": round_index, "topology": topology}
     if method == "exact":
         return plan_round(fleet, spec, job, planner_options(cfg), warm_start=warm_start, **common)
     if method == "greedy":
-        return plan_round(fleet, spec, job, planner_options(cfg, solver="greedy"), **common)
+        blind = {**common, "topology": None}
+        return plan_round(fleet, spec, job, planner_options(cfg, solver="greedy"), **blind)
     if method == "depth-only":
         one_rank = job.with_(ranks=(cfg.train.uniform_rank,))
         return plan_round(fleet, spec, one_rank, planner_options(cfg), **common)

@@ -12,6 +12,8 @@ Run directory::
     plans/round_0001.json  each round's plan
     rounds.csv             one row per round (simulated and host time, accuracy, bytes, ...)
     devices.csv            one row per round and device (plan, predicted/observed time, ...)
+    links.csv              with ``job.topology``: per round and shared link, bytes each way,
+                           utilisation and whether the link bound the round
     checkpoints/           global adapter (npz) after every round and state.json
     adapter/               the final global adapter in PEFT ``save_pretrained`` format
     summary.json           method, final accuracy, time and bytes to target
@@ -41,8 +43,17 @@ from legend.federation.job import JobConfig
 from legend.models.spec import ModelSpec, get_model_spec
 from legend.planner.costs import Calibration
 from legend.planner.profiles import Fleet, load_fleet
+from legend.planner.topology import load_topology
 
-__all__ = ["DEVICE_COLUMNS", "ROUND_COLUMNS", "RunResult", "RunSession", "prepare", "run_job"]
+__all__ = [
+    "DEVICE_COLUMNS",
+    "LINK_COLUMNS",
+    "ROUND_COLUMNS",
+    "RunResult",
+    "RunSession",
+    "prepare",
+    "run_job",
+]
 
 log = logging.getLogger("legend.federation")
 
@@ -88,6 +99,17 @@ DEVICE_COLUMNS = (
     "host_time_s",
     "waiting_s",
 )
+
+LINK_COLUMNS = (
+    "round",
+    "link",
+    "up_bytes",
+    "down_bytes",
+    "utilisation_up",
+    "utilisation_down",
+    "binding",
+)
+_RECORDS = ("rounds.csv", "devices.csv", "links.csv")
 
 
 class RunDirError(FederationInputError):
@@ -409,15 +431,15 @@ class RunSession:
             self.prepared = p = prepared or prepare(cfg, calibration=calibration)
         if resume:
             progress, global_state, estimates = _load_checkpoint(out)
-            _truncate_csv(out / "rounds.csv", progress.round)
-            _truncate_csv(out / "devices.csv", progress.round)
+            for name in _RECORDS:
+                _truncate_csv(out / name, progress.round)
             self.calibration = Calibration.load(cal_file) if cal_file.is_file() else None
         else:
             (out / "config.toml").write_text(cfg.to_toml())
             self.calibration = p.calibration
             if self.calibration is not None:
                 self.calibration.save(cal_file)
-            for name in ("rounds.csv", "devices.csv"):
+            for name in _RECORDS:
                 (out / name).unlink(missing_ok=True)
             progress = _Progress()
             r_max = max(cfg.train.ranks)
@@ -431,6 +453,7 @@ class RunSession:
             calibration=self.calibration,
             global_state=global_state,
             estimates=estimates,
+            topology=load_topology(cfg.job.topology, p.fleet) if cfg.job.topology else None,
         )
         self.last_round = cfg.job.rounds if stop_after is None else min(cfg.job.rounds, stop_after)
         self._round_start = 0.0
@@ -503,6 +526,8 @@ class RunSession:
         )
         _write_csv_rows(self.out / "devices.csv", DEVICE_COLUMNS, result.device_rows)
         _write_csv_rows(self.out / "rounds.csv", ROUND_COLUMNS, [row])
+        if result.link_rows:
+            _write_csv_rows(self.out / "links.csv", LINK_COLUMNS, result.link_rows)
         _checkpoint(self.out, result, progress)
         acc = "-" if math.isnan(accuracy) else f"{accuracy:.3f}"
         self.console.print(
