@@ -1036,25 +1036,123 @@ def _runtime_client(address: str, insecure: bool, root_certificates: str | None,
     )
 
 
-def _run_task(address: str, token: str, insecure: bool, root_certificates: str | None) -> None:
-    """Execute one ClientApp task of a SuperNode in this process (model cache kept)."""
+class _Superseded(Exception):
+    """The SuperNode created a newer task while this one's message never arrived."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__("superseded by a newer task")
+        self.token = token
+
+
+def _pull_task_input(
+    client: Any, acquire: Callable[[], str | None], *, max_wait_s: float
+) -> tuple[Message, Context]:
+    """Pull a task's message and context from the SuperNode, with a bounded wait.
+
+    Flower's own pull waits up to two hours for the message's objects. A SuperNode that
+    drops a message half-received (its run was stopped, e.g. a killed ServerApp) leaves
+    the task pending with objects that never arrive, and it has already moved on to the
+    next message (it handles one at a time). So while an object is unavailable the worker
+    asks the SuperNode for a newer task: if there is one, this task is stale and
+    :class:`_Superseded` carries the newer task's token. The wait also ends at the
+    message's expiry (``created_at + ttl``) and after ``max_wait_s``.
+    """
+    from flwr.common.serde import context_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import (
+        ObjectUnavailableError,
+        pull_and_inflate_object_from_tree,
+    )
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise FlowerEngineError(f"the SuperNode has no message for run {context.run_id}")
+    meta = pulled.messages_list[0].metadata
+    expires = meta.created_at + meta.ttl if meta.ttl > 0 else math.inf
+    deadline = time.monotonic() + max_wait_s
+    node = Node(node_id=context.node_id)
+    pull = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
+    lock = threading.Lock()
+    last_check = [0.0]
+
+    def pull_object(object_id: str) -> bytes:
+        try:
+            return pull(object_id)
+        except ObjectUnavailableError:
+            with lock:
+                now = time.monotonic()
+                if now - last_check[0] >= 0.5:
+                    last_check[0] = now
+                    newer = acquire()
+                    if newer:
+                        raise _Superseded(newer) from None
+                if now > deadline or time.time() > expires:
+                    raise FlowerEngineError(
+                        f"message {meta.message_id[:12]} of run {context.run_id} did not "
+                        f"arrive at the SuperNode in time; task abandoned"
+                    ) from None
+            raise
+
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        pull_object,
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived, node, context.run_id
+        ),
+        return_type=Message,
+        max_time=max_wait_s,
+        initial_backoff=0.1,
+        backoff_cap=0.5,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context
+
+
+def _run_task(
+    address: str,
+    token: str,
+    insecure: bool,
+    root_certificates: str | None,
+    *,
+    acquire: Callable[[], str | None] = lambda: None,
+    max_wait_s: float = 120.0,
+) -> str | None:
+    """Execute one ClientApp task of a SuperNode in this process (model cache kept).
+
+    Returns the token of a newer task of the same SuperNode when this one turned out to be
+    stale (see :func:`_pull_task_input`); the caller runs that one next.
+    """
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supernode.runtime.run_clientapp import (
-        pull_task_input,
-        push_message,
-        push_task_output,
-    )
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     client = _runtime_client(address, insecure, root_certificates, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     message = reply = None
     context = None
+    newer: str | None = None
     status, details = SubStatus.FAILED, "task failed"
     try:
-        message, context, _run, _fab = pull_task_input(client)
+        try:
+            message, context = _pull_task_input(client, acquire, max_wait_s=max_wait_s)
+        except _Superseded as exc:
+            log.warning("SuperNode at %s dropped a task's message; running its next task", address)
+            newer, details = exc.token, "stale task: the SuperNode moved on to a newer message"
+            return newer
         try:
             reply = client_app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
@@ -1070,10 +1168,13 @@ def _run_task(address: str, token: str, insecure: bool, root_certificates: str |
     finally:
         try:
             push_task_output(client=client, context=context, sub_status=status, details=details)
+        except Exception as exc:  # the SuperNode forgot the task (e.g. it restarted)
+            log.warning("could not close a task of the SuperNode at %s: %s", address, exc)
         finally:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
+    return None
 
 
 def serve_nodes(
@@ -1083,6 +1184,7 @@ def serve_nodes(
     root_certificates: str | None = None,
     poll_interval_s: float = 0.2,
     give_up_after_s: float = 30.0,
+    task_input_wait_s: float = 120.0,
     stop: threading.Event | None = None,
 ) -> None:
     """Run ClientApp tasks of SuperNodes in this process, keeping the model cached.
@@ -1092,6 +1194,11 @@ def serve_nodes(
     here, so the frozen base model and the data shares are loaded once and reused across
     rounds and across the SuperNodes it serves. A SuperNode that stays unreachable for
     ``give_up_after_s`` is dropped; the worker returns when none is left (or on ``stop``).
+
+    A task whose message the SuperNode dropped half-received (its run was stopped, e.g. a
+    killed ServerApp) is abandoned as soon as the SuperNode has a newer task, or after
+    ``task_input_wait_s`` (see :func:`_pull_task_input`), so that it cannot block the
+    worker and the next run.
     """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
@@ -1111,12 +1218,29 @@ def serve_nodes(
                     pollers.pop(address).close()
                 continue
             last_ok[address] = time.monotonic()
-            if res.HasField("task") and res.token:
+            token = res.token if res.HasField("task") else ""
+            while token:
                 busy = True
+
+                def acquire(poller: Any = pollers[address]) -> str | None:
+                    newer = poller.AcquireTask(request)
+                    return str(newer.token) if newer.HasField("task") and newer.token else None
+
                 try:
-                    _run_task(address, res.token, insecure, root_certificates)
+                    token = (
+                        _run_task(
+                            address,
+                            token,
+                            insecure,
+                            root_certificates,
+                            acquire=acquire,
+                            max_wait_s=task_input_wait_s,
+                        )
+                        or ""
+                    )
                 except Exception:
                     log.exception("task of the SuperNode at %s failed", address)
+                    token = ""
         if not busy:
             stop.wait(poll_interval_s)
     for poller in pollers.values():

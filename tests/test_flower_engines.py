@@ -172,8 +172,9 @@ def _deploy(cfg, out, fed, **kwargs):
         out,
         superlink=fed.address,
         show_progress=False,
-        query_timeout_s=kwargs.pop("query_timeout_s", 180.0),
-        node_wait_s=kwargs.pop("node_wait_s", 60.0),
+        # Sized to the tiny job: the query includes each worker's first model load (seconds).
+        query_timeout_s=kwargs.pop("query_timeout_s", 60.0),
+        node_wait_s=kwargs.pop("node_wait_s", 30.0),
         **kwargs,
     )
 
