@@ -381,7 +381,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.model = "all-MiniLM-L6-v2"
         args.fleet = str(FLEET50)
         args.seeds = args.seeds or [0, 1, 2]
-        args.rounds = args.rounds or 20
+        args.rounds = args.rounds or 15
         args.target = 0.75 if args.target is None else args.target
         args.devices_per_round = 10 if args.devices_per_round is None else args.devices_per_round
         args.out = args.out or REPO_ROOT / "runs" / "bench" / "time_to_accuracy"
