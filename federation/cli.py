@@ -31,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
 @app.callback()
 def _root() -> None:
     """Federated LoRA fine-tuning on heterogeneous devices: plan, run and report."""

@@ -229,8 +229,10 @@ class ModelSpec:
     def activation_bytes_per_layer(self, batch_size: int, seq_len: int, act_bytes: int = 4) -> int:
         """Activations one layer saves for backward (Korthikanti et al. 2022, scaled to
         ``act_bytes`` per value): ``b s (34 h + 5 a s) * act_bytes / 2``."""
-        per = batch_size * seq_len * (34 * self.hidden_size + 5 * self.num_attention_heads * seq_len)
-        return int(math.ceil(per * act_bytes / 2))
+        per = (
+            batch_size * seq_len * (34 * self.hidden_size + 5 * self.num_attention_heads * seq_len)
+        )
+        return math.ceil(per * act_bytes / 2)
 
     # -- helpers ----------------------------------------------------------------------
     def _check_layer(self, layer: int) -> None:

@@ -192,7 +192,10 @@ class PlanningProblem:
                 f"`min_depth` {options.min_depth} exceeds the {spec.num_layers} layers of "
                 f"{spec.name}"
             )
-        if isinstance(options.layer_weights, tuple) and len(options.layer_weights) != spec.num_layers:
+        if (
+            isinstance(options.layer_weights, tuple)
+            and len(options.layer_weights) != spec.num_layers
+        ):
             raise PlannerInputError(
                 f"`layer_weights` has {len(options.layer_weights)} entries; {spec.name} has "
                 f"{spec.num_layers} layers"
@@ -212,7 +215,7 @@ class PlanningProblem:
         L = self.spec.num_layers
         w = self.options.layer_weights
         if w == "linear":
-            return tuple((l + 1) / L for l in range(L))
+            return tuple((layer + 1) / L for layer in range(L))
         if w == "uniform":
             return (1.0,) * L
         return tuple(float(v) for v in w)
@@ -221,7 +224,7 @@ class PlanningProblem:
         """``n_i * sum_l w_l g(r_l)`` of one device's configuration."""
         n = self.fleet.devices[device_index].num_samples
         w = self.layer_weights
-        return n * sum(w[l] * rank_gain(r) for l, r in zip(layers, ranks, strict=True))
+        return n * sum(w[layer] * rank_gain(r) for layer, r in zip(layers, ranks, strict=True))
 
     def digest(self) -> str:
         parts: list[Any] = [
@@ -273,7 +276,10 @@ def _load_backends() -> None:
 
 
 def make_plan(
-    problem: PlanningProblem, outcome: SolverOutcome, *, solve_time_s: float = 0.0,
+    problem: PlanningProblem,
+    outcome: SolverOutcome,
+    *,
+    solve_time_s: float = 0.0,
     round_index: int | None = None,
 ) -> Plan:
     """Turn a backend's configurations into a :class:`Plan` with predictions and objective."""

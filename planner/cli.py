@@ -120,9 +120,7 @@ def plan_command(
     ] = None,
     topology: Annotated[
         Path | None,
-        typer.Option(
-            "--topology", help="Network topology (TOML/JSON): links the devices share."
-        ),
+        typer.Option("--topology", help="Network topology (TOML/JSON): links the devices share."),
     ] = None,
     allow_dropping: Annotated[
         bool,

@@ -201,7 +201,9 @@ class CostModel:
         return frozen + head + head_opt + workspace
 
     def layer_memory_bytes(self) -> float:
-        return float(self.spec.activation_bytes_per_layer(self.job.batch_size, self.job.seq_len, ACT_BYTES))
+        return float(
+            self.spec.activation_bytes_per_layer(self.job.batch_size, self.job.seq_len, ACT_BYTES)
+        )
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(

@@ -575,9 +575,7 @@ def _formulate_classes(
     samples_all = np.asarray([d.num_samples for d in problem.fleet.devices], dtype=float)
     scale = float(samples_all.mean())
     link = opts.server_mbps is not None
-    congested = (
-        problem.topology.congested(problem.fleet) if problem.topology is not None else []
-    )
+    congested = problem.topology.congested(problem.fleet) if problem.topology is not None else []
     has_t = deadline_s is None or link or bool(congested)
 
     # lower bound of T over plans with a participant

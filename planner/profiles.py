@@ -19,13 +19,15 @@ field                   required   meaning
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from legend.planner.errors import FleetError, PlannerInputError
 
@@ -39,7 +41,14 @@ __all__ = [
     "parse_rank_grid",
 ]
 
-REQUIRED_FIELDS = ("device_id", "tflops", "memory_gb", "uplink_mbps", "downlink_mbps", "num_samples")
+REQUIRED_FIELDS = (
+    "device_id",
+    "tflops",
+    "memory_gb",
+    "uplink_mbps",
+    "downlink_mbps",
+    "num_samples",
+)
 OPTIONAL_FIELDS = ("local_steps", "device_class")
 _POSITIVE_FLOATS = ("tflops", "memory_gb", "uplink_mbps", "downlink_mbps")
 _POSITIVE_INTS = ("num_samples", "local_steps")
@@ -262,9 +271,11 @@ def parse_rank_grid(ranks: str | Iterable[int] | Iterable[str]) -> tuple[int, ..
                 f"rank grid entry {item!r} is not an integer; give ranks like 2,4,8,16"
             ) from None
         if value <= 0:
-            raise PlannerInputError(f"rank grid entry {value} must be > 0; give ranks like 2,4,8,16")
+            raise PlannerInputError(
+                f"rank grid entry {value} must be > 0; give ranks like 2,4,8,16"
+            )
         parsed.append(value)
-    if any(b <= a for a, b in zip(parsed, parsed[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(parsed)):
         raise PlannerInputError(
             f"rank grid {parsed} must be strictly increasing, e.g. {sorted(set(parsed))}"
         )
@@ -284,7 +295,11 @@ def _device_from_row(row: Mapping[str, Any], source: str, row_number: int) -> De
         )
     values: dict[str, Any] = {}
     for name in REQUIRED_FIELDS:
-        if name not in row or row[name] is None or (isinstance(row[name], str) and not row[name].strip()):
+        if (
+            name not in row
+            or row[name] is None
+            or (isinstance(row[name], str) and not row[name].strip())
+        ):
             raise FleetError(f"{where}: missing required field `{name}`")
     values["device_id"] = str(row["device_id"]).strip()
     for name in _POSITIVE_FLOATS:
@@ -340,7 +355,9 @@ def load_fleet(path: str | Path) -> Fleet:
         try:
             data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            raise FleetError(f"fleet file {source} is not valid {suffix[1:].upper()}: {exc}") from None
+            raise FleetError(
+                f"fleet file {source} is not valid {suffix[1:].upper()}: {exc}"
+            ) from None
         devices = data.get("devices") if isinstance(data, dict) else data
         if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
             raise FleetError(
@@ -348,7 +365,9 @@ def load_fleet(path: str | Path) -> Fleet:
             )
         records = devices
     else:
-        raise FleetError(f"fleet file {source}: unsupported suffix {suffix!r}; use .csv, .toml or .json")
+        raise FleetError(
+            f"fleet file {source}: unsupported suffix {suffix!r}; use .csv, .toml or .json"
+        )
     return Fleet.from_records(records, source=source, row_numbers=row_numbers)
 
 
