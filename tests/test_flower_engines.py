@@ -254,8 +254,11 @@ def test_server_killed_then_resumed_continues_from_the_last_round(reference, fed
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
+    # Kill it while round 2's messages are on their way: SuperNodes that receive one after
+    # the run stopped keep a task whose message never arrives, and the federation must
+    # still serve the resumed run (and the tests after this one).
     stop = threading.Event()
-    watcher = _watch(out, lambda d: _rounds_done(d) >= 1, kill_server, stop)
+    watcher = _watch(out, lambda d: (d / "plans" / "round_0002.json").is_file(), kill_server, stop)
     try:
         with pytest.raises(FlowerEngineError, match="--resume"):
             _deploy(cfg, out, federation, round_timeout_s=120.0)
