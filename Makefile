@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 quickstart: venv
-	$(BIN)/legend run examples/quickstart.toml --out runs/quickstart
+	$(BIN)/legend run examples/quickstart.toml --out runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
 plan: venv
 	$(BIN)/legend plan --fleet examples/fleet.csv --model all-MiniLM-L6-v2 --out runs/plan.json
