@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv quickstart plan test lint bench clean
+.PHONY: venv quickstart plan test lint clean
 
 venv: $(STAMP)
 
