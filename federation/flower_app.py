@@ -444,10 +444,8 @@ def _loaded_job(payload: Mapping[str, Any]) -> _LoadedJob:
 
         from legend.federation.apply import AdapterHost
         from legend.federation.core import ClientCore
-        from legend.federation.data import load_dataset, partition
         from legend.federation.job import load_job
-        from legend.models.loaders import load_base_model, load_tokenizer
-        from legend.models.spec import get_model_spec
+        from legend.federation.runner import load_job_data
         from legend.planner.costs import CostModel
 
         fleet = _fleet_from_json(_field(payload, "fleet-json", str, "job message"))
@@ -469,29 +467,14 @@ def _loaded_job(payload: Mapping[str, Any]) -> _LoadedJob:
         threads = cfg.train.threads or int(os.environ.get("LEGEND_NODE_THREADS") or 0)
         if threads:
             torch.set_num_threads(threads)
-        d = cfg.data
-        dataset = load_dataset(
-            d.dataset,
-            seed=cfg.job.seed,
-            test_fraction=d.test_fraction,
-            max_train=d.max_train or None,
-            max_test=d.max_test or None,
-        )
-        spec = get_model_spec(
-            cfg.job.model, target_modules=cfg.train.target_modules, num_labels=dataset.num_labels
-        )
-        base = load_base_model(cfg.job.model, num_labels=dataset.num_labels, seed=cfg.job.seed)
+        data = load_job_data(cfg, fleet)
         _MODEL_LOADS += 1
-        tokenizer = load_tokenizer(cfg.job.model)
-        sizes = [dev.num_samples for dev in fleet.devices] if d.samples_from_fleet else None
-        parts = partition(
-            dataset.train_labels,
-            len(fleet),
-            alpha=d.alpha,
-            quantity_skew=d.quantity_skew,
-            seed=cfg.job.seed,
-            min_samples=d.min_samples,
-            sizes=sizes,
+        dataset, spec, base, tokenizer, parts = (
+            data.dataset,
+            data.spec,
+            data.base,
+            data.tokenizer,
+            data.parts,
         )
         host = AdapterHost(base, spec, cfg.job_params)
         client = ClientCore(

@@ -141,18 +141,23 @@ class Prepared:
     initial_head: dict[str, np.ndarray]
 
 
-def prepare(cfg: JobConfig, *, calibration: Calibration | str | None = "config") -> Prepared:
-    """Load the fleet, model, data and calibration of a job (heavy imports happen here)."""
-    import torch
+@dataclass(frozen=True)
+class JobData:
+    """A job's data set, model and per-device partition: what every engine loads alike."""
 
-    from legend.federation.apply import AdapterHost
+    dataset: Any
+    spec: ModelSpec
+    base: Any
+    tokenizer: Any
+    parts: list[np.ndarray]
+
+
+def load_job_data(cfg: JobConfig, fleet: Fleet) -> JobData:
+    """Load the data set, the base model and tokenizer, and partition the train split over
+    ``fleet`` (deterministic for the job's seed, so every process computes the same shares)."""
     from legend.federation.data import load_dataset, partition
-    from legend.federation.training import DeviceData, tokenize
     from legend.models.loaders import load_base_model, load_tokenizer
 
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    fleet = load_fleet(cfg.job.fleet)
     d = cfg.data
     dataset = load_dataset(
         d.dataset,
@@ -166,8 +171,6 @@ def prepare(cfg: JobConfig, *, calibration: Calibration | str | None = "config")
     )
     base = load_base_model(cfg.job.model, num_labels=dataset.num_labels, seed=cfg.job.seed)
     tokenizer = load_tokenizer(cfg.job.model)
-    train = tokenize(tokenizer, dataset.train_texts, dataset.train_labels, cfg.train.seq_len)
-    test = tokenize(tokenizer, dataset.test_texts, dataset.test_labels, cfg.train.seq_len)
     sizes = [dev.num_samples for dev in fleet.devices] if d.samples_from_fleet else None
     parts = partition(
         dataset.train_labels,
@@ -178,6 +181,35 @@ def prepare(cfg: JobConfig, *, calibration: Calibration | str | None = "config")
         min_samples=d.min_samples,
         sizes=sizes,
     )
+    return JobData(
+        dataset=dataset,
+        spec=spec,
+        base=base,
+        tokenizer=tokenizer,
+        parts=[np.asarray(p) for p in parts],
+    )
+
+
+def prepare(cfg: JobConfig, *, calibration: Calibration | str | None = "config") -> Prepared:
+    """Load the fleet, model, data and calibration of a job (heavy imports happen here)."""
+    import torch
+
+    from legend.federation.apply import AdapterHost
+    from legend.federation.training import DeviceData, tokenize
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    fleet = load_fleet(cfg.job.fleet)
+    data = load_job_data(cfg, fleet)
+    dataset, spec, base, tokenizer, parts = (
+        data.dataset,
+        data.spec,
+        data.base,
+        data.tokenizer,
+        data.parts,
+    )
+    train = tokenize(tokenizer, dataset.train_texts, dataset.train_labels, cfg.train.seq_len)
+    test = tokenize(tokenizer, dataset.test_texts, dataset.test_labels, cfg.train.seq_len)
     device_data = {
         dev.device_id: DeviceData(train, np.asarray(idx))
         for dev, idx in zip(fleet.devices, parts, strict=True)
