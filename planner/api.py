@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OBJECTIVES",
     "SOLVERS",
+    "TOPOLOGY_BLIND_SOLVERS",
     "Configuration",
     "PlannerOptions",
     "PlanningProblem",
@@ -38,6 +39,8 @@ __all__ = [
 
 OBJECTIVES = ("rate", "deadline", "min-time")
 DEFAULT_SOLVER = "pulp-highs"
+# Heuristic and enumerating planners that do not model a network topology.
+TOPOLOGY_BLIND_SOLVERS = ("greedy", "brute-force")
 
 # A device's configuration: (layers ascending, ranks one per layer); () = not participating.
 Configuration = tuple[tuple[int, ...], tuple[int, ...]]
@@ -387,7 +390,7 @@ def plan_round(
         raise PlannerInputError(
             f"unknown solver {name!r}; expected one of {', '.join(sorted(SOLVERS))}"
         )
-    if topology is not None and name in ("greedy", "brute-force"):
+    if topology is not None and name in TOPOLOGY_BLIND_SOLVERS:
         raise PlannerInputError(
             f"solver {name!r} does not model a topology; use pulp-highs, pulp-cbc or "
             "cvxpy-highs with --topology"

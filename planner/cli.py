@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from legend.planner.plan import Plan
     from legend.planner.profiles import Fleet
 
-__all__ = ["plan_command", "plan_table"]
+__all__ = ["native_stdout_to_stderr", "plan_command", "plan_table"]
 
 FORMATS = ("table", "json")
 TARGET_PRESETS = ("qv", "attention", "all")
@@ -207,7 +207,7 @@ def plan_command(
     err = Console(stderr=True)
     with (
         err.status(f"Planning {len(loaded)} devices with {solver} ({objective})..."),
-        _native_stdout_to_stderr(),
+        native_stdout_to_stderr(),
     ):
         plan = plan_round(loaded, spec, job, options, calibration=calib, topology=topo)
     plan.save(out)
@@ -221,7 +221,7 @@ def plan_command(
 
 
 @contextlib.contextmanager
-def _native_stdout_to_stderr() -> Iterator[None]:
+def native_stdout_to_stderr() -> Iterator[None]:
     """Send what solver libraries print on file descriptor 1 (banners, logs) to stderr, so
     that stdout carries only the summary or the plan JSON."""
     sys.stdout.flush()

@@ -55,7 +55,7 @@ import tomllib
 from legend.planner.errors import PlannerInputError
 
 if TYPE_CHECKING:
-    from legend.planner.costs import CostModel
+    from legend.planner.costs import ConfigCost, CostModel
     from legend.planner.profiles import DeviceProfile, Fleet
 
 __all__ = [
@@ -65,6 +65,7 @@ __all__ = [
     "Topology",
     "TopologyError",
     "link_loads",
+    "link_times",
     "load_topology",
     "predicted_round_time",
     "simulate_round",
@@ -315,6 +316,30 @@ def link_loads(
     return out
 
 
+def link_times(
+    topology: Topology, fleet: Fleet, costs: Mapping[str, ConfigCost]
+) -> dict[int, float]:
+    """Per congested link, the time its contention rows hold the round to.
+
+    ``costs`` maps each participant to its costs (:meth:`CostModel.evaluate`). For a link
+    congested in some direction, the longest ``compute_i + down_ie + up_ie`` over its
+    participants (see the module docstring); links without participants are left out.
+    """
+    out = {}
+    for k, up_c, down_c in topology.congested(fleet):
+        on = [costs[d] for d in topology.devices_on(k) if d in costs]
+        if not on:
+            continue
+        link = topology.links[k]
+        up_s = sum(c.upload_bytes for c in on) * 8 / (link.up_mbps * _MB)
+        down_s = sum(c.download_bytes for c in on) * 8 / (link.down_mbps * _MB)
+        out[k] = max(
+            c.compute_s + (down_s if down_c else c.download_s) + (up_s if up_c else c.upload_s)
+            for c in on
+        )
+    return out
+
+
 def predicted_round_time(
     topology: Topology,
     fleet: Fleet,
@@ -323,19 +348,10 @@ def predicted_round_time(
 ) -> float:
     """The round time the program's contention rows imply (see the module docstring)."""
     evals = {d: costs.evaluate(fleet[d], *cfg) for d, cfg in configurations.items() if cfg[0]}
-    t = max((c.time_s for c in evals.values()), default=0.0)
     if not evals:
         return 0.0
-    loads = link_loads(topology, fleet, costs, configurations)
-    for k, up_c, down_c in topology.congested(fleet):
-        for d in topology.devices_on(k):
-            if d not in evals:
-                continue
-            c = evals[d]
-            down = loads[k].down_s if down_c else c.download_s
-            up = loads[k].up_s if up_c else c.upload_s
-            t = max(t, c.compute_s + down + up)
-    return t
+    own = max(c.time_s for c in evals.values())
+    return max([own, *link_times(topology, fleet, evals).values()])
 
 
 def _max_min_rates(

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from legend.planner.cli import native_stdout_to_stderr
 from legend.reports.errors import ReportInputError
+
+if TYPE_CHECKING:
+    from legend.planner.profiles import Fleet
+    from legend.planner.topology import Topology
 
 __all__ = ["report_app"]
 
@@ -26,6 +31,10 @@ report_app = typer.Typer(
 )
 
 OutOption = Annotated[Path, typer.Option("--out", help="Directory to write the report into.")]
+TopologyOption = Annotated[
+    Path | None,
+    typer.Option("--topology", help="Network topology (TOML/JSON): the links the fleet shares."),
+]
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
@@ -36,6 +45,17 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
             f"`{option}` must be comma-separated numbers like 0.25,0.5,1,2,4, got {text!r}"
         ) from None
     return values
+
+
+def _topology(path: Path | None, fleet: Fleet | None) -> Topology | None:
+    """The topology file read against the fleet (errors name the node or link, exit 2)."""
+    if path is None:
+        return None
+    if fleet is None:
+        raise ReportInputError(f"--topology {path} needs the fleet it routes: pass --fleet")
+    from legend.planner.topology import load_topology
+
+    return load_topology(path, fleet)
 
 
 def _done(kind: str, written: object, started: float) -> None:
@@ -67,23 +87,27 @@ def plan_command(
     per_device_limit: Annotated[
         int, typer.Option(help="Above this many devices, plots aggregate by device class.")
     ] = 60,
+    topology: TopologyOption = None,
 ) -> None:
-    """Report one plan: costs, timeline, memory, bytes and binding constraints."""
+    """Report one plan: costs, timeline, memory, bytes, links and binding constraints."""
     from legend.planner.profiles import load_fleet
     from legend.reports.plan_report import build_plan_report, load_job, load_plan
     from legend.reports.render import write_report
 
     started = time.perf_counter()
     loaded, raw = load_plan(plan)
-    report = build_plan_report(
-        loaded,
-        fleet=load_fleet(fleet) if fleet is not None else None,
-        job=load_job(job) if job is not None else None,
-        model=model,
-        raw=raw,
-        source=str(plan),
-        per_device_limit=per_device_limit,
-    )
+    fleet_data = load_fleet(fleet) if fleet is not None else None
+    with native_stdout_to_stderr():  # solver banners of re-plans (links) off stdout
+        report = build_plan_report(
+            loaded,
+            fleet=fleet_data,
+            job=load_job(job) if job is not None else None,
+            model=model,
+            raw=raw,
+            source=str(plan),
+            per_device_limit=per_device_limit,
+            topology=_topology(topology, fleet_data),
+        )
     _done("plan", write_report(report, out), started)
 
 
@@ -92,7 +116,10 @@ def whatif_command(
     fleet: Annotated[Path, typer.Option(help="Fleet file (.csv, .toml or .json).")],
     model: Annotated[str, typer.Option(help="Model preset, model directory or config.json.")],
     out: OutOption,
-    solver: Annotated[str, typer.Option(help="Planner for every point.")] = "greedy",
+    solver: Annotated[
+        str | None,
+        typer.Option(help="Planner for every point (default greedy; pulp-highs with --topology)."),
+    ] = None,
     objective: Annotated[str, typer.Option(help="rate, deadline or min-time.")] = "rate",
     deadline_s: Annotated[
         float | None, typer.Option(help="Deadline for objective 'deadline'.")
@@ -114,8 +141,17 @@ def whatif_command(
         str | None, typer.Option(help="fp32, fp16, bf16, int8 or 4bit.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    topology: TopologyOption = None,
+    double_link: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--double-link",
+            help="With --topology: re-plan with this link at twice its capacity (repeatable; "
+            "'all': each link in turn).",
+        ),
+    ] = None,
 ) -> None:
-    """Sweep bandwidth, fleet size, deadline and model with the planner."""
+    """Sweep bandwidth, fleet size, deadline, model and link capacity with the planner."""
     from legend.models.spec import get_model_spec
     from legend.planner.api import PlannerOptions
     from legend.planner.profiles import JobParams, load_fleet, parse_rank_grid
@@ -138,17 +174,26 @@ def whatif_command(
     if ranks is not None:
         changes["ranks"] = parse_rank_grid(ranks)
     params = base.with_(**changes) if changes else base
+    loaded = load_fleet(fleet)
+    topo = _topology(topology, loaded)
     options = PlannerOptions(
-        solver=solver, objective=objective, deadline_s=deadline_s, time_limit_s=time_limit_s
+        solver=solver or ("greedy" if topo is None else "pulp-highs"),
+        objective=objective,
+        deadline_s=deadline_s,
+        time_limit_s=time_limit_s,
     )
     settings = WhatIfSettings(
         bandwidth_scales=_floats(bandwidth_scales, "--bandwidth-scales"),
         fleet_scales=_floats(fleet_scales, "--fleet-scales"),
         deadline_points=deadline_points,
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
+        double_links=tuple(double_link or ()),
     )
     spec = get_model_spec(model, target_modules=params.target_modules)
-    result = run_whatif(load_fleet(fleet), spec, params, options, settings, progress=progress)
+    with native_stdout_to_stderr():
+        result = run_whatif(
+            loaded, spec, params, options, settings, progress=progress, topology=topo
+        )
     _done("what-if", write_report(build_whatif_report(result), out), started)
 
 

@@ -38,10 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 from legend.models.errors import LegendError
 from legend.models.spec import get_model_spec
-from legend.planner.costs import CostModel
+from legend.planner.costs import ConfigCost, CostModel
 from legend.planner.plan import SCHEMA_VERSION, DevicePlan, Plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
+from legend.planner.topology import Topology, link_times
 from legend.reports.errors import ReportInputError
+from legend.reports.links import MAX_REPLANS, Replanner, binding_links, link_figure, link_frame
 from legend.reports.render import (
     Figure,
     KeyValues,
@@ -93,6 +95,7 @@ class PlanContext:
     costs: CostModel | None = None
     cost_note: str = ""
     source: str = ""
+    topology: Topology | None = None
 
 
 # -- loading -----------------------------------------------------------------------------
@@ -318,7 +321,28 @@ def _link_bytes_per_s(plan: Plan) -> float | None:
     return float(mbps) * 1e6 / 8 if mbps else None
 
 
-def _limit(dp: DevicePlan, device: DeviceProfile, costs: CostModel, plan: Plan) -> str:
+@dataclass(frozen=True, kw_only=True)
+class _Contention:
+    """The participants' costs on a topology, to test a move against the shared-link rows."""
+
+    topology: Topology
+    fleet: Fleet
+    costs: Mapping[str, ConfigCost]
+
+    def over(self, device_id: str, cost: ConfigCost, limit_s: float) -> list[str]:
+        """Links on the device's route whose rows would exceed ``limit_s`` with ``cost``."""
+        route = set(self.topology.routes[device_id])
+        times = link_times(self.topology, self.fleet, {**self.costs, device_id: cost})
+        return [self.topology.links[k].name for k, t in times.items() if k in route and t > limit_s]
+
+
+def _limit(
+    dp: DevicePlan,
+    device: DeviceProfile,
+    costs: CostModel,
+    plan: Plan,
+    contention: _Contention | None = None,
+) -> str:
     grid = plan.ranks or costs.job.ranks
     moves = _moves(dp.layers, dp.ranks, tuple(grid), plan.num_layers or costs.spec.num_layers)
     if not moves:
@@ -328,25 +352,31 @@ def _limit(dp: DevicePlan, device: DeviceProfile, costs: CostModel, plan: Plan) 
     link_bps = _link_bytes_per_s(plan)
     total = plan.total_upload_bytes + plan.total_download_bytes
     current = dp.predicted_upload_bytes + dp.predicted_download_bytes
-    blocked: dict[str, int] = {"deadline": 0, "memory": 0, "server link": 0}
+    blocked: dict[str, int] = {"deadline": 0, "memory": 0, "server link": 0, "link": 0}
+    links: list[str] = []
     tol_t = _deadline_of(plan) * (1 + 1e-9) + 1e-12
     for layers, ranks in moves:
         cost = costs.evaluate(device, layers, ranks)
+        over = contention.over(dp.device_id, cost, tol_t) if contention is not None else []
+        links += [name for name in over if name not in links]
         hits = {
             "deadline": cost.time_s > tol_t,
             "memory": cost.memory_bytes > device.memory_bytes * (1 + 1e-9),
             "server link": link_bps is not None
             and total - current + cost.upload_bytes + cost.download_bytes
             > link_bps * max(plan.round_time_s, cost.time_s) * (1 + 1e-9),
+            "link": bool(over),
         }
         if not any(hits.values()):
             return "none (a larger config fits)"
         for name, hit in hits.items():
             blocked[name] += hit
-    every = [name for name, count in blocked.items() if count == len(moves)]
+    names = {name: name for name in blocked}
+    names["link"] = "link " + ", ".join(links)
+    every = [names[name] for name, count in blocked.items() if count == len(moves)]
     if every:
         return "+".join(every)
-    return "/".join(name for name, count in blocked.items() if count)
+    return "/".join(names[name] for name, count in blocked.items() if count)
 
 
 def device_frame(ctx: PlanContext) -> pd.DataFrame:
@@ -354,6 +384,16 @@ def device_frame(ctx: PlanContext) -> pd.DataFrame:
     import pandas as pd
 
     plan, fleet, costs = ctx.plan, ctx.fleet, ctx.costs
+    contention = None
+    if ctx.topology is not None and fleet is not None and costs is not None:
+        contention = _Contention(
+            topology=ctx.topology,
+            fleet=fleet,
+            costs={
+                d.device_id: costs.evaluate(fleet[d.device_id], d.layers, d.ranks)
+                for d in plan.participants
+            },
+        )
     T = plan.round_time_s
     L = plan.num_layers
     max_rank = max(plan.ranks) if plan.ranks else None
@@ -388,7 +428,7 @@ def device_frame(ctx: PlanContext) -> pd.DataFrame:
         if not dp.participates:
             row["limited_by"] = "not participating"
         elif costs is not None and device is not None:
-            row["limited_by"] = _limit(dp, device, costs, plan)
+            row["limited_by"] = _limit(dp, device, costs, plan, contention)
         else:
             row["limited_by"] = _limit_from_slack(row, T)
         if dp.participates and T > 0 and dp.predicted_time_s >= T * (1 - 1e-9):
@@ -736,6 +776,46 @@ def _server_link(plan: Plan) -> tuple[str, str] | None:
     )
 
 
+def _links_section(ctx: PlanContext, limit: int, max_replans: int) -> Section:
+    plan, topology, fleet = ctx.plan, ctx.topology, ctx.fleet
+    assert topology is not None and fleet is not None
+    replanner = Replanner.for_plan(plan, fleet, ctx.costs) if ctx.costs is not None else None
+    verdict = binding_links(plan, topology, fleet, replanner, max_replans=max_replans)
+    frame = link_frame(plan, topology, fleet, verdict.binding)
+    names = verdict.names(topology)
+    busiest = frame.iloc[0]
+    peak = max(busiest["utilisation_up"], busiest["utilisation_down"])
+    return Section(
+        title="Links",
+        blocks=(
+            KeyValues(
+                items=(
+                    ("Links", f"{len(frame):,}"),
+                    ("Congested", f"{int(frame['congested'].sum()):,}"),
+                    ("Binding", ", ".join(names) if names else "none"),
+                    ("Busiest", f"{busiest['link']} ({100 * peak:.1f}%)"),
+                )
+            ),
+            Paragraph(
+                text="Utilisation is the round's bytes through the link (the plan's "
+                "predictions for the devices routed through it) / (capacity x round time "
+                f"{format_value(plan.round_time_s)} s). A link is congested when its devices "
+                "could together send faster than its capacity (only those add rows to the "
+                "program). " + verdict.note
+            ),
+            Table(
+                name="links",
+                title="Shared links",
+                frame=frame,
+                caption="Busiest first. routed: devices whose route to the server uses the "
+                "link; up_MB/down_MB: this round's bytes; up_mbps/down_mbps: capacity.",
+                max_rows=limit,
+            ),
+            link_figure(frame, name="link_utilisation", title="Link utilisation", limit=limit),
+        ),
+    )
+
+
 # -- the report ------------------------------------------------------------------------------
 
 
@@ -748,6 +828,8 @@ def build_plan_report(
     raw: Mapping[str, Any] | None = None,
     source: str = "",
     per_device_limit: int = PER_DEVICE_LIMIT,
+    topology: Topology | None = None,
+    max_replans: int = MAX_REPLANS,
 ) -> Report:
     """Build the plan report.
 
@@ -762,11 +844,22 @@ def build_plan_report(
     per_device_limit
         Above this many devices, plots aggregate by class (or bucket) and tables show
         their first rows (the CSVs keep every row).
+    topology
+        The links the fleet shares (:func:`~legend.planner.topology.load_topology` for
+        ``fleet``): adds the "Links" section (see :mod:`legend.reports.links`) and names a
+        link in ``limited_by`` when its contention rows stop a device's larger configuration.
+    max_replans
+        Above this many congested links, which link binds is decided on the fair-sharing
+        clock instead of by re-planning.
     """
     if fleet is not None:
         check_fleet(plan, fleet, source or "<plan>")
+    elif topology is not None:
+        raise ReportInputError("a topology needs the fleet it routes: pass --fleet with --topology")
     costs, note = resolve_cost_model(plan, fleet, job=job, raw=raw, model=model)
-    ctx = PlanContext(plan=plan, fleet=fleet, costs=costs, cost_note=note, source=source)
+    ctx = PlanContext(
+        plan=plan, fleet=fleet, costs=costs, cost_note=note, source=source, topology=topology
+    )
     frame = device_frame(ctx)
     n = len(frame)
     participants = int((frame["depth"] > 0).sum())
@@ -872,6 +965,11 @@ def build_plan_report(
             title="Resources",
             blocks=(_memory(ctx, frame, per_device_limit), _bytes(ctx, frame, per_device_limit)),
         ),
+        *(
+            (_links_section(ctx, per_device_limit, max_replans),)
+            if ctx.topology is not None
+            else ()
+        ),
         Section(
             title="Binding constraints",
             blocks=(
@@ -882,8 +980,9 @@ def build_plan_report(
                     title="What limits each device",
                     frame=_binding_summary(frame),
                     caption="'deadline': every one-step larger configuration would exceed the "
-                    "round time; 'memory': would exceed memory; 'sets round time': the device "
-                    "is the straggler that defines the round time.",
+                    "round time; 'memory': would exceed memory; 'link NAME': would make the "
+                    "shared link's contention exceed the round time; 'sets round time': the "
+                    "device is the straggler that defines the round time.",
                 ),
                 Table(
                     name="binding",

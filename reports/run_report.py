@@ -12,7 +12,9 @@ compares one or more runs:
   it and the comparison is never empty;
 - round duration and waiting time per round (mean and slowest device);
 - predicted vs observed time per device (the cost model's calibration error), per device
-  class and per device.
+  class and per device;
+- with a network topology (the run wrote ``links.csv``): each shared link's utilisation
+  per round, up and down, and which links bound each round.
 
 Simulated times are device times from the cost model; host times are what this machine
 spent and are labelled as such.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,12 +47,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEVICE_COLUMNS",
+    "LINK_COLUMNS",
     "REQUIRED_FILES",
     "ROUND_COLUMNS",
     "RunData",
     "build_run_report",
     "calibration_frame",
     "default_target",
+    "link_round_frame",
     "load_run",
     "target_frame",
 ]
@@ -87,8 +91,20 @@ DEVICE_COLUMNS = (
     "bytes_down",
     "waiting_s",
 )
+# links.csv, written by runs with a network topology (optional)
+LINK_COLUMNS = (
+    "round",
+    "link",
+    "up_bytes",
+    "down_bytes",
+    "utilisation_up",
+    "utilisation_down",
+    "binding",
+)
 MB = 1e6
 PER_DEVICE_LIMIT = 60
+# Links drawn in the utilisation-per-round figure (the busiest; the table has every link).
+LINKS_SHOWN = 6
 _COLOURS = ("#2f6fdf", "#f29d38", "#34a853", "#c0392b", "#7b61ff", "#00a3a3", "#8c564b")
 
 
@@ -101,6 +117,7 @@ class RunData:
     summary: dict[str, Any]
     rounds: pd.DataFrame
     devices: pd.DataFrame
+    links: pd.DataFrame | None = None  # links.csv, when the run had a topology
 
     @property
     def method(self) -> str:
@@ -194,12 +211,29 @@ def load_run(path: str | Path) -> RunData:
     rounds = rounds.sort_values("round", kind="stable").reset_index(drop=True)
     devices["device_class"] = devices["device_class"].fillna("-").astype(str)
     devices["status"] = devices["status"].fillna("").astype(str)
+    links = None
+    if (run / "links.csv").is_file():
+        links = _read_csv(run / "links.csv", LINK_COLUMNS, run)
+        numbers = ["up_bytes", "down_bytes", "utilisation_up", "utilisation_down"]
+        try:
+            links[numbers] = links[numbers].apply(pd.to_numeric, errors="raise")
+        except (ValueError, TypeError) as exc:
+            raise ReportInputError(
+                f"run directory {run}: links.csv: a numeric column holds text: {exc}"
+            ) from None
+        binding = links["binding"].astype(str).str.strip().str.lower()
+        if not binding.isin(("true", "false")).all():
+            raise ReportInputError(
+                f"run directory {run}: links.csv: `binding` must be True or False"
+            )
+        links["binding"] = binding == "true"
     return RunData(
         path=run,
         label=str(summary.get("method") or run.name),
         summary=summary,
         rounds=rounds,
         devices=devices,
+        links=links,
     )
 
 
@@ -208,13 +242,7 @@ def _unique_labels(runs: Sequence[RunData]) -> list[RunData]:
     out = []
     for r in runs:
         if labels.count(r.label) > 1:
-            r = RunData(
-                path=r.path,
-                label=f"{r.label} ({r.path.name})",
-                summary=r.summary,
-                rounds=r.rounds,
-                devices=r.devices,
-            )
+            r = replace(r, label=f"{r.label} ({r.path.name})")
         out.append(r)
     return out
 
@@ -316,6 +344,52 @@ def calibration_frame(runs: Sequence[RunData], by: str = "device_class") -> pd.D
     return out.reset_index()
 
 
+def link_round_frame(runs: Sequence[RunData]) -> pd.DataFrame:
+    """One row per run, round and link of every run with ``links.csv``, as written."""
+    import pandas as pd
+
+    parts = [
+        r.links.assign(
+            run=r.label, up_MB=r.links["up_bytes"] / MB, down_MB=r.links["down_bytes"] / MB
+        )[
+            [
+                "run",
+                "round",
+                "link",
+                "up_MB",
+                "down_MB",
+                "utilisation_up",
+                "utilisation_down",
+                "binding",
+            ]
+        ]
+        for r in runs
+        if r.links is not None
+    ]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def _binding_per_round(links: pd.DataFrame) -> pd.DataFrame:
+    """Per run and round: the links that bound it and the busiest link."""
+    import pandas as pd
+
+    rows = []
+    for (run, rnd), group in links.groupby(["run", "round"], sort=False):
+        busiest = group[["utilisation_up", "utilisation_down"]].max(axis=1).to_numpy()
+        top = group.iloc[int(busiest.argmax())]
+        rows.append(
+            {
+                "run": run,
+                "round": rnd,
+                "binding_links": ", ".join(group.loc[group["binding"], "link"]) or "none",
+                "busiest_link": top["link"],
+                "utilisation_up": top["utilisation_up"],
+                "utilisation_down": top["utilisation_down"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 # -- figures -------------------------------------------------------------------------------
 
 
@@ -402,6 +476,48 @@ def _calibration_figure(runs: Sequence[RunData]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return figure_png(fig)
+
+
+def _links_figure(links: pd.DataFrame) -> tuple[bytes, str]:
+    """Utilisation up and down per link over rounds; filled markers: the link bound."""
+    from matplotlib.ticker import MaxNLocator
+
+    peak = (
+        links.assign(peak=links[["utilisation_up", "utilisation_down"]].max(axis=1))
+        .groupby(["run", "link"], sort=False)["peak"]
+        .max()
+        .sort_values(ascending=False, kind="stable")
+    )
+    shown = list(peak.index[:LINKS_SHOWN])
+    fig = new_figure(10.0, 4.2)
+    axes = fig.subplots(1, 2, sharey=True)
+    for i, (run, link) in enumerate(shown):
+        data = links[(links["run"] == run) & (links["link"] == link)]
+        label = link if links["run"].nunique() == 1 else f"{run}: {link}"
+        for ax, way in zip(axes, ("up", "down"), strict=True):
+            values = 100 * data[f"utilisation_{way}"]
+            ax.plot(data["round"], values, "-", color=_colour(i), label=label)
+            hit = data["binding"].to_numpy(dtype=bool)
+            ax.plot(data["round"][hit], values[hit], "o", color=_colour(i))
+            ax.plot(data["round"][~hit], values[~hit], "o", mfc="white", color=_colour(i))
+    for ax, way in zip(axes, ("up", "down"), strict=True):
+        ax.set_title(f"Utilisation {way}", fontsize=10)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("% of capacity x round time")
+    axes[0].legend(fontsize=7)
+    more = len(peak) - len(shown)
+    caption = (
+        "Bytes through each link / (capacity x the devices' round time), per round; filled "
+        "markers: the link bound that round (doubling it would have ended the round sooner)."
+        + (
+            f" The {len(shown)} busiest of {len(peak):,} links; tables/links.csv has all."
+            if more
+            else ""
+        )
+    )
+    return figure_png(fig), caption
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -552,6 +668,43 @@ def build_run_report(
             ),
         ),
     ]
+    links = link_round_frame(runs)
+    if len(links):
+        png, caption = _links_figure(links)
+        sections.append(
+            Section(
+                title="Links",
+                blocks=(
+                    Paragraph(
+                        text="Runs with a network topology record each shared link's bytes per "
+                        "round (links.csv). Utilisation: bytes / (capacity x the devices' round "
+                        "time). A link binds a round when doubling its capacity would have ended "
+                        "the round sooner on the fair-sharing clock."
+                    ),
+                    Table(
+                        name="binding_links",
+                        title="Binding link per round",
+                        frame=_binding_per_round(links),
+                        caption="busiest_link: the link with the highest utilisation that round.",
+                        max_rows=per_device_limit,
+                    ),
+                    Figure(
+                        name="link_utilisation",
+                        title="Link utilisation per round",
+                        png=png,
+                        caption=caption,
+                    ),
+                    Table(
+                        name="links",
+                        title="Links per round",
+                        frame=links,
+                        caption="One row per run, round and link that carried a participant's "
+                        "bytes, as in links.csv.",
+                        max_rows=per_device_limit,
+                    ),
+                ),
+            )
+        )
     return Report(
         kind="run",
         title=f"Run report: {', '.join(r.label for r in runs)}",

@@ -10,7 +10,13 @@ the round time, bytes, participation, depth and rank:
   spaced geometrically from the smallest deadline every device can meet to the time of the
   slowest device's largest configuration) and its Pareto front;
 - **model**: the same fleet and job with another model's shape (e.g. MiniLM vs
-  roberta-large vs llama-2-7b).
+  roberta-large vs llama-2-7b);
+- **double a link** (with a topology): each named link at twice its capacity, re-planned,
+  against the baseline: round time, objective, bytes, the devices whose configuration
+  changed and which links bind afterwards (:mod:`legend.reports.links`).
+
+With a topology every point is planned with it (an exact solver is needed), except the
+fleet-size sweep, which is skipped: the copies of devices it adds have no route.
 
 A point the planner cannot satisfy (a device's smallest configuration misses memory or
 the deadline) is kept as a row with status ``INFEASIBLE`` and the planner's reason, so the
@@ -34,7 +40,15 @@ from legend.planner.costs import CostModel
 from legend.planner.errors import InfeasibleError
 from legend.planner.plan import Plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
+from legend.planner.topology import Topology, predicted_round_time
 from legend.reports.errors import ReportInputError
+from legend.reports.links import (
+    Replanner,
+    binding_links,
+    changed_devices,
+    double_link,
+    resolve_links,
+)
 from legend.reports.render import (
     Figure,
     KeyValues,
@@ -45,6 +59,7 @@ from legend.reports.render import (
     figure_png,
     format_value,
     new_figure,
+    short_list,
 )
 
 if TYPE_CHECKING:
@@ -74,6 +89,7 @@ class WhatIfSettings:
     fleet_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     deadline_points: int = 8
     models: tuple[str, ...] = DEFAULT_MODELS
+    double_links: tuple[str, ...] = ()  # link names (or "all") to double, with a topology
 
     def __post_init__(self) -> None:
         for name in ("bandwidth_scales", "fleet_scales"):
@@ -87,6 +103,7 @@ class WhatIfSettings:
                 f"`deadline_points` must be an integer in 0..200, got {self.deadline_points!r}"
             )
         object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "double_links", tuple(self.double_links))
 
     @property
     def num_points(self) -> int:
@@ -96,6 +113,7 @@ class WhatIfSettings:
             + len(self.fleet_scales)
             + self.deadline_points
             + len(self.models)
+            + len(self.double_links)
         )
 
 
@@ -112,7 +130,10 @@ class WhatIfResult:
     fleet_size: pd.DataFrame
     deadline: pd.DataFrame
     models: pd.DataFrame
+    links: pd.DataFrame
     elapsed_s: float
+    topology: Topology | None = None
+    notes: tuple[str, ...] = ()
 
 
 # -- transforms ----------------------------------------------------------------------------
@@ -150,11 +171,14 @@ def scale_fleet(fleet: Fleet, factor: float) -> Fleet:
     return Fleet(devices=tuple(devices), source=f"{fleet.source} (size x{factor:g})")
 
 
-def deadline_range(fleet: Fleet, costs: CostModel, min_depth: int = 1) -> tuple[float, float]:
+def deadline_range(
+    fleet: Fleet, costs: CostModel, min_depth: int = 1, topology: Topology | None = None
+) -> tuple[float, float]:
     """``(smallest deadline every device meets, slowest device's largest configuration)``.
 
     Below the first, some device cannot even train its smallest configuration; beyond the
-    second, no device can use more time.
+    second, no device can use more time. With a ``topology`` both include the contention
+    of every device on the shared links at that configuration.
     """
     L = costs.spec.num_layers
     low = costs.job.ranks[0]
@@ -163,6 +187,14 @@ def deadline_range(fleet: Fleet, costs: CostModel, min_depth: int = 1) -> tuple[
     full = tuple(range(L))
     t_min = max(costs.evaluate(d, small, (low,) * len(small)).time_s for d in fleet.devices)
     t_max = max(costs.evaluate(d, full, (high,) * L).time_s for d in fleet.devices)
+    if topology is not None:
+        ids = fleet.device_ids
+        t_min = predicted_round_time(
+            topology, fleet, costs, dict.fromkeys(ids, (small, (low,) * len(small)))
+        )
+        t_max = predicted_round_time(
+            topology, fleet, costs, dict.fromkeys(ids, (full, (high,) * L))
+        )
     return t_min, max(t_max, t_min)
 
 
@@ -235,10 +267,14 @@ def _row(plan: Plan | None, fleet: Fleet, error: str = "") -> dict[str, Any]:
 
 
 def _plan(
-    fleet: Fleet, spec: ModelSpec, job: JobParams, options: PlannerOptions
+    fleet: Fleet,
+    spec: ModelSpec,
+    job: JobParams,
+    options: PlannerOptions,
+    topology: Topology | None = None,
 ) -> tuple[Plan | None, str]:
     try:
-        return plan_round(fleet, spec, job, options), ""
+        return plan_round(fleet, spec, job, options, topology=topology), ""
     except InfeasibleError as exc:
         return None, _reason(exc)
     except LegendError as exc:
@@ -257,25 +293,53 @@ def run_whatif(
     settings: WhatIfSettings | None = None,
     *,
     progress: bool | Callable[[str], None] = False,
+    topology: Topology | None = None,
 ) -> WhatIfResult:
     """Run every sweep; ``progress=True`` shows a progress bar on stderr.
+
+    With a ``topology`` (loaded for ``fleet``) every point is planned with it and
+    ``settings.double_links`` names the links to double one at a time.
 
     Raises
     ------
     ReportInputError
-        The baseline (the fleet as given) cannot be planned: nothing to compare against.
+        The baseline (the fleet as given) cannot be planned: nothing to compare against;
+        a link to double without a topology, or one the topology does not have; a solver
+        that does not model a topology.
     """
     import pandas as pd
 
     job = job or JobParams()
-    options = options or PlannerOptions(solver="greedy")
+    options = options or PlannerOptions(solver="greedy" if topology is None else "pulp-highs")
     settings = settings or WhatIfSettings()
+    notes: list[str] = []
+    doubled_links: tuple[int, ...] = ()
+    replanner: Replanner | None = None
+    if topology is None and settings.double_links:
+        raise ReportInputError(
+            "`--double-link` needs the network topology: pass --topology TOPOLOGY.toml"
+        )
+    if topology is not None:
+        replanner = Replanner(fleet=fleet, spec=spec, job=job, options=options)
+        if not replanner.models_topology:
+            raise ReportInputError(
+                f"solver {options.solver!r} does not model a topology; with --topology use "
+                "--solver pulp-highs, pulp-cbc or cvxpy-highs"
+            )
+        doubled_links = resolve_links(topology, settings.double_links, "--double-link")
+        if settings.fleet_scales:
+            notes.append(
+                "The fleet-size sweep is skipped with a topology: the devices it adds have "
+                "no route."
+            )
+            settings = replace(settings, fleet_scales=())
     start = time.perf_counter()
     bar: Any = None
     if progress is True:
         from tqdm import tqdm
 
-        bar = tqdm(total=settings.num_points, desc="what-if", unit="plan", leave=False)
+        total = settings.num_points - len(settings.double_links) + len(doubled_links)
+        bar = tqdm(total=total, desc="what-if", unit="plan", leave=False)
 
     def tick(label: str) -> None:
         if bar is not None:
@@ -285,7 +349,7 @@ def run_whatif(
             progress(label)
 
     try:
-        baseline, error = _plan(fleet, spec, job, options)
+        baseline, error = _plan(fleet, spec, job, options, topology)
         tick("baseline")
         if baseline is None:
             raise ReportInputError(
@@ -295,7 +359,9 @@ def run_whatif(
         bandwidth = []
         for s in settings.bandwidth_scales:
             scaled = scale_bandwidth(fleet, s)
-            plan, error = (baseline, "") if s == 1.0 else _plan(scaled, spec, job, options)
+            plan, error = (
+                (baseline, "") if s == 1.0 else _plan(scaled, spec, job, options, topology)
+            )
             bandwidth.append({"bandwidth_scale": s, **_row(plan, scaled, error)})
             tick(f"bandwidth x{s:g}")
 
@@ -309,7 +375,7 @@ def run_whatif(
         deadlines = []
         if settings.deadline_points:
             costs = CostModel(spec, job)
-            t_min, t_max = deadline_range(fleet, costs, options.min_depth)
+            t_min, t_max = deadline_range(fleet, costs, options.min_depth, topology)
             n = settings.deadline_points
             points = (
                 [t_min * (t_max / t_min) ** (k / (n - 1)) for k in range(n)] if n > 1 else [t_min]
@@ -318,7 +384,7 @@ def run_whatif(
                 # The smallest point sits a hair above t_min so rounding cannot make it fail.
                 deadline = d * (1 + 1e-9) if k == 0 else d
                 dl_options = options.with_(objective="deadline", deadline_s=deadline)
-                plan, error = _plan(fleet, spec, job, dl_options)
+                plan, error = _plan(fleet, spec, job, dl_options, topology)
                 deadlines.append({"deadline_s": deadline, **_row(plan, fleet, error)})
                 tick(f"deadline {deadline:.3g} s")
         deadline_frame = pd.DataFrame(deadlines)
@@ -336,12 +402,18 @@ def run_whatif(
             except LegendError as exc:
                 raise ReportInputError(f"what-if model {name!r}: {exc}") from None
             plan, error = (
-                (baseline, "") if other.name == spec.name else _plan(fleet, other, job, options)
+                (baseline, "")
+                if other.name == spec.name
+                else _plan(fleet, other, job, options, topology)
             )
             models.append(
                 {"model": other.name, "layers": other.num_layers, **_row(plan, fleet, error)}
             )
             tick(f"model {other.name}")
+
+        links = []
+        if replanner is not None and topology is not None and doubled_links:
+            links = _link_sweep(replanner, topology, baseline, doubled_links, tick)
     finally:
         if bar is not None:
             bar.close()
@@ -356,8 +428,59 @@ def run_whatif(
         fleet_size=pd.DataFrame(sizes),
         deadline=deadline_frame,
         models=pd.DataFrame(models),
+        links=pd.DataFrame(links),
         elapsed_s=time.perf_counter() - start,
+        topology=topology,
+        notes=tuple(notes),
     )
+
+
+def _link_sweep(
+    replanner: Replanner,
+    topology: Topology,
+    baseline: Plan,
+    doubled_links: tuple[int, ...],
+    tick: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """The baseline, then each link doubled and re-planned; which links bind in each."""
+    fleet = replanner.fleet
+    congested = {k for k, _up, _down in topology.congested(fleet)}
+    base_verdict = binding_links(baseline, topology, fleet, replanner, reference=baseline)
+
+    def row(scenario: str, link: str, plan: Plan | None, error: str, binds: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"scenario": scenario, "link": link, **_row(plan, fleet, error)}
+        out["objective"] = plan.objective_value if plan is not None else math.nan
+        for key, new, old in (
+            ("round_time_change_pct", out["round_time_s"], baseline.round_time_s),
+            ("objective_change_pct", out["objective"], baseline.objective_value),
+        ):
+            out[key] = 100.0 * (new - old) / old if old else math.nan
+        changed = changed_devices(baseline, plan) if plan is not None else []
+        out["changed_devices"] = len(changed)
+        out["changed"] = short_list(changed, 4) or "-"
+        out["binding_links"] = binds
+        return out
+
+    rows = [row("baseline", "-", baseline, "", ", ".join(base_verdict.names(topology)) or "none")]
+    for k in doubled_links:
+        name = topology.links[k].name
+        try:
+            doubled, plan = double_link(replanner, topology, k, baseline)
+        except LegendError as exc:
+            rows.append(row(f"x2 {name}", name, None, _reason(exc), "-"))
+            tick(f"x2 {name}")
+            continue
+        verdict = (
+            base_verdict
+            if plan is baseline
+            else binding_links(plan, doubled, fleet, replanner, reference=plan)
+        )
+        entry = row(f"x2 {name}", name, plan, "", ", ".join(verdict.names(doubled)) or "none")
+        if k not in congested:
+            entry["note"] = "not congested: the program and the plan are unchanged"
+        rows.append(entry)
+        tick(f"x2 {name}")
+    return rows
 
 
 # -- figures -------------------------------------------------------------------------------
@@ -481,6 +604,38 @@ def _model_figure(frame: pd.DataFrame) -> bytes:
     return figure_png(fig)
 
 
+def _links_figure(frame: pd.DataFrame) -> bytes:
+    import numpy as np
+
+    fig = new_figure(10.0, min(12.0, max(3.0, 0.32 * len(frame) + 1.8)))
+    axes = fig.subplots(1, 2, sharey=True)
+    y = np.arange(len(frame))[::-1]
+    colours = ["#9aa5b8" if s == "baseline" else "#2f6fdf" for s in frame["scenario"]]
+    for ax, (column, label) in zip(
+        axes, (("round_time_s", "round time (s)"), ("objective", "objective")), strict=True
+    ):
+        values = frame[column].to_numpy(dtype=float)
+        ax.barh(y, np.nan_to_num(values), color=colours)
+        ax.axvline(values[0], color="#555", linestyle="--", linewidth=1, label="baseline")
+        for yi, v in zip(y, values, strict=True):
+            if np.isfinite(v):
+                ax.annotate(" " + format_value(v), (v, yi), fontsize=8, va="center")
+        ax.set_xlabel(label)
+        ax.set_xlim(0, max(float(np.nanmax(values)), 1e-12) * 1.2)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(
+        [
+            f"{s} (binds: {b})"
+            for s, b in zip(frame["scenario"], frame["binding_links"], strict=True)
+        ],
+        fontsize=8,
+    )
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Each link at twice its capacity, re-planned")
+    return figure_png(fig)
+
+
 # -- the report ----------------------------------------------------------------------------
 
 _COLUMNS = (
@@ -519,6 +674,17 @@ def build_whatif_report(result: WhatIfResult) -> Report:
                 f"{(base.total_upload_bytes + base.total_download_bytes) / MB:,.1f} MB",
             ),
             ("Sweep time", f"{result.elapsed_s:.1f} s"),
+            *(
+                (
+                    (
+                        "Topology",
+                        f"{len(result.topology.links):,} links, "
+                        f"{len(result.topology.congested(result.fleet)):,} congested",
+                    ),
+                )
+                if result.topology is not None
+                else ()
+            ),
         )
     )
     sections = [
@@ -534,6 +700,12 @@ def build_whatif_report(result: WhatIfResult) -> Report:
                         f"{result.job.target_modules!r}; objective {result.options.objective}. "
                         "Every point is a plan computed by the planner; infeasible points "
                         "keep the planner's reason in the `note` column."
+                        + (
+                            " Every point is planned on the network topology."
+                            if result.topology is not None
+                            else ""
+                        )
+                        + "".join(" " + note for note in result.notes)
                     )
                 ),
             ),
@@ -616,6 +788,48 @@ def build_whatif_report(result: WhatIfResult) -> Report:
                 ),
             )
         )
+    if len(result.links):
+        sections.append(
+            Section(
+                title="Links doubled",
+                blocks=(
+                    Paragraph(
+                        text="Each link at twice its capacity (up and down), the round "
+                        "re-planned with the same solver and options, against the baseline. "
+                        "changed: devices whose configuration (layers, ranks) differs from "
+                        "the baseline; binding_links: the links that bind in that plan "
+                        "(doubling one of them again gives a better objective or a shorter "
+                        "round). A link that is not congested adds no row to the program, so "
+                        "doubling it changes nothing."
+                    ),
+                    Table(
+                        name="links",
+                        title="Links doubled",
+                        frame=result.links[
+                            [
+                                "scenario",
+                                "status",
+                                "round_time_s",
+                                "round_time_change_pct",
+                                "objective",
+                                "objective_change_pct",
+                                "total_MB",
+                                "utility",
+                                "changed_devices",
+                                "changed",
+                                "binding_links",
+                                "note",
+                            ]
+                        ],
+                    ),
+                    Figure(
+                        name="links_doubled",
+                        title="Round time and objective with each link doubled",
+                        png=_links_figure(result.links),
+                    ),
+                ),
+            )
+        )
     return Report(
         kind="whatif",
         title=f"What-if report: {result.spec.name}, {n:,} devices",
@@ -628,6 +842,7 @@ def build_whatif_report(result: WhatIfResult) -> Report:
                 + len(result.fleet_size)
                 + len(result.deadline)
                 + len(result.models)
+                + len(result.links)
             ),
         },
     )

@@ -106,3 +106,29 @@ def test_job_topology_errors(tmp_path):
         load_job(TINY, job__topology=str(TOPOLOGY), planner__server_mbps=100.0)
     cfg = load_job(TINY, job__topology="topology_ap30.toml")  # relative to the job file
     assert cfg.job.topology == str(TOPOLOGY)
+
+
+def test_run_report_shows_links_per_round(ap30_cfg, ap30_prepared, tmp_path):
+    from legend.reports.render import write_report
+    from legend.reports.run_report import build_run_report, load_run
+
+    out = tmp_path / "run"
+    run_job(ap30_cfg.override("job", rounds=2), out, prepared=ap30_prepared, show_progress=False)
+    report = build_run_report([load_run(out)])
+    written = write_report(report, tmp_path / "report")
+
+    table = report.table("links").frame
+    rows = _rows(out / "links.csv")
+    assert len(table) == len(rows) == 2 * 31
+    for row, (_, shown) in zip(rows, table.iterrows(), strict=True):
+        assert (shown["round"], shown["link"]) == (int(row["round"]), row["link"])
+        assert shown["up_MB"] * 1e6 == pytest.approx(float(row["up_bytes"]))
+        assert shown["down_MB"] * 1e6 == pytest.approx(float(row["down_bytes"]))
+        assert shown["utilisation_up"] == pytest.approx(float(row["utilisation_up"]))
+        assert shown["utilisation_down"] == pytest.approx(float(row["utilisation_down"]))
+        assert shown["binding"] == (row["binding"] == "True")
+    bound = {int(r["round"]): r["link"] for r in rows if r["binding"] == "True"}
+    per_round = report.table("binding_links").frame
+    assert per_round["round"].tolist() == [1, 2]
+    assert per_round["binding_links"].tolist() == [bound[1], bound[2]] == ["ap-1--server"] * 2
+    assert "link_utilisation" in written.figures
