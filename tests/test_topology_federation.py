@@ -132,3 +132,11 @@ def test_run_report_shows_links_per_round(ap30_cfg, ap30_prepared, tmp_path):
     assert per_round["round"].tolist() == [1, 2]
     assert per_round["binding_links"].tolist() == [bound[1], bound[2]] == ["ap-1--server"] * 2
     assert "link_utilisation" in written.figures
+
+
+def test_tiny_ap30_example_is_the_tested_job(ap30_cfg):
+    example = load_job(ROOT / "examples" / "tiny_ap30.toml")
+    assert (example.job.fleet, example.job.topology) == (str(FLEET), str(TOPOLOGY))
+    assert example.job.rounds == 2
+    for section in ("train", "data", "planner", "federation"):
+        assert getattr(example, section) == getattr(ap30_cfg, section)
