@@ -123,6 +123,8 @@ def build_config(args: argparse.Namespace, method: str, seed: int) -> Any:
             ranks=tuple(args.ranks),
             uniform_rank=args.uniform_rank,
             threads=args.threads,
+            loss=args.loss,
+            optimizer=args.optimizer,
         ),
         data=DataSection(
             dataset="rotten_tomatoes",
@@ -134,7 +136,12 @@ def build_config(args: argparse.Namespace, method: str, seed: int) -> Any:
         planner=PlannerSection(
             solver=args.solver, objective="rate", time_limit_s=10.0, calibration="none"
         ),
-        federation=FederationSection(jitter=args.jitter, eval_every=1),
+        federation=FederationSection(
+            jitter=args.jitter,
+            eval_every=1,
+            server_optimizer=args.server_optimizer,
+            server_lr=args.server_lr,
+        ),
     )
 
 
@@ -354,8 +361,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--devices-per-round", type=int, default=None)
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=48)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=0.5, help="local learning rate")
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    parser.add_argument(
+        "--loss", default="logit-adjusted", choices=("logit-adjusted", "cross-entropy")
+    )
+    parser.add_argument("--server-optimizer", default="adam", choices=("adam", "momentum", "none"))
+    parser.add_argument("--server-lr", type=float, default=0.03)
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--uniform-rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew")
@@ -381,8 +394,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.model = "all-MiniLM-L6-v2"
         args.fleet = str(FLEET50)
         args.seeds = args.seeds or [0, 1, 2]
-        args.rounds = args.rounds or 15
-        args.target = 0.75 if args.target is None else args.target
+        args.rounds = args.rounds or 12
+        args.target = 0.65 if args.target is None else args.target
         args.devices_per_round = 10 if args.devices_per_round is None else args.devices_per_round
         args.out = args.out or REPO_ROOT / "runs" / "bench" / "time_to_accuracy"
     if not 0 < args.target <= 1:
@@ -418,7 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.model}, fleet `{Path(args.fleet).name}`, seeds {args.seeds}, {args.rounds} "
         f"rounds, {args.devices_per_round or 'all'} devices per round, {args.local_steps} local "
         f"steps of batch {args.batch_size} x {args.seq_len} tokens, ranks {args.ranks} "
-        f"(uniform/fedra/depth-only rank {args.uniform_rank}), Dirichlet alpha {args.alpha}, "
+        f"(uniform/fedra/depth-only rank {args.uniform_rank}), local {args.optimizer} at "
+        f"learning rate {args.learning_rate} with the {args.loss} loss, server optimizer "
+        f"{args.server_optimizer} at {args.server_lr}, Dirichlet alpha {args.alpha}, "
         f"test examples {args.max_test}, jitter {args.jitter}. Target accuracy {args.target}; "
         "common target: per seed, the lowest final accuracy among the methods. Times are "
         "**simulated device seconds** (cost model); host time is this machine's wall clock. "

@@ -44,6 +44,7 @@ from legend.federation.adapters import (
 from legend.federation.aggregation import AGGREGATORS
 from legend.federation.job import JobConfig
 from legend.federation.methods import plan_for_method, with_estimates
+from legend.federation.server_opt import OptimizerState, ServerOptimizer
 from legend.models.spec import ModelSpec
 from legend.planner.costs import Calibration, CostModel
 from legend.planner.plan import DevicePlan, Plan
@@ -89,6 +90,8 @@ class ClientInstruction:
     freeze_a: bool
     seed: tuple[int, ...]
     fault: str | None = None  # injected: "drop" or one of FAULT_KINDS
+    loss: str = "cross-entropy"  # the local loss (train.loss)
+    optimizer: str = "adamw"  # the local optimizer (train.optimizer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +125,7 @@ class RoundResult:
     round: int
     plan: Plan
     global_state: AdapterState
+    optimizer_state: OptimizerState | None
     round_row: Mapping[str, Any]
     device_rows: tuple[Mapping[str, Any], ...]
     estimates: Mapping[str, tuple[float, float, float]]
@@ -147,6 +151,8 @@ class ServerCore:
     estimates
         EMA capacity estimates ``device_id -> (tflops, uplink_mbps, downlink_mbps)``;
         defaults to the declared profiles.
+    optimizer_state
+        The server optimizer's moments (``federation.server_optimizer``) when resuming.
     topology
         The links the fleet shares (:func:`~legend.planner.topology.load_topology`), or
         ``None`` for a private link per device. It drives the simulated clock; planning
@@ -163,8 +169,18 @@ class ServerCore:
         global_state: AdapterState,
         estimates: Mapping[str, tuple[float, float, float]] | None = None,
         topology: Topology | None = None,
+        optimizer_state: OptimizerState | None = None,
     ) -> None:
         self.cfg = cfg
+        f = cfg.federation
+        self.server_optimizer = ServerOptimizer(
+            kind=f.server_optimizer,
+            lr=f.server_lr,
+            beta1=f.server_beta1,
+            beta2=f.server_beta2,
+            tau=f.server_tau,
+        )
+        self.optimizer_state = optimizer_state
         self.topology = topology
         self.fleet = fleet
         self.spec = spec
@@ -235,6 +251,8 @@ class ServerCore:
                     batch_size=cfg.train.batch_size,
                     learning_rate=cfg.train.learning_rate,
                     weight_decay=cfg.train.weight_decay,
+                    loss=cfg.train.loss,
+                    optimizer=cfg.train.optimizer,
                     freeze_a=cfg.aggregation == "ffa",
                     seed=tuple(device_seed(cfg.job.seed, round_index, index)),
                     fault=fault,
@@ -303,7 +321,9 @@ class ServerCore:
             log.warning("round %d: device %s dropped out", round_index, device_id)
         rule = AGGREGATORS[self.cfg.aggregation]
         if accepted:
-            self.global_state = rule(self.global_state, accepted)
+            self.global_state, self.optimizer_state = self.server_optimizer.step(
+                self.global_state, rule(self.global_state, accepted), self.optimizer_state
+            )
         else:
             log.warning("round %d: no valid update; the global adapter is unchanged", round_index)
 
@@ -382,6 +402,7 @@ class ServerCore:
             round=round_index,
             plan=plan,
             global_state=self.global_state,
+            optimizer_state=self.optimizer_state,
             round_row=round_row,
             device_rows=tuple(device_rows),
             estimates=dict(self.estimates),
@@ -558,6 +579,8 @@ class ClientCore:
                 batch_size=ins.batch_size,
                 learning_rate=ins.learning_rate,
                 weight_decay=ins.weight_decay,
+                loss=ins.loss,
+                optimizer=ins.optimizer,
                 seed=ins.seed,
             )
             state = self.host.extract()

@@ -89,7 +89,7 @@ __all__ = [
 
 log = logging.getLogger("legend.federation")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Version of the message layout below; nodes refuse messages of another version."""
 
 NODE_PROFILE_KEYS = {
@@ -177,6 +177,8 @@ def instruction_to_record(ins: ClientInstruction, job: ConfigRecord) -> RecordDi
             "batch-size": ins.batch_size,
             "learning-rate": float(ins.learning_rate),
             "weight-decay": float(ins.weight_decay),
+            "loss": ins.loss,
+            "optimizer": ins.optimizer,
             "freeze-a": bool(ins.freeze_a),
             "seed": [int(x) for x in ins.seed],
             "fault": ins.fault or "",
@@ -235,6 +237,8 @@ def instruction_from_record(content: RecordDict) -> ClientInstruction:
         batch_size=_field(c, "batch-size", int, what),
         learning_rate=_field(c, "learning-rate", float, what),
         weight_decay=_field(c, "weight-decay", float, what),
+        loss=_field(c, "loss", str, what),
+        optimizer=_field(c, "optimizer", str, what),
         freeze_a=_field(c, "freeze-a", bool, what),
         seed=tuple(int(x) for x in _field(c, "seed", list, what)),
         fault=fault or None,

@@ -50,6 +50,9 @@ METHODS = ("exact", "greedy", "uniform", "hetlora", "fedra", "depth-only", "rank
 AGGREGATIONS = ("auto", "slotwise", "hetlora", "flexlora", "ffa")
 SOLVER_NAMES = ("pulp-cbc", "pulp-highs", "cvxpy-highs", "greedy", "brute-force")
 ENGINES = ("inprocess", "flower-sim", "flower-deploy")
+LOSSES = ("cross-entropy", "logit-adjusted")
+OPTIMIZERS = ("adamw", "sgd")
+SERVER_OPTIMIZERS = ("none", "momentum", "adam")
 
 
 class JobError(FederationInputError):
@@ -81,6 +84,11 @@ class TrainSection:
     local_steps: int = 10
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    # "cross-entropy", or "logit-adjusted": cross-entropy on logits shifted by the log of the
+    # device's own label distribution (balanced softmax), against label skew; see docs/federation.md
+    loss: str = "cross-entropy"
+    # the local optimizer: "adamw" or "sgd" (plain SGD at train.learning_rate)
+    optimizer: str = "adamw"
     target_modules: str | tuple[str, ...] = "qv"
     ranks: tuple[int, ...] = (2, 4, 8, 16)
     lora_scale: float = 2.0
@@ -133,6 +141,13 @@ class FederationSection:
     timeout_factor: float = 1.5  # a dropped device makes the server wait this x planned time
     eval_every: int = 1
     eval_batch_size: int = 64
+    # how the global state moves toward each round's aggregate: "none" (FedAvg), "momentum"
+    # (FedAvgM) or "adam" (FedAdam); see federation/server_opt.py and docs/federation.md
+    server_optimizer: str = "none"
+    server_lr: float = 1.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
 
 
 _SECTIONS: dict[str, type] = {
@@ -305,6 +320,14 @@ def _validate(cfg: JobConfig) -> None:
     for key in ("batch_size", "seq_len", "local_steps", "bytes_per_param", "uniform_rank"):
         _positive(s, f"train.{key}", getattr(t, key))
     _positive(s, "train.learning_rate", t.learning_rate)
+    _choice(s, "train.loss", t.loss, LOSSES)
+    _choice(s, "train.optimizer", t.optimizer, OPTIMIZERS)
+    _choice(s, "federation.server_optimizer", f.server_optimizer, SERVER_OPTIMIZERS)
+    _positive(s, "federation.server_lr", f.server_lr)
+    _positive(s, "federation.server_tau", f.server_tau)
+    for key in ("server_beta1", "server_beta2"):
+        if not 0 <= getattr(f, key) < 1:
+            raise JobError(f"{s}: `federation.{key}` = {getattr(f, key)} must be in [0, 1)")
     _positive(s, "train.threads", t.threads, zero_ok=True)
     try:
         ranks = parse_rank_grid(t.ranks)

@@ -40,6 +40,7 @@ from legend.federation.adapters import AdapterState, init_global
 from legend.federation.core import ClientCore, ClientReply, RoundResult, ServerCore
 from legend.federation.errors import FederationInputError
 from legend.federation.job import JobConfig
+from legend.federation.server_opt import OptimizerState
 from legend.models.spec import ModelSpec, get_model_spec
 from legend.planner.costs import Calibration
 from legend.planner.profiles import Fleet, load_fleet
@@ -324,11 +325,17 @@ def _checkpoint(out: Path, result: RoundResult, progress: _Progress) -> None:
     ck.mkdir(exist_ok=True)
     path = ck / f"round_{result.round:04d}.npz"
     result.global_state.to_npz(path)
+    optimizer = (
+        result.optimizer_state.save(ck, f"round_{result.round:04d}_server_opt")
+        if result.optimizer_state is not None
+        else None
+    )
     _atomic_json(
         ck / "state.json",
         {
             "round": result.round,
             "global_state": path.name,
+            "server_optimizer": optimizer,
             "estimates": {k: list(v) for k, v in result.estimates.items()},
             "progress": progress.__dict__,
         },
@@ -337,7 +344,7 @@ def _checkpoint(out: Path, result: RoundResult, progress: _Progress) -> None:
 
 def _load_checkpoint(
     out: Path,
-) -> tuple[_Progress, AdapterState, dict[str, tuple[float, float, float]]]:
+) -> tuple[_Progress, AdapterState, dict[str, tuple[float, float, float]], OptimizerState | None]:
     state_path = out / "checkpoints" / "state.json"
     if not state_path.is_file():
         raise RunDirError(
@@ -351,7 +358,9 @@ def _load_checkpoint(
     global_state = AdapterState.from_npz(npz)
     estimates = {k: (float(v[0]), float(v[1]), float(v[2])) for k, v in state["estimates"].items()}
     progress = _Progress(**state["progress"])
-    return progress, global_state, estimates
+    entry = state.get("server_optimizer")
+    optimizer = OptimizerState.load(out / "checkpoints", entry) if entry else None
+    return progress, global_state, estimates, optimizer
 
 
 def _comparable(cfg: JobConfig) -> dict[str, Any]:
@@ -462,7 +471,7 @@ class RunSession:
         with self.console.status("loading model and data"):
             self.prepared = p = prepared or prepare(cfg, calibration=calibration)
         if resume:
-            progress, global_state, estimates = _load_checkpoint(out)
+            progress, global_state, estimates, optimizer_state = _load_checkpoint(out)
             for name in _RECORDS:
                 _truncate_csv(out / name, progress.round)
             self.calibration = Calibration.load(cal_file) if cal_file.is_file() else None
@@ -477,6 +486,7 @@ class RunSession:
             r_max = max(cfg.train.ranks)
             global_state = init_global(p.spec, r_max, p.initial_head, seed=cfg.job.seed)
             estimates = {}
+            optimizer_state = None
         self.progress = progress
         self.server = ServerCore(
             cfg,
@@ -486,6 +496,7 @@ class RunSession:
             global_state=global_state,
             estimates=estimates,
             topology=load_topology(cfg.job.topology, p.fleet) if cfg.job.topology else None,
+            optimizer_state=optimizer_state,
         )
         self.last_round = cfg.job.rounds if stop_after is None else min(cfg.job.rounds, stop_after)
         self._round_start = 0.0

@@ -14,7 +14,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DeviceData", "TokenizedSplit", "evaluate", "tokenize", "train_steps"]
+from legend.federation.job import LOSSES, OPTIMIZERS
+
+__all__ = [
+    "LOSSES",
+    "DeviceData",
+    "TokenizedSplit",
+    "evaluate",
+    "label_log_prior",
+    "tokenize",
+    "train_steps",
+]
 
 
 @dataclass(frozen=True)
@@ -73,14 +83,33 @@ def train_steps(
     learning_rate: float,
     weight_decay: float,
     seed: Sequence[int],
+    loss: str = "cross-entropy",
+    optimizer: str = "adamw",
 ) -> float:
-    """Run ``steps`` AdamW steps on batches drawn (seeded) from the device's data.
+    """Run ``steps`` optimizer steps on batches drawn (seeded) from the device's data.
 
     Returns the mean training loss. Only parameters that require grad are optimised (the
     planned LoRA factors and the head); a fresh optimizer every round, as in FedAvg.
+
+    ``loss`` is ``"cross-entropy"`` or ``"logit-adjusted"``: cross-entropy of the logits
+    plus ``log pi`` of the device's own label distribution ``pi`` (add-one smoothed), the
+    balanced-softmax form of logit adjustment (Menon et al., ICLR 2021; FedLC, ICML 2022).
+    Under label skew a device then has no incentive to move the shared head toward its
+    local majority label; the model is evaluated on the plain logits. ``optimizer`` is
+    ``"adamw"`` or ``"sgd"`` (plain SGD; AdamW normalises every parameter's step, so a device
+    whose gradients are tiny still moves as far as one that learns; see
+    :mod:`legend.federation.server_opt`).
     """
+    if loss not in LOSSES:
+        raise ValueError(f"`loss` must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    opt: torch.optim.Optimizer = (
+        torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+        if optimizer == "adamw"
+        else torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay)
+    )
     rng = np.random.default_rng([*list(seed), 4])
     # Dropout draws from torch's global generator: seed a private copy of it from the
     # device's seed so that an update does not depend on what the process ran before
@@ -88,7 +117,17 @@ def train_steps(
     torch_seed = int(np.random.default_rng([*list(seed), 5]).integers(2**62))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed)
-        losses = _train_loop(model, optimizer, data, rng, steps=steps, batch_size=batch_size)
+        losses = _train_loop(
+            model,
+            opt,
+            data,
+            rng,
+            steps=steps,
+            batch_size=batch_size,
+            log_prior=label_log_prior(data, _num_labels(model))
+            if loss == "logit-adjusted"
+            else None,
+        )
     model.eval()
     return float(np.mean(losses)) if losses else math.nan
 
@@ -101,6 +140,7 @@ def _train_loop(
     *,
     steps: int,
     batch_size: int,
+    log_prior: torch.Tensor | None = None,
 ) -> list[float]:
     model.train()
     losses: list[float] = []
@@ -115,8 +155,12 @@ def _train_loop(
         cursor += len(take)
         batch = data.split.batch(data.indices[take])
         optimizer.zero_grad(set_to_none=True)
-        out = model(**batch)
-        loss = out.loss
+        if log_prior is None:
+            loss = model(**batch).loss
+        else:
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            loss = torch.nn.functional.cross_entropy(logits + log_prior, labels)
         if not torch.isfinite(loss):
             losses.append(math.nan)
             break
@@ -124,6 +168,22 @@ def _train_loop(
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def _num_labels(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "num_labels", 0) or 0)
+
+
+def label_log_prior(data: DeviceData, num_labels: int = 0) -> torch.Tensor:
+    """``log`` of the device's label distribution over ``num_labels`` labels, add-one smoothed.
+
+    ``num_labels`` defaults to the largest label in the split plus one.
+    """
+    labels = data.split.labels.index_select(0, torch.as_tensor(data.indices, dtype=torch.long))
+    num_labels = max(num_labels, int(data.split.labels.max()) + 1 if len(data.split) else 1)
+    counts = torch.bincount(labels, minlength=num_labels).to(torch.float32) + 1.0
+    return torch.log(counts / counts.sum())
 
 
 @torch.no_grad()

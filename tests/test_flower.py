@@ -101,6 +101,7 @@ def _instruction(state: AdapterState, fault: str | None = None) -> ClientInstruc
         freeze_a=False,
         seed=(0, 3, 0, 0),
         fault=fault,
+        loss="logit-adjusted",
     )
 
 
@@ -125,6 +126,7 @@ def test_instruction_round_trip_and_fresh_payload_per_message(tiny_job, fault):
     for name in ("round", "device_id", "device_index", "layers", "ranks", "local_steps"):
         assert getattr(back, name) == getattr(ins, name)
     assert (back.learning_rate, back.seed, back.fault) == (ins.learning_rate, ins.seed, fault)
+    assert back.loss == ins.loss
 
 
 @pytest.mark.parametrize("with_state", [True, False])

@@ -109,8 +109,13 @@ def test_adapter_loads_with_peft(tiny_cfg, prepared, tmp_path):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_resume_equals_uninterrupted_run(tiny_cfg, prepared, tmp_path):
-    cfg = tiny_cfg.override("job", rounds=3)
+@pytest.mark.parametrize("server_optimizer", ["none", "adam", "momentum"])
+def test_resume_equals_uninterrupted_run(server_optimizer, tiny_cfg, prepared, tmp_path):
+    cfg = tiny_cfg.override("job", rounds=3).override(
+        "federation", server_optimizer=server_optimizer, server_lr=0.05
+    )
+    if server_optimizer != "none":
+        cfg = cfg.override("train", optimizer="sgd", loss="logit-adjusted", learning_rate=0.5)
     full = run_job(cfg, tmp_path / "full", prepared=prepared, show_progress=False)
     part = run_job(cfg, tmp_path / "part", prepared=prepared, show_progress=False, stop_after=1)
     assert part.rounds_completed == 1
@@ -126,6 +131,8 @@ def test_resume_equals_uninterrupted_run(tiny_cfg, prepared, tmp_path):
     assert [r["round"] for r in rows_resumed] == ["1", "2", "3"]
     assert [r["accuracy"] for r in rows_resumed] == [r["accuracy"] for r in rows_full]
     assert [r["bytes_up"] for r in rows_resumed] == [r["bytes_up"] for r in rows_full]
+    state = json.loads((tmp_path / "part" / "checkpoints" / "state.json").read_text())
+    assert (state["server_optimizer"] is None) == (server_optimizer == "none")
 
 
 def test_existing_run_dir_is_not_overwritten(tiny_cfg, prepared, tmp_path):
@@ -210,6 +217,7 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
         ("[job]\nfleet='tiny_fleet.csv'\n[data]\ndataset='nope.csv'\n", "`data.dataset`"),
         ("[job]\nfleet='tiny_fleet.csv'\n[extra]\nx=1\n", "unknown section [extra]"),
         ("[job]\nfleet='tiny_fleet.csv'\n[train]\nranks=[8,4]\n", "strictly increasing"),
+        ("[job]\nfleet='tiny_fleet.csv'\n[train]\nloss='focal'\n", "`train.loss` = 'focal'"),
         ("[job\n", "not valid TOML"),
     ],
 )
