@@ -390,6 +390,12 @@ def class_pareto_configs(
         extra.append(nbytes[idx])  # minimise
     if opts.coverage_share > 0 and opts.coverage_layers > 0:
         extra.append(-np.minimum(catalog.depth[idx], opts.coverage_layers).astype(float))
+    if _on_congested_link(problem, device_class):
+        # The link rows (C10) charge compute and the link's bytes separately: a slower
+        # configuration with fewer bytes can shorten everyone's contention.
+        prof = device_class.profile
+        compute = time - nbytes / prof.downlink_bps - nbytes / prof.uplink_bps
+        extra += [nbytes[idx], compute[idx]]
     keep = _pareto(time[idx], util[idx], extra)
     sel = idx[keep]
     return ClassConfigs(
@@ -400,6 +406,15 @@ def class_pareto_configs(
         utility_per_sample=util[sel],
         depth=catalog.depth[sel],
     )
+
+
+def _on_congested_link(problem: PlanningProblem, device_class: DeviceClass) -> bool:
+    """Whether the class's route crosses a link congested under the topology."""
+    topo = problem.topology
+    if topo is None:
+        return False
+    route = topo.routes[problem.fleet.devices[device_class.members[0]].device_id]
+    return any(e in route for e, _up, _down in topo.congested(problem.fleet))
 
 
 def _pareto(time: np.ndarray, util: np.ndarray, extra: list[np.ndarray]) -> np.ndarray:
@@ -500,8 +515,9 @@ def polish_configurations(
     A participant moves to the highest-utility configuration of the catalogue that fits its
     memory, finishes within ``round_time_s`` and is at least as deep as before (so coverage
     C8 still holds); the round time does not grow. Not applied with the server link (C7),
-    whose bytes couple the devices. Returns the configurations unchanged when the cost table
-    has no class structure.
+    whose bytes couple the devices, nor to devices routed through a congested link of the
+    topology (C10 couples them in the same way). Returns the configurations unchanged when
+    the cost table has no class structure.
     """
     if problem.options.server_mbps is not None or not class_formulation_available(problem):
         return tuple(configurations)
@@ -515,8 +531,12 @@ def polish_configurations(
     d = catalog.depth.astype(float)
     s = catalog.rank_sum.astype(float)
     out = list(configurations)
+    shared: set[str] = set()
+    if problem.topology is not None:
+        for e, _up, _down in problem.topology.congested(problem.fleet):
+            shared.update(problem.topology.devices_on(e))
     for i, (layers, _ranks) in enumerate(configurations):
-        if not layers:
+        if not layers or devices[i].device_id in shared:
             continue
         device = problem.fleet.devices[i]
         costs = _affine_costs(problem.costs.table(device), problem.job.ranks)

@@ -38,7 +38,13 @@ Rows (names as in the code; ``T`` is the round time, a constant deadline or a va
     C7max[i]  T - t_i(x) + M h[i] <= M,  C7h[i]  h[i] <= z[i],  C7one  sum_i h[i] = 1
     C8[l]     sum_i n_i y[i,l] - q sum_i n_i z[i] >= 0            coverage of the top D layers
     C9        sum_i z[i] >= min_participants                      (option)
+    C10[e,i]  c_i(x) + k_e sum_{j on e} B_j(x) + o_ie(x) - T <= 0  shared link e (topology)
     UF        U(x) >= U_floor                                     utility floor (O2 only)
+
+C10 is written for every congested link ``e`` of a topology (:mod:`legend.planner.topology`)
+and device ``i`` routed through it: ``c_i`` is the device's compute time, ``k_e`` the
+seconds per byte of ``e`` summed over its congested directions, ``o_ie`` the device's own
+transfer time in the directions where ``e`` is not congested.
 
 C7 holds against the plan's real round time, the slowest participant's ``t_i``: with the
 server link on, ``T`` is a variable (bounded by the deadline under O1) and binaries ``h[i]``
@@ -59,19 +65,28 @@ Pareto-efficient configurations ``j`` with round time ``t_cj``, bytes ``B_cj``, 
 ``d_j`` and per-sample utility ``u_j``; every configuration already satisfies C1-C4 and C6
 (and C5 when the deadline is a constant). Integer counts ``m[c,j] in [0, N_c]``, the number
 of members sitting out ``o[c]`` (only with ``allow_dropping``), and, when ``T`` is a
-variable, binaries ``v[c,j]`` (configuration ``j`` is used by class ``c``)::
+variable, binaries ``v[c,j]`` (configuration ``j`` is used by class ``c``: for the
+configurations slower than ``T_lb``, and with a congested link for every configuration)::
 
     C3[c]     sum_j m[c,j] + o[c] = N_c
     C5[c,j]   t_cj v[c,j] - T <= 0        (only where t_cj exceeds the lower bound of T)
-    C5v[c,j]  m[c,j] - N_c v[c,j] <= 0
+    C5v[c,j]  m[c,j] - N_c v[c,j] <= 0    (every v)
     C5avg[c]  sum_j (t_cj - T_lb) m[c,j] / N_c - T <= -T_lb   (valid cut, slow configs only)
     C7        sum_cj 2 B_cj m[c,j] - server_Bps * T <= 0
     C7max[c,j] T + M h[c,j] <= t_cj + M,  C7h[c,j]  h[c,j] <= m[c,j],  C7one  sum h = 1
     C8[l]     sum_cj n_c m[c,j] ([d_j >= L - l] - q) >= 0
     C9        sum_cj m[c,j] >= min_participants
+    C10b[e]      sum_{c on e, j} k_e B_cj m[c,j] - L_e = 0             congested link e
+    C10avg[e,c]  L_e + sum_j c_cj m[c,j] / N_c - T <= 0                (valid cut)
+    C10[e,c,j]   L_e + c_cj v[c,j] - T <= 0
     UF        sum_cj n_c u_j m[c,j] >= U_floor
 
-with the utility ``U = sum_cj n_c u_j m[c,j]``.
+with the utility ``U = sum_cj n_c u_j m[c,j]``. ``L_e`` is a continuous variable, the
+round's bytes through ``e`` at its capacity, so that each C10 row has three entries instead
+of one per count on the link; ``c_cj`` is C10's ``c_i + o_ie`` of configuration ``j``. A
+class routed through a congested link keeps every configuration that no other beats in
+time, utility, bytes *and* compute (C10 charges bytes and compute separately); C5v ties
+``v`` to the counts, without which C10 would charge no compute.
 """
 
 from __future__ import annotations
@@ -107,7 +122,9 @@ class VarKey(NamedTuple):
 
     ``"x"`` (``owner`` = device, ``a`` = layer, ``b`` = rank index), ``"z"`` (device),
     ``"T"`` (round time), ``"m"`` (``owner`` = class, ``a`` = configuration: a count),
-    ``"v"`` (class, configuration: used), ``"o"`` (class: members sitting out).
+    ``"v"`` (class, configuration: used), ``"o"`` (class: members sitting out), ``"h"``
+    (device, or class and configuration: sets the round time under C7), ``"l"`` (link: its
+    round's bytes at its capacity, in seconds).
     """
 
     kind: str
@@ -628,6 +645,9 @@ def _formulate_classes(
         t_ub = deadline_s
     if has_t:
         t_id = var(VarKey("T"), "T", t_lb, t_ub, False)
+    # one variable per congested link: the time its bytes take at its capacity (C10b), so
+    # that each C10 row names it instead of every count on the link
+    link_ids = {e: var(VarKey("l", e), f"L_{e}", 0.0, t_ub, False) for e, _up, _dn in congested}
     h_ids: list[np.ndarray] = []
     if link:
         for c, cc in enumerate(configs):
@@ -642,25 +662,31 @@ def _formulate_classes(
         if o_ids[c] >= 0:
             cols, vals = np.append(cols, o_ids[c]), np.append(vals, 1.0)
         rows.add(f"C3[{c}]", cols, vals, float(cls.size), float(cls.size))
-        if has_t and v_ids[c] and not congested:
-            # Valid cut (the round lasts at least the class's sample-average excess over
-            # T_lb); it makes the LP relaxation charge mixed configurations their mean time.
-            slow = np.asarray(sorted(v_ids[c]), dtype=np.int64)
-            rows.add(
-                f"C5avg[{c}]",
-                np.append(m_ids[c][slow], t_id),
-                np.append((cc.time_s[slow] - t_lb) / cls.size, -1.0),
-                -np.inf,
-                -t_lb,
+        if has_t and v_ids[c]:
+            # C5 needs v only for configurations slower than T_lb; the link rows (C10) use
+            # v for every configuration, and C5v ties each v to its count in both cases.
+            slow = np.asarray(
+                sorted(j for j in v_ids[c] if cc.time_s[j] > t_lb * (1 + 1e-12)), dtype=np.int64
             )
-            for j, vid in v_ids[c].items():
+            if len(slow):
+                # Valid cut (the round lasts at least the class's sample-average excess over
+                # T_lb); it makes the LP relaxation charge mixed configurations their mean time.
                 rows.add(
-                    f"C5[{c},{j}]",
-                    np.asarray([vid, t_id]),
-                    np.asarray([cc.time_s[j], -1.0]),
+                    f"C5avg[{c}]",
+                    np.append(m_ids[c][slow], t_id),
+                    np.append((cc.time_s[slow] - t_lb) / cls.size, -1.0),
                     -np.inf,
-                    0.0,
+                    -t_lb,
                 )
+            for j, vid in sorted(v_ids[c].items()):
+                if cc.time_s[j] > t_lb * (1 + 1e-12):
+                    rows.add(
+                        f"C5[{c},{j}]",
+                        np.asarray([vid, t_id]),
+                        np.asarray([cc.time_s[j], -1.0]),
+                        -np.inf,
+                        0.0,
+                    )
                 rows.add(
                     f"C5v[{c},{j}]",
                     np.asarray([m_ids[c][j], vid]),
@@ -698,7 +724,7 @@ def _formulate_classes(
         all_h = np.concatenate(h_ids)
         rows.add("C7one", all_h, np.ones(len(all_h)), 1.0, 1.0)
     if congested:
-        _class_link_rows(problem, rows, classes, configs, m_ids, v_ids, t_id, congested)
+        _class_link_rows(problem, rows, classes, configs, m_ids, v_ids, t_id, link_ids, congested)
     if opts.coverage_share > 0 and opts.coverage_layers > 0:
         q = opts.coverage_share
         for ly in range(L - opts.coverage_layers, L):
@@ -753,9 +779,14 @@ def _class_link_rows(
     m_ids: list[np.ndarray],
     v_ids: list[dict[int, int]],
     t_id: int,
+    link_ids: dict[int, int],
     congested: list[tuple[int, bool, bool]],
 ) -> None:
-    """C10[e,c,j]: compute of configuration j of class c + link e's bytes at capacity <= T."""
+    """C10[e,c,j]: compute of configuration j of class c + link e's bytes at capacity <= T.
+
+    ``L_e`` (``link_ids[e]``) is the link's bytes at its capacity (C10b); C10avg is a
+    valid cut.
+    """
     topo = problem.topology
     assert topo is not None
     ids = problem.fleet.device_ids
@@ -763,21 +794,30 @@ def _class_link_rows(
         link = topo.links[e]
         k_e = (8 / link.up_mbps if up_c else 0.0) + (8 / link.down_mbps if down_c else 0.0)
         on = [c for c, cls in enumerate(classes) if e in topo.routes[ids[cls.members[0]]]]
-        if not on:
-            continue
-        cols = np.concatenate([m_ids[c] for c in on])
-        vals = np.concatenate([configs[c].bytes_one_way / MB * k_e for c in on])
+        l_id = link_ids[e]
+        cols = np.concatenate([m_ids[c] for c in on] + [[l_id]])
+        vals = np.concatenate([configs[c].bytes_one_way / MB * k_e for c in on] + [[-1.0]])
+        rows.add(f"C10b[{e}]", cols, vals, 0.0, 0.0)
         for c in on:
             prof = classes[c].profile
             d8, u8 = 8 / prof.downlink_mbps, 8 / prof.uplink_mbps
             own = (0.0 if down_c else d8) + (0.0 if up_c else u8)
             b = configs[c].bytes_one_way / MB
             comp = configs[c].time_s - b * (d8 + u8) + b * own
+            # Valid cut, as C5avg: the round lasts at least the link's bytes plus the class's
+            # sample-average compute; the per-configuration rows below are weak in the LP.
+            rows.add(
+                f"C10avg[{e},{c}]",
+                np.concatenate([m_ids[c], [l_id, t_id]]),
+                np.concatenate([np.maximum(comp, 0.0) / classes[c].size, [1.0, -1.0]]),
+                -np.inf,
+                0.0,
+            )
             for j in range(len(configs[c])):
                 rows.add(
                     f"C10[{e},{c},{j}]",
-                    np.concatenate([cols, [v_ids[c][j], t_id]]),
-                    np.concatenate([vals, [comp[j], -1.0]]),
+                    np.asarray([l_id, v_ids[c][j], t_id]),
+                    np.asarray([1.0, comp[j], -1.0]),
                     -np.inf,
                     0.0,
                 )
@@ -832,7 +872,12 @@ def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
                 t = max(t, float(cc.time_s[used].max()))
         shared = milp.rows_named("C10")
         if shared and milp.round_time is not None and t > 0:
-            act = milp.matrix[shared] @ v + v[milp.round_time]
+            # a configuration's link rows count only when some member uses it
+            used = v.copy()
+            for k, key in enumerate(milp.index):
+                if key.kind == "v":
+                    used[k] = float(np.rint(v[layout.count_offset[key.owner] + key.a]) > 0)
+            act = milp.matrix[shared] @ used + v[milp.round_time]
             t = max(t, float(act.max()))
     if t == 0.0:
         return 0.0

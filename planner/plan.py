@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from legend.models.spec import ModelSpec
-from legend.planner.costs import CostModel
+from legend.planner.costs import ConfigCost, CostModel
 from legend.planner.errors import PlannerInputError
 from legend.planner.profiles import Fleet, JobParams
 
@@ -252,6 +252,13 @@ def validate_plan(
     output; memory fits; every participant finishes within ``deadline_s`` (default: the
     plan's ``round_time_s``); predictions match a fresh evaluation of the cost model; the
     server link (``server_mbps``) carries the round's bytes within the round time.
+
+    With a ``topology``: every link carries the round's bytes each way within the round
+    time, and every participant behind a congested link (one whose devices could together
+    send faster than its capacity, in a direction) finishes within ``deadline_s`` (and the
+    plan's ``round_time_s``) while sharing it: its compute time plus, in each congested
+    direction, all of the link's bytes at the link's capacity, in the other its own
+    transfer (docs/topology.md).
     """
     costs = cost_model or CostModel(spec, job)
     out: list[PlanViolation] = []
@@ -273,6 +280,7 @@ def validate_plan(
     grid = set(job.ranks)
     L = spec.num_layers
     total_bytes = 0.0
+    evaluated: dict[str, ConfigCost] = {}
     for dp in plan.devices:
         if dp.device_id not in fleet_ids:
             continue
@@ -301,6 +309,7 @@ def validate_plan(
         if monotone_ranks and any(b < a for a, b in zip(dp.ranks, dp.ranks[1:], strict=False)):
             bad(dp.device_id, "monotone", f"ranks {list(dp.ranks)} decrease toward the output")
         cost = costs.evaluate(device, dp.layers, dp.ranks)
+        evaluated[dp.device_id] = cost
         total_bytes += cost.upload_bytes + cost.download_bytes
         if cost.memory_bytes > device.memory_bytes * (1 + rel_tol):
             bad(
@@ -320,24 +329,58 @@ def validate_plan(
     participants_time = [d.predicted_time_s for d in plan.devices if d.layers]
     if participants_time and plan.round_time_s + 1e-9 < max(participants_time) * (1 - rel_tol):
         bad(None, "round_time", f"round_time_s {plan.round_time_s} < slowest device")
-    if topology is not None and plan.round_time_s > 0:
-        # every link carries the round's bytes each way within the round time
-        by_id = {d.device_id: d for d in plan.devices}
-        for link in topology.links:
-            up = down = 0.0
-            for device_id, route in topology.routes.items():
-                entry = by_id.get(device_id)
-                on_route = link in (topology.links[k] for k in route)
-                if entry is None or not entry.layers or not on_route:
-                    continue
-                c = costs.evaluate(fleet[device_id], entry.layers, entry.ranks)
-                up, down = up + c.upload_bytes, down + c.download_bytes
-            for way, nbytes, mbps in (("up", up, link.up_mbps), ("down", down, link.down_mbps)):
-                cap = mbps * 1e6 / 8 * plan.round_time_s
-                if nbytes > cap * (1 + rel_tol):
-                    bad(None, f"link {link.name} {way}", f"{nbytes:.0f} bytes > {cap:.0f}")
+    if topology is not None:
+        _check_links(plan, fleet, topology, evaluated, limit, rel_tol, bad)
     if server_mbps is not None and plan.round_time_s > 0:
         capacity = server_mbps * 1e6 / 8 * plan.round_time_s
         if total_bytes > capacity * (1 + rel_tol):
             bad(None, "server_link", f"{total_bytes:.0f} bytes > {capacity:.0f} in the round")
     return out
+
+
+def _check_links(
+    plan: Plan,
+    fleet: Fleet,
+    topology: Any,
+    evaluated: Mapping[str, ConfigCost],
+    limit: float,
+    rel_tol: float,
+    bad: Callable[[str | None, str, str], None],
+) -> None:
+    """The topology's part of :func:`validate_plan`, from the links and the profiles alone."""
+    fleet_ids = set(fleet.device_ids)
+    slowest = 0.0
+    for k, link in enumerate(topology.links):
+        behind = [d for d, route in topology.routes.items() if k in route and d in fleet_ids]
+        users = [d for d in behind if d in evaluated]
+        if not users:
+            continue
+        up = sum(evaluated[d].upload_bytes for d in users)
+        down = sum(evaluated[d].download_bytes for d in users)
+        if plan.round_time_s > 0:
+            # every link carries the round's bytes each way within the round time
+            for way, nbytes, mbps in (("up", up, link.up_mbps), ("down", down, link.down_mbps)):
+                cap = mbps * 1e6 / 8 * plan.round_time_s
+                if nbytes > cap * (1 + rel_tol):
+                    bad(None, f"link {link.name} {way}", f"{nbytes:.0f} bytes > {cap:.0f}")
+        up_congested = sum(fleet[d].uplink_mbps for d in behind) > link.up_mbps * (1 + 1e-12)
+        down_congested = sum(fleet[d].downlink_mbps for d in behind) > link.down_mbps * (1 + 1e-12)
+        if not (up_congested or down_congested):
+            continue
+        up_s, down_s = up * 8 / (link.up_mbps * 1e6), down * 8 / (link.down_mbps * 1e6)
+        for d in users:
+            c = evaluated[d]
+            t = (
+                c.compute_s
+                + (down_s if down_congested else c.download_s)
+                + (up_s if up_congested else c.upload_s)
+            )
+            slowest = max(slowest, t)
+            if t > limit * (1 + rel_tol) + 1e-9:
+                bad(d, "contention", f"takes {t:.3f} s sharing {link.name} > {limit:.3f} s")
+    if limit != plan.round_time_s and slowest > plan.round_time_s * (1 + rel_tol) + 1e-9:
+        bad(
+            None,
+            "round_time",
+            f"round_time_s {plan.round_time_s} < {slowest:.3f} s with link contention",
+        )
