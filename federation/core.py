@@ -53,6 +53,7 @@ from legend.planner.topology import Topology, simulate_round
 
 __all__ = [
     "FAULT_KINDS",
+    "LINK_COLUMNS",
     "ClientCore",
     "ClientInstruction",
     "ClientReply",
@@ -71,6 +72,19 @@ FAULT_KINDS = ("nan", "inf", "shape", "rank", "keys")
 def device_seed(seed: int, round_index: int, device_index: int, salt: int = 0) -> list[int]:
     """The seed sequence of one device in one round (independent of any other draw)."""
     return [int(seed), int(round_index), int(device_index), int(salt)]
+
+
+# Columns of ``links.csv`` (the rows of :meth:`ServerCore._link_rows`), written by runs with a
+# network topology and read by ``legend report run``.
+LINK_COLUMNS = (
+    "round",
+    "link",
+    "up_bytes",
+    "down_bytes",
+    "utilisation_up",
+    "utilisation_down",
+    "binding",
+)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -37,7 +37,13 @@ from typing import Any
 import numpy as np
 
 from legend.federation.adapters import AdapterState, init_global
-from legend.federation.core import ClientCore, ClientReply, RoundResult, ServerCore
+from legend.federation.core import (
+    LINK_COLUMNS,
+    ClientCore,
+    ClientReply,
+    RoundResult,
+    ServerCore,
+)
 from legend.federation.errors import FederationInputError
 from legend.federation.job import JobConfig
 from legend.federation.server_opt import OptimizerState
@@ -99,16 +105,6 @@ DEVICE_COLUMNS = (
     "samples",
     "host_time_s",
     "waiting_s",
-)
-
-LINK_COLUMNS = (
-    "round",
-    "link",
-    "up_bytes",
-    "down_bytes",
-    "utilisation_up",
-    "utilisation_down",
-    "binding",
 )
 _RECORDS = ("rounds.csv", "devices.csv", "links.csv")
 

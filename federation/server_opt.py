@@ -37,6 +37,7 @@ import numpy as np
 
 from legend.federation.adapters import AdapterState, Key
 from legend.federation.errors import FederationInputError
+from legend.federation.job import SERVER_OPTIMIZERS
 
 __all__ = [
     "SERVER_OPTIMIZERS",
@@ -44,8 +45,6 @@ __all__ = [
     "ServerOptimizer",
     "ServerOptimizerError",
 ]
-
-SERVER_OPTIMIZERS = ("none", "momentum", "adam")
 
 
 class ServerOptimizerError(FederationInputError):

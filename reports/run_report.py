@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from legend.federation.core import LINK_COLUMNS  # links.csv (runs with a topology)
 from legend.reports.errors import ReportInputError
 from legend.reports.render import (
     Figure,
@@ -90,16 +91,6 @@ DEVICE_COLUMNS = (
     "bytes_up",
     "bytes_down",
     "waiting_s",
-)
-# links.csv, written by runs with a network topology (optional)
-LINK_COLUMNS = (
-    "round",
-    "link",
-    "up_bytes",
-    "down_bytes",
-    "utilisation_up",
-    "utilisation_down",
-    "binding",
 )
 MB = 1e6
 PER_DEVICE_LIMIT = 60

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from legend.federation.training import DeviceData, TokenizedSplit, label_log_prior, train_steps
+from legend.models.loaders import load_base_model
 
 
 def _split(labels: list[int], seq_len: int = 8) -> TokenizedSplit:
@@ -25,16 +25,11 @@ def _split(labels: list[int], seq_len: int = 8) -> TokenizedSplit:
 
 
 def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=128,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg)
+    """The tiny BERT preset with every parameter trainable (no LoRA needed here)."""
+    model = load_base_model("tiny-bert", num_labels=2, seed=0)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def test_log_prior_is_the_smoothed_label_share() -> None:
