@@ -32,8 +32,6 @@ import numpy as np
 
 from legend.models.spec import get_model_spec
 from legend.planner.api import SOLVERS, PlannerOptions, PlanningProblem, plan_round
-from legend.planner.api import _load_backends as load_backends
-from legend.planner.classes import group_devices
 from legend.planner.errors import PlannerError
 from legend.planner.plan import Plan, validate_plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams

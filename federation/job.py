@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -31,7 +32,9 @@ import tomllib
 from legend.federation.errors import FederationInputError
 from legend.models.errors import ModelInputError
 from legend.models.spec import get_model_spec
+from legend.planner.errors import PlannerInputError
 from legend.planner.profiles import JobParams, parse_rank_grid
+from legend.planner.types import PlannerOptions
 
 __all__ = [
     "AGGREGATIONS",
@@ -48,7 +51,6 @@ __all__ = [
 
 METHODS = ("exact", "greedy", "uniform", "hetlora", "fedra", "depth-only", "rank-only")
 AGGREGATIONS = ("auto", "slotwise", "hetlora", "flexlora", "ffa")
-SOLVER_NAMES = ("pulp-cbc", "pulp-highs", "cvxpy-highs", "greedy", "brute-force")
 ENGINES = ("inprocess", "flower-sim", "flower-deploy")
 LOSSES = ("cross-entropy", "logit-adjusted")
 OPTIMIZERS = ("adamw", "sgd")
@@ -114,19 +116,34 @@ class DataSection:
 
 @dataclass(frozen=True, kw_only=True)
 class PlannerSection:
-    """``[planner]``: options of the per-round plan (see :class:`PlannerOptions`)."""
+    """``[planner]``: every :class:`~legend.planner.types.PlannerOptions` field, with the
+    same names and defaults as the API and ``legend plan``, plus how the run uses the
+    planner (``use_topology``, ``calibration``). :meth:`options` builds the options;
+    :func:`_validate` checks them where the file is read, naming the key."""
 
-    solver: str = "pulp-highs"
-    objective: str = "rate"
-    deadline_s: float | None = None
-    time_limit_s: float = 20.0
-    mip_gap: float = 1e-3
-    monotone_ranks: bool = True
-    min_depth: int = 1
-    server_mbps: float | None = None
-    layer_weights: str = "linear"
+    objective: str = PlannerOptions.objective
+    deadline_s: float | None = PlannerOptions.deadline_s
+    utility_floor: float | None = PlannerOptions.utility_floor
+    utility_floor_share: float = PlannerOptions.utility_floor_share
+    solver: str = PlannerOptions.solver
+    time_limit_s: float = PlannerOptions.time_limit_s
+    mip_gap: float = PlannerOptions.mip_gap
+    monotone_ranks: bool = PlannerOptions.monotone_ranks
+    min_depth: int = PlannerOptions.min_depth
+    allow_dropping: bool = PlannerOptions.allow_dropping
+    server_mbps: float | None = PlannerOptions.server_mbps
+    coverage_layers: int = PlannerOptions.coverage_layers
+    coverage_share: float = PlannerOptions.coverage_share
+    min_participants: int = PlannerOptions.min_participants
+    layer_weights: str | tuple[float, ...] = PlannerOptions.layer_weights
+    use_classes: bool | None = PlannerOptions.use_classes
+    threads: int | None = PlannerOptions.threads
     use_topology: bool = True  # false: plan blind to job.topology (the clock still applies it)
     calibration: str = "auto"  # "auto": time the host once per run; "none": analytic; or a file
+
+    def options(self) -> PlannerOptions:
+        """The :class:`PlannerOptions` of this section."""
+        return PlannerOptions(**{f.name: getattr(self, f.name) for f in fields(PlannerOptions)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,10 +328,13 @@ def _validate(cfg: JobConfig) -> None:
     j, t, d, p, f = cfg.job, cfg.train, cfg.data, cfg.planner, cfg.federation
     _choice(s, "job.method", j.method, METHODS)
     _choice(s, "job.engine", j.engine, ENGINES)
-    _choice(s, "planner.solver", p.solver, SOLVER_NAMES)
-    _choice(s, "planner.objective", p.objective, ("rate", "deadline", "min-time"))
+    try:
+        p.options()
+    except PlannerInputError as exc:
+        # name the key as the job file spells it: `field` -> `planner.field`
+        message = re.sub(r"`(\w+)`", lambda m: f"`planner.{m.group(1)}`", str(exc), count=1)
+        raise JobError(f"{s}: {message}") from None
     _choice(s, "federation.aggregation", f.aggregation, AGGREGATIONS)
-    _choice(s, "planner.layer_weights", p.layer_weights, ("linear", "uniform"))
     _positive(s, "job.rounds", j.rounds)
     _positive(s, "job.devices_per_round", j.devices_per_round, zero_ok=True)
     for key in ("batch_size", "seq_len", "local_steps", "bytes_per_param", "uniform_rank"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from functools import cached_property
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,7 @@ class ModelSpec:
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # -- parameter counts -------------------------------------------------------------
-    @property
+    @cached_property
     def params_per_rank(self) -> int:
         """LoRA parameters per unit rank in one layer, ``p_l = sum_m (in_m + out_m)``."""
         return sum(m.params_per_rank for m in self.modules)
@@ -195,9 +196,11 @@ class ModelSpec:
             raise ModelInputError(
                 f"`ranks` must have one entry per layer: {len(layers)} layers, {len(ranks)} ranks"
             )
-        for layer in layers:
-            self._check_layer(layer)
-        return sum(r * self.params_per_rank for r in ranks)
+        L = self.num_layers
+        if any(not 0 <= layer < L for layer in layers):
+            for layer in layers:
+                self._check_layer(layer)
+        return sum(ranks) * self.params_per_rank
 
     # -- compute ----------------------------------------------------------------------
     @property

@@ -4,7 +4,7 @@ The contract (other tools rely on it; ``docs/cli.md`` has the details)::
 
     legend plan --fleet FLEET --model MODEL --out PLAN.json
                 [--objective rate|deadline|min-time] [--deadline-s S]
-                [--solver pulp-cbc|pulp-highs|cvxpy-highs|greedy|brute-force]
+                [--solver auto|sweep|highs|pulp-highs|pulp-cbc|cvxpy-highs|greedy|brute-force]
                 [--ranks 2,4,8,16] [--time-limit-s S] [--format table|json]
 
 Exit status 0 with the plan written, 2 for bad input, 3 when no plan exists (the message
@@ -76,15 +76,35 @@ def plan_command(
         str,
         typer.Option(
             "--solver",
-            help="pulp-highs (default), pulp-cbc, cvxpy-highs, greedy or brute-force.",
+            help="auto (default: the exact sweep, or the MILP on HiGHS when coupling rows are "
+            "active), sweep, highs, pulp-highs, pulp-cbc, cvxpy-highs, greedy or brute-force.",
         ),
-    ] = "pulp-highs",
+    ] = "auto",
     ranks: Annotated[
         str, typer.Option("--ranks", help="Rank grid, strictly increasing, e.g. 2,4,8,16.")
     ] = "2,4,8,16",
     time_limit_s: Annotated[
-        float, typer.Option("--time-limit-s", help="Solver time limit in seconds.")
+        float, typer.Option("--time-limit-s", help="MILP time limit in seconds.")
     ] = 60.0,
+    mip_gap: Annotated[
+        float, typer.Option("--mip-gap", help="Relative gap at which the MILP stops.")
+    ] = 1e-4,
+    coverage_layers: Annotated[
+        int,
+        typer.Option("--coverage-layers", help="C8: the top layers that must be covered."),
+    ] = 0,
+    coverage_share: Annotated[
+        float,
+        typer.Option(
+            "--coverage-share", help="C8: share of the round's samples each must be trained on."
+        ),
+    ] = 0.0,
+    layer_weights: Annotated[
+        str, typer.Option("--layer-weights", help="Utility layer weights: linear or uniform.")
+    ] = "linear",
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Solver threads (default: the solver's).")
+    ] = None,
     output_format: Annotated[
         str, typer.Option("--format", help="What to print: table (summary) or json (the plan).")
     ] = "table",
@@ -182,6 +202,11 @@ def plan_command(
         deadline_s=deadline_s,
         solver=solver,
         time_limit_s=time_limit_s,
+        mip_gap=mip_gap,
+        coverage_layers=coverage_layers,
+        coverage_share=coverage_share,
+        layer_weights=layer_weights,
+        threads=threads,
         monotone_ranks=monotone_ranks,
         min_depth=min_depth,
         allow_dropping=allow_dropping,

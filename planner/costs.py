@@ -185,6 +185,19 @@ class CostModel:
             + sum(ranks) * self._lora_rank
         )
 
+    def compute_coefficients(self, steps_per_flops: Any) -> tuple[Any, Any, Any]:
+        """Compute time as ``const + per_layer * depth + per_rank * rank_sum`` (seconds).
+
+        ``steps_per_flops`` is ``local_steps / flops_per_s`` of one device or a NumPy vector
+        of them; the result has the same shape. The same numbers as :meth:`evaluate` for
+        the planner's contiguous top blocks, vectorised over a fleet.
+        """
+        return (
+            steps_per_flops * (self._fwd + self._head_bwd),
+            steps_per_flops * self._bwd_layer,
+            steps_per_flops * self._lora_rank,
+        )
+
     def static_memory_bytes(self) -> float:
         """Memory a participating device needs whatever the configuration."""
         spec, job = self.spec, self.job

@@ -47,16 +47,15 @@ from importlib import metadata
 import numpy as np
 from numpy.typing import NDArray
 
-from legend.planner.api import (
+from legend.planner.diagnose import blocked_devices, fleet_reasons
+from legend.planner.errors import InfeasibleError, PlannerInputError
+from legend.planner.profiles import DeviceProfile
+from legend.planner.types import (
     Configuration,
     PlanningProblem,
     SolverOutcome,
     rank_gain,
-    register_solver,
 )
-from legend.planner.diagnose import blocked_devices, fleet_reasons
-from legend.planner.errors import InfeasibleError, PlannerInputError
-from legend.planner.profiles import DeviceProfile
 
 __all__ = [
     "MAX_CANDIDATES",
@@ -658,7 +657,6 @@ def _raise_infeasible(greedy: _Greedy, deadline_s: float | None) -> None:
     raise InfeasibleError("no plan found by the greedy", tuple(reasons))
 
 
-@register_solver("greedy")
 def solve_greedy(problem: PlanningProblem) -> SolverOutcome:
     """Solver backend ``greedy``: the LEGEND-style greedy (status ``FEASIBLE``, no gap)."""
     result = greedy_configurations(problem)

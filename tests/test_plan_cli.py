@@ -29,7 +29,7 @@ def test_table_summary_and_plan_file(tmp_path: Path, capfd: pytest.CaptureFixtur
     assert code == 0
     plan = Plan.load(out)
     fleet = load_fleet(FLEET)
-    assert plan.solver == "pulp-highs" and plan.status == "OPTIMAL"
+    assert plan.solver == "sweep" and plan.status == "OPTIMAL"
     assert validate_plan(plan, fleet, _spec("all-MiniLM-L6-v2"), JobParams()) == []
     for fragment in ("solver", "status", "round time", "gap", "solve time", "waiting"):
         assert fragment in captured.out
@@ -205,6 +205,7 @@ def test_solver_failure_exits_4(tmp_path: Path, capfd: pytest.CaptureFixture[str
         "--model", "bert-base-uncased",
         "--out", str(tmp_path / "p.json"),
         "--objective", "min-time",
+        "--solver", "highs",
         "--time-limit-s", "0.000001",
     )  # fmt: skip
     err = capfd.readouterr().err
