@@ -9,9 +9,9 @@ per-device configurations, and :func:`make_plan` turns configurations into a
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-from typing import TYPE_CHECKING
 
 from legend.models.spec import ModelSpec
 from legend.planner.costs import Calibration

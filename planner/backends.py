@@ -1,4 +1,4 @@
-"""Solver backends for the planner's MILP: each translates a :class:`~legend.planner.formulation.MILP`.
+"""Solver backends for the planner's MILP (:class:`~legend.planner.formulation.MILP`).
 
 =================  ==============================================================
 ``highs``          HiGHS through ``highspy`` directly (the default for coupled programs)

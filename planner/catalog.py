@@ -28,6 +28,7 @@ linear in the fleet size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,8 +44,8 @@ __all__ = [
     "FleetCosts",
     "build_catalogue",
     "fleet_costs",
-    "shared_costs",
     "group_identical",
+    "shared_costs",
 ]
 
 # Devices x columns evaluated at once; bounds the working memory of fleet-wide passes
@@ -271,7 +272,8 @@ def _affine(
     first = table[0]
     scale = max(1.0, float(np.abs(table).max()))
     r = np.asarray(ranks, dtype=float)
-    beta = 0.0 if len(r) == 1 else float((first[-1] - first[0]) / (r[-1] - r[0]))
+    # one rank: depth and rank sum move together, so attribute it all to the rank
+    beta = float(first[0] / r[0]) if len(r) == 1 else float((first[-1] - first[0]) / (r[-1] - r[0]))
     alpha = float(first[0] - beta * r[0])
     if not (
         np.allclose(table, first[None, :], rtol=1e-9, atol=1e-12 * scale)
@@ -329,17 +331,22 @@ def fleet_costs(problem: PlanningProblem) -> FleetCosts:
 
 
 def _check_against_table(problem: PlanningProblem, fc: FleetCosts) -> None:
-    """The vectorised coefficients must equal the cost model's own table (two devices)."""
+    """The vectorised coefficients must reproduce the cost model (two devices, two
+    configurations each): a cost model without the affine structure is refused."""
+    L = problem.spec.num_layers
     ranks = problem.job.ranks
+    probes = ((1, ranks[0]), (L, ranks[-1]))
     for i in {0, len(fc) - 1}:
-        table = problem.costs.table(problem.fleet.devices[i])
-        alpha, beta = _affine(table.time_coef_s, ranks, "time")
-        got = (fc.time_const[i], fc.time_per_layer[i], fc.time_per_rank[i])
-        want = (table.time_const_s, alpha, beta)
-        if not np.allclose(got, want, rtol=1e-9, atol=1e-15):
-            raise PlannerInputError(
-                f"internal: vectorised time coefficients {got} differ from the cost table {want}"
-            )
+        device = problem.fleet.devices[i]
+        for d, r in probes:
+            want = problem.costs.evaluate(device, tuple(range(L - d, L)), (r,) * d).time_s
+            got = fc.time_const[i] + fc.time_per_layer[i] * d + fc.time_per_rank[i] * r * d
+            if not math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-15):
+                raise PlannerInputError(
+                    f"the cost model's time of device {device.device_id!r} ({want:.6g} s at "
+                    f"depth {d}, rank {r}) is not affine in depth and rank sum ({got:.6g} s); "
+                    "the planner's catalogue needs that structure"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)

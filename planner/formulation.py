@@ -388,7 +388,7 @@ def formulate(
     first_times = [units.time_s[units.start[g] : units.start[g + 1]] for g in range(G)]
     mins = [float(ft[ft > 0].min()) if (ft > 0).any() else math.inf for ft in first_times]
     finite = [m for m in mins if math.isfinite(m)]
-    if opts.allow_dropping:
+    if opts.allow_dropping:  # noqa: SIM108
         t_lb = min(finite) if finite else 0.0
     else:
         t_lb = max(mins) if mins else 0.0
@@ -645,9 +645,6 @@ def encode(
             if not len(hit):
                 return None
             values[sl.start + hit[0]] += 1.0
-    for k, key in enumerate(milp.index):
-        if key.kind == "v":
-            pass
     m_count = len(units.column)
     vkeys = [k for k, key in enumerate(milp.index) if key.kind == "v"]
     if vkeys:
@@ -666,7 +663,7 @@ def encode(
                 start, end = milp.matrix.indptr[r], milp.matrix.indptr[r + 1]
                 cols = milp.matrix.indices[start:end]
                 vals = milp.matrix.data[start:end]
-                l_var = [c for c in cols if milp.index[c].kind == "L"][0]
+                l_var = next(c for c in cols if milp.index[c].kind == "L")
                 mask = cols != l_var
                 values[l_var] = float(vals[mask] @ values[cols[mask]])
         if milp.round_time is not None:
@@ -708,7 +705,7 @@ def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
             start, end = milp.matrix.indptr[r], milp.matrix.indptr[r + 1]
             cols = milp.matrix.indices[start:end]
             vals = milp.matrix.data[start:end]
-            l_var = [c for c in cols if milp.index[c].kind == "L"][0]
+            l_var = next(c for c in cols if milp.index[c].kind == "L")
             mask = cols != l_var
             w[l_var] = float(vals[mask] @ w[cols[mask]])
         w[milp.round_time] = 0.0

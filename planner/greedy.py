@@ -125,6 +125,7 @@ class _Greedy:
 
     def __init__(self, problem: PlanningProblem) -> None:
         self.problem = problem
+        self._free_rows: _Rows | None = None
         opts = problem.options
         fleet = problem.fleet
         spec = problem.spec
@@ -144,6 +145,7 @@ class _Greedy:
         keys: dict[tuple[float, float, float, int], int] = {}
         profile_of = np.empty(len(fleet), dtype=np.int64)
         representatives: list[DeviceProfile] = []
+        representative_index: list[int] = []
         for i, device in enumerate(fleet.devices):
             key = (
                 device.tflops,
@@ -154,16 +156,27 @@ class _Greedy:
             if key not in keys:
                 keys[key] = len(representatives)
                 representatives.append(device)
+                representative_index.append(i)
             profile_of[i] = keys[key]
-        tables = [problem.costs.table(d) for d in representatives]
+        # Costs from the cost model's affine coefficients (checked against it), vectorised:
+        # every layer costs the same, and each coefficient is affine in the rank.
+        from legend.planner.catalog import fleet_costs, shared_costs
+
+        fc = fleet_costs(problem)
+        reps = np.asarray(representative_index, dtype=np.int64)
+        (m0, m1, m2), (b0, b1) = shared_costs(problem)
+        r = self.ranks.astype(np.float64)
+        L = spec.num_layers
+        n_p = len(reps)
+        time_coef = fc.time_per_layer[reps, None] + fc.time_per_rank[reps, None] * r[None, :]
         self.tables = _Tables(
-            time_const=np.array([t.time_const_s for t in tables]),
-            time_coef=np.array([t.time_coef_s for t in tables], dtype=np.float64),
-            mem_const=np.array([t.memory_const_bytes for t in tables]),
-            mem_coef=np.array([t.memory_coef_bytes for t in tables], dtype=np.float64),
+            time_const=fc.time_const[reps],
+            time_coef=np.broadcast_to(time_coef[:, None, :], (n_p, L, len(r))).copy(),
+            mem_const=np.full(n_p, m0),
+            mem_coef=np.broadcast_to((m1 + m2 * r)[None, None, :], (n_p, L, len(r))).copy(),
             # Both directions cross the server's link: download of the slice, upload.
-            bytes_const=2.0 * np.array([t.bytes_const for t in tables]),
-            bytes_coef=2.0 * np.array([t.bytes_coef for t in tables], dtype=np.float64),
+            bytes_const=np.full(n_p, 2.0 * b0),
+            bytes_coef=np.broadcast_to((2.0 * b1 * r)[None, None, :], (n_p, L, len(r))).copy(),
         )
         self.profile_of = profile_of
         self.capacity = np.array([d.memory_bytes for d in fleet.devices])
@@ -381,6 +394,58 @@ class _Greedy:
         return accepted
 
     # -- evaluation of candidate deadlines ------------------------------------------------
+    def _free(self) -> _Rows:
+        """The greedy of every row without a deadline (computed once).
+
+        A row whose path without a deadline ends within a deadline ``T`` makes exactly the
+        same moves under ``T``: every move it took fits, and the moves that fit under ``T``
+        are a subset of those without a deadline, so the best one is the same at each step.
+        Only rows whose free path ends after ``T`` are run again for ``T``.
+        """
+        if self._free_rows is None:
+            n_u = len(self.unique_devices)
+            self._free_rows = self.run(
+                np.full(n_u, np.inf), np.arange(n_u), np.zeros(n_u, dtype=np.int64)
+            )
+        return self._free_rows
+
+    def _rows_for(self, deadlines: FloatArray) -> _Rows:
+        """Row results for each deadline (``len(deadlines) x n_u`` rows, candidate-major)."""
+        n_u = len(self.unique_devices)
+        c = len(deadlines)
+        if self.server_bps is not None:
+            # the server link couples every row of a candidate: run them all
+            return self.run(
+                np.repeat(deadlines, n_u), np.tile(np.arange(n_u), c), np.repeat(np.arange(c), n_u)
+            )
+        free = self._free()
+        limit = deadlines * (1 + _REL_TOL) + 1e-12
+        again = free.participates[None, :] & (free.time_s[None, :] > limit[:, None])
+        cand, row = np.nonzero(again)
+        depth = np.tile(free.depth, c)
+        rank_index = np.tile(free.rank_index, (c, 1))
+        time_s = np.tile(free.time_s, c)
+        utility = np.tile(free.utility, c)
+        nbytes = np.tile(free.nbytes, c)
+        participates = np.tile(free.participates, c)
+        if cand.size:
+            sim = self.run(deadlines[cand], row, cand)
+            flat = cand * n_u + row
+            depth[flat] = sim.depth
+            rank_index[flat] = sim.rank_index
+            time_s[flat] = sim.time_s
+            utility[flat] = sim.utility
+            nbytes[flat] = sim.nbytes
+            participates[flat] = sim.participates
+        return _Rows(
+            depth=depth,
+            rank_index=rank_index,
+            time_s=time_s,
+            utility=utility,
+            nbytes=nbytes,
+            participates=participates,
+        )
+
     def evaluate(self, deadlines: FloatArray) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
         """Per candidate deadline: total utility, round time and whether the plan is valid."""
         n_u = len(self.unique_devices)
@@ -393,9 +458,7 @@ class _Greedy:
         for start in range(0, len(deadlines), per_batch):
             chunk = deadlines[start : start + per_batch]
             c = len(chunk)
-            rows = self.run(
-                np.repeat(chunk, n_u), np.tile(np.arange(n_u), c), np.repeat(np.arange(c), n_u)
-            )
+            rows = self._rows_for(chunk)
             part = rows.participates.reshape(c, n_u)
             util = rows.utility.reshape(c, n_u) @ self.row_samples
             times = np.where(part, rows.time_s.reshape(c, n_u), 0.0).max(axis=1)
@@ -414,7 +477,7 @@ class _Greedy:
     def configurations(self, deadline: float) -> tuple[tuple[Configuration, ...], _Rows]:
         """Every device's configuration (fleet order) under ``deadline``, and the row results."""
         n_u = len(self.unique_devices)
-        rows = self.run(np.full(n_u, deadline), np.arange(n_u), np.zeros(n_u, dtype=np.int64))
+        rows = self._rows_for(np.asarray([deadline], dtype=np.float64))
         per_row: list[Configuration] = []
         for row in range(n_u):
             d = int(rows.depth[row])
@@ -425,11 +488,6 @@ class _Greedy:
             ranks = tuple(int(self.ranks[k]) for k in rows.rank_index[row, self.L - d :])
             per_row.append((layers, ranks))
         return tuple(per_row[row] for row in self.row_of_device), rows
-
-    # -- infeasibility ------------------------------------------------------------------
-    def blocked_reasons(self, deadline_s: float | None) -> tuple[str, ...]:
-        """One line per device whose minimal configuration misses memory or the deadline."""
-        return minimal_configuration_reasons(self.problem, deadline_s, depth=self.start_depth)
 
 
 def minimal_configuration_reasons(

@@ -42,7 +42,7 @@ def _lazy(module: str, function: str) -> Solver:
 
 SOLVERS: Mapping[str, Solver] = MappingProxyType(
     {
-        **{name: _exact(name) for name in ("auto", "sweep", *EXACT_BACKENDS)},
+        **{name: _exact(name) for name in ("auto", "sweep", "lagrangian", *EXACT_BACKENDS)},
         "greedy": _lazy("legend.planner.greedy", "solve_greedy"),
         "brute-force": _lazy("legend.planner.bruteforce", "solve_bruteforce"),
     }

@@ -5,12 +5,16 @@ r"""The exact planner: the sweep where devices are independent, the MILP where t
 - without coupling rows (:func:`~legend.planner.sweep.coupling_rows` empty) and with the
   solver ``auto`` or ``sweep``: the exact sweep (:mod:`legend.planner.sweep`), ``OPTIMAL``
   with gap 0 by construction;
+- with fleet-wide coupling rows only (C7, C8, C9) on more than
+  :data:`LAGRANGIAN_MIN_DEVICES` devices and the solver ``auto``: Lagrangian bounds over
+  the round time and repaired plans (:mod:`legend.planner.lagrange`), with a proven gap;
 - otherwise, or when a MILP backend is named (``highs``, ``pulp-highs``, ``pulp-cbc``,
   ``cvxpy-highs``; :mod:`legend.planner.backends`): the multiple-choice MILP over catalogue
   columns (:mod:`legend.planner.formulation`), warm-started from the sweep's solution of
   the program without coupling rows when that solution also satisfies them.
 
-The plan's ``solver`` field says which path solved it (``sweep`` or the backend's name).
+The plan's ``solver`` field says which path solved it (``sweep``, ``lagrangian`` or the
+backend's name).
 
 O3 (``rate``, ``max U / T``) by Dinkelbach
 ------------------------------------------
@@ -36,7 +40,11 @@ from legend.planner.errors import InfeasibleError, PlannerInputError
 from legend.planner.sweep import coupling_rows, sweep
 from legend.planner.types import EXACT_BACKENDS, PlanningProblem, SolverOutcome
 
-__all__ = ["solve_problem"]
+__all__ = ["LAGRANGIAN_MIN_DEVICES", "solve_problem"]
+
+# Above this many devices, ``auto`` plans fleet-wide coupling rows with Lagrangian bounds
+# (legend.planner.lagrange); at or below it, with the MILP and branch and bound.
+LAGRANGIAN_MIN_DEVICES = 200
 
 
 def solve_problem(problem: PlanningProblem, solver: str) -> SolverOutcome:
@@ -68,6 +76,18 @@ def solve_problem(problem: PlanningProblem, solver: str) -> SolverOutcome:
             f"solver 'sweep' needs a program without coupling rows; active: {', '.join(coupled)}; "
             "use solver 'auto' or a MILP backend (highs, pulp-highs, pulp-cbc, cvxpy-highs)"
         )
+    if solver in ("auto", "lagrangian"):
+        from legend.planner import lagrange
+
+        if solver == "lagrangian" and not lagrange.applies(problem):
+            raise PlannerInputError(
+                "solver 'lagrangian' plans fleet-wide coupling rows (server link, coverage, "
+                "participants) for objectives rate and deadline; use 'auto' or a MILP backend"
+            )
+        if solver == "lagrangian" or (
+            lagrange.applies(problem) and len(problem.fleet) > LAGRANGIAN_MIN_DEVICES
+        ):
+            return lagrange.solve_lagrangian(problem, cat, fc)
     backend = "highs" if solver == "auto" else solver
     if backend not in EXACT_BACKENDS:
         raise PlannerInputError(

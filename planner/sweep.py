@@ -39,7 +39,14 @@ from legend.planner.catalog import Catalogue, FleetCosts
 from legend.planner.errors import InfeasibleError
 from legend.planner.types import PlanningProblem
 
-__all__ = ["SweepResult", "best_columns", "coupling_rows", "separable", "sweep"]
+__all__ = [
+    "SweepResult",
+    "best_columns",
+    "coupling_rows",
+    "fastest_times",
+    "separable",
+    "sweep",
+]
 
 _TIME_TOL = 1e-12  # relative slack when comparing a column's time with T
 
@@ -127,7 +134,7 @@ def best_columns(
     return choice, best_u
 
 
-def _fastest(cat: Catalogue, fc: FleetCosts) -> np.ndarray:
+def fastest_times(cat: Catalogue, fc: FleetCosts) -> np.ndarray:
     """Per device the shortest round time of any column that fits its memory (inf: none)."""
     out = np.full(len(fc), np.inf)
     for d, cols in cat.by_depth():
@@ -163,8 +170,10 @@ def _breakpoints(
         return np.zeros(0), np.zeros(0)
     dev = np.concatenate(devs)
     j = np.concatenate(picks)
-    tt = fc.time_const[dev] + fc.time_per_layer[dev] * cat.depth[j] + fc.time_per_rank[dev] * (
-        cat.rank_sum[j]
+    tt = (
+        fc.time_const[dev]
+        + fc.time_per_layer[dev] * cat.depth[j]
+        + fc.time_per_rank[dev] * (cat.rank_sum[j])
     )
     uu = u[j]
     order = np.lexsort((-uu, tt, dev))
@@ -198,7 +207,7 @@ def sweep(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> SweepResu
         assert opts.deadline_s is not None
         return _result(problem, cat, fc, float(opts.deadline_s))
 
-    fastest = _fastest(cat, fc)
+    fastest = fastest_times(cat, fc)
     able = np.isfinite(fastest)
     if not able.any():
         raise InfeasibleError("no plan: no device can run even its smallest configuration")

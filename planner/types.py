@@ -40,7 +40,7 @@ OBJECTIVES = ("rate", "deadline", "min-time")
 DEFAULT_SOLVER = "auto"
 # Backends of the catalogue MILP; naming one always solves the integer program.
 EXACT_BACKENDS = ("highs", "pulp-highs", "pulp-cbc", "cvxpy-highs")
-SOLVER_NAMES = ("auto", "sweep", *EXACT_BACKENDS, "greedy", "brute-force")
+SOLVER_NAMES = ("auto", "sweep", "lagrangian", *EXACT_BACKENDS, "greedy", "brute-force")
 # Heuristic and enumerating planners that do not model a network topology.
 TOPOLOGY_BLIND_SOLVERS = ("greedy", "brute-force")
 
@@ -69,9 +69,10 @@ class PlannerOptions:
         that is ``None``, ``U >= utility_floor_share * U_max``.
     solver
         One of :data:`SOLVER_NAMES`. ``"auto"`` (default) runs the exact sweep when no
-        coupling row is active and the catalogue MILP on HiGHS otherwise; ``"sweep"``
-        insists on the sweep; ``"highs"``, ``"pulp-highs"``, ``"pulp-cbc"`` and
-        ``"cvxpy-highs"`` always solve the MILP; ``"greedy"`` is the LEGEND-style
+        coupling row is active, Lagrangian bounds for fleet-wide coupling rows on large
+        fleets, and the catalogue MILP on HiGHS otherwise; ``"sweep"`` insists on the
+        sweep, ``"lagrangian"`` on the Lagrangian planner; ``"highs"``, ``"pulp-highs"``,
+        ``"pulp-cbc"`` and ``"cvxpy-highs"`` always solve the MILP; ``"greedy"`` is the LEGEND-style
         heuristic, ``"brute-force"`` the enumerating oracle for tiny fleets.
     time_limit_s, mip_gap
         Limits of the MILP; a time-limited stop returns ``FEASIBLE`` with the proven gap.
