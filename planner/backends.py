@@ -107,8 +107,8 @@ def _build_pulp(milp: MILP) -> tuple[Any, list[Any]]:
     variables = [
         pulp.LpVariable(
             f"v{j}",
-            lowBound=float(milp.lower[j]),
-            upBound=float(milp.upper[j]),
+            lowBound=float(milp.lower[j]) if math.isfinite(milp.lower[j]) else None,
+            upBound=float(milp.upper[j]) if math.isfinite(milp.upper[j]) else None,
             cat=pulp.LpInteger if milp.integer[j] else pulp.LpContinuous,
         )
         for j in range(milp.num_vars)

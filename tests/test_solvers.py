@@ -273,3 +273,31 @@ def test_utility_floor_infeasibility_is_explained() -> None:
     options = PlannerOptions(objective="min-time", utility_floor=1e12)
     with pytest.raises(InfeasibleError, match="utility floor: 1e\\+12 exceeds the highest"):
         plan_round(FLEET, TINY, tiny_job(), options)
+
+
+def test_highs_stops_near_its_time_limit_on_the_contended_per_device_program() -> None:
+    """The per-device program of 30 phones behind one access point, objective min-time: the
+    case where HiGHS once ran far past its limit. It now returns (a plan, or SolverError)
+    within the limit plus the cancellation grace and the formulation."""
+    from pathlib import Path
+
+    from legend.planner.backends import OVERRUN_GRACE_S
+    from legend.planner.profiles import load_fleet
+    from legend.planner.topology import load_topology
+
+    root = Path(__file__).resolve().parents[1]
+    fleet = load_fleet(root / "examples/fleet_ap30.csv")
+    topo = load_topology(root / "examples/topology_ap30.toml", fleet)
+    spec = get_model_spec("all-MiniLM-L6-v2")
+    options = PlannerOptions(
+        objective="min-time", solver="highs", time_limit_s=1.0, use_classes=False, mip_gap=0.0
+    )
+    start = time.perf_counter()
+    try:
+        plan = plan_round(fleet, spec, JobParams(), options, topology=topo)
+    except SolverError as exc:
+        assert "time limit" in str(exc)
+    else:
+        assert plan.status in ("OPTIMAL", "FEASIBLE")
+        assert validate_plan(plan, fleet, spec, JobParams(), topology=topo) == []
+    assert time.perf_counter() - start < 1.0 + OVERRUN_GRACE_S + 8.0
