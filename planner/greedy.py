@@ -224,6 +224,135 @@ class _Greedy:
         ``groups[r]`` names the candidate a row belongs to (rows of one group share the
         server link's byte budget). Utilities are per sample of the row's devices.
         """
+        if self.monotone and self.K > 1:
+            return self._run_monotone(deadlines, rows_of, groups)
+        return self._run_layers(deadlines, rows_of, groups)
+
+    def _run_monotone(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Rows:
+        """:meth:`run` with ranks non-decreasing toward the output, in counts per rank level.
+
+        With ranks non-decreasing toward the output, the layers at one rank level form a
+        block, and only the topmost layer of each level may be raised (any other would pass
+        the layer above it). Every layer costs the same, so the raise moves are one per
+        level: the same moves, gains and ties as :meth:`_run_layers` (the lowest layer wins a
+        tie), in ``K`` columns instead of ``L``.
+        """
+        tc = self.tables
+        L, K = self.L, self.K
+        n_rows = len(rows_of)
+        devices = self.unique_devices[rows_of]
+        prof = self.profile_of[devices]
+        cap = self.capacity[devices] * (1 + _REL_TOL)
+        limit = deadlines * (1 + _REL_TOL) + 1e-12
+        weight = self.row_samples[rows_of]
+        participates = self.memory_ok[devices] & (self.min_time[devices] <= limit)
+
+        depth = np.where(participates, self.start_depth, 0).astype(np.int64)
+        counts = np.zeros((n_rows, K), dtype=np.int64)
+        counts[:, 0] = depth
+        time_s = np.where(participates, self.min_time[devices], 0.0)
+        mem = np.where(participates, self.min_mem[devices], 0.0)
+        nbytes = np.where(participates, self.min_bytes[devices], 0.0)
+        top = slice(L - self.start_depth, L)
+        utility = np.where(participates, self.add_gain[top].sum(), 0.0)
+
+        link: tuple[FloatArray, FloatArray] | None = None
+        if self.server_bps is not None:
+            n_groups = int(groups.max()) + 1 if n_rows else 0
+            used: FloatArray = np.bincount(groups, weights=nbytes, minlength=n_groups).astype(
+                np.float64
+            )
+            slowest = np.zeros(n_groups)
+            np.maximum.at(slowest, groups, time_s)
+            link = (used, slowest)
+
+        # per profile and level: the cost of adding a layer (level 0) and of one raise
+        add_dt = tc.time_coef[:, 0, 0]
+        add_dm = tc.mem_coef[:, 0, 0]
+        add_db = tc.bytes_coef[:, 0, 0]
+        r_dt = self.raise_dt[:, 0, :]  # [profile, level]
+        r_dm = self.raise_dm[:, 0, :]
+        r_db = self.raise_db[:, 0, :]
+        levels = np.arange(K - 1)
+        active = np.flatnonzero(participates)
+        while active.size:
+            n = active.size
+            a_prof = prof[active]
+            d = depth[active]
+            c = counts[active]
+            t_room = limit[active] - time_s[active]
+            m_room = cap[active] - mem[active]
+            if link is not None:
+                g_a = groups[active]
+                used_a, slow_a = link[0][g_a], link[1][g_a]
+                t_a = time_s[active]
+            new_layer = np.maximum(L - 1 - d, 0)
+            dt_a, dm_a, db_a = add_dt[a_prof], add_dm[a_prof], add_db[a_prof]
+            ok_a = (d < L) & (dt_a <= t_room) & (dm_a <= m_room)
+            if link is not None:
+                ok_a &= used_a + db_a <= self._link_cap(np.maximum(slow_a, t_a + dt_a))
+            rate_a = np.where(ok_a, self.add_gain[new_layer] / np.maximum(dt_a, 1e-300), -np.inf)
+            # the topmost layer of level k sits below every layer of the levels above it
+            above = np.cumsum(c[:, ::-1], axis=1)[:, ::-1]  # layers at level >= k
+            pos = L - 1 - (above[:, 1:])  # [n, K-1]: top layer of level k, k < K-1
+            pos = np.clip(pos, 0, L - 1)
+            dt_r = r_dt[a_prof]
+            dm_r = r_dm[a_prof]
+            ok_r = (c[:, :-1] > 0) & (dt_r <= t_room[:, None]) & (dm_r <= m_room[:, None])
+            db_r = r_db[a_prof]
+            if link is not None:
+                ok_r &= used_a[:, None] + db_r <= self._link_cap(
+                    np.maximum(slow_a[:, None], t_a[:, None] + dt_r)
+                )
+            gain_r = self.raise_gain[pos, levels[None, :]]
+            rate_r = np.where(ok_r, gain_r / np.maximum(dt_r, 1e-300), -np.inf)
+            arange_n = np.arange(n)
+            best_k = np.argmax(rate_r, axis=1)
+            best_r = rate_r[arange_n, best_k]
+            use_add = rate_a > best_r
+            ratio = np.where(use_add, rate_a, best_r)
+            mdt = np.where(use_add, dt_a, dt_r[arange_n, best_k])
+            mdm = np.where(use_add, dm_a, dm_r[arange_n, best_k])
+            mdb = np.where(use_add, db_a, db_r[arange_n, best_k])
+            mdu = np.where(use_add, self.add_gain[new_layer], gain_r[arange_n, best_k])
+            has_move = np.isfinite(ratio)
+            if link is not None:
+                has_move = self._server_accept(
+                    active, has_move, ratio * weight[active], mdb, time_s[active] + mdt, groups,
+                    link,
+                )  # fmt: skip
+            if not has_move.any():
+                break
+            rows = active[has_move]
+            add = use_add[has_move]
+            add_rows = rows[add]
+            counts[add_rows, 0] += 1
+            depth[add_rows] += 1
+            raise_rows = rows[~add]
+            k_raise = best_k[has_move][~add]
+            counts[raise_rows, k_raise] -= 1
+            counts[raise_rows, k_raise + 1] += 1
+            time_s[rows] += mdt[has_move]
+            mem[rows] += mdm[has_move]
+            nbytes[rows] += mdb[has_move]
+            utility[rows] += mdu[has_move]
+            active = rows
+        # rank index per layer: from the bottom of the block, counts[0] layers at level 0, ...
+        bounds = (L - depth)[:, None] + np.cumsum(counts, axis=1)  # end of each level's block
+        layer = np.arange(L)[None, None, :]
+        rank_index = (layer >= bounds[:, :, None]).sum(axis=1)
+        rank_index = np.where(np.arange(L)[None, :] >= (L - depth)[:, None], rank_index, -1)
+        return _Rows(
+            depth=depth,
+            rank_index=rank_index.astype(np.int64),
+            time_s=time_s,
+            utility=utility,
+            nbytes=nbytes,
+            participates=participates,
+        )
+
+    def _run_layers(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Rows:
+        """:meth:`run` over every layer (free ranks, or a one-rank grid)."""
         tc = self.tables
         L, K = self.L, self.K
         n_rows = len(rows_of)
