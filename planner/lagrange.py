@@ -129,17 +129,19 @@ class _Fleet:
             width = max(width, int(np.isfinite(ts).sum(axis=1).max(initial=0)))
             orders.append(o)
             times.append(ts)
-        self.order = np.concatenate(orders)[:, :width].astype(np.int32)
         self.times = np.concatenate(times)[:, :width]
+        # entries past a device's columns point at a sentinel column priced -inf
+        order = np.concatenate(orders)[:, :width]
+        self.order = np.where(np.isfinite(self.times), order, len(cat)).astype(np.int32)
         self.n = n
         self.samples = fc.samples / scale
 
     def priced(self, alpha: np.ndarray, beta: np.ndarray, dropping: bool) -> np.ndarray:
         """``c[i, k] = n_i alpha[col] + beta[col]`` over each device's time-ordered columns
-        (``-inf`` beyond its columns); with dropping, never below sitting out (0)."""
-        cols = self.order
-        c = self.samples[:, None] * alpha[cols] + beta[cols]
-        c = np.where(np.isfinite(self.times), c, -np.inf)
+        (``-inf`` beyond its columns)."""
+        c = np.append(alpha, -np.inf)[self.order]
+        c *= self.samples[:, None]
+        c += np.append(beta, 0.0)[self.order]
         return c
 
 
@@ -204,12 +206,15 @@ def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -
         c = fl.priced(alpha, beta, dropping)
         run = np.maximum.accumulate(c, axis=1)
         if dropping:
-            run = np.maximum(run, 0.0)
-        start_value = 0.0 if dropping else -np.inf
-        prev = np.concatenate([np.full((fl.n, 1), start_value), run[:, :-1]], axis=1)
-        inc = np.where(np.isfinite(prev), run - prev, run)
+            np.maximum(run, 0.0, out=run)
+        inc = np.empty_like(run)
+        np.subtract(run[:, 1:], run[:, :-1], out=inc[:, 1:])
         # a device's first column counts in full, even when its priced value is negative
-        rises = np.isfinite(run) & ((inc > 0) | ~np.isfinite(prev))
+        # (with dropping, against sitting out at 0)
+        inc[:, 0] = run[:, 0]
+        rises = inc > 0
+        if not dropping:
+            rises[:, 0] = np.isfinite(run[:, 0])
         b = np.searchsorted(upper, fl.times[rises] * (1 - 1e-12), side="left")
         within = b < len(upper)
         g = np.cumsum(np.bincount(b[within], weights=inc[rises][within], minlength=len(upper)))
@@ -231,7 +236,9 @@ def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -
     else:
         upper = _geometric(t_lo, t_far, 1.02)
         lower = np.concatenate(([upper[0]], upper[:-1]))
-    best_y, best = _kelley(evaluate, upper, lower, ymax, rows, clock_end)
+    # the coarse pass only finds the promising round times and a starting price
+    coarse_tol = 1e-6 if deadline is not None else 1e-3
+    best_y, best = _kelley(evaluate, upper, lower, ymax, rows, clock_end, tol=coarse_tol)
     if deadline is None:
         # refine the most promising coarse intervals on a fine grid; keep the coarse
         # bound elsewhere, so that the bound holds over every round time
@@ -245,7 +252,7 @@ def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -
         lower = np.concatenate(parts_l)
         order = np.argsort(upper, kind="stable")
         upper, lower = upper[order], lower[order]
-        best_y, best = _kelley(evaluate, upper, lower, ymax, rows, clock_end, y0=best_y)
+        best_y, best = _kelley(evaluate, upper, lower, ymax, rows, clock_end, y0=best_y, tol=1e-6)
     plan_choice, value, round_time = _best_plan(problem, cat, fc, fl, rows, best_y, best.top)
     bound = best.bound
     gap = max(0.0, bound - value) / value if value > 0 else None
@@ -294,7 +301,7 @@ def _y_box(rows: _Rows, fl: _Fleet, u: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
-def _kelley(evaluate, upper, lower, ymax, rows, clock_end, y0=None):  # type: ignore[no-untyped-def]
+def _kelley(evaluate, upper, lower, ymax, rows, clock_end, y0=None, tol=1e-6):  # type: ignore[no-untyped-def]
     """Minimise the convex bound over ``0 <= y <= ymax`` by cutting planes."""
     from scipy.optimize import linprog
 
@@ -322,7 +329,7 @@ def _kelley(evaluate, upper, lower, ymax, rows, clock_end, y0=None):  # type: ig
         if res.status != 0:
             break
         floor = float(res.x[-1])
-        if best.bound - floor <= 1e-6 * max(1.0, abs(best.bound)):
+        if best.bound - floor <= tol * max(1.0, abs(best.bound)):
             break
         y = np.asarray(res.x[:k])
         ev = evaluate(y, upper, lower)
@@ -376,7 +383,7 @@ def _repair(problem, cat, fl, rows, c, choice, t):  # type: ignore[no-untyped-de
     opts = problem.options
     fixed = opts.objective == "deadline"
     ok = fl.times <= t * (1 + 1e-12)
-    cols = fl.order
+    cols = np.minimum(fl.order, len(cat) - 1)  # the sentinel is priced -inf: never taken
     n = fl.n
     idx = np.arange(n)
     for _ in range(4 * len(rows.names) + 4):
