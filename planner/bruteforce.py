@@ -8,7 +8,7 @@ objective. It shares nothing with the integer program but the cost model's
 :meth:`~legend.planner.costs.CostModel.evaluate` and the utility, so it is the reference the
 IP backends and the greedy are tested against.
 
-Constraint semantics (the same as the integer program's, METHOD.md section 4):
+Constraint semantics (the same as the integer program's, docs/planner.md):
 
 - round time ``T`` is the slowest participant's time (``deadline`` objective: every
   participant finishes within ``deadline_s``);

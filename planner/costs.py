@@ -1,4 +1,4 @@
-"""The per-device, per-round cost model (METHOD.md section 3).
+"""The per-device, per-round cost model (docs/costs.md).
 
 Every cost of a configuration (a contiguous block of layers ending at the output, one rank
 per layer) is *linear* in the planner's binaries ``x[l, k]`` (layer ``l`` at rank

@@ -29,12 +29,14 @@ Rows (names as in the code)::
     C5[g]       sum_j t_gj m[g,j] - T <= 0          (N_g = 1)        round time
     C5[g,j]     t_gj v[g,j] - T <= 0                (N_g > 1)
     C5v[g,j]    m[g,j] - N_g v[g,j] <= 0            (N_g > 1)
+    C5avg[g]    sum_j t_gj m[g,j] / N_g - T <= 0    (N_g > 1, a valid cut)
     C7          sum_gj 2 B_j m[g,j] - s T <= 0                       server link, s bytes/s
     C8[r]       sum_gj n_g ([d_j >= r] - q [j not out]) m[g,j] >= 0  coverage, r = 2..D
     C9          sum_{g, j not out} m[g,j] >= P_min                   participants
     C10b[e]     sum_{g on e, j} k_e B_j m[g,j] - L_e = 0             congested link e
     C10[e,g]    L_e + sum_j o_egj m[g,j] - T <= 0   (N_g = 1)        contention on e
     C10[e,g,j]  L_e + o_egj v[g,j] - T <= 0         (N_g > 1)
+    C10avg[e,g] L_e + sum_j o_egj m[g,j] / N_g - T <= 0  (N_g > 1, a valid cut)
     UF          sum_gj n_g u_j m[g,j] >= U_floor                     utility floor (O2)
 
 ``k_e`` is the seconds per byte of ``e`` summed over its congested directions and
@@ -431,6 +433,14 @@ def formulate(
                     f"C5[{g}]", np.append(ids[slow], t_id), np.append(tv[slow], -1.0), -np.inf, 0.0
                 )
         else:
+            # valid cut: the members' mean time is at most T (each used column is)
+            rows.add(
+                f"C5avg[{g}]",
+                np.append(ids, t_id),
+                np.append(units.time_s[sl] / sizes[g], -1.0),
+                -np.inf,
+                0.0,
+            )
             for c in ids:
                 if units.time_s[c] > t_lb * (1 + 1e-12):
                     rows.add(
@@ -616,6 +626,15 @@ def _link_rows(
                     0.0,
                 )
             else:
+                # valid cut: the members' mean contention time is at most T
+                n_g = float(units.size(int(g)))
+                rows.add(
+                    f"C10avg[{cl.link},{g}]",
+                    np.concatenate([ids, [l_id[k], t_id]]),
+                    np.concatenate([o / n_g, [1.0, -1.0]]),
+                    -np.inf,
+                    0.0,
+                )
                 for c, oc in zip(ids, o, strict=True):
                     rows.add(
                         f"C10[{cl.link},{g},{col[c]}]",

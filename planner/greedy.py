@@ -1,4 +1,4 @@
-"""The LEGEND-style greedy planner ("LCD" reconstruction, METHOD.md section 5), solver ``greedy``.
+"""The LEGEND-style greedy planner ("LCD" reconstruction, docs/planner.md), solver ``greedy``.
 
 Per device, start from the output layer (or the top ``min_depth`` layers) at the lowest
 rank of the grid; then repeatedly apply the move with the best utility gain per second of

@@ -72,10 +72,6 @@ class DevicePlan:
     def depth(self) -> int:
         return len(self.layers)
 
-    @property
-    def rank_of(self) -> dict[int, int]:
-        return dict(zip(self.layers, self.ranks, strict=True))
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "device_id": self.device_id,

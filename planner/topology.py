@@ -36,7 +36,7 @@ with ``c_i`` the device's compute time, and in each direction the transfer term
 when ``e`` is congested in that direction, otherwise the device's own ``B_i / rate_i``.
 This is exact for devices that start their transfers together and share ``e`` fairly, and
 it implies the round-level rule *bytes through e in each direction* ``<= capacity_e * T``
-(METHOD.md C7 is the special case of the server's own link). :func:`simulate_round` is the
+(C7 of docs/planner.md is the special case of the server's own link). :func:`simulate_round` is the
 fair-sharing (max-min, processor-sharing) clock used to check the prediction.
 """
 
