@@ -19,19 +19,19 @@ pytest.importorskip("flwr")
 from legend.federation import flower_engine
 from legend.federation.adapters import AdapterState
 from legend.federation.core import ClientInstruction, ClientReply
-from legend.federation.flower_app import (
-    FlowerInputError,
-    FlowerNodeError,
+from legend.federation.flower import flwr_internals
+from legend.federation.flower.client_app import node_profile
+from legend.federation.flower.codec import (
     ServerSettings,
     instruction_from_record,
     instruction_to_record,
     job_payload,
-    node_profile,
     reply_from_record,
     reply_to_record,
     state_from_arrays,
     state_to_arrays,
 )
+from legend.federation.flower.errors import FlowerInputError, FlowerNodeError
 from legend.federation.flower_engine import FlowerConnectionError, free_port, parse_address
 from legend.federation.job import load_job
 from legend.models.errors import InputError
@@ -291,3 +291,27 @@ def test_resume_without_a_run_is_refused_before_anything_starts(tiny_job, tmp_pa
     cfg, _ = tiny_job
     with pytest.raises(InputError, match="cannot resume"):
         flower_engine.run(cfg.override("job", engine="flower-sim"), tmp_path / "none", resume=True)
+
+
+def test_flower_internals_were_checked_against_the_installed_flower():
+    """The node worker and run submission use Flower internals (one module); they were
+    checked against the versions it lists. On any other Flower, run the Flower tests
+    (tests/test_flower_engines.py) and add the version to CHECKED_VERSIONS, or fix them."""
+    installed = flwr_internals.flower_version()
+    assert installed in flwr_internals.CHECKED_VERSIONS, (
+        f"Flower {installed} is installed, but legend.federation.flower.flwr_internals was "
+        f"checked against {flwr_internals.CHECKED_VERSIONS} only"
+    )
+
+
+def test_client_app_pickles_with_an_empty_job_cache():
+    """The simulation runtime pickles the ClientApp into every ray actor."""
+    import cloudpickle
+
+    from legend.federation.flower.client_app import JobCache, make_client_app
+
+    cache = JobCache()
+    cache.model_loads = 2
+    copy = cloudpickle.loads(cloudpickle.dumps(cache))
+    assert copy.model_loads == 0 and copy is not cache
+    cloudpickle.dumps(make_client_app(cache))
