@@ -27,6 +27,7 @@ Sums run in float64 and results are stored as float32. See ``docs/aggregation.md
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 Aggregator = Callable[[AdapterState, Sequence[ClientUpdate]], AdapterState]
+_Holders = list[tuple[float, np.ndarray, np.ndarray]]
+_Pair = tuple[np.ndarray, np.ndarray]
 
 
 class AggregationInputError(FederationInputError):
@@ -100,9 +103,7 @@ def _check_fits(global_state: AdapterState, updates: Sequence[ClientUpdate]) -> 
         )
 
 
-def _holders(
-    key: Key, updates: Sequence[ClientUpdate]
-) -> list[tuple[float, np.ndarray, np.ndarray]]:
+def _holders(key: Key, updates: Sequence[ClientUpdate]) -> _Holders:
     """``(num_samples, A, B)`` of every update that trained ``key``, in update order."""
     return [
         (float(u.num_samples), *u.state.factors[key]) for u in updates if key in u.state.factors
@@ -166,6 +167,24 @@ def _padded_sum(
     return out.astype(np.float32)
 
 
+def _per_module(
+    global_state: AdapterState,
+    updates: Sequence[ClientUpdate],
+    combine: Callable[[Key, np.ndarray, np.ndarray, _Holders], _Pair],
+) -> AdapterState:
+    """Apply a rule's ``combine(key, A, B, holders)`` to every trained ``(layer, module)``.
+
+    Checks the updates first; a module nobody trained keeps its previous value, and the head
+    is averaged with :func:`_fedavg_head`.
+    """
+    _check_fits(global_state, updates)
+    factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
+    for key, (ga, gb) in global_state.factors.items():
+        holders = _holders(key, updates)
+        factors[key] = combine(key, ga, gb, holders) if holders else (ga.copy(), gb.copy())
+    return AdapterState(factors=factors, head=_fedavg_head(global_state, updates))
+
+
 # -- the rules --------------------------------------------------------------------------
 
 
@@ -184,17 +203,13 @@ def aggregate_slotwise(global_state: AdapterState, updates: Sequence[ClientUpdat
     the weighted mean of ``B_i @ A_i`` unless the clients agree on ``A`` (or on ``B``) in
     every shared slot; identical updates aggregate to themselves.
     """
-    _check_fits(global_state, updates)
-    factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
-    for key, (ga, gb) in global_state.factors.items():
-        holders = _holders(key, updates)
-        if not holders:
-            factors[key] = (ga.copy(), gb.copy())
-            continue
+
+    def combine(key: Key, ga: np.ndarray, gb: np.ndarray, holders: _Holders) -> _Pair:
         a = _slot_average(ga, [(n, a_i) for n, a_i, _ in holders], axis=0)
         b = _slot_average(gb, [(n, b_i) for n, _, b_i in holders], axis=1)
-        factors[key] = (a, b)
-    return AdapterState(factors=factors, head=_fedavg_head(global_state, updates))
+        return a, b
+
+    return _per_module(global_state, updates, combine)
 
 
 def _product_fro_norm(a: np.ndarray, b: np.ndarray) -> float:
@@ -226,13 +241,8 @@ def aggregate_hetlora(global_state: AdapterState, updates: Sequence[ClientUpdate
 
     Exactness: **not exact** (separate averaging of zero-padded ``A`` and ``B``).
     """
-    _check_fits(global_state, updates)
-    factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
-    for key, (ga, gb) in global_state.factors.items():
-        holders = _holders(key, updates)
-        if not holders:
-            factors[key] = (ga.copy(), gb.copy())
-            continue
+
+    def combine(key: Key, ga: np.ndarray, gb: np.ndarray, holders: _Holders) -> _Pair:
         raw = np.array([n * _product_fro_norm(a_i, b_i) for n, a_i, b_i in holders])
         if not raw.sum() > 0:
             raw = np.array([n for n, _, _ in holders])
@@ -243,8 +253,9 @@ def aggregate_hetlora(global_state: AdapterState, updates: Sequence[ClientUpdate
         b = _padded_sum(
             gb, [(w, b_i) for w, (_, _, b_i) in zip(weights, holders, strict=True)], axis=1
         )
-        factors[key] = (a, b)
-    return AdapterState(factors=factors, head=_fedavg_head(global_state, updates))
+        return a, b
+
+    return _per_module(global_state, updates, combine)
 
 
 def _low_rank_sum(
@@ -321,13 +332,8 @@ def aggregate_flexlora(global_state: AdapterState, updates: Sequence[ClientUpdat
     when the rank of ``Delta`` is at most ``r_max``); otherwise ``B @ A`` is the best rank
     ``r_max`` approximation of ``Delta`` in Frobenius and spectral norm (Eckart-Young).
     """
-    _check_fits(global_state, updates)
-    factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
-    for index, (key, (ga, gb)) in enumerate(global_state.factors.items()):
-        holders = _holders(key, updates)
-        if not holders:
-            factors[key] = (ga.copy(), gb.copy())
-            continue
+
+    def combine(key: Key, ga: np.ndarray, gb: np.ndarray, holders: _Holders) -> _Pair:
         held = sum(n for n, _, _ in holders)
         parts = [(n / held, a_i, b_i) for n, a_i, b_i in holders]
         left, s, right = _low_rank_sum(parts, ga.shape[0])
@@ -335,11 +341,12 @@ def aggregate_flexlora(global_state: AdapterState, updates: Sequence[ClientUpdat
         root = np.sqrt(s[:k])
         a = np.empty(ga.shape, dtype=np.float64)
         a[:k, :] = root[:, None] * right[:k]
-        a[k:, :] = _live_rows(ga[k:], right[:k], seed=index)
+        a[k:, :] = _live_rows(ga[k:], right[:k], seed=zlib.crc32(repr(key).encode()))
         b = np.zeros(gb.shape, dtype=np.float64)
         b[:, :k] = left[:, :k] * root[None, :]
-        factors[key] = (a.astype(np.float32), b.astype(np.float32))
-    return AdapterState(factors=factors, head=_fedavg_head(global_state, updates))
+        return a.astype(np.float32), b.astype(np.float32)
+
+    return _per_module(global_state, updates, combine)
 
 
 def aggregate_ffa(global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AdapterState:
@@ -356,16 +363,11 @@ def aggregate_ffa(global_state: AdapterState, updates: Sequence[ClientUpdate]) -
     slot is averaged over its own trainers only, which weighs a high-rank client's extra
     slots more than the zero-padded average would; the product is then not exact.
     """
-    _check_fits(global_state, updates)
-    factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
-    for key, (ga, gb) in global_state.factors.items():
-        holders = _holders(key, updates)
-        if not holders:
-            factors[key] = (ga.copy(), gb.copy())
-            continue
-        b = _slot_average(gb, [(n, b_i) for n, _, b_i in holders], axis=1)
-        factors[key] = (ga.copy(), b)
-    return AdapterState(factors=factors, head=_fedavg_head(global_state, updates))
+
+    def combine(key: Key, ga: np.ndarray, gb: np.ndarray, holders: _Holders) -> _Pair:
+        return ga.copy(), _slot_average(gb, [(n, b_i) for n, _, b_i in holders], axis=1)
+
+    return _per_module(global_state, updates, combine)
 
 
 AGGREGATORS: dict[str, Aggregator] = {
