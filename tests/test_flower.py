@@ -315,3 +315,103 @@ def test_client_app_pickles_with_an_empty_job_cache():
     copy = cloudpickle.loads(cloudpickle.dumps(cache))
     assert copy.model_loads == 0 and copy is not cache
     cloudpickle.dumps(make_client_app(cache))
+
+
+class _Session:
+    """The part of a run session the Strategy uses, after a resume at round 3 of 4."""
+
+    def __init__(self, cfg, state: AdapterState) -> None:
+        self.cfg = cfg
+        self.server = type("Server", (), {"global_state": state})()
+        self.started: list[int] = []
+        self.completed: list[tuple[int, list[str], list[str]]] = []
+
+    def pending_rounds(self):
+        return iter((3, 4))
+
+    def start_round(self, t: int, available: list[str]):
+        self.started.append(t)
+        ins = _instruction(self.server.global_state)
+        return f"plan {t}", [
+            ClientInstruction(**{**ins.__dict__, "round": t, "device_id": d}) for d in available
+        ]
+
+    def complete_round(self, t, plan, replies, *, missing):
+        self.completed.append((t, [r.device_id for r in replies], list(missing)))
+        return {"round": t, "accuracy": 0.5}
+
+
+class _Grid:
+    """Delivers each message to a node that answers with its slice unchanged (node 2 fails)."""
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl):
+        from flwr.app import Message, Metadata
+
+        meta = Metadata(
+            run_id=1,
+            message_id=f"m{dst_node_id}-{group_id}",
+            src_node_id=0,
+            dst_node_id=dst_node_id,
+            reply_to_message_id="",
+            group_id=group_id,
+            created_at=time.time(),
+            ttl=ttl,
+            message_type=message_type,
+        )
+        return Message(content=content, metadata=meta)
+
+    def send_and_receive(self, messages, timeout):
+        from flwr.app import Error, Message
+
+        replies = []
+        for msg in messages:
+            if msg.metadata.dst_node_id == 2:
+                replies.append(Message(Error(code=0, reason="boom"), reply_to=msg))
+                continue
+            ins = instruction_from_record(msg.content)
+            reply = ClientReply(
+                round=ins.round,
+                device_id=ins.device_id,
+                state=ins.init_state,
+                num_samples=10,
+                train_loss=0.5,
+                steps=1,
+                host_time_s=0.1,
+                sim_compute_s=1.0,
+                sim_download_s=0.1,
+                sim_upload_s=0.1,
+                download_bytes=1.0,
+                upload_bytes=1.0,
+                memory_bytes=1.0,
+                dropped=False,
+            )
+            replies.append(Message(reply_to_record(reply, {"pid": 7}), reply_to=msg))
+        return replies
+
+
+def test_strategy_runs_the_pending_rounds_with_flowers_own_loop(tiny_job):
+    """Flower's Strategy.start drives the rounds (no override); after a resume its rounds
+    1, 2 are the session's 3, 4; a failed node is missing and not planned again; the node
+    rows go to the callback, not to a file."""
+    from legend.federation.flower.server_app import LegendStrategy
+
+    assert "start" not in LegendStrategy.__dict__
+    cfg, fleet = tiny_job
+    session = _Session(cfg, _state(np.random.default_rng(0), {2: 4, 3: 2}))
+    rows: list[list[dict]] = []
+    strategy = LegendStrategy(
+        session,
+        {"phone-1": 1, "phone-2": 2},
+        job_payload(cfg, fleet, None),
+        round_timeout_s=5.0,
+        on_round=rows.append,
+    )
+    result = strategy.run(_Grid())
+    assert session.started == [3, 4]
+    assert session.completed == [(3, ["phone-1"], ["phone-2"]), (4, ["phone-1"], [])]
+    assert [[r["round"] for r in round_rows] for round_rows in rows] == [[3], [4]]
+    assert rows[0][0]["pid"] == 7 and rows[0][0]["device_id"] == "phone-1"
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
