@@ -129,15 +129,13 @@ def test_instruction_round_trip_and_fresh_payload_per_message(tiny_job, fault):
     assert back.loss == ins.loss
 
 
-@pytest.mark.parametrize("with_state", [True, False])
-def test_reply_round_trip_keeps_observations(with_state):
-    state = _state(np.random.default_rng(2), {0: 8}) if with_state else None
-    reply = ClientReply(
-        round=2,
-        device_id="jetson-1",
+def _reply(round: int, device_id: str, state: AdapterState | None) -> ClientReply:
+    return ClientReply(
+        round=round,
+        device_id=device_id,
         state=state,
         num_samples=80,
-        train_loss=math.nan if not with_state else 0.6931,
+        train_loss=math.nan if state is None else 0.6931,
         steps=3,
         host_time_s=0.25,
         sim_compute_s=1.5,
@@ -146,8 +144,14 @@ def test_reply_round_trip_keeps_observations(with_state):
         download_bytes=1234.0,
         upload_bytes=567.0,
         memory_bytes=1e8,
-        dropped=not with_state,
+        dropped=state is None,
     )
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_reply_round_trip_keeps_observations(with_state):
+    state = _state(np.random.default_rng(2), {0: 8}) if with_state else None
+    reply = _reply(2, "jetson-1", state)
     back = reply_from_record(reply_to_record(reply, {"pid": 1}))
     assert (back.state is None) == (state is None)
     if state is not None:
@@ -372,22 +376,7 @@ class _Grid:
                 replies.append(Message(Error(code=0, reason="boom"), reply_to=msg))
                 continue
             ins = instruction_from_record(msg.content)
-            reply = ClientReply(
-                round=ins.round,
-                device_id=ins.device_id,
-                state=ins.init_state,
-                num_samples=10,
-                train_loss=0.5,
-                steps=1,
-                host_time_s=0.1,
-                sim_compute_s=1.0,
-                sim_download_s=0.1,
-                sim_upload_s=0.1,
-                download_bytes=1.0,
-                upload_bytes=1.0,
-                memory_bytes=1.0,
-                dropped=False,
-            )
+            reply = _reply(ins.round, ins.device_id, ins.init_state)
             replies.append(Message(reply_to_record(reply, {"pid": 7}), reply_to=msg))
         return replies
 

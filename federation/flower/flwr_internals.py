@@ -53,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger("legend.federation")
 
-CHECKED_VERSIONS = ("1.42.0",)
+CHECKED_VERSIONS = ("1.40.0", "1.41.0", "1.42.0")
 """Flower versions the functions below were checked against (the Flower tests pass)."""
 
 _warned: list[str] = []
