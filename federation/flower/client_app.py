@@ -162,24 +162,26 @@ class LoadedJob:
 class JobCache:
     """The job a node process holds: loaded on its first message, reused while it lasts.
 
-    One job at a time (a message of another job frees the previous model). Thread-safe; a
-    pickled cache arrives empty.
+    One job at a time (a message of another job frees the previous model); thread-safe.
     ``model_loads`` counts the base-model loads of this cache; nodes report it so that a
-    run shows how often its nodes loaded the model.
+    run shows how often its nodes loaded the model. A pickled cache arrives empty: the
+    simulation runtime pickles the ClientApp into every ray actor, and each actor loads
+    the job for itself.
     """
 
     def __init__(self) -> None:
+        self._empty()
+
+    def _empty(self) -> None:
         self._jobs: dict[str, LoadedJob] = {}
         self._lock = threading.Lock()
         self.model_loads = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        # The simulation runtime pickles the ClientApp into every ray actor: each actor
-        # starts with an empty cache of its own.
         return {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
+        self._empty()
 
     def get(self, payload: Mapping[str, Any]) -> LoadedJob:
         """The job of a message's payload (:func:`~legend.federation.flower.codec.job_payload`)."""
