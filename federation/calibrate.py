@@ -5,7 +5,7 @@ modelled as
 
     step_s = forward_s + d * backward_per_layer_s + (sum_l r_l) * lora_per_rank_s
 
-(METHOD.md section 3: the forward pass is paid in full, backward runs only through the
+(``docs/costs.md``: the forward pass is paid in full, backward runs only through the
 adapted layers, LoRA adds work per unit rank). :func:`run_calibration` measures training
 steps (forward, backward, AdamW update) of the real model with LoRA on the top ``d`` layers
 for several depths and ranks on random token batches, takes the fastest of ``repeats``

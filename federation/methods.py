@@ -1,4 +1,4 @@
-"""The per-round configuration of every method a run can use (METHOD.md section 7).
+"""The per-round configuration of every method a run can use (``docs/federation.md``).
 
 ========== ====================== ======================= ===============================
 method     depth                  ranks                   how assigned

@@ -175,11 +175,6 @@ class ModelSpec:
         """LoRA parameters per unit rank in one layer, ``p_l = sum_m (in_m + out_m)``."""
         return sum(m.params_per_rank for m in self.modules)
 
-    def layer_params_per_rank(self, layer: int) -> int:
-        """``p_l`` for one layer (every layer has the same shape in supported families)."""
-        self._check_layer(layer)
-        return self.params_per_rank
-
     @property
     def total_params(self) -> int:
         """All parameters of the sequence-classification model (frozen and head)."""

@@ -91,7 +91,7 @@ def plan_command(
 ) -> None:
     """Report one plan: costs, timeline, memory, bytes, links and binding constraints."""
     from legend.planner.profiles import load_fleet
-    from legend.reports.plan_report import build_plan_report, load_job, load_plan
+    from legend.reports.plan_report import build_plan_report, load_job_params, load_plan
     from legend.reports.render import write_report
 
     started = time.perf_counter()
@@ -101,7 +101,7 @@ def plan_command(
         report = build_plan_report(
             loaded,
             fleet=fleet_data,
-            job=load_job(job) if job is not None else None,
+            job=load_job_params(job) if job is not None else None,
             model=model,
             raw=raw,
             source=str(plan),
@@ -155,12 +155,12 @@ def whatif_command(
     from legend.models.spec import get_model_spec
     from legend.planner.api import PlannerOptions
     from legend.planner.profiles import JobParams, load_fleet, parse_rank_grid
-    from legend.reports.plan_report import load_job
+    from legend.reports.plan_report import load_job_params
     from legend.reports.render import write_report
     from legend.reports.whatif import WhatIfSettings, build_whatif_report, run_whatif
 
     started = time.perf_counter()
-    base = load_job(job) if job is not None else JobParams()
+    base = load_job_params(job) if job is not None else JobParams()
     changes: dict[str, object] = {}
     for name, value in (
         ("batch_size", batch_size),

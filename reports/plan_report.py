@@ -65,7 +65,7 @@ __all__ = [
     "PlanContext",
     "build_plan_report",
     "device_frame",
-    "load_job",
+    "load_job_params",
     "load_plan",
     "resolve_cost_model",
 ]
@@ -135,7 +135,7 @@ def load_plan(path: str | Path) -> tuple[Plan, dict[str, Any]]:
     return plan, raw
 
 
-def load_job(path: str | Path) -> JobParams:
+def load_job_params(path: str | Path) -> JobParams:
     """Job parameters from a ``.toml`` or ``.json`` file: top level, or the ``[job]`` and
     ``[train]`` tables of a ``legend run`` job file (a run directory's ``config.toml``)."""
     import tomllib
