@@ -206,7 +206,6 @@ def build_catalogue(problem: PlanningProblem) -> Catalogue:
     grid, tables, backs = _dp(problem)
     opts = problem.options
     coverage = opts.coverage_layers if opts.coverage_share > 0 and opts.coverage_layers > 0 else 0
-    s_max = tables.shape[2] - 1
     # best[d-1, S] over the bottom rank index, and which index attains it
     top = tables.max(axis=1)
     which = tables.argmax(axis=1)
@@ -249,16 +248,15 @@ def build_catalogue(problem: PlanningProblem) -> Catalogue:
         vectors.append(tuple(ranks_bottom_up))
     depth = (d_idx + 1).astype(np.int64)
     rank_sum = s_idx.astype(np.int64)
-    del s_max
     memory, nbytes = shared_costs(problem)
-    d = depth.astype(float)
-    s = rank_sum.astype(float)
+    d_f = depth.astype(float)
+    s_f = rank_sum.astype(float)
     return Catalogue(
         depth=depth,
         rank_sum=rank_sum,
         utility_per_sample=top[d_idx, s_idx].astype(float),
-        memory_bytes=memory[0] + memory[1] * d + memory[2] * s,
-        bytes_one_way=nbytes[0] + nbytes[1] * s,
+        memory_bytes=memory[0] + memory[1] * d_f + memory[2] * s_f,
+        bytes_one_way=nbytes[0] + nbytes[1] * s_f,
         ranks=tuple(vectors),
         num_layers=L,
     )

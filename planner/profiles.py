@@ -22,12 +22,11 @@ import csv
 import itertools
 import json
 import math
+import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from legend.planner.errors import FleetError, PlannerInputError
 

@@ -45,12 +45,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import tomllib
 
 from legend.planner.errors import PlannerInputError
 

@@ -25,7 +25,7 @@ LAYERS = ("models", "planner", "federation", "reports")
 ENTRY_POINT = "legend.federation.cli"
 """The ``legend`` console script: it assembles every command, so it sits above every layer."""
 
-ACYCLIC = ("federation", "reports", "models")
+ACYCLIC = ("federation", "reports", "models", "planner")
 """Packages whose modules must form no import cycle (add a package here to hold it too)."""
 
 HEAVY = ("torch", "peft", "flwr", "transformers")
