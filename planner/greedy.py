@@ -62,6 +62,7 @@ __all__ = [
     "GreedyResult",
     "check_fleet_options",
     "greedy_configurations",
+    "larger_configurations",
     "minimal_configuration_reasons",
     "solve_greedy",
 ]
@@ -617,6 +618,30 @@ class _Greedy:
             ranks = tuple(int(self.ranks[k]) for k in rows.rank_index[row, self.L - d :])
             per_row.append((layers, ranks))
         return tuple(per_row[row] for row in self.row_of_device), rows
+
+
+def larger_configurations(
+    layers: tuple[int, ...], ranks: tuple[int, ...], grid: tuple[int, ...], num_layers: int
+) -> list[Configuration]:
+    """The greedy's moves from a configuration, as configurations: one more layer below at
+    the lowest rank (*deepen*), or one layer one grid step up with ranks still
+    non-decreasing toward the output (*raise*). From no configuration: the top layer at the
+    lowest rank."""
+    out: list[Configuration] = []
+    if not layers:
+        return [((num_layers - 1,), (grid[0],))]
+    if layers[0] > 0:
+        out.append(((layers[0] - 1, *layers), (grid[0], *ranks)))
+    index = {r: k for k, r in enumerate(grid)}
+    for j, r in enumerate(ranks):
+        k = index.get(r)
+        if k is None or k + 1 >= len(grid):
+            continue
+        up = grid[k + 1]
+        if j + 1 < len(ranks) and up > ranks[j + 1]:
+            continue
+        out.append((layers, (*ranks[:j], up, *ranks[j + 1 :])))
+    return out
 
 
 def minimal_configuration_reasons(

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from legend.models.errors import LegendError
 from legend.models.spec import get_model_spec
 from legend.planner.costs import ConfigCost, CostModel
+from legend.planner.greedy import larger_configurations
 from legend.planner.plan import SCHEMA_VERSION, DevicePlan, Plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
 from legend.planner.topology import Topology, link_times
@@ -283,28 +284,6 @@ def _layers_text(layers: Sequence[int]) -> str:
     return " ".join(str(v) for v in layers)
 
 
-def _moves(
-    layers: tuple[int, ...], ranks: tuple[int, ...], grid: tuple[int, ...], num_layers: int
-) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """One-step larger configurations: one more layer below at the lowest rank, or one layer
-    one grid step up with ranks still non-decreasing toward the output."""
-    out: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-    if not layers:
-        return [((num_layers - 1,), (grid[0],))]
-    if layers[0] > 0:
-        out.append(((layers[0] - 1, *layers), (grid[0], *ranks)))
-    index = {r: k for k, r in enumerate(grid)}
-    for j, r in enumerate(ranks):
-        k = index.get(r)
-        if k is None or k + 1 >= len(grid):
-            continue
-        up = grid[k + 1]
-        if j + 1 < len(ranks) and up > ranks[j + 1]:
-            continue
-        out.append((layers, (*ranks[:j], up, *ranks[j + 1 :])))
-    return out
-
-
 def _deadline_of(plan: Plan) -> float:
     """The time a device may use: the deadline under objective ``deadline``, else the round
     time (growing past it would lengthen the round)."""
@@ -344,11 +323,13 @@ def _limit(
     contention: _Contention | None = None,
 ) -> str:
     grid = plan.ranks or costs.job.ranks
-    moves = _moves(dp.layers, dp.ranks, tuple(grid), plan.num_layers or costs.spec.num_layers)
+    moves = larger_configurations(
+        dp.layers, dp.ranks, tuple(grid), plan.num_layers or costs.spec.num_layers
+    )
     if not moves:
         return "largest config"
-    # C7 holds against the round's real time: the slowest participant, which a move may
-    # lengthen (up to the deadline under objective 'deadline').
+    # C7: the round lasts as long as the server link needs for its bytes; a move whose bytes
+    # would push that past the time a device may use is held back by the link.
     link_bps = _link_bytes_per_s(plan)
     total = plan.total_upload_bytes + plan.total_download_bytes
     current = dp.predicted_upload_bytes + dp.predicted_download_bytes
@@ -363,8 +344,7 @@ def _limit(
             "deadline": cost.time_s > tol_t,
             "memory": cost.memory_bytes > device.memory_bytes * (1 + 1e-9),
             "server link": link_bps is not None
-            and total - current + cost.upload_bytes + cost.download_bytes
-            > link_bps * max(plan.round_time_s, cost.time_s) * (1 + 1e-9),
+            and total - current + cost.upload_bytes + cost.download_bytes > link_bps * tol_t,
             "link": bool(over),
         }
         if not any(hits.values()):
