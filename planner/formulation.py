@@ -589,10 +589,15 @@ def _link_rows(
     part = col != OUT
     safe = np.maximum(col, 0)
     first = units.groups.first
+    # units by link, without a pass over every column per link
+    unit_of_device = units.groups.inverse
     for k, cl in enumerate(links):
-        on = np.isin(first, cl.devices)
-        unit_ids = np.flatnonzero(on)
-        cols = np.flatnonzero(np.isin(unit_of, unit_ids))
+        unit_ids = np.unique(unit_of_device[cl.devices])
+        cols = (
+            np.concatenate([np.arange(units.start[g], units.start[g + 1]) for g in unit_ids])
+            if len(unit_ids)
+            else np.zeros(0, dtype=np.int64)
+        )
         rows.add(
             f"C10b[{cl.link}]",
             np.append(cols, l_id[k]),
