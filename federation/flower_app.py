@@ -2,7 +2,7 @@
 
 The Flower apps are thin transports over the engine-neutral round core
 (:mod:`legend.federation.core`): the server side drives a
-:class:`~legend.federation.runner.RunSession` (same run directory, checkpoints and resume as
+:class:`~legend.federation.session.RunSession` (same run directory, checkpoints and resume as
 the in-process engine) and the client side calls :meth:`ClientCore.train`. Nothing of the
 round logic is repeated here; this module only moves
 :class:`~legend.federation.core.ClientInstruction` and
@@ -449,7 +449,7 @@ def _loaded_job(payload: Mapping[str, Any]) -> _LoadedJob:
         from legend.federation.apply import AdapterHost
         from legend.federation.core import ClientCore
         from legend.federation.job import load_job
-        from legend.federation.runner import load_job_data
+        from legend.federation.session import load_job_data
         from legend.planner.costs import CostModel
 
         fleet = _fleet_from_json(_field(payload, "fleet-json", str, "job message"))
@@ -623,7 +623,7 @@ def _write_status(run_dir: Path, **status: Any) -> None:
 class LegendStrategy(Strategy):
     """A Flower strategy that plans, slices and aggregates with legend's round core.
 
-    Every round it asks the :class:`~legend.federation.runner.RunSession` for the round's
+    Every round it asks the :class:`~legend.federation.session.RunSession` for the round's
     plan and per-device instructions (planned for the devices whose nodes are connected),
     builds a fresh message per node with that node's own plan and adapter slice
     (:meth:`configure_train`), and hands the replies back to the session, which checks and
@@ -901,20 +901,18 @@ def _query_profiles(
 def run_server(grid: Grid, settings: ServerSettings) -> Any:
     """The ServerApp's body: load the job, query the nodes, run the pending rounds.
 
-    Returns the :class:`~legend.federation.runner.RunResult`. The run directory receives
+    Returns the :class:`~legend.federation.session.RunResult`. The run directory receives
     ``flower_status.json`` (running / finished / failed, with the error) so that a client
     watching a deployment run can report the outcome.
     """
     from legend.federation.job import load_job
-    from legend.federation.runner import RunSession, prepare
+    from legend.federation.session import RunSession, prepare, run_log
 
     out = Path(settings.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_status(out, state="starting")
-    handler = logging.FileHandler(out / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    logging_to_run_dir = run_log(out)
+    logging_to_run_dir.__enter__()
     try:
         with tempfile.TemporaryDirectory(prefix="legend-server-") as tmp:
             job_path = Path(tmp) / "job.toml"
@@ -970,8 +968,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> Any:
         )
         raise
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        logging_to_run_dir.__exit__(None, None, None)
 
 
 def make_server_app(
