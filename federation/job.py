@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ ENGINES = ("inprocess", "flower-sim", "flower-deploy")
 LOSSES = ("cross-entropy", "logit-adjusted")
 OPTIMIZERS = ("adamw", "sgd")
 SERVER_OPTIMIZERS = ("none", "momentum", "adam")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class JobError(FederationInputError):
@@ -315,6 +317,11 @@ def _validate(cfg: JobConfig) -> None:
     _choice(s, "planner.objective", p.objective, ("rate", "deadline", "min-time"))
     _choice(s, "federation.aggregation", f.aggregation, AGGREGATIONS)
     _choice(s, "planner.layer_weights", p.layer_weights, ("linear", "uniform"))
+    if not _NAME.fullmatch(j.name):
+        raise JobError(
+            f"{s}: `job.name` = {j.name!r} must be 1-100 letters, digits, '.', '_' or '-' "
+            "starting with a letter or digit (it names the run directory)"
+        )
     _positive(s, "job.rounds", j.rounds)
     _positive(s, "job.devices_per_round", j.devices_per_round, zero_ok=True)
     for key in ("batch_size", "seq_len", "local_steps", "bytes_per_param", "uniform_rank"):
@@ -406,9 +413,13 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
             )
         sections["job"] = replace(job, topology=str(topology_path))
     try:
-        get_model_spec(job.model, target_modules=sections["train"].target_modules)
+        spec = get_model_spec(job.model, target_modules=sections["train"].target_modules)
     except ModelInputError as exc:
         raise JobError(f"{source}: `job.model` / `train.target_modules`: {exc}") from None
+    try:
+        spec.check_ranks(parse_rank_grid(sections["train"].ranks), what="`train.ranks`")
+    except (ModelInputError, ValueError) as exc:
+        raise JobError(f"{source}: {exc}") from None
     data: DataSection = sections["data"]
     if data.dataset not in ("rotten_tomatoes", "imdb"):
         data_path = Path(data.dataset)

@@ -65,9 +65,22 @@ def run_command(
             raise JobError(
                 f"engine {cfg.job.engine!r} needs Flower: install legend with the `flower` extra"
             ) from exc
-        result = flower_engine.run(
-            cfg, run_dir, resume=resume is not None, superlink=superlink, show_progress=not quiet
-        )
+        from legend.federation.session import discard_failed_start, snapshot
+
+        before = snapshot(Path(run_dir))
+        try:
+            result = flower_engine.run(
+                cfg,
+                run_dir,
+                resume=resume is not None,
+                superlink=superlink,
+                show_progress=not quiet,
+            )
+        except BaseException as exc:
+            note = "" if resume is not None else discard_failed_start(Path(run_dir), before)
+            if note and not isinstance(exc, JobError):
+                typer.echo(f"note: {note}", err=True)
+            raise
     s = result.summary
     acc = s["final_accuracy"]
     typer.echo(

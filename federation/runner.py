@@ -11,6 +11,7 @@ The run directory, records, checkpoints and resume are the run session's
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ from legend.federation.session import (
     ROUND_COLUMNS,
     Prepared,
     RunDirError,
+    RunFailedError,
     RunResult,
     RunSession,
-    check_run_dir,
+    discard_failed_start,
     load_job_data,
     prepare,
+    prepare_run_dir,
     run_log,
 )
 
@@ -72,11 +75,17 @@ def run_job(
         Stop after this round (tests simulate a crash with it).
     """
     out = Path(out_dir)
-    check_run_dir(cfg, out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plans").mkdir(exist_ok=True)
-    with run_log(out):
-        return _run(cfg, out, resume, prepared, on_round, stop_after, show_progress)
+    before = prepare_run_dir(cfg, out, resume)
+    try:
+        with run_log(out):
+            return _run(cfg, out, resume, prepared, on_round, stop_after, show_progress)
+    except RunFailedError:
+        raise
+    except BaseException:
+        note = "" if resume else discard_failed_start(out, before)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        raise
 
 
 def _run(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ from legend.federation.core import (
     RoundResult,
     ServerCore,
 )
-from legend.federation.errors import FederationInputError
+from legend.federation.errors import FederationError, FederationInputError
 from legend.federation.job import JobConfig
 from legend.federation.server_opt import OptimizerState
 from legend.models.spec import ModelSpec, get_model_spec
@@ -61,13 +62,18 @@ __all__ = [
     "JobData",
     "Prepared",
     "RunDirError",
+    "RunFailedError",
     "RunResult",
     "RunSession",
     "check_run_dir",
+    "discard_failed_start",
+    "input_digests",
     "load_job_data",
     "load_result",
     "prepare",
+    "prepare_run_dir",
     "run_log",
+    "snapshot",
 ]
 
 log = logging.getLogger("legend.federation")
@@ -121,6 +127,16 @@ class RunDirError(FederationInputError):
     """A run directory that cannot be written or resumed."""
 
 
+class RunFailedError(FederationError):
+    """A run that ended without accepting any update (its result would be the initial
+    adapter). Exit status 5; the message gives the reason."""
+
+    exit_code = 5
+
+
+_REJECTIONS_SHOWN = 5  # rejected updates named on the terminal per round (all in run.log)
+
+
 @dataclass(frozen=True)
 class RunResult:
     out_dir: Path
@@ -160,32 +176,43 @@ class JobData:
 def load_job_data(cfg: JobConfig, fleet: Fleet) -> JobData:
     """Load the data set, the base model and tokenizer, and partition the train split over
     ``fleet`` (deterministic for the job's seed, so every process computes the same shares)."""
-    from legend.federation.data import load_dataset, partition
+    from legend.federation.data import DataError, load_dataset, partition
+    from legend.federation.job import JobError
     from legend.models.loaders import load_base_model, load_tokenizer
 
     d = cfg.data
-    dataset = load_dataset(
-        d.dataset,
-        seed=cfg.job.seed,
-        test_fraction=d.test_fraction,
-        max_train=d.max_train or None,
-        max_test=d.max_test or None,
-    )
+    check_fleet_fits(cfg, fleet)
+    try:
+        dataset = load_dataset(
+            d.dataset,
+            seed=cfg.job.seed,
+            test_fraction=d.test_fraction,
+            max_train=d.max_train or None,
+            max_test=d.max_test or None,
+        )
+    except DataError as exc:
+        raise JobError(f"{cfg.source}: `data.dataset`: {_in_job_terms(exc)}") from None
     spec = get_model_spec(
         cfg.job.model, target_modules=cfg.train.target_modules, num_labels=dataset.num_labels
     )
     base = load_base_model(cfg.job.model, num_labels=dataset.num_labels, seed=cfg.job.seed)
     tokenizer = load_tokenizer(cfg.job.model)
     sizes = [dev.num_samples for dev in fleet.devices] if d.samples_from_fleet else None
-    parts = partition(
-        dataset.train_labels,
-        len(fleet),
-        alpha=d.alpha,
-        quantity_skew=d.quantity_skew,
-        seed=cfg.job.seed,
-        min_samples=d.min_samples,
-        sizes=sizes,
-    )
+    try:
+        parts = partition(
+            dataset.train_labels,
+            len(fleet),
+            alpha=d.alpha,
+            quantity_skew=d.quantity_skew,
+            seed=cfg.job.seed,
+            min_samples=d.min_samples,
+            sizes=sizes,
+        )
+    except DataError as exc:
+        raise JobError(
+            f"{cfg.source}: splitting `data.dataset` over the {len(fleet)} devices of "
+            f"`job.fleet`: {_in_job_terms(exc)}"
+        ) from None
     return JobData(
         dataset=dataset,
         spec=spec,
@@ -193,6 +220,47 @@ def load_job_data(cfg: JobConfig, fleet: Fleet) -> JobData:
         tokenizer=tokenizer,
         parts=[np.asarray(p) for p in parts],
     )
+
+
+# What the data set loader calls its arguments -> the job keys that set them.
+_JOB_TERMS = (
+    ("`max_train`", "`data.max_train`"),
+    ("`max_test`", "`data.max_test`"),
+    ("`test_fraction`", "`data.test_fraction`"),
+    ("`min_samples`", "`data.min_samples`"),
+    ("`alpha`", "`data.alpha`"),
+    ("`quantity_skew`", "`data.quantity_skew`"),
+    ("`num_devices`", "the number of devices in `job.fleet`"),
+    ("`sizes`", "the fleet's `num_samples` (`data.samples_from_fleet`)"),
+    (
+        "Pass `text_column=` / `label_column=` to name the right columns",
+        "A job's data set needs the columns 'text' and 'label'; rename them in the file",
+    ),
+    (
+        "Pass `text_column=` / `label_column=` to name the right keys",
+        "A job's data set needs the keys 'text' and 'label'; rename them in the file",
+    ),
+)
+
+
+def _in_job_terms(exc: Exception) -> str:
+    text = str(exc)
+    for old, new in _JOB_TERMS:
+        text = text.replace(old, new)
+    return text
+
+
+def check_fleet_fits(cfg: JobConfig, fleet: Fleet) -> None:
+    """Job settings that only the fleet can check: ``job.devices_per_round``."""
+    from legend.federation.job import JobError
+
+    k = cfg.job.devices_per_round
+    if k > len(fleet):
+        raise JobError(
+            f"{cfg.source}: `job.devices_per_round` = {k} is more than the {len(fleet)} "
+            f"devices of `job.fleet` ({fleet.source}); use at most {len(fleet)}, or 0 for "
+            "every device every round"
+        )
 
 
 def prepare(cfg: JobConfig, *, calibration: Calibration | str | None = "config") -> Prepared:
@@ -322,48 +390,223 @@ class _Progress:
     target_round: int | None = None
     target_sim_s: float | None = None
     target_bytes: float | None = None
+    # the server's time per round on the simulated clock: measured once, in the run's first
+    # round, and recorded so that a resumed run keeps the clock of an uninterrupted one
+    server_time_s: float | None = None
+    # updates accepted so far (None: a run directory written before this was recorded)
+    accepted_updates: int | None = None
+    last_rejection: str = ""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _checkpoint(out: Path, result: RoundResult, progress: _Progress) -> None:
     ck = out / "checkpoints"
     ck.mkdir(exist_ok=True)
-    path = ck / f"round_{result.round:04d}.npz"
+    stem = f"round_{result.round:04d}"
+    path = ck / f"{stem}.npz"
     result.global_state.to_npz(path)
     optimizer = (
-        result.optimizer_state.save(ck, f"round_{result.round:04d}_server_opt")
+        result.optimizer_state.save(ck, f"{stem}_server_opt")
         if result.optimizer_state is not None
         else None
     )
-    _atomic_json(
-        ck / "state.json",
-        {
-            "round": result.round,
-            "global_state": path.name,
-            "server_optimizer": optimizer,
-            "estimates": {k: list(v) for k, v in result.estimates.items()},
-            "progress": progress.__dict__,
-        },
-    )
+    files = [path.name]
+    if optimizer:
+        files += [str(optimizer[k]) for k in ("m", "v") if optimizer.get(k)]
+    state = {
+        "round": result.round,
+        "global_state": path.name,
+        "server_optimizer": optimizer,
+        "estimates": {k: list(v) for k, v in result.estimates.items()},
+        "progress": progress.__dict__,
+        "sha256": {name: _sha256(ck / name) for name in files},
+    }
+    # one state per round (to fall back on when a later one is damaged) and the latest
+    _atomic_json(ck / f"{stem}.json", state)
+    _atomic_json(ck / "state.json", state)
+
+
+class CheckpointError(RunDirError):
+    """A checkpoint that is missing, damaged or not of this job. Exit status 2."""
+
+
+def _inside(directory: Path, name: Any, where: str) -> Path:
+    """``directory / name`` for a plain file name read from a run directory's file; anything
+    that could lead outside ``directory`` (separators, ``..``, links out) is refused."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or Path(name).name != name
+        or "\\" in name
+    ):
+        raise CheckpointError(f"{where}: {name!r} is not a file name inside {directory}")
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(f"{where}: {name!r} leads outside {directory}")
+    return path
+
+
+def _read_state(state_path: Path) -> dict[str, Any]:
+    """A checkpoint's state file, checked for its fields and its files' digests."""
+    ck = state_path.parent
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{state_path} is damaged (not readable JSON: {exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_path} is damaged: expected a JSON object")
+    for key, kind in (
+        ("round", int),
+        ("global_state", str),
+        ("estimates", dict),
+        ("progress", dict),
+    ):
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CheckpointError(f"{state_path} is damaged: field `{key}` is missing or invalid")
+    npz = _inside(ck, state["global_state"], f"{state_path}: `global_state`")
+    entry = state.get("server_optimizer")
+    names = [npz.name]
+    if entry is not None:
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{state_path}: `server_optimizer` must be an object")
+        for key in ("m", "v"):
+            if entry.get(key):
+                names.append(
+                    _inside(ck, entry[key], f"{state_path}: `server_optimizer.{key}`").name
+                )
+    digests = state.get("sha256")
+    for name in names:
+        path = ck / name
+        if not path.is_file():
+            raise CheckpointError(f"{state_path}: checkpoint file {path} is missing")
+        if isinstance(digests, dict) and digests.get(name) != _sha256(path):
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: its SHA-256 differs from the one recorded "
+                f"in {state_path}"
+            )
+    try:
+        {str(k): (float(v[0]), float(v[1]), float(v[2])) for k, v in state["estimates"].items()}
+        _Progress(**state["progress"])
+    except (TypeError, ValueError, IndexError, KeyError) as exc:
+        raise CheckpointError(f"{state_path} is damaged: {exc}") from None
+    return state
+
+
+def _load_arrays(path: Path) -> AdapterState:
+    try:
+        return AdapterState.from_npz(path)
+    except FederationInputError as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
+    except Exception as exc:  # zip, zlib and EOF errors of a truncated file
+        raise CheckpointError(
+            f"checkpoint {path} is damaged ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _check_like(state: AdapterState, expected: AdapterState, path: Path) -> None:
+    """Keys and shapes as the job's model and rank grid give them, every value finite."""
+    if set(state.factors) != set(expected.factors):
+        extra = sorted(set(state.factors) ^ set(expected.factors))[:3]
+        raise CheckpointError(
+            f"checkpoint {path} is not of this job: its adapted modules differ from the "
+            f"job's model (first differences: {extra})"
+        )
+    if set(state.head) != set(expected.head):
+        raise CheckpointError(
+            f"checkpoint {path} is not of this job: classifier head {sorted(state.head)} "
+            f"differs from the model's {sorted(expected.head)}"
+        )
+    pairs = [
+        (f"{key} {'AB'[i]}", state.factors[key][i], expected.factors[key][i])
+        for key in sorted(expected.factors)
+        for i in (0, 1)
+    ] + [(f"head {n}", state.head[n], expected.head[n]) for n in sorted(expected.head)]
+    for what, got, want in pairs:
+        if got.shape != want.shape:
+            raise CheckpointError(
+                f"checkpoint {path} is not of this job: {what} has shape {got.shape}, the "
+                f"job's model and rank grid give {want.shape}"
+            )
+        if not np.isfinite(got).all():
+            raise CheckpointError(f"checkpoint {path} is damaged: {what} holds NaN or infinity")
+
+
+def _last_intact(ck: Path, before: int | None = None) -> str:
+    """A sentence naming the newest per-round checkpoint that still verifies (for messages)."""
+    for state_path in sorted(ck.glob("round_[0-9][0-9][0-9][0-9].json"), reverse=True):
+        try:
+            state = _read_state(state_path)
+            if before is not None and state["round"] >= before:
+                continue
+            npz = ck / state["global_state"]
+            arrays = _load_arrays(npz)
+            for a, b in arrays.factors.values():
+                if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                    raise CheckpointError("not finite")
+        except CheckpointError:
+            continue
+        return (
+            f"the last intact checkpoint is round {state['round']} ({state_path}): copy it "
+            f"over {ck / 'state.json'} to resume from there"
+        )
+    return "no earlier checkpoint is intact: start a new run with --out"
+
+
+def _refuse(exc: CheckpointError, ck: Path, before: int | None) -> CheckpointError:
+    return CheckpointError(f"cannot resume: {exc}; {_last_intact(ck, before)}")
 
 
 def _load_checkpoint(
-    out: Path,
+    out: Path, expected: AdapterState | None = None
 ) -> tuple[_Progress, AdapterState, dict[str, tuple[float, float, float]], OptimizerState | None]:
-    state_path = out / "checkpoints" / "state.json"
+    """The last completed round's state, verified (fields, digests, keys, shapes, values)."""
+    ck = out / "checkpoints"
+    state_path = ck / "state.json"
     if not state_path.is_file():
         raise RunDirError(
             f"cannot resume {out}: {state_path} is missing (no completed round); "
             "start a new run with --out"
         )
-    state = json.loads(state_path.read_text())
-    npz = out / "checkpoints" / state["global_state"]
-    if not npz.is_file():
-        raise RunDirError(f"cannot resume {out}: checkpoint {npz} is missing")
-    global_state = AdapterState.from_npz(npz)
-    estimates = {k: (float(v[0]), float(v[1]), float(v[2])) for k, v in state["estimates"].items()}
+    round_no: int | None = None
+    try:
+        state = _read_state(state_path)
+        round_no = state["round"]
+        npz = ck / state["global_state"]
+        global_state = _load_arrays(npz)
+        if expected is not None:
+            _check_like(global_state, expected, npz)
+        entry = state.get("server_optimizer")
+        optimizer = None
+        if entry:
+            try:
+                optimizer = OptimizerState.load(ck, entry)
+            except FederationInputError as exc:
+                raise CheckpointError(f"server optimizer checkpoint is damaged: {exc}") from None
+            except Exception as exc:
+                raise CheckpointError(
+                    f"server optimizer checkpoint in {ck} is damaged ({type(exc).__name__})"
+                ) from None
+            for moment in (optimizer.m, optimizer.v):
+                if moment is not None and expected is not None:
+                    _check_like(moment, expected, ck / f"{state_path.name} server_optimizer")
+    except CheckpointError as exc:
+        raise _refuse(exc, ck, round_no) from None
+    estimates = {
+        str(k): (float(v[0]), float(v[1]), float(v[2])) for k, v in state["estimates"].items()
+    }
     progress = _Progress(**state["progress"])
-    entry = state.get("server_optimizer")
-    optimizer = OptimizerState.load(out / "checkpoints", entry) if entry else None
+    if progress.round != state["round"]:
+        raise _refuse(
+            CheckpointError(f"{state_path} is damaged: `progress.round` != `round`"), ck, None
+        )
     return progress, global_state, estimates, optimizer
 
 
@@ -373,33 +616,179 @@ def _comparable(cfg: JobConfig) -> dict[str, Any]:
     return data
 
 
+# Files and folders a run directory may hold (a folder holding anything else is the user's).
+RUN_DIR_ENTRIES = frozenset(
+    {
+        "config.toml",
+        "inputs.json",
+        "calibration.json",
+        "plans",
+        "rounds.csv",
+        "devices.csv",
+        "links.csv",
+        "checkpoints",
+        "adapter",
+        "summary.json",
+        "run.log",
+        "flower_status.json",
+    }
+)
+INPUTS_FILE = "inputs.json"
+
+
+def _file_digest(path: str) -> dict[str, str]:
+    p = Path(path)
+    return {"path": str(p), "sha256": _sha256(p) if p.is_file() else "missing"}
+
+
+def input_digests(cfg: JobConfig) -> dict[str, Any]:
+    """SHA-256 of every input of a run: the job (less ``job.rounds``), the fleet, the
+    topology, the data set and the model, as recorded in ``inputs.json``."""
+    job = json.dumps(_comparable(cfg), sort_keys=True, default=str).encode()
+    digests: dict[str, Any] = {
+        "job": {"path": cfg.source, "sha256": hashlib.sha256(job).hexdigest()},
+        "fleet": _file_digest(cfg.job.fleet),
+    }
+    if cfg.job.topology:
+        digests["topology"] = _file_digest(cfg.job.topology)
+    dataset = cfg.data.dataset
+    digests["dataset"] = (
+        _file_digest(dataset) if Path(dataset).is_file() else {"name": dataset, "sha256": ""}
+    )
+    model = Path(cfg.job.model)
+    config = model / "config.json" if model.is_dir() else model
+    digests["model"] = (
+        _file_digest(str(config)) if config.is_file() else {"name": cfg.job.model, "sha256": ""}
+    )
+    return digests
+
+
+def _changed_inputs(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    changed = []
+    for key in ("job", "fleet", "topology", "dataset", "model"):
+        before, after = recorded.get(key), now.get(key)
+        if before is None and after is None:
+            continue
+        if not isinstance(before, dict) or not isinstance(after, dict):
+            changed.append(f"{key} (added or removed)")
+        elif before.get("sha256") != after.get("sha256") or before.get("name") != after.get("name"):
+            where = after.get("path") or after.get("name") or ""
+            changed.append(f"{key} ({where})" if where else key)
+    return changed
+
+
 def check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
     """The run-directory rules, checked before anything is loaded or written.
 
-    A new run refuses a directory that already holds a run; a resume needs the run's
-    ``config.toml`` (the same job but for ``job.rounds``) and at least one completed round.
+    A new run refuses a file, a directory that already holds a run, and a non-empty folder
+    that is not a legend run directory (the user's files). A resume needs the run's
+    ``config.toml`` (the same job but for ``job.rounds``), the same inputs as recorded in
+    ``inputs.json`` and at least one completed round.
     """
     from legend.federation.job import load_job
 
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"run directory {out} is a file; give a folder with --out")
     if resume:
+        if not out.is_dir():
+            raise RunDirError(f"cannot resume {out}: the run directory does not exist")
         saved = out / "config.toml"
         if not saved.is_file():
-            raise RunDirError(f"cannot resume {out}: {saved} is missing")
+            raise RunDirError(
+                f"cannot resume {out}: {saved} is missing (not a legend run directory)"
+            )
         if _comparable(load_job(saved)) != _comparable(cfg):
             raise RunDirError(
                 f"cannot resume {out}: the job differs from the one it was started with "
                 f"({saved}); only job.rounds may change"
             )
+        recorded_path = out / INPUTS_FILE
+        if recorded_path.is_file():
+            try:
+                recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise RunDirError(
+                    f"cannot resume {out}: {recorded_path} is damaged ({exc})"
+                ) from None
+            if not isinstance(recorded, dict):
+                raise RunDirError(f"cannot resume {out}: {recorded_path} is damaged")
+            changed = _changed_inputs(recorded, input_digests(cfg))
+            if changed:
+                raise RunDirError(
+                    f"cannot resume {out}: input changed since the run started: "
+                    f"{', '.join(changed)} (digests in {recorded_path}); only job.rounds may "
+                    "change: restore the inputs or start a new run with --out"
+                )
         if not (out / "checkpoints" / "state.json").is_file():
             raise RunDirError(
                 f"cannot resume {out}: no completed round (checkpoints/state.json missing); "
                 "start a new run with --out"
             )
-    elif out.exists() and (out / "checkpoints").exists():
+        return
+    if not out.is_dir():
+        return
+    if (out / "checkpoints").exists():
         raise RunDirError(
             f"run directory {out} already holds a run; continue it with --resume {out} "
             "or choose another --out"
         )
+    entries = sorted(e.name for e in out.iterdir())
+    foreign = [name for name in entries if name not in RUN_DIR_ENTRIES]
+    if entries and "config.toml" not in entries:
+        foreign = entries
+    if foreign:
+        raise RunDirError(
+            f"--out {out} is a folder with other files ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}), not a legend run directory; "
+            "give a new or empty folder"
+        )
+
+
+def prepare_run_dir(cfg: JobConfig, out: Path, resume: bool) -> frozenset[str] | None:
+    """Check the rules and create the run directory; returns the names it held before
+    (``None``: this call created it), so that a failed start can remove what it wrote."""
+    check_run_dir(cfg, out, resume)
+    before = snapshot(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plans").mkdir(exist_ok=True)
+        probe = out / ".legend-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        if before is None and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        raise RunDirError(
+            f"run directory {out} cannot be written ({exc.strerror or exc}); choose another --out"
+        ) from None
+    return before
+
+
+def snapshot(out: Path) -> frozenset[str] | None:
+    """The names a folder holds (``None``: it does not exist), for :func:`discard_failed_start`."""
+    return frozenset(e.name for e in out.iterdir()) if out.is_dir() else None
+
+
+def discard_failed_start(out: Path, before: frozenset[str] | None) -> str:
+    """After a new run failed: remove what it wrote if it completed no round, and say what
+    happened to the run directory (one sentence for the terminal; "" when nothing changed)."""
+    if not out.is_dir():
+        return ""
+    had_rounds = before is not None and "checkpoints" in before
+    if (out / "checkpoints" / "state.json").is_file() and not had_rounds:
+        return f"the completed rounds are kept in {out}; continue with --resume {out}"
+    if before is None:
+        shutil.rmtree(out, ignore_errors=True)
+        return f"removed the unfinished run directory {out}"
+    removed = 0
+    for entry in out.iterdir():
+        if entry.name in RUN_DIR_ENTRIES and entry.name not in before:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+    return f"removed the files the failed start wrote in {out}" if removed else ""
 
 
 @contextlib.contextmanager
@@ -472,20 +861,22 @@ class RunSession:
             calibration = "config"
         with self.console.status("loading model and data"):
             self.prepared = p = prepared or prepare(cfg, calibration=calibration)
+        r_max = max(cfg.train.ranks)
         if resume:
-            progress, global_state, estimates, optimizer_state = _load_checkpoint(out)
+            expected = init_global(p.spec, r_max, p.initial_head, seed=cfg.job.seed)
+            progress, global_state, estimates, optimizer_state = _load_checkpoint(out, expected)
             for name in _RECORDS:
                 _truncate_csv(out / name, progress.round)
             self.calibration = Calibration.load(cal_file) if cal_file.is_file() else None
         else:
             (out / "config.toml").write_text(cfg.to_toml())
+            _atomic_json(out / INPUTS_FILE, input_digests(cfg))
             self.calibration = p.calibration
             if self.calibration is not None:
                 self.calibration.save(cal_file)
             for name in _RECORDS:
                 (out / name).unlink(missing_ok=True)
-            progress = _Progress()
-            r_max = max(cfg.train.ranks)
+            progress = _Progress(accepted_updates=0)
             global_state = init_global(p.spec, r_max, p.initial_head, seed=cfg.job.seed)
             estimates = {}
             optimizer_state = None
@@ -543,8 +934,15 @@ class RunSession:
                 )
         host_time = time.perf_counter() - self._round_start
         row = dict(result.round_row)
-        row["server_time_s"] = server_time
-        row["sim_time_s"] = row["sim_time_s"] + server_time
+        if progress.server_time_s is None:
+            progress.server_time_s = server_time
+        row["server_time_s"] = progress.server_time_s
+        row["sim_time_s"] = row["sim_time_s"] + progress.server_time_s
+        if progress.accepted_updates is not None:
+            progress.accepted_updates += int(row["participants"])
+        if result.rejected:
+            device, reason = sorted(result.rejected.items())[0]
+            progress.last_rejection = f"round {t}, device {device}: {reason}"
         progress.round = t
         progress.sim_clock_s += row["sim_time_s"]
         progress.host_clock_s += host_time
@@ -583,6 +981,15 @@ class RunSession:
             + (f"  dropped {row['dropped']}" if row["dropped"] else "")
             + (f"  rejected {row['rejected']}" if row["rejected"] else "")
         )
+        for device, reason in sorted(result.rejected.items())[:_REJECTIONS_SHOWN]:
+            self.console.print(f"  rejected {device}: {reason}", markup=False, highlight=False)
+        if len(result.rejected) > _REJECTIONS_SHOWN:
+            self.console.print(
+                f"  ... and {len(result.rejected) - _REJECTIONS_SHOWN} more rejected "
+                f"(see {self.out / 'run.log'})",
+                markup=False,
+                highlight=False,
+            )
         if self.on_round is not None:
             self.on_round(row)
         return row
@@ -620,7 +1027,16 @@ class RunSession:
             if self.calibration is not None
             else "simulated device time from the analytic cost model",
         }
+        failed = finished and progress.accepted_updates == 0
+        if failed:
+            summary["failed"] = (
+                f"no update was accepted in {progress.round} rounds (last rejection: "
+                f"{progress.last_rejection or 'none; every device dropped out'}); the adapter "
+                "is the initial one"
+            )
         _atomic_json(self.out / "summary.json", summary)
+        if failed:
+            raise RunFailedError(f"run {self.out} failed: {summary['failed']}")
         return RunResult(
             out_dir=self.out,
             rounds_completed=progress.round,
