@@ -371,12 +371,16 @@ def _validate(cfg: JobConfig) -> None:
         raise JobError(f"{s}: `planner.deadline_s` is required when planner.objective = 'deadline'")
 
 
+def _missing(path: Path) -> str:
+    return "is a folder, not a file" if path.is_dir() else "does not exist"
+
+
 def load_job(path: str | Path, **overrides: Any) -> JobConfig:
     """Read and validate a job file; ``overrides`` are ``section__key=value`` pairs."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise JobError(f"job file {source} does not exist")
+        raise JobError(f"job file {source} {_missing(path)}")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -400,7 +404,9 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
     if not fleet_path.is_absolute():
         fleet_path = (path.parent / fleet_path).resolve()
     if not fleet_path.is_file():
-        raise JobError(f"{source}: `job.fleet` = {job.fleet!r}: file {fleet_path} does not exist")
+        raise JobError(
+            f"{source}: `job.fleet` = {job.fleet!r}: {fleet_path} {_missing(fleet_path)}"
+        )
     sections["job"] = job = replace(job, fleet=str(fleet_path))
     if job.topology:
         topology_path = Path(job.topology)
@@ -408,8 +414,8 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
             topology_path = (path.parent / topology_path).resolve()
         if not topology_path.is_file():
             raise JobError(
-                f"{source}: `job.topology` = {job.topology!r}: file {topology_path} does not "
-                'exist; give a topology file (.toml or .json) or "" for none'
+                f"{source}: `job.topology` = {job.topology!r}: {topology_path} "
+                f'{_missing(topology_path)}; give a topology file (.toml or .json) or "" for none'
             )
         sections["job"] = replace(job, topology=str(topology_path))
     try:
@@ -428,7 +434,7 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
         if not data_path.is_file():
             raise JobError(
                 f"{source}: `data.dataset` = {data.dataset!r}: expected 'rotten_tomatoes', "
-                f"'imdb' or a CSV/JSONL file; {data_path} does not exist"
+                f"'imdb' or a CSV/JSONL file; {data_path} {_missing(data_path)}"
             )
         sections["data"] = replace(data, dataset=str(data_path))
     planner: PlannerSection = sections["planner"]
@@ -439,7 +445,7 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
         if not cal_path.is_file():
             raise JobError(
                 f"{source}: `planner.calibration` = {planner.calibration!r}: expected 'auto', "
-                f"'none' or a calibration file; {cal_path} does not exist"
+                f"'none' or a calibration file; {cal_path} {_missing(cal_path)}"
             )
         sections["planner"] = replace(planner, calibration=str(cal_path))
     return JobConfig(source=source, **sections)

@@ -396,6 +396,8 @@ class _Progress:
     # updates accepted so far (None: a run directory written before this was recorded)
     accepted_updates: int | None = None
     last_rejection: str = ""
+    # the last round had replies and rejected every one of them
+    all_rejected: bool = False
 
 
 def _sha256(path: Path) -> str:
@@ -519,7 +521,7 @@ def _check_like(state: AdapterState, expected: AdapterState, path: Path) -> None
             f"checkpoint {path} is not of this job: its adapted modules differ from the "
             f"job's model (first differences: {extra})"
         )
-    if set(state.head) != set(expected.head):
+    if expected.head and set(state.head) != set(expected.head):
         raise CheckpointError(
             f"checkpoint {path} is not of this job: classifier head {sorted(state.head)} "
             f"differs from the model's {sorted(expected.head)}"
@@ -528,9 +530,9 @@ def _check_like(state: AdapterState, expected: AdapterState, path: Path) -> None
         (f"{key} {'AB'[i]}", state.factors[key][i], expected.factors[key][i])
         for key in sorted(expected.factors)
         for i in (0, 1)
-    ] + [(f"head {n}", state.head[n], expected.head[n]) for n in sorted(expected.head)]
+    ] + [(f"head {n}", state.head[n], expected.head.get(n)) for n in sorted(state.head)]
     for what, got, want in pairs:
-        if got.shape != want.shape:
+        if want is not None and got.shape != want.shape:
             raise CheckpointError(
                 f"checkpoint {path} is not of this job: {what} has shape {got.shape}, the "
                 f"job's model and rank grid give {want.shape}"
@@ -724,6 +726,9 @@ def check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
                 f"cannot resume {out}: no completed round (checkpoints/state.json missing); "
                 "start a new run with --out"
             )
+        # verified now, before the model and data load (the head's shape is checked then)
+        spec = get_model_spec(cfg.job.model, target_modules=cfg.train.target_modules)
+        _load_checkpoint(out, init_global(spec, max(cfg.train.ranks), {}, seed=cfg.job.seed))
         return
     if not out.is_dir():
         return
@@ -943,6 +948,7 @@ class RunSession:
         if result.rejected:
             device, reason = sorted(result.rejected.items())[0]
             progress.last_rejection = f"round {t}, device {device}: {reason}"
+        progress.all_rejected = bool(result.rejected) and int(row["participants"]) == 0
         progress.round = t
         progress.sim_clock_s += row["sim_time_s"]
         progress.host_clock_s += host_time
@@ -1027,13 +1033,20 @@ class RunSession:
             if self.calibration is not None
             else "simulated device time from the analytic cost model",
         }
-        failed = finished and progress.accepted_updates == 0
-        if failed:
-            summary["failed"] = (
+        failed = ""
+        if finished and progress.accepted_updates == 0:
+            failed = (
                 f"no update was accepted in {progress.round} rounds (last rejection: "
                 f"{progress.last_rejection or 'none; every device dropped out'}); the adapter "
                 "is the initial one"
             )
+        elif finished and progress.all_rejected:
+            failed = (
+                f"every update of the last round was rejected ({progress.last_rejection}); "
+                "the adapter stopped improving: lower train.learning_rate or check the data"
+            )
+        if failed:
+            summary["failed"] = failed
         _atomic_json(self.out / "summary.json", summary)
         if failed:
             raise RunFailedError(f"run {self.out} failed: {summary['failed']}")
