@@ -224,6 +224,7 @@ def load_job_data(cfg: JobConfig, fleet: Fleet) -> JobData:
 
 # What the data set loader calls its arguments -> the job keys that set them.
 _JOB_TERMS = (
+    ("must be None (use everything) or", "must be 0 (everything) or"),
     ("`max_train`", "`data.max_train`"),
     ("`max_test`", "`data.max_test`"),
     ("`test_fraction`", "`data.test_fraction`"),
@@ -494,11 +495,19 @@ def _read_state(state_path: Path) -> dict[str, Any]:
                 f"checkpoint {path} is damaged: its SHA-256 differs from the one recorded "
                 f"in {state_path}"
             )
-    try:
-        {str(k): (float(v[0]), float(v[1]), float(v[2])) for k, v in state["estimates"].items()}
-        _Progress(**state["progress"])
-    except (TypeError, ValueError, IndexError, KeyError) as exc:
-        raise CheckpointError(f"{state_path} is damaged: {exc}") from None
+    for key, check in (
+        (
+            "estimates",
+            lambda e: {str(k): (float(v[0]), float(v[1]), float(v[2])) for k, v in e.items()},
+        ),
+        ("progress", lambda p: _Progress(**p)),
+    ):
+        try:
+            check(state[key])
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise CheckpointError(
+                f"{state_path} is damaged: field `{key}` is invalid ({exc})"
+            ) from None
     return state
 
 
@@ -612,9 +621,23 @@ def _load_checkpoint(
     return progress, global_state, estimates, optimizer
 
 
-def _comparable(cfg: JobConfig) -> dict[str, Any]:
+# Keys naming input files: with ``inputs.json`` their contents are compared by digest, so a
+# run folder moved together with its inputs still resumes.
+_INPUT_PATHS = (
+    ("job", "fleet"),
+    ("job", "topology"),
+    ("data", "dataset"),
+    ("planner", "calibration"),
+)
+
+
+def _comparable(cfg: JobConfig, *, paths: bool = True) -> dict[str, Any]:
     data = cfg.to_dict()
     data["job"].pop("rounds", None)
+    if not paths:
+        for section, key in _INPUT_PATHS:
+            if Path(str(data[section][key])).is_absolute():
+                data[section][key] = "<file>"
     return data
 
 
@@ -646,13 +669,15 @@ def _file_digest(path: str) -> dict[str, str]:
 def input_digests(cfg: JobConfig) -> dict[str, Any]:
     """SHA-256 of every input of a run: the job (less ``job.rounds``), the fleet, the
     topology, the data set and the model, as recorded in ``inputs.json``."""
-    job = json.dumps(_comparable(cfg), sort_keys=True, default=str).encode()
+    job = json.dumps(_comparable(cfg, paths=False), sort_keys=True, default=str).encode()
     digests: dict[str, Any] = {
         "job": {"path": cfg.source, "sha256": hashlib.sha256(job).hexdigest()},
         "fleet": _file_digest(cfg.job.fleet),
     }
     if cfg.job.topology:
         digests["topology"] = _file_digest(cfg.job.topology)
+    if Path(cfg.planner.calibration).is_absolute():
+        digests["calibration"] = _file_digest(cfg.planner.calibration)
     dataset = cfg.data.dataset
     digests["dataset"] = (
         _file_digest(dataset) if Path(dataset).is_file() else {"name": dataset, "sha256": ""}
@@ -667,7 +692,7 @@ def input_digests(cfg: JobConfig) -> dict[str, Any]:
 
 def _changed_inputs(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     changed = []
-    for key in ("job", "fleet", "topology", "dataset", "model"):
+    for key in ("job", "fleet", "topology", "dataset", "model", "calibration"):
         before, after = recorded.get(key), now.get(key)
         if before is None and after is None:
             continue
@@ -699,12 +724,13 @@ def check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
             raise RunDirError(
                 f"cannot resume {out}: {saved} is missing (not a legend run directory)"
             )
-        if _comparable(load_job(saved)) != _comparable(cfg):
+        recorded_path = out / INPUTS_FILE
+        paths = not recorded_path.is_file()  # without digests, the same files by path
+        if _comparable(load_job(saved), paths=paths) != _comparable(cfg, paths=paths):
             raise RunDirError(
                 f"cannot resume {out}: the job differs from the one it was started with "
                 f"({saved}); only job.rounds may change"
             )
-        recorded_path = out / INPUTS_FILE
         if recorded_path.is_file():
             try:
                 recorded = json.loads(recorded_path.read_text(encoding="utf-8"))

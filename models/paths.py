@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -62,11 +63,13 @@ def _refuse_inputs(out: Path, option: str, inputs: Iterable[str | os.PathLike[st
 
 def _writable_folder(folder: Path, option: str, out: Path) -> None:
     """Create ``folder`` (and parents) and prove a file can be written in it."""
+    created: Path | None = None  # the first folder this check creates (removed after it)
     for parent in (folder, *folder.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise PathError(f"{option} {out}: {parent} is a file, not a folder")
             break
+        created = parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -75,6 +78,9 @@ def _writable_folder(folder: Path, option: str, out: Path) -> None:
         raise PathError(
             f"{option} {out} cannot be written ({exc.strerror or exc}); choose another path"
         ) from None
+    finally:
+        if created is not None and created.is_dir():
+            shutil.rmtree(created, ignore_errors=True)
 
 
 def check_output_file(

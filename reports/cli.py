@@ -252,7 +252,7 @@ def whatif_command(
         for v in values:
             if not (math.isfinite(v) and 0 < v <= MAX_FLEET_SCALE):
                 raise ReportInputError(
-                    f"{option}: {v!r} is out of range; each factor must be > 0 and <= "
+                    f"{option}: {v:g} is out of range; each factor must be > 0 and <= "
                     f"{MAX_FLEET_SCALE:g}"
                 )
     biggest = max(scales["--fleet-scales"], default=1.0) * len(loaded)
