@@ -382,7 +382,7 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
     if not path.is_file():
         raise JobError(f"job file {source} {_missing(path)}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise JobError(f"job file {source} is not valid TOML: {exc}") from None
     for name, value in list(raw.items()):

@@ -177,7 +177,9 @@ def whatif_command(
     time_limit_s: Annotated[float, typer.Option(help="Per-plan solver time limit.")] = 5.0,
     bandwidth_scales: Annotated[str, typer.Option(help="Bandwidth factors.")] = "0.25,0.5,1,2,4",
     fleet_scales: Annotated[str, typer.Option(help="Fleet size factors.")] = "0.5,1,2",
-    deadline_points: Annotated[int, typer.Option(help="Points of the deadline sweep.")] = 8,
+    deadline_points: Annotated[
+        int, typer.Option(help="Points of the deadline sweep (0: none).")
+    ] = 8,
     models: Annotated[
         str, typer.Option(help="Models to swap in (comma-separated; empty: skip).")
     ] = "all-MiniLM-L6-v2,roberta-large,llama-2-7b",
@@ -214,9 +216,10 @@ def whatif_command(
     _report_dir(out, fleet, job, topology)
     check_finite("--time-limit-s", time_limit_s)
     check_finite("--deadline-s", deadline_s)
-    if not 1 <= deadline_points <= MAX_SWEEP_POINTS:
+    if not 0 <= deadline_points <= MAX_SWEEP_POINTS:
         raise ReportInputError(
-            f"--deadline-points must be in 1..{MAX_SWEEP_POINTS}, got {deadline_points}"
+            f"--deadline-points must be in 0..{MAX_SWEEP_POINTS} (0: no deadline sweep), "
+            f"got {deadline_points}"
         )
     base = load_job(job) if job is not None else JobParams()
     changes: dict[str, object] = {}

@@ -114,7 +114,7 @@ def load_plan(path: str | Path) -> tuple[Plan, dict[str, Any]]:
             f"plan file {path} does not exist; create one with `legend plan --out {path}`"
         )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ReportInputError(f"plan file {path} is not readable JSON: {exc}") from None
     if not isinstance(raw, dict):
@@ -268,7 +268,7 @@ def load_job(path: str | Path) -> JobParams:
     path = Path(path)
     if not path.is_file():
         raise ReportInputError(f"job file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:

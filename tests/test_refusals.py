@@ -773,6 +773,32 @@ CASES: tuple[Case, ...] = (
         new_files=True,
     ),
     Case(
+        name="job-with-bom-is-read",
+        argv=RUN,
+        must=("job.toml", "job.devices_per_round"),
+        setup=_chain(
+            _job(**{"job.devices_per_round": "50"}),
+            lambda d: (d / "job.toml").write_bytes(b"\xef\xbb\xbf" + (d / "job.toml").read_bytes()),
+        ),
+    ),
+    Case(
+        name="plan-file-with-bom-is-read",
+        argv=(*REPORT_PLAN, "--out", "rep"),
+        must=("plan.json", "round_time_s"),
+        setup=_chain(
+            _plan_edit(lambda p: p.update(round_time_s=-2.0)),
+            lambda d: (d / "plan.json").write_bytes(
+                b"\xef\xbb\xbf" + (d / "plan.json").read_bytes()
+            ),
+        ),
+    ),
+    Case(
+        name="topology-not-utf8",
+        argv=(*PLAN, "--topology", "topo.toml", "--out", "p.json"),
+        must=("topo.toml", "UTF-8"),
+        setup=_write("topo.toml", b"\xff\xfe\x00links"),
+    ),
+    Case(
         name="fleet-semicolons",
         argv=(*PLAN, "--out", "p.json"),
         must=("fleet.csv", "';'", "comma-separated"),
