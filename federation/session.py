@@ -366,7 +366,7 @@ def _truncate_csv(path: Path, last_round: int) -> None:
     if not rows:
         return
     header, body = rows[0], rows[1:]
-    keep = [r for r in body if r and int(r[0]) <= last_round]
+    keep = [r for r in body if r and r[0].isdigit() and int(r[0]) <= last_round]
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -724,6 +724,11 @@ def check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
             raise RunDirError(
                 f"cannot resume {out}: {saved} is missing (not a legend run directory)"
             )
+        for name in ("config.toml", INPUTS_FILE, "calibration.json", "checkpoints"):
+            if (out / name).exists() and not (out / name).resolve().is_relative_to(out.resolve()):
+                raise RunDirError(
+                    f"cannot resume {out}: {out / name} leads outside the run directory"
+                )
         recorded_path = out / INPUTS_FILE
         paths = not recorded_path.is_file()  # without digests, the same files by path
         if _comparable(load_job(saved), paths=paths) != _comparable(cfg, paths=paths):

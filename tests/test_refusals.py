@@ -397,6 +397,13 @@ CASES: tuple[Case, ...] = (
         setup=_symlink_checkpoint,
     ),
     Case(
+        name="run-file-link-leads-outside",
+        argv=RESUME,
+        must=("calibration.json", "leads outside"),
+        run_dir=True,
+        setup=lambda d: (d / "run" / "calibration.json").symlink_to(d / "fleet.csv"),
+    ),
+    Case(
         name="report-plan-out-is-plan",
         argv=(*REPORT_PLAN, "--out", "plan.json"),
         must=("--out", "plan.json", "input"),
