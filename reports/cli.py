@@ -63,7 +63,7 @@ def _topology(path: Path | None, fleet: Fleet | None) -> Topology | None:
 # What a report folder holds (an earlier report there may be replaced; nothing else).
 REPORT_ENTRIES = ("report.html", "report.md", "report.json", "tables", "figures")
 # Bounds of the what-if sweeps (each point is a plan of the whole, scaled fleet).
-MAX_FLEET_SCALE = 100.0
+MAX_SCALE = 1e6
 MAX_SWEEP_POINTS = 50
 MAX_SCALED_DEVICES = 1_000_000
 
@@ -253,10 +253,9 @@ def whatif_command(
                 f"{option} lists {len(values)} values; at most {MAX_SWEEP_POINTS}"
             )
         for v in values:
-            if not (math.isfinite(v) and 0 < v <= MAX_FLEET_SCALE):
+            if not (math.isfinite(v) and 0 < v <= MAX_SCALE):
                 raise ReportInputError(
-                    f"{option}: {v:g} is out of range; each factor must be > 0 and <= "
-                    f"{MAX_FLEET_SCALE:g}"
+                    f"{option}: {v:g} is out of range; each factor must be > 0 and <= {MAX_SCALE:g}"
                 )
     biggest = max(scales["--fleet-scales"], default=1.0) * len(loaded)
     if biggest > MAX_SCALED_DEVICES:
