@@ -40,6 +40,7 @@ import typer
 
 from legend.federation.errors import FederationInputError
 from legend.models.errors import LegendError
+from legend.models.paths import check_output_file, writing
 from legend.planner.costs import Calibration
 from legend.planner.profiles import parse_rank_grid
 
@@ -508,6 +509,8 @@ def calibrate_command(
     path = out or default_calibration_path(
         model, batch_size=batch_size, seq_len=seq_len, target_modules=modules
     )
+    check_torch_device(device)
+    check_output_file(path, "--out")
     with Progress(
         TextColumn("calibrating {task.description}"),
         BarColumn(),
@@ -565,6 +568,24 @@ def calibrate_command(
     elif result.peak_rss_bytes is not None:
         fit.add_row("peak process RSS", f"{result.peak_rss_bytes / 2**20:.0f} MiB")
     out_console.print(fit)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cal.save(path)
+    with writing(path, "--out"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cal.save(path)
     out_console.print(f"wrote {path}")
+
+
+def check_torch_device(device: str) -> None:
+    """``--device`` must name a device this torch can use (one line, not a traceback)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise FederationInputError(
+            f"--device {device!r} is not a torch device; use cpu or cuda"
+        ) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "is built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
+        raise FederationInputError(
+            f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu"
+        )

@@ -5,7 +5,7 @@ on Flower's simulation runtime (ray), in this process. ``legend run JOB.toml --e
 flower-deploy --superlink HOST:PORT`` submits it to a running SuperLink; the ServerApp
 runs next to the SuperLink and writes the run directory there, SuperNodes train their
 devices (see ``docs/flower.md``). Both use the apps of :mod:`legend.federation.flower`, which drive
-the same :class:`~legend.federation.runner.RunSession` as the in-process engine, so the run
+the same :class:`~legend.federation.session.RunSession` as the in-process engine, so the run
 directory, checkpoints and ``--resume`` are the same.
 
 :class:`LocalFederation` (:func:`start_local_federation`) starts a SuperLink, N SuperNodes
@@ -46,6 +46,7 @@ from legend.federation.flower.codec import ServerSettings
 from legend.federation.flower.errors import FlowerEngineError, FlowerInputError
 from legend.federation.flower.records import NODES_FILE, STATUS_FILE, read_status
 from legend.federation.job import JobConfig
+from legend.federation.session import check_run_dir, load_result
 
 __all__ = [
     "FLOWER_ENV",
@@ -144,32 +145,6 @@ def check_reachable(host: str, port: int, *, timeout_s: float = 5.0) -> None:
 # -- run ----------------------------------------------------------------------------------
 
 
-def _check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
-    """The run-directory rules of the in-process engine, checked before anything starts."""
-    from legend.federation.job import load_job
-    from legend.federation.runner import RunDirError, _comparable
-
-    if resume:
-        saved = out / "config.toml"
-        if not saved.is_file():
-            raise RunDirError(f"cannot resume {out}: {saved} is missing")
-        if _comparable(load_job(saved)) != _comparable(cfg):
-            raise RunDirError(
-                f"cannot resume {out}: the job differs from the one it was started with "
-                f"({saved}); only job.rounds may change"
-            )
-        if not (out / "checkpoints" / "state.json").is_file():
-            raise RunDirError(
-                f"cannot resume {out}: no completed round (checkpoints/state.json missing); "
-                "start a new run with --out"
-            )
-    elif (out / "checkpoints").exists():
-        raise RunDirError(
-            f"run directory {out} already holds a run; continue it with --resume {out} "
-            "or choose another --out"
-        )
-
-
 def run(
     cfg: JobConfig,
     run_dir: str | Path,
@@ -184,7 +159,7 @@ def run(
     root_certificates: str | None = None,
     num_cpus: int | None = None,
 ) -> Any:
-    """Run (or resume) ``cfg`` on Flower; returns a :class:`~legend.federation.runner.RunResult`.
+    """Run (or resume) ``cfg`` on Flower; returns a :class:`~legend.federation.session.RunResult`.
 
     Parameters
     ----------
@@ -228,7 +203,7 @@ def run(
     )
     if engine == "flower-deploy":
         host, port = parse_address(superlink)
-        _check_run_dir(cfg, out, resume)
+        check_run_dir(cfg, out, resume)
         check_reachable(host, port)
         certs = root_certificates or os.environ.get("LEGEND_FLOWER_ROOT_CERTIFICATES") or None
         if (
@@ -251,7 +226,7 @@ def run(
             + 300.0,
         )
         return _run_deployment(cfg, out, settings, f"{host}:{port}", certs, budget, show_progress)
-    _check_run_dir(cfg, out, resume)
+    check_run_dir(cfg, out, resume)
     return _run_simulation(cfg, out, settings, num_cpus)
 
 
@@ -405,7 +380,7 @@ def _run_deployment(
             finally:
                 if not finished:
                     flwr_internals.stop_run(client, run_id)
-    return _load_result(out)
+    return load_result(out)
 
 
 def _wait_for_run(
@@ -467,22 +442,6 @@ def _server_died(status: Mapping[str, Any]) -> bool:
         and status.get("host") == socket.gethostname()
         and isinstance(status.get("pid"), int)
         and not pid_alive(status["pid"])
-    )
-
-
-def _load_result(out: Path) -> Any:
-    from legend.federation.adapters import AdapterState
-    from legend.federation.runner import RunResult
-
-    summary = json.loads((out / "summary.json").read_text())
-    state = json.loads((out / "checkpoints" / "state.json").read_text())
-    global_state = AdapterState.from_npz(out / "checkpoints" / state["global_state"])
-    return RunResult(
-        out_dir=out,
-        rounds_completed=int(summary["rounds"]),
-        final_accuracy=float(summary["final_accuracy"]),
-        global_state=global_state,
-        summary=summary,
     )
 
 

@@ -54,6 +54,7 @@ ENGINES = ("inprocess", "flower-sim", "flower-deploy")
 LOSSES = ("cross-entropy", "logit-adjusted")
 OPTIMIZERS = ("adamw", "sgd")
 SERVER_OPTIMIZERS = ("none", "momentum", "adam")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class JobError(FederationInputError):
@@ -334,6 +335,11 @@ def _validate(cfg: JobConfig) -> None:
         message = re.sub(r"`(\w+)`", lambda m: f"`planner.{m.group(1)}`", str(exc), count=1)
         raise JobError(f"{s}: {message}") from None
     _choice(s, "federation.aggregation", f.aggregation, AGGREGATIONS)
+    if not _NAME.fullmatch(j.name):
+        raise JobError(
+            f"{s}: `job.name` = {j.name!r} must be 1-100 letters, digits, '.', '_' or '-' "
+            "starting with a letter or digit (it names the run directory)"
+        )
     _positive(s, "job.rounds", j.rounds)
     _positive(s, "job.devices_per_round", j.devices_per_round, zero_ok=True)
     for key in ("batch_size", "seq_len", "local_steps", "bytes_per_param", "uniform_rank"):
@@ -383,14 +389,18 @@ def _validate(cfg: JobConfig) -> None:
         raise JobError(f"{s}: `planner.deadline_s` is required when planner.objective = 'deadline'")
 
 
+def _missing(path: Path) -> str:
+    return "is a folder, not a file" if path.is_dir() else "does not exist"
+
+
 def load_job(path: str | Path, **overrides: Any) -> JobConfig:
     """Read and validate a job file; ``overrides`` are ``section__key=value`` pairs."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise JobError(f"job file {source} does not exist")
+        raise JobError(f"job file {source} {_missing(path)}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise JobError(f"job file {source} is not valid TOML: {exc}") from None
     for name, value in list(raw.items()):
@@ -412,7 +422,9 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
     if not fleet_path.is_absolute():
         fleet_path = (path.parent / fleet_path).resolve()
     if not fleet_path.is_file():
-        raise JobError(f"{source}: `job.fleet` = {job.fleet!r}: file {fleet_path} does not exist")
+        raise JobError(
+            f"{source}: `job.fleet` = {job.fleet!r}: {fleet_path} {_missing(fleet_path)}"
+        )
     sections["job"] = job = replace(job, fleet=str(fleet_path))
     if job.topology:
         topology_path = Path(job.topology)
@@ -420,14 +432,18 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
             topology_path = (path.parent / topology_path).resolve()
         if not topology_path.is_file():
             raise JobError(
-                f"{source}: `job.topology` = {job.topology!r}: file {topology_path} does not "
-                'exist; give a topology file (.toml or .json) or "" for none'
+                f"{source}: `job.topology` = {job.topology!r}: {topology_path} "
+                f'{_missing(topology_path)}; give a topology file (.toml or .json) or "" for none'
             )
         sections["job"] = replace(job, topology=str(topology_path))
     try:
-        get_model_spec(job.model, target_modules=sections["train"].target_modules)
+        spec = get_model_spec(job.model, target_modules=sections["train"].target_modules)
     except ModelInputError as exc:
         raise JobError(f"{source}: `job.model` / `train.target_modules`: {exc}") from None
+    try:
+        spec.check_ranks(parse_rank_grid(sections["train"].ranks), what="`train.ranks`")
+    except (ModelInputError, ValueError) as exc:
+        raise JobError(f"{source}: {exc}") from None
     data: DataSection = sections["data"]
     if data.dataset not in ("rotten_tomatoes", "imdb"):
         data_path = Path(data.dataset)
@@ -436,7 +452,7 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
         if not data_path.is_file():
             raise JobError(
                 f"{source}: `data.dataset` = {data.dataset!r}: expected 'rotten_tomatoes', "
-                f"'imdb' or a CSV/JSONL file; {data_path} does not exist"
+                f"'imdb' or a CSV/JSONL file; {data_path} {_missing(data_path)}"
             )
         sections["data"] = replace(data, dataset=str(data_path))
     planner: PlannerSection = sections["planner"]
@@ -447,7 +463,7 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
         if not cal_path.is_file():
             raise JobError(
                 f"{source}: `planner.calibration` = {planner.calibration!r}: expected 'auto', "
-                f"'none' or a calibration file; {cal_path} does not exist"
+                f"'none' or a calibration file; {cal_path} {_missing(cal_path)}"
             )
         sections["planner"] = replace(planner, calibration=str(cal_path))
     return JobConfig(source=source, **sections)

@@ -169,6 +169,21 @@ class ModelSpec:
     frozen_other_params: int
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def max_rank(self) -> int:
+        """The widest LoRA rank that fits every adapted module: ``min(in, out)``."""
+        return min(min(m.in_features, m.out_features) for m in self.modules)
+
+    def check_ranks(self, ranks: tuple[int, ...], *, what: str = "rank grid") -> None:
+        """Refuse ranks wider than an adapted module (a rank-r factor needs r <= min(in, out))."""
+        wide = [r for r in ranks if r > self.max_rank]
+        if wide:
+            raise ModelInputError(
+                f"{what} {list(ranks)}: rank {wide[0]} is wider than the layers of model "
+                f"{self.name!r} (adapted modules are at most {self.max_rank} wide); use ranks "
+                f"<= {self.max_rank}"
+            )
+
     # -- parameter counts -------------------------------------------------------------
     @cached_property
     def params_per_rank(self) -> int:
@@ -416,6 +431,13 @@ def get_model_spec(
 ) -> ModelSpec:
     """The :class:`ModelSpec` of a preset name, a local model directory or a ``config.json``."""
     name, config = model_config(model)
-    return ModelSpec.from_config(
-        config, name=name, target_modules=target_modules, num_labels=num_labels
-    )
+    try:
+        return ModelSpec.from_config(
+            config, name=name, target_modules=target_modules, num_labels=num_labels
+        )
+    except ModelInputError as exc:
+        if model in PRESETS:
+            raise
+        path = Path(model)
+        path = path / "config.json" if path.is_dir() else path
+        raise ModelInputError(f"model config {path}: {exc}") from None

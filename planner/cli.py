@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from legend.planner.plan import Plan
     from legend.planner.profiles import Fleet
 
-__all__ = ["native_stdout_to_stderr", "plan_command", "plan_table"]
+__all__ = ["check_finite", "native_stdout_to_stderr", "plan_command", "plan_table"]
 
 FORMATS = ("table", "json")
 TARGET_PRESETS = ("qv", "attention", "all")
@@ -174,6 +175,7 @@ def plan_command(
 ) -> None:
     """Plan one round: choose every device's LoRA depth and per-layer ranks."""
     # Light imports only; the solver libraries load inside the chosen backend.
+    from legend.models.paths import check_input_file, check_output_file, writing
     from legend.models.spec import get_model_spec
     from legend.planner.api import PlannerOptions, plan_round
     from legend.planner.costs import Calibration
@@ -181,9 +183,25 @@ def plan_command(
 
     output_format = _choice(output_format, FORMATS, "--format")
     target_modules = _choice(target_modules, TARGET_PRESETS, "--target-modules")
+    check_finite("--server-mbps", server_mbps)
+    check_finite("--deadline-s", deadline_s)
+    check_finite("--time-limit-s", time_limit_s)
+    check_finite("--utility-floor", utility_floor, positive=False)
+    check_finite("--utility-floor-share", utility_floor_share)
+    check_input_file(fleet, "--fleet")
+    for option, given in (("--calibration", calibration), ("--topology", topology)):
+        if given is not None:
+            check_input_file(given, option)
+    model_path = Path(model)
+    check_output_file(
+        out,
+        "--out",
+        inputs=(fleet, calibration, topology, model_path if model_path.exists() else None),
+    )
     loaded = load_fleet(fleet)
     spec = get_model_spec(model, target_modules=target_modules)
     grid = parse_rank_grid(ranks)
+    spec.check_ranks(grid, what="--ranks")
     job = JobParams(
         batch_size=batch_size,
         seq_len=seq_len,
@@ -228,14 +246,23 @@ def plan_command(
         )
 
     from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True)
     with (
-        err.status(f"Planning {len(loaded)} devices with {solver} ({objective})..."),
+        Progress(
+            SpinnerColumn(),
+            TextColumn(f"Planning {len(loaded)} devices with {solver} ({objective})"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as progress,
         native_stdout_to_stderr(),
     ):
+        progress.add_task("plan", total=None)
         plan = plan_round(loaded, spec, job, options, calibration=calib, topology=topo)
-    plan.save(out)
+    with writing(out, "--out"):
+        plan.save(out)
 
     if output_format == "json":
         sys.stdout.write(plan.to_json() + "\n")
@@ -243,6 +270,16 @@ def plan_command(
         console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
         console.print(plan_table(plan, loaded))
         console.print(f"plan written to {out}")
+
+
+def check_finite(option: str, value: float | None, *, positive: bool = True) -> None:
+    """A number flag must be finite (and > 0 unless ``positive`` is false)."""
+    if value is None:
+        return
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise PlannerInputError(
+            f"{option} must be a finite number{' > 0' if positive else ''}, got {value!r}"
+        )
 
 
 @contextlib.contextmanager

@@ -259,9 +259,13 @@ def load_topology(path: str | Path, fleet: Fleet) -> Topology:
     """Read a TOML or JSON topology file and validate it against ``fleet``."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise TopologyError(f"cannot read topology file {p}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise TopologyError(
+            f"topology file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     try:
         data = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:

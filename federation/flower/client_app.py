@@ -202,7 +202,7 @@ def _load_job(payload: Mapping[str, Any]) -> LoadedJob:
     from legend.federation.apply import AdapterHost
     from legend.federation.core import ClientCore
     from legend.federation.job import load_job
-    from legend.federation.runner import load_job_data
+    from legend.federation.session import load_job_data
     from legend.planner.costs import CostModel
 
     fleet = fleet_from_json(read_field(payload, "fleet-json", str, "job message"))

@@ -1,6 +1,6 @@
 """legend's ServerApp and its Strategy: plan, send slices, aggregate through the session.
 
-The server side drives a :class:`~legend.federation.runner.RunSession` (the same run
+The server side drives a :class:`~legend.federation.session.RunSession` (the same run
 directory, records, checkpoints and resume as the in-process engine); the Strategy only
 turns the session's instructions into messages and the replies back into
 :class:`~legend.federation.core.ClientReply` objects. Flower's own round loop
@@ -47,7 +47,7 @@ log = logging.getLogger("legend.federation")
 class LegendStrategy(Strategy):
     """A Flower strategy that plans, slices and aggregates with legend's round core.
 
-    Every round it asks the :class:`~legend.federation.runner.RunSession` for the round's
+    Every round it asks the :class:`~legend.federation.session.RunSession` for the round's
     plan and per-device instructions (planned for the devices whose nodes are connected),
     builds a fresh message per node with that node's own plan and adapter slice
     (:meth:`configure_train`), and hands the replies back to the session, which checks and
@@ -312,20 +312,18 @@ def _query_profiles(
 def run_server(grid: Grid, settings: ServerSettings) -> Any:
     """The ServerApp's body: load the job, query the nodes, run the pending rounds.
 
-    Returns the :class:`~legend.federation.runner.RunResult`. The run directory receives
+    Returns the :class:`~legend.federation.session.RunResult`. The run directory receives
     ``flower_status.json`` (running / finished / failed, with the error) so that a client
     watching a deployment run can report the outcome.
     """
     from legend.federation.job import load_job
-    from legend.federation.runner import RunSession, prepare
+    from legend.federation.session import RunSession, prepare, run_log
 
     out = Path(settings.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_status(out, state="starting")
-    handler = logging.FileHandler(out / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    logging_to_run_dir = run_log(out)
+    logging_to_run_dir.__enter__()
     try:
         with tempfile.TemporaryDirectory(prefix="legend-server-") as tmp:
             job_path = Path(tmp) / "job.toml"
@@ -386,8 +384,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> Any:
         )
         raise
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        logging_to_run_dir.__exit__(None, None, None)
 
 
 def make_server_app(
