@@ -232,12 +232,7 @@ class PlanningProblem:
                 f"`min_participants` {options.min_participants} exceeds the fleet's "
                 f"{len(fleet)} devices"
             )
-        widest = min((min(m.in_features, m.out_features) for m in spec.modules), default=0)
-        if widest and job.ranks[-1] > widest:
-            raise PlannerInputError(
-                f"rank {job.ranks[-1]} of the rank grid {list(job.ranks)} exceeds the width "
-                f"{widest} of {spec.name}'s adapted modules; use ranks up to {widest}"
-            )
+        spec.check_ranks(job.ranks)
         if (
             isinstance(options.layer_weights, tuple)
             and len(options.layer_weights) != spec.num_layers

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import TINY, tiny_job
 
+from legend.models.errors import InputError
 from legend.models.spec import get_model_spec
 from legend.planner.api import PlannerOptions, PlanningProblem, plan_round, rank_gain
 from legend.planner.catalog import build_catalogue, fleet_costs, group_identical
@@ -155,7 +156,7 @@ def test_fleet_cost_vectors_match_the_cost_model(
 
 
 def test_rank_wider_than_the_model_is_refused() -> None:
-    with pytest.raises(PlannerInputError, match="exceeds the width 64"):
+    with pytest.raises(InputError, match="rank 128 is wider than the layers"):
         PlanningProblem.create(typed_fleet([0]), TINY, tiny_job((2, 128)))
 
 
