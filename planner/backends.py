@@ -12,9 +12,9 @@ table per adapter maps it to ours: ``OPTIMAL, FEASIBLE, INFEASIBLE, UNBOUNDED, N
 ERROR``) and the best bound the solver proved, from which the relative MIP gap
 ``|bound - objective| / |objective|`` is computed. PuLP says "Optimal" after a time-limit
 stop; its ``sol_status`` tells the truth (``LpSolutionIntegerFeasible``), so the tables key
-on both. The ``highs`` adapter runs HiGHS in its own thread and cancels it (HiGHS's user
-interrupt) when it overruns its time limit by :data:`OVERRUN_GRACE_S`, so no solve outlives
-its limit by more than that.
+on both. The ``highs`` adapter runs HiGHS in a forked process and stops it when it overruns
+its time limit by :data:`OVERRUN_GRACE_S` (HiGHS can run far past its own limit on large
+programs), so no solve outlives its limit by more than that.
 """
 
 from __future__ import annotations
@@ -474,6 +474,81 @@ def _solve_highs(
     abs_gap: float | None,
     threads: int | None,
 ) -> MilpResult:
+    """HiGHS in a child process, stopped by the parent when it overruns its time
+    limit by :data:`OVERRUN_GRACE_S` (HiGHS does not always honour its own limit, nor an
+    interrupt, on large programs); the child's result comes back through a pipe."""
+    import multiprocessing
+
+    kwargs = {
+        "time_limit_s": time_limit_s,
+        "mip_gap": mip_gap,
+        "abs_gap": abs_gap,
+        "threads": threads,
+    }
+    try:
+        # a fork server: children fork from a clean process without solver threads (a
+        # plain fork of this process could inherit a lock held by one of them)
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["numpy", "scipy.sparse", "highspy", __name__])
+    except ValueError:  # no fork server on this platform: run in this process
+        return _highs_here(milp, **kwargs)
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_highs_child, args=(send, milp, kwargs), daemon=True)
+    child.start()
+    send.close()
+    limit = max(time_limit_s, 0.01) + OVERRUN_GRACE_S
+    try:
+        if receive.poll(limit):
+            try:
+                result: MilpResult = receive.recv()
+            except EOFError:
+                result = _failed(
+                    f"the HiGHS process ended without a result (exit {child.exitcode})"
+                )
+            return result
+        return MilpResult(
+            status="NOT_SOLVED",
+            values=None,
+            objective=None,
+            bound=None,
+            native_status=f"stopped: still running {limit:.3g} s after it started",
+            solver_version=f"highspy {_dist_version('highspy')}",
+        )
+    finally:
+        receive.close()
+        if child.is_alive():
+            child.kill()
+        child.join(timeout=5)
+
+
+def _failed(why: str) -> MilpResult:
+    return MilpResult(
+        status="ERROR",
+        values=None,
+        objective=None,
+        bound=None,
+        native_status=why,
+        solver_version=f"highspy {_dist_version('highspy')}",
+    )
+
+
+def _highs_child(send: Any, milp: MILP, kwargs: dict[str, Any]) -> None:
+    try:
+        send.send(_highs_here(milp, **kwargs))
+    except BaseException as exc:  # report, never hang the parent
+        send.send(_failed(f"{type(exc).__name__}: {exc}"))
+    finally:
+        send.close()
+
+
+def _highs_here(
+    milp: MILP,
+    *,
+    time_limit_s: float,
+    mip_gap: float,
+    abs_gap: float | None,
+    threads: int | None,
+) -> MilpResult:
     import highspy
 
     version = f"highspy {_dist_version('highspy')}"
@@ -511,13 +586,8 @@ def _solve_highs(
         sol.col_value = [float(x) for x in milp.start]
         sol.value_valid = True
         h.setSolution(sol)
-    h.HandleUserInterrupt = True
-    thread = h.startSolve()
-    finished, _ = h.wait(timeout=max(time_limit_s, 0.01) + OVERRUN_GRACE_S)
-    if not finished:
-        h.cancelSolve()
-        h.wait()
-    del thread
+    h.run()
+    finished = True
     status_name = h.getModelStatus().name
     info = h.getInfo()
     feasible = int(info.primal_solution_status) == 2  # kSolutionStatusFeasible

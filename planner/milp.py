@@ -6,6 +6,7 @@ See :mod:`legend.planner.solvers` for when this path runs, and
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -28,6 +29,8 @@ from legend.planner.sweep import best_columns, sweep
 from legend.planner.types import PlanningProblem, SolverOutcome
 
 __all__ = ["solve_milp_problem"]
+
+log = logging.getLogger(__name__)
 
 # Dinkelbach: stop when a step improves the ratio by less than this (relative).
 DINKELBACH_RTOL = 1e-9
@@ -99,6 +102,17 @@ def _checked(
             explain_infeasibility(
                 problem, milp.deadline_s, utility_floor=utility_floor, max_utility=max_utility
             ),
+        )
+    if res.status == "NOT_SOLVED" and milp.start is not None:
+        # stopped before it found anything better: the warm start stands, with no proven gap
+        log.warning("%s stopped at the time limit (%s); keeping the warm start", ctx.backend, what)
+        return replace(
+            res,
+            status="FEASIBLE",
+            values=milp.start,
+            objective=float(milp.objective @ milp.start),
+            bound=None,
+            native_status=res.native_status + " (the warm start)",
         )
     if res.status == "NOT_SOLVED":
         raise SolverError(
