@@ -12,17 +12,19 @@ table per adapter maps it to ours: ``OPTIMAL, FEASIBLE, INFEASIBLE, UNBOUNDED, N
 ERROR``) and the best bound the solver proved, from which the relative MIP gap
 ``|bound - objective| / |objective|`` is computed. PuLP says "Optimal" after a time-limit
 stop; its ``sol_status`` tells the truth (``LpSolutionIntegerFeasible``), so the tables key
-on both. The ``highs`` adapter runs HiGHS in a forked process and stops it when it overruns
+on both. The ``highs`` adapter runs HiGHS in a worker process and stops it when it overruns
 its time limit by :data:`OVERRUN_GRACE_S` (HiGHS can run far past its own limit on large
 programs), so no solve outlives its limit by more than that.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -474,51 +476,91 @@ def _solve_highs(
     abs_gap: float | None,
     threads: int | None,
 ) -> MilpResult:
-    """HiGHS in a child process, stopped by the parent when it overruns its time
-    limit by :data:`OVERRUN_GRACE_S` (HiGHS does not always honour its own limit, nor an
-    interrupt, on large programs); the child's result comes back through a pipe."""
-    import multiprocessing
-
+    """HiGHS in a worker process, stopped by the parent when it overruns its time limit
+    by :data:`OVERRUN_GRACE_S` (HiGHS does not always honour its own limit, nor an
+    interrupt, on large programs). The worker (``python -m legend.planner.highs_worker``) is
+    started once and reused; a worker stopped for overrunning is replaced at the next solve.
+    """
     kwargs = {
         "time_limit_s": time_limit_s,
         "mip_gap": mip_gap,
         "abs_gap": abs_gap,
         "threads": threads,
     }
-    try:
-        # a fork server: children fork from a clean process without solver threads (a
-        # plain fork of this process could inherit a lock held by one of them)
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["numpy", "scipy.sparse", "highspy", __name__])
-    except ValueError:  # no fork server on this platform: run in this process
+    if os.name != "posix":  # no select() on pipes: run in this process
         return _highs_here(milp, **kwargs)
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_highs_child, args=(send, milp, kwargs), daemon=True)
-    child.start()
-    send.close()
-    limit = max(time_limit_s, 0.01) + OVERRUN_GRACE_S
-    try:
-        if receive.poll(limit):
-            try:
-                result: MilpResult = receive.recv()
-            except EOFError:
-                result = _failed(
-                    f"the HiGHS process ended without a result (exit {child.exitcode})"
-                )
-            return result
-        return MilpResult(
-            status="NOT_SOLVED",
-            values=None,
-            objective=None,
-            bound=None,
-            native_status=f"stopped: still running {limit:.3g} s after it started",
-            solver_version=f"highspy {_dist_version('highspy')}",
-        )
-    finally:
-        receive.close()
-        if child.is_alive():
-            child.kill()
-        child.join(timeout=5)
+    return _WORKER.solve(milp, kwargs, max(time_limit_s, 0.01) + OVERRUN_GRACE_S)
+
+
+class _HighsWorker:
+    """One HiGHS worker process per planner process, fed length-prefixed pickles."""
+
+    def __init__(self) -> None:
+        self.proc: Any = None
+
+    def _start(self) -> Any:
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "legend.planner.highs_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            atexit.register(self.stop)
+        return self.proc
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def solve(self, milp: MILP, kwargs: dict[str, Any], limit_s: float) -> MilpResult:
+        import pickle
+        import select
+
+        proc = self._start()
+        data = pickle.dumps((milp, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            proc.stdin.write(len(data).to_bytes(8, "little") + data)
+            proc.stdin.flush()
+        except OSError as exc:
+            self.stop()
+            return _failed(f"the HiGHS worker could not take the program: {exc}")
+        ready, _, _ = select.select([proc.stdout], [], [], limit_s)
+        if not ready:
+            self.stop()
+            return MilpResult(
+                status="NOT_SOLVED",
+                values=None,
+                objective=None,
+                bound=None,
+                native_status=f"stopped: still running {limit_s:.3g} s after it started",
+                solver_version=f"highspy {_dist_version('highspy')}",
+            )
+        try:
+            size = int.from_bytes(_read(proc.stdout, 8), "little")
+            result: MilpResult = pickle.loads(_read(proc.stdout, size))
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            self.stop()
+            return _failed(f"the HiGHS worker ended without a result: {exc}")
+        return result
+
+
+def _read(stream: Any, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = stream.read(size)
+        if not chunk:
+            raise EOFError("the stream ended early")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+_WORKER = _HighsWorker()
 
 
 def _failed(why: str) -> MilpResult:
@@ -530,15 +572,6 @@ def _failed(why: str) -> MilpResult:
         native_status=why,
         solver_version=f"highspy {_dist_version('highspy')}",
     )
-
-
-def _highs_child(send: Any, milp: MILP, kwargs: dict[str, Any]) -> None:
-    try:
-        send.send(_highs_here(milp, **kwargs))
-    except BaseException as exc:  # report, never hang the parent
-        send.send(_failed(f"{type(exc).__name__}: {exc}"))
-    finally:
-        send.close()
 
 
 def _highs_here(
