@@ -659,9 +659,9 @@ def calibrate_command(
                 f"{m.rel_error:+.1%}",
             )
         out_console.print(mem)
-        assert cal.memory_static_bytes is not None  # noqa: S101 - measured above
-        assert cal.memory_per_layer_bytes is not None  # noqa: S101
-        assert cal.memory_per_rank_bytes is not None  # noqa: S101
+        assert cal.memory_static_bytes is not None
+        assert cal.memory_per_layer_bytes is not None
+        assert cal.memory_per_rank_bytes is not None
         coef = Table(title=f"memory: {cal.memory_method}")
         coef.add_column("coefficient")
         coef.add_column("value", justify="right")

@@ -32,6 +32,7 @@ The fit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -250,19 +251,15 @@ def _measure_one(payload: Mapping[str, Any]) -> dict[str, Any]:
     (probe * 2).sum().backward()
     del probe
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
     if cuda:
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(device)
         baseline = 0
     else:
-        try:
+        with contextlib.suppress(OSError):  # kernels before 4.0 cannot reset the peak
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        except OSError:  # pragma: no cover - kernels before 4.0
-            pass
         baseline = _status_bytes("VmRSS")
     torch.manual_seed(seed)
     base = load_base_model(str(payload["model"]), num_labels=spec.num_labels, seed=seed)
