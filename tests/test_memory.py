@@ -205,6 +205,10 @@ def test_planned_minilm_configuration_trains_within_device_memory() -> None:
     (measured,) = measure_peak_memory(
         "all-MiniLM-L6-v2", [(chosen.layers, chosen.ranks)], batch_size=batch, seq_len=seq
     )
+    print(
+        f"planned layers {chosen.layers} ranks {chosen.ranks}: predicted {predicted / 1e6:.1f} "
+        f"MB, device {device.memory_bytes / 1e6:.1f} MB, measured peak {measured / 1e6:.1f} MB"
+    )
     assert measured <= device.memory_bytes, (chosen, measured / 1e6, device.memory_bytes / 1e6)
     # Without the measurement the analytic model admits more than the device can hold.
     analytic = CostModel(spec, job).memory_bytes(chosen.layers, chosen.ranks)
