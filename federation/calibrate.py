@@ -17,7 +17,7 @@ divided by ``forward_s``: device times are host times scaled by ``host_tflops /
 device.tflops``.
 
 Memory (constraint C6) is measured too, unless ``memory=False``: the peak memory of training
-steps of the top ``d`` layers at the lowest and the highest rank, each configuration in a
+steps of the top ``d`` layers at every measured depth and rank, each configuration in a
 fresh process (:mod:`legend.federation.memory` says what is counted and why), fitted as the
 tightest affine upper bound ``static + d * per_layer + (sum_l r_l) * per_rank``. The cost
 model uses the three coefficients instead of its analytic memory model.
@@ -273,8 +273,8 @@ def run_calibration(
     device
         ``"cpu"`` or a torch device such as ``"cuda"``.
     memory
-        Also measure peak training memory (the measured ``depths`` at the lowest and the
-        highest measured rank, one fresh process each) and fit the memory coefficients.
+        Also measure peak training memory (every measured depth and rank, one fresh
+        process each) and fit the memory coefficients.
     memory_steps
         Training steps per memory measurement (the peak stops growing after the second,
         when the AdamW moments exist).
@@ -335,9 +335,7 @@ def run_calibration(
     job = JobParams(batch_size=batch_size, seq_len=seq_len, target_modules=modules, ranks=grid)
     configs = [(d, r) for d in depth_list for r in rank_list]
     passes = max(1, min(passes, repeats))
-    memory_configs = (
-        [(d, r) for d in depth_list for r in (min(rank_list), max(rank_list))] if memory else []
-    )
+    memory_configs = [(d, r) for d in depth_list for r in rank_list] if memory else []
     total = len(configs) * passes + 1 + len(memory_configs)
     with torch.random.fork_rng(devices=None if cuda else []):
         torch.manual_seed(seed)

@@ -130,6 +130,9 @@ def fit_memory_bound(samples: Sequence[tuple[int, int, float]]) -> MemoryFit:
     estimates that from the measurements themselves: each sample is left out in turn, the
     bound is fitted to the others, and the largest amount by which it under-predicts the
     left-out sample is added to ``static`` (zero when every left-out sample is covered).
+    This is the jackknife form of a conformal bound: for a configuration whose peak is
+    exchangeable with the ``n`` measured ones, the bound holds with probability at least
+    ``n / (n + 1)``; more measured configurations give a safer bound.
     """
     if len(samples) < 3:
         raise FederationInputError(f"the fit needs at least three samples, got {len(samples)}")
