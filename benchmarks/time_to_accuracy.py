@@ -131,6 +131,7 @@ RUN_COLUMNS = (
     "sim_time_s",
     "total_bytes",
     "round_time_mean_s",
+    "server_time_mean_s",
     "waiting_mean_s",
     "host_time_s",
 )
@@ -149,6 +150,7 @@ SUMMARY_COLUMNS = (
     "accuracy_pct",
     "late_gain_pts",
     "round_time_mean_s",
+    "server_time_mean_s",
     "waiting_mean_s",
     "host_time_s",
 )
@@ -328,6 +330,7 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     "sim_time_s": _num(last["sim_clock_s"]),
                     "total_bytes": _num(last["cum_bytes"]),
                     "round_time_mean_s": _num(last["sim_clock_s"]) / len(rounds),
+                    "server_time_mean_s": _mean([_num(r.get("server_time_s")) for r in rounds]),
                     "waiting_mean_s": float(
                         sum(_num(r["waiting_mean_s"]) for r in rounds) / len(rounds)
                     ),
@@ -380,6 +383,7 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list
                 "accuracy_pct": spread(100 * r["accuracy"] for r in mine).fmt(".1f"),
                 "late_gain_pts": spread(r["late_gain_pts"] for r in mine).fmt(".1f"),
                 "round_time_mean_s": spread(r["round_time_mean_s"] for r in mine).fmt(".1f"),
+                "server_time_mean_s": spread(r["server_time_mean_s"] for r in mine).fmt(".2f"),
                 "waiting_mean_s": spread(r["waiting_mean_s"] for r in mine).fmt(".1f"),
                 "host_time_s": spread(r["host_time_s"] for r in mine).fmt(".0f"),
             }
@@ -644,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "accuracy_pct": f"accuracy, last {args.window} rounds (%)",
             "late_gain_pts": "late gain (points)",
             "round_time_mean_s": "sim. round (s)",
+            "server_time_mean_s": "of which server (s)",
             "waiting_mean_s": "sim. waiting (s)",
             "host_time_s": "host time (s)",
         },
