@@ -1,45 +1,57 @@
-"""How the exact planner scales with fleet size and model depth, against the greedy.
+"""How the exact planner scales: whole-process wall time on fleets of distinct devices.
 
-For fleets of 10 to 10,000 devices and models of 6 to 32 layers (rank grid 2,4,8,16,32),
-plan one round with the default objective (``rate``, ``max U / T``) and report the solve
-time (host wall clock, formulation included), the objective, the proven MIP gap and the
-greedy's objective and time for comparison. Two kinds of fleet, both seeded:
+Every case plans one round (objective ``rate``, ``max U / T``; rank grid 2, 4, 8, 16, 32)
+for a fleet in which every device has its own random profile (``distinct_fleet``: 0.3-60
+TFLOP/s, 4-80 GB, 5-500 Mbit/s up, 20-1000 Mbit/s down, 100-2000 samples), with the
+default solver (``auto``) and, for comparison, the LEGEND-style greedy. Each plan runs in
+a fresh Python process, timed from the outside: the wall time includes the interpreter's
+start, the imports, building the fleet, planning and building the Plan. The process reports
+its own peak resident memory, the plan's path (``sweep``, ``lagrangian``, ``highs``), its
+status, proven gap and objective, and whether ``validate_plan`` accepts it.
 
-``classes``
-    8 device types (phone to workstation), devices drawn at random among them; planned with
-    exact device classes.
-``distinct``
-    every device has its own random profile; fleets up to ``--max-device-level`` devices are
-    planned per device, larger ones with conservative bucketing
-    (``class_bucket_ratio``, profiles rounded down to ``ratio**k``, default 2).
+Cases (``--cases``; the default is all of them):
 
-Run ``python benchmarks/planner_scale.py --quick`` for a smoke run (under a minute);
-without ``--quick`` the full grid runs (over ten minutes on a 2-core machine, mostly the
-10,000-device distinct fleets). ``--csv PATH`` writes the rows. Results: docs/benchmarks.md.
+``bert-10k``, ``bert-100k``, ``llama-10k``
+    independent devices (no coupling row): bert-base-uncased (12 layers) with 10,000 and
+    100,000 devices, llama-2-7b (32 layers, 4-bit weights) with 10,000.
+``coupled-10k``
+    bert-base-uncased, 10,000 devices, the server link at half of the bytes per second the
+    program without it moves (so it binds), and coverage of the top 2 layers at 50%.
+``ap-10k``
+    bert-base-uncased, 1,000 access points with 10 devices each; each access point's
+    uplink and downlink carry 40% of what its devices could send together (so every one
+    is congested), written as a topology file. The greedy does not model topologies.
+``classes-10k``
+    bert-base-uncased, 10,000 devices drawn from 8 device types (repeated profiles).
+
+``--repeats`` runs every exact case that many times (the greedy once); the table reports
+the median and the range. ``--smoke`` runs small versions of every case in seconds.
+Results and the command: docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import math
+import os
+import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from legend.models.spec import get_model_spec
-from legend.planner.api import SOLVERS, PlannerOptions, PlanningProblem, plan_round
-from legend.planner.api import _load_backends as load_backends
-from legend.planner.classes import group_devices
-from legend.planner.errors import PlannerError
-from legend.planner.plan import Plan, validate_plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
 
-MODELS = ("all-MiniLM-L6-v2", "bert-base-uncased", "roberta-large", "llama-2-7b")
-SIZES = (10, 100, 1000, 10000)
 RANKS = (2, 4, 8, 16, 32)
 
 # tflops, memory_gb, uplink_mbps, downlink_mbps, num_samples
@@ -53,6 +65,37 @@ DEVICE_TYPES = (
     (20.0, 32.0, 100.0, 500.0, 1500),  # desktop GPU
     (60.0, 80.0, 500.0, 1000.0, 2000),  # workstation
 )
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str
+    devices: int
+    fleet: str = "distinct"  # or "classes"
+    coupled: bool = False
+    access_points: int = 0
+
+
+CASES = {
+    c.name: c
+    for c in (
+        Case("bert-10k", "bert-base-uncased", 10_000),
+        Case("bert-100k", "bert-base-uncased", 100_000),
+        Case("llama-10k", "llama-2-7b", 10_000),
+        Case("coupled-10k", "bert-base-uncased", 10_000, coupled=True),
+        Case("ap-10k", "bert-base-uncased", 10_000, access_points=1_000),
+        Case("classes-10k", "bert-base-uncased", 10_000, fleet="classes"),
+    )
+}
+SMOKE = {
+    "bert-10k": 300,
+    "bert-100k": 1_000,
+    "llama-10k": 200,
+    "coupled-10k": 300,
+    "ap-10k": 60,
+    "classes-10k": 300,
+}
 
 
 def job_for(model: str) -> JobParams:
@@ -84,92 +127,152 @@ def class_fleet(n: int, seed: int) -> Fleet:
 
 def distinct_fleet(n: int, seed: int) -> Fleet:
     rng = np.random.default_rng(seed)
-    devices = []
-    for i in range(n):
-        devices.append(
+    tflops = np.exp(rng.uniform(math.log(0.3), math.log(60.0), n))
+    memory = rng.uniform(4.0, 80.0, n)
+    up = np.exp(rng.uniform(math.log(5.0), math.log(500.0), n))
+    down = np.exp(rng.uniform(math.log(20.0), math.log(1000.0), n))
+    samples = rng.integers(100, 2000, n)
+    return Fleet(
+        devices=tuple(
             DeviceProfile(
                 device_id=f"d{i}",
-                tflops=float(np.exp(rng.uniform(math.log(0.3), math.log(60.0)))),
-                memory_gb=float(rng.uniform(4.0, 80.0)),
-                uplink_mbps=float(np.exp(rng.uniform(math.log(5.0), math.log(500.0)))),
-                downlink_mbps=float(np.exp(rng.uniform(math.log(20.0), math.log(1000.0)))),
-                num_samples=int(rng.integers(100, 2000)),
+                tflops=float(tflops[i]),
+                memory_gb=float(memory[i]),
+                uplink_mbps=float(up[i]),
+                downlink_mbps=float(down[i]),
+                num_samples=int(samples[i]),
             )
+            for i in range(n)
         )
-    return Fleet(devices=tuple(devices))
+    )
 
 
-@dataclass
-class Row:
-    fleet: str
-    devices: int
-    model: str
-    layers: int
-    method: str
-    classes: int
-    ip_time_s: float
-    ip_objective: float
-    ip_status: str
-    ip_gap: float | None
-    greedy_time_s: float | None
-    greedy_objective: float | None
-    valid: bool
+def topology_file(fleet: Fleet, access_points: int, path: Path) -> Path:
+    """Devices in order, ``len(fleet) / access_points`` per access point; each access
+    point's link carries 40% of what its devices could send together each way."""
+    per = len(fleet) // access_points
+    lines = []
+    for a in range(access_points):
+        devs = fleet.devices[a * per : (a + 1) * per]
+        lines += ["[[nodes]]", f'id = "ap-{a}"', 'kind = "access_point"', ""]
+        lines += [
+            "[[links]]",
+            f'a = "ap-{a}"',
+            'b = "server"',
+            f"up_mbps = {0.4 * sum(d.uplink_mbps for d in devs):.6f}",
+            f"down_mbps = {0.4 * sum(d.downlink_mbps for d in devs):.6f}",
+            "",
+        ]
+        for d in devs:
+            lines += [
+                "[[links]]",
+                f'a = "{d.device_id}"',
+                f'b = "ap-{a}"',
+                f"up_mbps = {d.uplink_mbps:.6f}",
+                f"down_mbps = {d.downlink_mbps:.6f}",
+                "",
+            ]
+    path.write_text("\n".join(lines))
+    return path
 
-    def ratio(self) -> float | None:
-        if self.greedy_objective is None or self.ip_objective <= 0:
-            return None
-        return self.greedy_objective / self.ip_objective
+
+# -- one plan in this process (what the outer process times) --------------------------------
 
 
-def run_one(fleet_kind: str, n: int, model: str, args: argparse.Namespace) -> Iterator[Row]:
-    spec = get_model_spec(model)
-    job = job_for(model)
-    fleet = class_fleet(n, args.seed) if fleet_kind == "classes" else distinct_fleet(n, args.seed)
-    base = PlannerOptions(solver=args.solver, time_limit_s=args.time_limit_s, mip_gap=args.mip_gap)
-    if fleet_kind == "classes":
-        options = base.with_(use_classes=True)
-        method = "classes"
-    elif n <= args.max_device_level:
-        options = base.with_(use_classes=False)
-        method = "per-device"
-    else:
-        options = base.with_(class_bucket_ratio=args.bucket_ratio)
-        method = f"bucketed {args.bucket_ratio:g}"
-    problem = PlanningProblem.create(fleet, spec, job, options)
-    n_classes = (
-        len(group_devices(problem, bucket_ratio=options.class_bucket_ratio))
-        if options.use_classes is not False
-        else n
+def inner(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model")
+    p.add_argument("--devices", type=int)
+    p.add_argument("--fleet")
+    p.add_argument("--solver")
+    p.add_argument("--server-mbps", type=float, default=None)
+    p.add_argument("--coverage", action="store_true")
+    p.add_argument("--topology", default=None)
+    p.add_argument("--time-limit-s", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from legend.planner.api import PlannerOptions, plan_round
+    from legend.planner.errors import PlannerError
+    from legend.planner.plan import validate_plan
+
+    spec = get_model_spec(a.model)
+    job = job_for(a.model)
+    fleet = (class_fleet if a.fleet == "classes" else distinct_fleet)(a.devices, a.seed)
+    topo = None
+    if a.topology:
+        from legend.planner.topology import load_topology
+
+        topo = load_topology(a.topology, fleet)
+    options = PlannerOptions(
+        solver=a.solver,
+        time_limit_s=a.time_limit_s,
+        server_mbps=a.server_mbps,
+        coverage_layers=2 if a.coverage else 0,
+        coverage_share=0.5 if a.coverage else 0.0,
     )
     start = time.perf_counter()
     try:
-        plan: Plan = plan_round(fleet, spec, job, options)
+        plan = plan_round(fleet, spec, job, options, topology=topo)
     except PlannerError as exc:
-        print(f"  {fleet_kind} n={n} {model}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return
-    ip_time = time.perf_counter() - start
-    violations = validate_plan(plan, fleet, spec, job, cost_model=problem.costs)
-    g_time = g_obj = None
-    if "greedy" in SOLVERS:
-        start = time.perf_counter()
-        gplan = plan_round(fleet, spec, job, options.with_(solver="greedy"))
-        g_time = time.perf_counter() - start
-        g_obj = gplan.objective_value
-    yield Row(
-        fleet=fleet_kind,
-        devices=n,
-        model=model,
-        layers=spec.num_layers,
-        method=method,
-        classes=n_classes,
-        ip_time_s=ip_time,
-        ip_objective=plan.objective_value,
-        ip_status=plan.status,
-        ip_gap=plan.mip_gap,
-        greedy_time_s=g_time,
-        greedy_objective=g_obj,
-        valid=not violations,
+        print(json.dumps({"error": f"{type(exc).__name__}: {str(exc)[:300]}"}))
+        return 0
+    plan_s = time.perf_counter() - start
+    valid = not validate_plan(plan, fleet, spec, job, server_mbps=a.server_mbps, topology=topo)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        json.dumps(
+            {
+                "path": plan.solver,
+                "status": plan.status,
+                "gap": plan.mip_gap,
+                "objective": plan.objective_value,
+                "bound": plan.objective_bound,
+                "round_time_s": plan.round_time_s,
+                "plan_s": plan_s,
+                "peak_bytes": peak,
+                "valid": valid,
+            }
+        )
     )
+    return 0
+
+
+def run_case(case: Case, devices: int, solver: str, args: argparse.Namespace, extra: list[str]):
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--inner",
+        "--model", case.model,
+        "--devices", str(devices),
+        "--fleet", case.fleet,
+        "--solver", solver,
+        "--time-limit-s", str(args.time_limit_s),
+        *extra,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"no answer within {args.timeout_s:g} s", "wall_s": args.timeout_s}
+    wall = time.perf_counter() - start
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"], "wall_s": wall}
+    out: dict[str, Any] = json.loads(lines[-1])
+    out["wall_s"] = wall
+    return out
+
+
+def free_server_mbps(case: Case, devices: int) -> float:
+    """Half of the bytes per second the program without the server link moves."""
+    from legend.planner.api import plan_round
+
+    fleet = distinct_fleet(devices, 0)
+    plan = plan_round(fleet, get_model_spec(case.model), job_for(case.model))
+    moved = plan.total_upload_bytes + plan.total_download_bytes
+    return 0.5 * moved * 8 / 1e6 / plan.round_time_s
 
 
 def fmt(v: float | None, spec: str) -> str:
@@ -177,84 +280,80 @@ def fmt(v: float | None, spec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--inner":
+        return inner(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: small fleets, 2 models")
-    parser.add_argument("--sizes", type=int, nargs="*", default=None)
-    parser.add_argument("--models", nargs="*", default=None)
-    parser.add_argument("--fleets", nargs="*", default=["classes", "distinct"])
-    parser.add_argument("--solver", default="pulp-highs")
-    parser.add_argument("--time-limit-s", type=float, default=30.0)
-    parser.add_argument("--mip-gap", type=float, default=1e-4)
-    parser.add_argument("--bucket-ratio", type=float, default=2.0)
-    parser.add_argument("--max-device-level", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--time-limit-s", type=float, default=60.0)
+    parser.add_argument("--timeout-s", type=float, default=600.0)
+    parser.add_argument("--no-greedy", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="small fleets, one repeat")
+    parser.add_argument("--out", default=None, help="directory for planner_scale.json")
     args = parser.parse_args(argv)
-    sizes = args.sizes or ((10, 100) if args.quick else SIZES)
-    models = args.models or (("all-MiniLM-L6-v2", "roberta-large") if args.quick else MODELS)
-    load_backends()
-
-    rows: list[Row] = []
+    repeats = 1 if args.smoke else args.repeats
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cores")
     print(
-        "| fleet | devices | model (layers) | method | classes | IP time (s) | IP objective "
-        "| status | proven gap | greedy time (s) | greedy / IP objective | IP / greedy time "
-        "| valid |"
+        "| case | devices | method | path | status | proven gap | wall s (median, range) "
+        "| peak memory | exact / greedy objective | valid |"
     )
-    print("|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
-    for fleet_kind in args.fleets:
-        for model in models:
-            for n in sizes:
-                for row in run_one(fleet_kind, n, model, args):
-                    rows.append(row)
-                    time_ratio = row.ip_time_s / row.greedy_time_s if row.greedy_time_s else None
-                    print(
-                        f"| {row.fleet} | {row.devices:,} | {row.model} ({row.layers}) "
-                        f"| {row.method} | {row.classes:,} | {row.ip_time_s:.2f} "
-                        f"| {row.ip_objective:.6g} | {row.ip_status} "
-                        f"| {fmt(None if row.ip_gap is None else 100 * row.ip_gap, '.3f')}% "
-                        f"| {fmt(row.greedy_time_s, '.3f')} | {fmt(row.ratio(), '.4f')} "
-                        f"| {fmt(time_ratio, '.1f')} | {'yes' if row.valid else 'NO'} |",
-                        flush=True,
-                    )
-    if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(
-                [
-                    "fleet",
-                    "devices",
-                    "model",
-                    "layers",
-                    "method",
-                    "classes",
-                    "ip_time_s",
-                    "ip_objective",
-                    "ip_status",
-                    "ip_gap",
-                    "greedy_time_s",
-                    "greedy_objective",
-                    "valid",
-                ]
+    print("|---|---:|---|---|---|---:|---|---:|---:|---|")
+    results = []
+    ok = True
+    for name in args.cases:
+        case = CASES[name]
+        devices = SMOKE[name] if args.smoke else case.devices
+        extra: list[str] = []
+        tmp = None
+        if case.coupled:
+            mbps = free_server_mbps(case, devices)
+            extra += ["--server-mbps", f"{mbps:.6f}", "--coverage"]
+        if case.access_points:
+            tmp = tempfile.TemporaryDirectory()
+            aps = max(1, case.access_points * devices // case.devices)
+            path = topology_file(distinct_fleet(devices, 0), aps, Path(tmp.name) / "topo.toml")
+            extra += ["--topology", str(path)]
+        runs = {"exact": [run_case(case, devices, "auto", args, extra) for _ in range(repeats)]}
+        if not args.no_greedy and not case.access_points:
+            runs["greedy"] = [run_case(case, devices, "greedy", args, extra)]
+        if tmp is not None:
+            tmp.cleanup()
+        g = runs.get("greedy", [{}])[0]
+        for method, rs in runs.items():
+            good = [r for r in rs if "error" not in r]
+            if not good:
+                print(f"| {name} | {devices:,} | {method} | - | {rs[0]['error']} | | | | | |")
+                ok = False
+                continue
+            r = good[0]
+            walls = [x["wall_s"] for x in good]
+            ratio = (
+                r["objective"] / g["objective"]
+                if method == "exact" and "objective" in g and g["objective"]
+                else None
             )
-            for r in rows:
-                writer.writerow(
-                    [
-                        r.fleet,
-                        r.devices,
-                        r.model,
-                        r.layers,
-                        r.method,
-                        r.classes,
-                        f"{r.ip_time_s:.4f}",
-                        r.ip_objective,
-                        r.ip_status,
-                        r.ip_gap,
-                        r.greedy_time_s,
-                        r.greedy_objective,
-                        r.valid,
-                    ]
-                )
-    return 0 if all(r.valid for r in rows) else 1
+            wall = f"{statistics.median(walls):.2f} ({min(walls):.2f}-{max(walls):.2f})"
+            peak = max(x["peak_bytes"] for x in good) / 2**20
+            gap = None if r["gap"] is None else 100 * r["gap"]
+            print(
+                f"| {name} | {devices:,} | {method} | {r['path']} | {r['status']} "
+                f"| {fmt(gap, '.4f')}% | {wall} | {peak:,.0f} MiB | {fmt(ratio, '.4f')} "
+                f"| {'yes' if all(x['valid'] for x in good) else 'NO'} |",
+                flush=True,
+            )
+            ok &= all(x["valid"] for x in good)
+            results.append({"case": name, "devices": devices, "method": method, "runs": good})
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "planner_scale.json").write_text(json.dumps(results, indent=2))
+    cmd = " ".join([".venv/bin/python", "benchmarks/planner_scale.py", *argv])
+    print(f"reproduce: {cmd}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

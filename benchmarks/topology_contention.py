@@ -59,7 +59,7 @@ def job_overrides(*, smoke: bool, rounds: int | None = None) -> dict[str, Any]:
         "train__uniform_rank": 8,
         "train__learning_rate": 1e-3,
         "planner__calibration": "none",
-        "planner__solver": "pulp-highs",
+        "planner__solver": "auto",
     }
     if smoke:
         return {

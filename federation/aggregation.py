@@ -27,6 +27,7 @@ Sums run in float64 and results are stored as float32. See ``docs/aggregation.md
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 Aggregator = Callable[[AdapterState, Sequence[ClientUpdate]], AdapterState]
+_Holders = list[tuple[float, np.ndarray, np.ndarray]]
+_Pair = tuple[np.ndarray, np.ndarray]
 
 
 class AggregationInputError(FederationInputError):
@@ -100,9 +103,7 @@ def _check_fits(global_state: AdapterState, updates: Sequence[ClientUpdate]) -> 
         )
 
 
-def _holders(
-    key: Key, updates: Sequence[ClientUpdate]
-) -> list[tuple[float, np.ndarray, np.ndarray]]:
+def _holders(key: Key, updates: Sequence[ClientUpdate]) -> _Holders:
     """``(num_samples, A, B)`` of every update that trained ``key``, in update order."""
     return [
         (float(u.num_samples), *u.state.factors[key]) for u in updates if key in u.state.factors
@@ -166,6 +167,24 @@ def _padded_sum(
     return out.astype(np.float32)
 
 
+def _per_module(
+    global_state: AdapterState,
+    updates: Sequence[ClientUpdate],
+    combine: Callable[[Key, np.ndarray, np.ndarray, _Holders], _Pair],
+) -> AdapterState:
+    """Apply a rule's ``combine(key, A, B, holders)`` to every trained ``(layer, module)``.
+
+    Checks the updates first; a module nobody trained keeps its previous value, and the head
+    is averaged with :func:`_fedavg_head`.
+    """
+    _check_fits(global_state, updates)
+    factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
+    for key, (ga, gb) in global_state.factors.items():
+        holders = _holders(key, updates)
+        factors[key] = combine(key, ga, gb, holders) if holders else (ga.copy(), gb.copy())
+    return AdapterState(factors=factors, head=_fedavg_head(global_state, updates))
+
+
 # -- the rules --------------------------------------------------------------------------
 
 
@@ -184,17 +203,13 @@ def aggregate_slotwise(global_state: AdapterState, updates: Sequence[ClientUpdat
     the weighted mean of ``B_i @ A_i`` unless the clients agree on ``A`` (or on ``B``) in
     every shared slot; identical updates aggregate to themselves.
     """
-    _check_fits(global_state, updates)
-    factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
-    for key, (ga, gb) in global_state.factors.items():
-        holders = _holders(key, updates)
-        if not holders:
-            factors[key] = (ga.copy(), gb.copy())
-            continue
+
+    def combine(key: Key, ga: np.ndarray, gb: np.ndarray, holders: _Holders) -> _Pair:
         a = _slot_average(ga, [(n, a_i) for n, a_i, _ in holders], axis=0)
         b = _slot_average(gb, [(n, b_i) for n, _, b_i in holders], axis=1)
-        factors[key] = (a, b)
-    return AdapterState(factors=factors, head=_fedavg_head(global_state, updates))
+        return a, b
+
+    return _per_module(global_state, updates, combine)
 
 
 def _product_fro_norm(a: np.ndarray, b: np.ndarray) -> float:
@@ -205,7 +220,7 @@ def _product_fro_norm(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def aggregate_hetlora(global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AdapterState:
-    """HetLoRA (Cho et al. 2024): zero-padding with norm-based ("sparsity-weighted") weights.
+    """HetLoRA-style (after Cho et al. 2024): zero-padding with norm-based weights.
 
     Every client's factors are zero-padded to ``r_max`` and averaged with, per
     ``(layer, module)``, weights proportional to the Frobenius norm of the client's update
@@ -219,15 +234,15 @@ def aggregate_hetlora(global_state: AdapterState, updates: Sequence[ClientUpdate
     every norm is zero (e.g. ``B = 0`` everywhere), the weights fall back to ``n_i``.
     Slots beyond every client's rank, and layers nobody trained, keep their previous value.
 
+    This is legend's variant of the paper's sparsity-weighted aggregation, which weights a
+    client by ``||B_i A_i||_F`` alone: legend also multiplies by the samples (every rule
+    here is sample-weighted) and takes the norm per module. With equal ``n_i`` the weights
+    are the paper's.
+
     Exactness: **not exact** (separate averaging of zero-padded ``A`` and ``B``).
     """
-    _check_fits(global_state, updates)
-    factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
-    for key, (ga, gb) in global_state.factors.items():
-        holders = _holders(key, updates)
-        if not holders:
-            factors[key] = (ga.copy(), gb.copy())
-            continue
+
+    def combine(key: Key, ga: np.ndarray, gb: np.ndarray, holders: _Holders) -> _Pair:
         raw = np.array([n * _product_fro_norm(a_i, b_i) for n, a_i, b_i in holders])
         if not raw.sum() > 0:
             raw = np.array([n for n, _, _ in holders])
@@ -238,8 +253,9 @@ def aggregate_hetlora(global_state: AdapterState, updates: Sequence[ClientUpdate
         b = _padded_sum(
             gb, [(w, b_i) for w, (_, _, b_i) in zip(weights, holders, strict=True)], axis=1
         )
-        factors[key] = (a, b)
-    return AdapterState(factors=factors, head=_fedavg_head(global_state, updates))
+        return a, b
+
+    return _per_module(global_state, updates, combine)
 
 
 def _low_rank_sum(
@@ -262,45 +278,75 @@ def _low_rank_sum(
     return q_b @ u[:, :k], s[:k], vt[:k, :] @ q_a.T
 
 
+def _live_rows(previous: np.ndarray, live: np.ndarray, seed: int) -> np.ndarray:
+    """Rows for the slots past the numerical rank of FlexLoRA's sum: the previous rows.
+
+    A previous row that is numerically zero could never learn again (its ``B`` column is
+    zero too), so it is replaced by a unit row orthogonal to ``live`` (the orthonormal rows
+    of the kept right singular vectors) and to the other replacement rows, drawn with a
+    fixed ``seed``: the same inputs give the same global state.
+    """
+    out = previous.astype(np.float64, copy=True)
+    dead = np.linalg.norm(out, axis=1) <= _DEAD_ROW_NORM
+    if not dead.any():
+        return out
+    rng = np.random.default_rng(seed)
+    basis = live.astype(np.float64)
+    for slot in np.flatnonzero(dead):
+        row: np.ndarray = rng.normal(size=(out.shape[1],))
+        for _ in range(2):  # two Gram-Schmidt passes keep it orthogonal in float64
+            row -= basis.T @ (basis @ row)
+        row /= np.linalg.norm(row)
+        out[slot] = row
+        basis = np.vstack([basis, row])
+    return out
+
+
+_DEAD_ROW_NORM = 1e-12
+_RANK_RTOL = 1e-6
+"""Singular values below this fraction of the largest count as zero in ``flexlora``."""
+
+
 def aggregate_flexlora(global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AdapterState:
     """FlexLoRA (Bai et al. 2024): truncated SVD of the weighted sum of the clients' products.
 
     Per ``(layer, module)``, with ``w_i = n_i / sum_j n_j`` over the clients that trained it::
 
-        Delta = sum_i w_i B_i A_i = U S V^T,   B = U_r sqrt(S_r),   A = sqrt(S_r) V_r^T
+        Delta = sum_i w_i B_i A_i = U S V^T,   B = U_k sqrt(S_k),   A = sqrt(S_k) V_k^T
 
-    with ``r = r_max`` (singular values split evenly between the factors). ``Delta`` is never
-    formed: the SVD comes from QR factorisations of the stacked factors
+    with ``k = min(r_max, numerical rank of Delta)`` (singular values split evenly between
+    the factors; a singular value below ``1e-6`` times the largest counts as zero).
+    ``Delta`` is never formed: the SVD comes from QR factorisations of the stacked factors
     ``[w_1 B_1, ..., w_n B_n]`` and ``[A_1; ...; A_n]^T`` and an SVD of the small
     ``R_B R_A^T`` core, so memory and time grow with ``(out + in) * sum r_i``, not
-    ``out * in``. The whole layer is replaced (the clients' products define it); when the
-    sum has fewer than ``r_max`` singular values, the remaining slots get ``B = 0`` and keep
-    the previous ``A`` rows, so they add nothing to ``B @ A`` but can still learn.
-    Layers nobody trained keep their previous value.
+    ``out * in``. The whole layer is replaced (the clients' products define it).
+
+    The slots ``k..r_max`` (the sum has rank below ``r_max``, e.g. ``sum_i r_i < r_max`` or
+    clients that agree) get ``B = 0`` and keep the previous ``A`` rows, like a fresh LoRA
+    initialisation: they add nothing to ``B @ A`` but their ``B`` columns receive gradient,
+    so a device of higher rank can still train them. A previous row that is numerically
+    zero is replaced by a unit row orthogonal to the kept directions. Layers nobody trained
+    keep their previous value.
 
     Exactness: **exact** (up to float rounding) when ``sum_i r_i <= r_max`` (more generally
     when the rank of ``Delta`` is at most ``r_max``); otherwise ``B @ A`` is the best rank
     ``r_max`` approximation of ``Delta`` in Frobenius and spectral norm (Eckart-Young).
     """
-    _check_fits(global_state, updates)
-    factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
-    for key, (ga, gb) in global_state.factors.items():
-        holders = _holders(key, updates)
-        if not holders:
-            factors[key] = (ga.copy(), gb.copy())
-            continue
+
+    def combine(key: Key, ga: np.ndarray, gb: np.ndarray, holders: _Holders) -> _Pair:
         held = sum(n for n, _, _ in holders)
         parts = [(n / held, a_i, b_i) for n, a_i, b_i in holders]
-        r_max = ga.shape[0]
-        left, s, right = _low_rank_sum(parts, r_max)
-        root = np.sqrt(s)
-        k = s.shape[0]
-        a = ga.copy()
-        b = np.zeros_like(gb)
-        a[:k, :] = (root[:, None] * right).astype(np.float32)
-        b[:, :k] = (left * root[None, :]).astype(np.float32)
-        factors[key] = (a, b)
-    return AdapterState(factors=factors, head=_fedavg_head(global_state, updates))
+        left, s, right = _low_rank_sum(parts, ga.shape[0])
+        k = int(np.count_nonzero(s > _RANK_RTOL * s[0])) if s.size and s[0] > 0 else 0
+        root = np.sqrt(s[:k])
+        a = np.empty(ga.shape, dtype=np.float64)
+        a[:k, :] = root[:, None] * right[:k]
+        a[k:, :] = _live_rows(ga[k:], right[:k], seed=zlib.crc32(repr(key).encode()))
+        b = np.zeros(gb.shape, dtype=np.float64)
+        b[:, :k] = left[:, :k] * root[None, :]
+        return a.astype(np.float32), b.astype(np.float32)
+
+    return _per_module(global_state, updates, combine)
 
 
 def aggregate_ffa(global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AdapterState:
@@ -317,16 +363,11 @@ def aggregate_ffa(global_state: AdapterState, updates: Sequence[ClientUpdate]) -
     slot is averaged over its own trainers only, which weighs a high-rank client's extra
     slots more than the zero-padded average would; the product is then not exact.
     """
-    _check_fits(global_state, updates)
-    factors: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
-    for key, (ga, gb) in global_state.factors.items():
-        holders = _holders(key, updates)
-        if not holders:
-            factors[key] = (ga.copy(), gb.copy())
-            continue
-        b = _slot_average(gb, [(n, b_i) for n, _, b_i in holders], axis=1)
-        factors[key] = (ga.copy(), b)
-    return AdapterState(factors=factors, head=_fedavg_head(global_state, updates))
+
+    def combine(key: Key, ga: np.ndarray, gb: np.ndarray, holders: _Holders) -> _Pair:
+        return ga.copy(), _slot_average(gb, [(n, b_i) for n, _, b_i in holders], axis=1)
+
+    return _per_module(global_state, updates, combine)
 
 
 AGGREGATORS: dict[str, Aggregator] = {

@@ -5,7 +5,7 @@ modelled as
 
     step_s = forward_s + d * backward_per_layer_s + (sum_l r_l) * lora_per_rank_s
 
-(METHOD.md section 3: the forward pass is paid in full, backward runs only through the
+(``docs/costs.md``: the forward pass is paid in full, backward runs only through the
 adapted layers, LoRA adds work per unit rank). :func:`run_calibration` measures training
 steps (forward, backward, AdamW update) of the real model with LoRA on the top ``d`` layers
 for several depths and ranks on random token batches, takes the fastest of ``repeats``
@@ -53,6 +53,7 @@ from legend.federation.memory import (
     measure_peak_memory,
 )
 from legend.models.errors import LegendError
+from legend.models.paths import check_output_file, writing
 from legend.planner.costs import Calibration
 from legend.planner.profiles import parse_rank_grid
 
@@ -583,6 +584,8 @@ def calibrate_command(
     path = out or default_calibration_path(
         model, batch_size=batch_size, seq_len=seq_len, target_modules=modules
     )
+    check_torch_device(device)
+    check_output_file(path, "--out")
     with Progress(
         TextColumn("calibrating {task.description}"),
         BarColumn(),
@@ -667,6 +670,24 @@ def calibrate_command(
         coef.add_row("memory_per_layer_bytes", f"{cal.memory_per_layer_bytes / 1e6:.2f} MB")
         coef.add_row("memory_per_rank_bytes", f"{cal.memory_per_rank_bytes / 1e3:.1f} kB")
         out_console.print(coef)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cal.save(path)
+    with writing(path, "--out"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cal.save(path)
     out_console.print(f"wrote {path}")
+
+
+def check_torch_device(device: str) -> None:
+    """``--device`` must name a device this torch can use (one line, not a traceback)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise FederationInputError(
+            f"--device {device!r} is not a torch device; use cpu or cuda"
+        ) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "is built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
+        raise FederationInputError(
+            f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu"
+        )

@@ -8,20 +8,25 @@ Commands live next to the code they drive and are registered here:
 - ``legend report ...`` -> :mod:`legend.reports.cli`
 
 Every command module imports only light modules at import time (no torch, peft or flwr);
-heavy imports happen inside the command. Errors derived from
-:class:`~legend.models.errors.LegendError` print one line and exit with their
-``exit_code`` (2 bad input, 3 infeasible, 4 solver failure); no traceback.
+heavy imports happen inside the command. This module is the console script's entry point and
+the one module of ``legend.federation`` that imports ``legend.reports`` (the layer above it):
+it assembles every command, so it sits above every layer (the import-graph test names it).
+Errors derived from :class:`~legend.models.errors.LegendError` print one line and exit with
+their ``exit_code`` (2 bad input, 3 infeasible, 4 solver failure); no traceback.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import click
 import typer
 
+from legend.federation.calibrate import calibrate_command
+from legend.federation.run_cli import run_command
 from legend.models.errors import LegendError
+from legend.planner.cli import plan_command
+from legend.reports.cli import report_app
 
 app = typer.Typer(
     name="legend",
@@ -37,33 +42,10 @@ def _root() -> None:
     """Federated LoRA fine-tuning on heterogeneous devices: plan, run and report."""
 
 
-# (module, attribute, command name); a module may expose a function or a Typer sub-app.
-_COMMANDS = (
-    ("legend.planner.cli", "plan_command", "plan"),
-    ("legend.federation.calibrate", "calibrate_command", "calibrate"),
-    ("legend.federation.run_cli", "run_command", "run"),
-    ("legend.reports.cli", "report_app", "report"),
-)
-
-
-def _register() -> None:
-    for module_name, attribute, command in _COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # command not part of this installation
-            raise
-        obj = getattr(module, attribute, None)
-        if obj is None:
-            continue
-        if isinstance(obj, typer.Typer):
-            app.add_typer(obj, name=command)
-        else:
-            app.command(command)(obj)
-
-
-_register()
+app.command("plan")(plan_command)
+app.command("calibrate")(calibrate_command)
+app.command("run")(run_command)
+app.add_typer(report_app, name="report")
 
 
 def main(argv: list[str] | None = None) -> int:

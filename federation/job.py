@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import tomllib
 import types
 import typing
 from collections.abc import Mapping
@@ -26,12 +28,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from legend.federation.errors import FederationInputError
 from legend.models.errors import ModelInputError
 from legend.models.spec import get_model_spec
+from legend.planner.errors import PlannerInputError
 from legend.planner.profiles import JobParams, parse_rank_grid
+from legend.planner.types import PlannerOptions
 
 __all__ = [
     "AGGREGATIONS",
@@ -48,11 +50,11 @@ __all__ = [
 
 METHODS = ("exact", "greedy", "uniform", "hetlora", "fedra", "depth-only", "rank-only")
 AGGREGATIONS = ("auto", "slotwise", "hetlora", "flexlora", "ffa")
-SOLVER_NAMES = ("pulp-cbc", "pulp-highs", "cvxpy-highs", "greedy", "brute-force")
 ENGINES = ("inprocess", "flower-sim", "flower-deploy")
 LOSSES = ("cross-entropy", "logit-adjusted")
 OPTIMIZERS = ("adamw", "sgd")
 SERVER_OPTIMIZERS = ("none", "momentum", "adam")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class JobError(FederationInputError):
@@ -114,19 +116,34 @@ class DataSection:
 
 @dataclass(frozen=True, kw_only=True)
 class PlannerSection:
-    """``[planner]``: options of the per-round plan (see :class:`PlannerOptions`)."""
+    """``[planner]``: every :class:`~legend.planner.types.PlannerOptions` field, with the
+    same names and defaults as the API and ``legend plan``, plus how the run uses the
+    planner (``use_topology``, ``calibration``). :meth:`options` builds the options;
+    :func:`_validate` checks them where the file is read, naming the key."""
 
-    solver: str = "pulp-highs"
-    objective: str = "rate"
-    deadline_s: float | None = None
-    time_limit_s: float = 20.0
-    mip_gap: float = 1e-3
-    monotone_ranks: bool = True
-    min_depth: int = 1
-    server_mbps: float | None = None
-    layer_weights: str = "linear"
+    objective: str = PlannerOptions.objective
+    deadline_s: float | None = PlannerOptions.deadline_s
+    utility_floor: float | None = PlannerOptions.utility_floor
+    utility_floor_share: float = PlannerOptions.utility_floor_share
+    solver: str = PlannerOptions.solver
+    time_limit_s: float = PlannerOptions.time_limit_s
+    mip_gap: float = PlannerOptions.mip_gap
+    monotone_ranks: bool = PlannerOptions.monotone_ranks
+    min_depth: int = PlannerOptions.min_depth
+    allow_dropping: bool = PlannerOptions.allow_dropping
+    server_mbps: float | None = PlannerOptions.server_mbps
+    coverage_layers: int = PlannerOptions.coverage_layers
+    coverage_share: float = PlannerOptions.coverage_share
+    min_participants: int = PlannerOptions.min_participants
+    layer_weights: str | tuple[float, ...] = PlannerOptions.layer_weights
+    use_classes: bool | None = PlannerOptions.use_classes
+    threads: int | None = PlannerOptions.threads
     use_topology: bool = True  # false: plan blind to job.topology (the clock still applies it)
     calibration: str = "auto"  # "auto": time the host once per run; "none": analytic; or a file
+
+    def options(self) -> PlannerOptions:
+        """The :class:`PlannerOptions` of this section."""
+        return PlannerOptions(**{f.name: getattr(self, f.name) for f in fields(PlannerOptions)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,10 +328,18 @@ def _validate(cfg: JobConfig) -> None:
     j, t, d, p, f = cfg.job, cfg.train, cfg.data, cfg.planner, cfg.federation
     _choice(s, "job.method", j.method, METHODS)
     _choice(s, "job.engine", j.engine, ENGINES)
-    _choice(s, "planner.solver", p.solver, SOLVER_NAMES)
-    _choice(s, "planner.objective", p.objective, ("rate", "deadline", "min-time"))
+    try:
+        p.options()
+    except PlannerInputError as exc:
+        # name the key as the job file spells it: `field` -> `planner.field`
+        message = re.sub(r"`(\w+)`", lambda m: f"`planner.{m.group(1)}`", str(exc), count=1)
+        raise JobError(f"{s}: {message}") from None
     _choice(s, "federation.aggregation", f.aggregation, AGGREGATIONS)
-    _choice(s, "planner.layer_weights", p.layer_weights, ("linear", "uniform"))
+    if not _NAME.fullmatch(j.name):
+        raise JobError(
+            f"{s}: `job.name` = {j.name!r} must be 1-100 letters, digits, '.', '_' or '-' "
+            "starting with a letter or digit (it names the run directory)"
+        )
     _positive(s, "job.rounds", j.rounds)
     _positive(s, "job.devices_per_round", j.devices_per_round, zero_ok=True)
     for key in ("batch_size", "seq_len", "local_steps", "bytes_per_param", "uniform_rank"):
@@ -364,14 +389,18 @@ def _validate(cfg: JobConfig) -> None:
         raise JobError(f"{s}: `planner.deadline_s` is required when planner.objective = 'deadline'")
 
 
+def _missing(path: Path) -> str:
+    return "is a folder, not a file" if path.is_dir() else "does not exist"
+
+
 def load_job(path: str | Path, **overrides: Any) -> JobConfig:
     """Read and validate a job file; ``overrides`` are ``section__key=value`` pairs."""
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise JobError(f"job file {source} does not exist")
+        raise JobError(f"job file {source} {_missing(path)}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise JobError(f"job file {source} is not valid TOML: {exc}") from None
     for name, value in list(raw.items()):
@@ -393,7 +422,9 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
     if not fleet_path.is_absolute():
         fleet_path = (path.parent / fleet_path).resolve()
     if not fleet_path.is_file():
-        raise JobError(f"{source}: `job.fleet` = {job.fleet!r}: file {fleet_path} does not exist")
+        raise JobError(
+            f"{source}: `job.fleet` = {job.fleet!r}: {fleet_path} {_missing(fleet_path)}"
+        )
     sections["job"] = job = replace(job, fleet=str(fleet_path))
     if job.topology:
         topology_path = Path(job.topology)
@@ -401,14 +432,18 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
             topology_path = (path.parent / topology_path).resolve()
         if not topology_path.is_file():
             raise JobError(
-                f"{source}: `job.topology` = {job.topology!r}: file {topology_path} does not "
-                'exist; give a topology file (.toml or .json) or "" for none'
+                f"{source}: `job.topology` = {job.topology!r}: {topology_path} "
+                f'{_missing(topology_path)}; give a topology file (.toml or .json) or "" for none'
             )
         sections["job"] = replace(job, topology=str(topology_path))
     try:
-        get_model_spec(job.model, target_modules=sections["train"].target_modules)
+        spec = get_model_spec(job.model, target_modules=sections["train"].target_modules)
     except ModelInputError as exc:
         raise JobError(f"{source}: `job.model` / `train.target_modules`: {exc}") from None
+    try:
+        spec.check_ranks(parse_rank_grid(sections["train"].ranks), what="`train.ranks`")
+    except (ModelInputError, ValueError) as exc:
+        raise JobError(f"{source}: {exc}") from None
     data: DataSection = sections["data"]
     if data.dataset not in ("rotten_tomatoes", "imdb"):
         data_path = Path(data.dataset)
@@ -417,7 +452,7 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
         if not data_path.is_file():
             raise JobError(
                 f"{source}: `data.dataset` = {data.dataset!r}: expected 'rotten_tomatoes', "
-                f"'imdb' or a CSV/JSONL file; {data_path} does not exist"
+                f"'imdb' or a CSV/JSONL file; {data_path} {_missing(data_path)}"
             )
         sections["data"] = replace(data, dataset=str(data_path))
     planner: PlannerSection = sections["planner"]
@@ -428,7 +463,7 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
         if not cal_path.is_file():
             raise JobError(
                 f"{source}: `planner.calibration` = {planner.calibration!r}: expected 'auto', "
-                f"'none' or a calibration file; {cal_path} does not exist"
+                f"'none' or a calibration file; {cal_path} {_missing(cal_path)}"
             )
         sections["planner"] = replace(planner, calibration=str(cal_path))
     return JobConfig(source=source, **sections)

@@ -1,4 +1,4 @@
-"""The per-round configuration of every method a run can use (METHOD.md section 7).
+"""The per-round configuration of every method a run can use (``docs/federation.md``).
 
 ========== ====================== ======================= ===============================
 method     depth                  ranks                   how assigned
@@ -42,18 +42,8 @@ __all__ = ["plan_for_method", "planner_options"]
 
 
 def planner_options(cfg: JobConfig, **changes: object) -> PlannerOptions:
-    p = cfg.planner
-    options = PlannerOptions(
-        objective=p.objective,
-        deadline_s=p.deadline_s,
-        solver=p.solver,
-        time_limit_s=p.time_limit_s,
-        mip_gap=p.mip_gap,
-        monotone_ranks=p.monotone_ranks,
-        min_depth=p.min_depth,
-        server_mbps=p.server_mbps,
-        layer_weights=p.layer_weights,
-    )
+    """The job's ``[planner]`` options, with ``changes`` applied."""
+    options = cfg.planner.options()
     return options.with_(**changes) if changes else options
 
 
@@ -90,7 +80,7 @@ def plan_for_method(
         options = planner_options(cfg, min_depth=spec.num_layers)
         return plan_round(fleet, spec, job, options, warm_start=warm_start, **common)
     problem = PlanningProblem.create(
-        fleet, spec, job, planner_options(cfg, solver=method), calibration=calibration
+        fleet, spec, job, planner_options(cfg), calibration=calibration
     )
     if method == "uniform":
         configs = _uniform(problem, cfg.train.uniform_rank)

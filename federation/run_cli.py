@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -54,20 +54,17 @@ def run_command(
     if resume is not None and out is not None and resume != out:
         raise JobError("give either --out or --resume (the run directory to continue), not both")
     run_dir = resume or out or Path("runs") / f"{cfg.job.name}-{cfg.job.method}-s{cfg.job.seed}"
-    if cfg.job.engine == "inprocess":
-        from legend.federation.runner import run_job
+    try:
+        result = _run(cfg, Path(run_dir), resume is not None, superlink, quiet)
+    except OSError as exc:  # a disk that fills up or a folder removed under a running job
+        from legend.federation.session import RunDirError
 
-        result = run_job(cfg, run_dir, resume=resume is not None, show_progress=not quiet)
-    else:
-        try:
-            from legend.federation import flower_engine
-        except ModuleNotFoundError as exc:
-            raise JobError(
-                f"engine {cfg.job.engine!r} needs Flower: install legend with the `flower` extra"
-            ) from exc
-        result = flower_engine.run(
-            cfg, run_dir, resume=resume is not None, superlink=superlink, show_progress=not quiet
-        )
+        where = exc.filename or run_dir
+        kept = (Path(run_dir) / "checkpoints" / "state.json").is_file()
+        raise RunDirError(
+            f"{where} could not be read or written ({exc.strerror or exc})"
+            + (f"; completed rounds stay in {run_dir} (--resume {run_dir})" if kept else "")
+        ) from None
     s = result.summary
     acc = s["final_accuracy"]
     typer.echo(
@@ -76,3 +73,30 @@ def run_command(
         f"(device clock), host time {s['host_time_s']:.1f} s, "
         f"{s['total_bytes'] / 1e6:.2f} MB moved -> {result.out_dir}"
     )
+
+
+def _run(cfg: Any, run_dir: Path, resume: bool, superlink: str | None, quiet: bool) -> Any:
+    from legend.federation.job import JobError
+
+    if cfg.job.engine == "inprocess":
+        from legend.federation.runner import run_job
+
+        return run_job(cfg, run_dir, resume=resume, show_progress=not quiet)
+    try:
+        from legend.federation import flower_engine
+    except ModuleNotFoundError as exc:
+        raise JobError(
+            f"engine {cfg.job.engine!r} needs Flower: install legend with the `flower` extra"
+        ) from exc
+    from legend.federation.session import discard_failed_start, snapshot
+
+    before = snapshot(run_dir)
+    try:
+        return flower_engine.run(
+            cfg, run_dir, resume=resume, superlink=superlink, show_progress=not quiet
+        )
+    except BaseException:
+        note = "" if resume else discard_failed_start(run_dir, before)
+        if note:
+            typer.echo(f"note: {note}", err=True)
+        raise

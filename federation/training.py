@@ -56,11 +56,18 @@ class DeviceData:
         return len(self.indices)
 
 
+_CHARS_PER_TOKEN_BOUND = 64
+
+
 def tokenize(
     tokenizer: Any, texts: Sequence[str], labels: np.ndarray, seq_len: int
 ) -> TokenizedSplit:
+    # A token spans at least one character, and words longer than the tokenizer's limit
+    # become one unknown token: cutting each text at a bound far above ``seq_len`` tokens
+    # keeps the result and spares tokenizing megabytes of a long line.
+    limit = seq_len * _CHARS_PER_TOKEN_BOUND
     enc = tokenizer(
-        list(texts),
+        [t if len(t) <= limit else t[:limit] for t in texts],
         padding="max_length",
         truncation=True,
         max_length=seq_len,

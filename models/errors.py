@@ -26,3 +26,10 @@ class ModelError(LegendError):
 
 class ModelInputError(ModelError, InputError):
     """An unknown model name, an unreadable config or bad target modules."""
+
+
+class PathError(LegendError, ValueError):
+    """A path a command cannot read or write (missing, a folder where a file is expected,
+    not writable, or an output that is one of the command's inputs). Exit status 2."""
+
+    exit_code = 2

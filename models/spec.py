@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -168,16 +169,26 @@ class ModelSpec:
     frozen_other_params: int
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
-    # -- parameter counts -------------------------------------------------------------
     @property
+    def max_rank(self) -> int:
+        """The widest LoRA rank that fits every adapted module: ``min(in, out)``."""
+        return min(min(m.in_features, m.out_features) for m in self.modules)
+
+    def check_ranks(self, ranks: tuple[int, ...], *, what: str = "rank grid") -> None:
+        """Refuse ranks wider than an adapted module (a rank-r factor needs r <= min(in, out))."""
+        wide = [r for r in ranks if r > self.max_rank]
+        if wide:
+            raise ModelInputError(
+                f"{what} {list(ranks)}: rank {wide[0]} is wider than the layers of model "
+                f"{self.name!r} (adapted modules are at most {self.max_rank} wide); use ranks "
+                f"<= {self.max_rank}"
+            )
+
+    # -- parameter counts -------------------------------------------------------------
+    @cached_property
     def params_per_rank(self) -> int:
         """LoRA parameters per unit rank in one layer, ``p_l = sum_m (in_m + out_m)``."""
         return sum(m.params_per_rank for m in self.modules)
-
-    def layer_params_per_rank(self, layer: int) -> int:
-        """``p_l`` for one layer (every layer has the same shape in supported families)."""
-        self._check_layer(layer)
-        return self.params_per_rank
 
     @property
     def total_params(self) -> int:
@@ -195,9 +206,11 @@ class ModelSpec:
             raise ModelInputError(
                 f"`ranks` must have one entry per layer: {len(layers)} layers, {len(ranks)} ranks"
             )
-        for layer in layers:
-            self._check_layer(layer)
-        return sum(r * self.params_per_rank for r in ranks)
+        L = self.num_layers
+        if any(not 0 <= layer < L for layer in layers):
+            for layer in layers:
+                self._check_layer(layer)
+        return sum(ranks) * self.params_per_rank
 
     # -- compute ----------------------------------------------------------------------
     @property
@@ -418,6 +431,13 @@ def get_model_spec(
 ) -> ModelSpec:
     """The :class:`ModelSpec` of a preset name, a local model directory or a ``config.json``."""
     name, config = model_config(model)
-    return ModelSpec.from_config(
-        config, name=name, target_modules=target_modules, num_labels=num_labels
-    )
+    try:
+        return ModelSpec.from_config(
+            config, name=name, target_modules=target_modules, num_labels=num_labels
+        )
+    except ModelInputError as exc:
+        if model in PRESETS:
+            raise
+        path = Path(model)
+        path = path / "config.json" if path.is_dir() else path
+        raise ModelInputError(f"model config {path}: {exc}") from None

@@ -8,12 +8,13 @@ objective. It shares nothing with the integer program but the cost model's
 :meth:`~legend.planner.costs.CostModel.evaluate` and the utility, so it is the reference the
 IP backends and the greedy are tested against.
 
-Constraint semantics (the same as the integer program's, METHOD.md section 4):
+Constraint semantics (the same as the integer program's, docs/planner.md):
 
 - round time ``T`` is the slowest participant's time (``deadline`` objective: every
   participant finishes within ``deadline_s``);
 - memory: every participant fits its device;
-- server link: bytes of the round in both directions ``<= server_mbps * T``;
+- server link: the round lasts at least as long as the server's link needs for the
+  round's bytes in both directions (``T >= bytes / server_mbps``);
 - coverage: each of the top ``coverage_layers`` layers is trained on at least
   ``coverage_share`` of the participants' samples;
 - ``min_participants`` (with ``allow_dropping``), and at least one participant always.
@@ -32,10 +33,10 @@ from importlib import metadata
 import numpy as np
 from numpy.typing import NDArray
 
-from legend.planner.api import Configuration, PlanningProblem, SolverOutcome, register_solver
 from legend.planner.diagnose import blocked_devices, explain_infeasibility
 from legend.planner.errors import InfeasibleError, PlannerInputError
 from legend.planner.greedy import check_fleet_options
+from legend.planner.types import Configuration, PlanningProblem, SolverOutcome
 
 __all__ = [
     "MAX_COMBINATIONS",
@@ -92,7 +93,6 @@ def _count(sizes: list[int]) -> int:
     return total
 
 
-@register_solver("brute-force")
 def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
     """Solver backend ``brute-force``: exhaustive search (status ``OPTIMAL``, gap 0).
 
@@ -114,7 +114,7 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
         raise PlannerInputError(
             f"brute-force would enumerate {per_device_count:,} configurations per device "
             f"({L} layers, {len(problem.job.ranks)} ranks); the limit is "
-            f"{MAX_COMBINATIONS:,}. Use an IP solver (--solver pulp-highs) or a smaller model "
+            f"{MAX_COMBINATIONS:,}. Use an IP solver (--solver auto) or a smaller model "
             "or rank grid"
         )
     all_configs = device_configurations(
@@ -169,7 +169,7 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
         raise PlannerInputError(
             f"brute-force would enumerate {count:,} combinations ({len(sizes)} devices, up to "
             f"{max(sizes)} configurations each); the limit is {MAX_COMBINATIONS:,}. Use an IP "
-            "solver (--solver pulp-highs) or a smaller fleet, model or rank grid"
+            "solver (--solver auto) or a smaller fleet, model or rank grid"
         )
 
     # Combination arrays by broadcasting: axis i indexes device i's configurations.
@@ -194,8 +194,10 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
     need = max(1, opts.min_participants if opts.allow_dropping else 0)
     feasible = participants >= need
     if opts.server_mbps is not None:
-        # C7 against the real round time: the slowest participant's.
-        feasible &= total_b <= opts.server_mbps * 1e6 / 8 * round_t * (1 + _REL_TOL)
+        # C7: the round lasts at least as long as the server's link needs for its bytes
+        round_t = np.maximum(round_t, total_b / (opts.server_mbps * 1e6 / 8))
+        if deadline is not None:
+            feasible &= round_t <= deadline * (1 + _REL_TOL)
     cover = min(opts.coverage_layers, L)
     if cover > 0 and opts.coverage_share > 0:
         covered = np.zeros(sizes)

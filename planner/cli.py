@@ -4,7 +4,7 @@ The contract (other tools rely on it; ``docs/cli.md`` has the details)::
 
     legend plan --fleet FLEET --model MODEL --out PLAN.json
                 [--objective rate|deadline|min-time] [--deadline-s S]
-                [--solver pulp-cbc|pulp-highs|cvxpy-highs|greedy|brute-force]
+                [--solver auto|sweep|highs|pulp-highs|pulp-cbc|cvxpy-highs|greedy|brute-force]
                 [--ranks 2,4,8,16] [--time-limit-s S] [--format table|json]
 
 Exit status 0 with the plan written, 2 for bad input, 3 when no plan exists (the message
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from legend.planner.plan import Plan
     from legend.planner.profiles import Fleet
 
-__all__ = ["native_stdout_to_stderr", "plan_command", "plan_table"]
+__all__ = ["check_finite", "native_stdout_to_stderr", "plan_command", "plan_table"]
 
 FORMATS = ("table", "json")
 TARGET_PRESETS = ("qv", "attention", "all")
@@ -76,15 +77,35 @@ def plan_command(
         str,
         typer.Option(
             "--solver",
-            help="pulp-highs (default), pulp-cbc, cvxpy-highs, greedy or brute-force.",
+            help="auto (default: the exact sweep, or the MILP on HiGHS when coupling rows are "
+            "active), sweep, highs, pulp-highs, pulp-cbc, cvxpy-highs, greedy or brute-force.",
         ),
-    ] = "pulp-highs",
+    ] = "auto",
     ranks: Annotated[
         str, typer.Option("--ranks", help="Rank grid, strictly increasing, e.g. 2,4,8,16.")
     ] = "2,4,8,16",
     time_limit_s: Annotated[
-        float, typer.Option("--time-limit-s", help="Solver time limit in seconds.")
+        float, typer.Option("--time-limit-s", help="MILP time limit in seconds.")
     ] = 60.0,
+    mip_gap: Annotated[
+        float, typer.Option("--mip-gap", help="Relative gap at which the MILP stops.")
+    ] = 1e-4,
+    coverage_layers: Annotated[
+        int,
+        typer.Option("--coverage-layers", help="C8: the top layers that must be covered."),
+    ] = 0,
+    coverage_share: Annotated[
+        float,
+        typer.Option(
+            "--coverage-share", help="C8: share of the round's samples each must be trained on."
+        ),
+    ] = 0.0,
+    layer_weights: Annotated[
+        str, typer.Option("--layer-weights", help="Utility layer weights: linear or uniform.")
+    ] = "linear",
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Solver threads (default: the solver's).")
+    ] = None,
     output_format: Annotated[
         str, typer.Option("--format", help="What to print: table (summary) or json (the plan).")
     ] = "table",
@@ -154,6 +175,7 @@ def plan_command(
 ) -> None:
     """Plan one round: choose every device's LoRA depth and per-layer ranks."""
     # Light imports only; the solver libraries load inside the chosen backend.
+    from legend.models.paths import check_input_file, check_output_file, writing
     from legend.models.spec import get_model_spec
     from legend.planner.api import PlannerOptions, plan_round
     from legend.planner.costs import Calibration
@@ -161,9 +183,25 @@ def plan_command(
 
     output_format = _choice(output_format, FORMATS, "--format")
     target_modules = _choice(target_modules, TARGET_PRESETS, "--target-modules")
+    check_finite("--server-mbps", server_mbps)
+    check_finite("--deadline-s", deadline_s)
+    check_finite("--time-limit-s", time_limit_s)
+    check_finite("--utility-floor", utility_floor, positive=False)
+    check_finite("--utility-floor-share", utility_floor_share)
+    check_input_file(fleet, "--fleet")
+    for option, given in (("--calibration", calibration), ("--topology", topology)):
+        if given is not None:
+            check_input_file(given, option)
+    model_path = Path(model)
+    check_output_file(
+        out,
+        "--out",
+        inputs=(fleet, calibration, topology, model_path if model_path.exists() else None),
+    )
     loaded = load_fleet(fleet)
     spec = get_model_spec(model, target_modules=target_modules)
     grid = parse_rank_grid(ranks)
+    spec.check_ranks(grid, what="--ranks")
     job = JobParams(
         batch_size=batch_size,
         seq_len=seq_len,
@@ -182,6 +220,11 @@ def plan_command(
         deadline_s=deadline_s,
         solver=solver,
         time_limit_s=time_limit_s,
+        mip_gap=mip_gap,
+        coverage_layers=coverage_layers,
+        coverage_share=coverage_share,
+        layer_weights=layer_weights,
+        threads=threads,
         monotone_ranks=monotone_ranks,
         min_depth=min_depth,
         allow_dropping=allow_dropping,
@@ -203,14 +246,23 @@ def plan_command(
         )
 
     from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True)
     with (
-        err.status(f"Planning {len(loaded)} devices with {solver} ({objective})..."),
+        Progress(
+            SpinnerColumn(),
+            TextColumn(f"Planning {len(loaded)} devices with {solver} ({objective})"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as progress,
         native_stdout_to_stderr(),
     ):
+        progress.add_task("plan", total=None)
         plan = plan_round(loaded, spec, job, options, calibration=calib, topology=topo)
-    plan.save(out)
+    with writing(out, "--out"):
+        plan.save(out)
 
     if output_format == "json":
         sys.stdout.write(plan.to_json() + "\n")
@@ -218,6 +270,16 @@ def plan_command(
         console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
         console.print(plan_table(plan, loaded))
         console.print(f"plan written to {out}")
+
+
+def check_finite(option: str, value: float | None, *, positive: bool = True) -> None:
+    """A number flag must be finite (and > 0 unless ``positive`` is false)."""
+    if value is None:
+        return
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise PlannerInputError(
+            f"{option} must be a finite number{' > 0' if positive else ''}, got {value!r}"
+        )
 
 
 @contextlib.contextmanager

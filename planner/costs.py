@@ -1,4 +1,4 @@
-"""The per-device, per-round cost model (METHOD.md section 3).
+"""The per-device, per-round cost model (docs/costs.md).
 
 Every cost of a configuration (a contiguous block of layers ending at the output, one rank
 per layer) is *linear* in the planner's binaries ``x[l, k]`` (layer ``l`` at rank
@@ -245,6 +245,19 @@ class CostModel:
             + self._head_bwd
             + self.backward_depth(layers) * self._bwd_layer
             + sum(ranks) * self._lora_rank
+        )
+
+    def compute_coefficients(self, steps_per_flops: Any) -> tuple[Any, Any, Any]:
+        """Compute time as ``const + per_layer * depth + per_rank * rank_sum`` (seconds).
+
+        ``steps_per_flops`` is ``local_steps / flops_per_s`` of one device or a NumPy vector
+        of them; the result has the same shape. The same numbers as :meth:`evaluate` for
+        the planner's contiguous top blocks, vectorised over a fleet.
+        """
+        return (
+            steps_per_flops * (self._fwd + self._head_bwd),
+            steps_per_flops * self._bwd_layer,
+            steps_per_flops * self._lora_rank,
         )
 
     def _analytic_static_bytes(self, job: JobParams) -> float:

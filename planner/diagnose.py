@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from legend.planner.api import Configuration, PlanningProblem
-from legend.planner.classes import DeviceClass
+import numpy as np
+
 from legend.planner.profiles import DeviceProfile
+from legend.planner.types import Configuration, PlanningProblem
 
 __all__ = [
     "DeviceBlock",
     "blocked_devices",
-    "explain_class_block",
     "explain_infeasibility",
     "fleet_reasons",
     "smallest_configuration",
@@ -91,28 +91,20 @@ def blocked_devices(
     problem: PlanningProblem, deadline_s: float | None = None
 ) -> tuple[DeviceBlock, ...]:
     """Every (device, constraint) that rules out even the smallest configuration."""
+    from legend.planner.catalog import fleet_costs
+
+    layers, ranks = smallest_configuration(problem)
+    fc = fleet_costs(problem)
+    # memory is the same for every device; time is affine in depth and rank sum
+    need = problem.costs.evaluate(problem.fleet.devices[0], layers, ranks).memory_bytes
+    time = fc.time_const + fc.time_per_layer * len(layers) + fc.time_per_rank * sum(ranks)
+    suspect = fc.memory_capacity < need * (1 + 1e-9)
+    if deadline_s is not None:
+        suspect |= time > deadline_s * (1 - 1e-9)
     out: list[DeviceBlock] = []
-    for device in problem.fleet.devices:
-        out.extend(_blocks(problem, device, deadline_s))
+    for i in np.flatnonzero(suspect):
+        out.extend(_blocks(problem, problem.fleet.devices[int(i)], deadline_s))
     return tuple(out)
-
-
-def explain_class_block(
-    problem: PlanningProblem, device_class: DeviceClass, deadline_s: float | None
-) -> str:
-    """Why a device class (possibly with bucketed profile) has no configuration."""
-    first = problem.fleet.devices[device_class.members[0]]
-    reasons = _blocks(problem, device_class.profile, deadline_s)
-    what = "; ".join(str(b).split(": ", 1)[1] for b in reasons) or "no configuration fits"
-    note = (
-        " (profile rounded down by class_bucket_ratio; plan per device or use a finer ratio)"
-        if problem.options.class_bucket_ratio is not None
-        else ""
-    )
-    return (
-        f"device {first.device_id!r} and {device_class.size - 1} other(s) of its class: "
-        f"{what}{note}"
-    )
 
 
 def _max_depth(problem: PlanningProblem, device: DeviceProfile, deadline_s: float | None) -> int:

@@ -1,96 +1,59 @@
-r"""The per-round integer program as backend-neutral data (METHOD.md section 4).
+r"""The planning program as a multiple-choice MILP over catalogue columns.
 
-:func:`formulate` builds a :class:`MILP` (variables with bounds and integrality, linear
-rows with names, an objective and an index from every variable to its meaning); a backend
-in :mod:`legend.planner.solvers` only translates it; :func:`decode` maps the solution
-values back to one configuration per device.
+:func:`formulate` builds backend-neutral data (a :class:`MILP`: variables with bounds and
+integrality, named sparse rows, an objective, and an index from every variable to its
+meaning); a backend in :mod:`legend.planner.solvers` only translates it; :func:`decode`
+maps a solution back to one configuration per device.
 
-The per-device program
-----------------------
-Devices ``i = 1..N``, layers ``l = 0..L-1`` (``L-1`` next to the output), rank grid
-``r_1 < ... < r_K``. Binaries ``x[i,l,k]`` (device ``i`` trains layer ``l`` at rank
-``r_k``) and ``z[i]`` (device ``i`` participates; fixed to 1 unless
-``allow_dropping``), ``y[i,l] = sum_k x[i,l,k]``. From the cost model's linear table of
-device ``i`` (:meth:`~legend.planner.costs.CostModel.table`):
+The program
+-----------
+Units ``g`` are devices, or groups of ``N_g`` devices with identical profiles
+(:func:`~legend.planner.catalog.group_identical`). Unit ``g`` may use the columns ``j`` of
+the catalogue (:mod:`legend.planner.catalog`) that fit its memory (C6) and, under a fixed
+deadline, finish within it (C5); every column already satisfies C1-C4 (one rank per layer,
+a contiguous top block, minimum depth, ranks non-decreasing toward the output). With
+dropping allowed, unit ``g`` also has a column *out* (no layers, no cost). A column ``j``
+of unit ``g`` has round time ``t_gj``, compute time ``c_gj``, bytes each way ``B_j``, depth
+``d_j`` and utility ``n_g u_j`` per member. Variables:
 
-.. math::
+- ``m[g,j]`` in ``{0..N_g}``: how many members of ``g`` take column ``j``;
+- ``T >= 0`` the round time (a constant ``T = deadline_s`` under O1, otherwise a variable);
+- ``v[g,j]`` binary, column ``j`` used by ``g`` (only for units with ``N_g > 1`` and
+  ``T`` a variable, where a count cannot carry the time of the slowest member);
+- ``L_e >= 0`` per congested link ``e`` of a topology: the round's bytes through ``e`` at
+  its capacity, in seconds.
 
-    t_i(x) = a_i z_i + \sum_{l,k} a_{ilk} x_{ilk}, \quad
-    m_i(x) = b_i z_i + \sum_{l,k} b_{ilk} x_{ilk}, \quad
-    B_i(x) = c_i z_i + \sum_{l,k} c_{ilk} x_{ilk}
+Rows (names as in the code)::
 
-(round time in seconds, memory in bytes, bytes each way) and the utility
+    C3[g]       sum_j m[g,j] = N_g                                   choose one column each
+    C5[g]       sum_j t_gj m[g,j] - T <= 0          (N_g = 1)        round time
+    C5[g,j]     t_gj v[g,j] - T <= 0                (N_g > 1)
+    C5v[g,j]    m[g,j] - N_g v[g,j] <= 0            (N_g > 1)
+    C5avg[g]    sum_j t_gj m[g,j] / N_g - T <= 0    (N_g > 1, a valid cut)
+    C7          sum_gj 2 B_j m[g,j] - s T <= 0                       server link, s bytes/s
+    C8[r]       sum_gj n_g ([d_j >= r] - q [j not out]) m[g,j] >= 0  coverage, r = 2..D
+    C9          sum_{g, j not out} m[g,j] >= P_min                   participants
+    C10b[e]     sum_{g on e, j} k_e B_j m[g,j] - L_e = 0             congested link e
+    C10[e,g]    L_e + sum_j o_egj m[g,j] - T <= 0   (N_g = 1)        contention on e
+    C10[e,g,j]  L_e + o_egj v[g,j] - T <= 0         (N_g > 1)
+    C10avg[e,g] L_e + sum_j o_egj m[g,j] / N_g - T <= 0  (N_g > 1, a valid cut)
+    UF          sum_gj n_g u_j m[g,j] >= U_floor                     utility floor (O2)
 
-.. math::
+``k_e`` is the seconds per byte of ``e`` summed over its congested directions and
+``o_egj`` the unit's compute time plus its own transfer in the directions where ``e`` is
+not congested (docs/topology.md). Coverage of the output layer (``r = 1``) holds for every
+participant and needs no row. Under C7 the round lasts as long as the slower of the
+slowest participant and the server link: ``T >= 2 B / s``.
 
-    U(x) = \sum_i n_i \sum_l w_l \sum_k g(r_k) x_{ilk}, \qquad g(r) = \log_2(1 + r).
-
-Rows (names as in the code; ``T`` is the round time, a constant deadline or a variable)::
-
-    C1[i,l]   sum_k x[i,l,k] <= 1                                 one rank per layer
-    C2[i,l]   y[i,l] - y[i,l+1] <= 0            (l < L-1)         contiguous from the output
-    C3[i]     y[i,L-1] - z[i] = 0                                 participants train layer L-1
-    C3min[i]  y[i,L-d_min] - z[i] = 0           (d_min > 1)       minimum depth
-    C4[i,l]   sum_k r_k x[i,l,k] - sum_k r_k x[i,l+1,k] <= 0      ranks non-decreasing (option)
-    C5[i]     t_i(x) - T <= 0                                     round deadline
-    C6[i]     m_i(x) <= memory_i                                  memory
-    C7        sum_i 2 B_i(x) - server_Bps * T <= 0                server link (option)
-    C7max[i]  T - t_i(x) + M h[i] <= M,  C7h[i]  h[i] <= z[i],  C7one  sum_i h[i] = 1
-    C8[l]     sum_i n_i y[i,l] - q sum_i n_i z[i] >= 0            coverage of the top D layers
-    C9        sum_i z[i] >= min_participants                      (option)
-    C10[e,i]  c_i(x) + k_e sum_{j on e} B_j(x) + o_ie(x) - T <= 0  shared link e (topology)
-    UF        U(x) >= U_floor                                     utility floor (O2 only)
-
-C10 is written for every congested link ``e`` of a topology (:mod:`legend.planner.topology`)
-and device ``i`` routed through it: ``c_i`` is the device's compute time, ``k_e`` the
-seconds per byte of ``e`` summed over its congested directions, ``o_ie`` the device's own
-transfer time in the directions where ``e`` is not congested.
-
-C7 holds against the plan's real round time, the slowest participant's ``t_i``: with the
-server link on, ``T`` is a variable (bounded by the deadline under O1) and binaries ``h[i]``
-pick the participant whose time ``T`` equals (``M`` is an upper bound of every ``t_i``);
-a plan must then have at least one participant.
-
-Objectives: O1 ``deadline``: ``max U`` with ``T = deadline_s`` a constant; O2
-``min-time``: ``min T`` subject to ``UF``; O3 ``rate``: ``max U / T`` solved by Dinkelbach
-iterations over :meth:`MILP.with_rate` (``max U - lambda T``), see
-:mod:`legend.planner.solvers`. Memory rows are written in GB and byte rows in MB, and the
-utility is divided by the mean sample count (``utility_scale``) so that every row and the
-objective have moderate magnitudes; :meth:`MILP.utility_value` undoes the scaling.
-
-The class program
------------------
-With device classes (:mod:`legend.planner.classes`), class ``c`` of ``N_c`` members has
-Pareto-efficient configurations ``j`` with round time ``t_cj``, bytes ``B_cj``, depth
-``d_j`` and per-sample utility ``u_j``; every configuration already satisfies C1-C4 and C6
-(and C5 when the deadline is a constant). Integer counts ``m[c,j] in [0, N_c]``, the number
-of members sitting out ``o[c]`` (only with ``allow_dropping``), and, when ``T`` is a
-variable, binaries ``v[c,j]`` (configuration ``j`` is used by class ``c``: for the
-configurations slower than ``T_lb``, and with a congested link for every configuration)::
-
-    C3[c]     sum_j m[c,j] + o[c] = N_c
-    C5[c,j]   t_cj v[c,j] - T <= 0        (only where t_cj exceeds the lower bound of T)
-    C5v[c,j]  m[c,j] - N_c v[c,j] <= 0    (every v)
-    C5avg[c]  sum_j (t_cj - T_lb) m[c,j] / N_c - T <= -T_lb   (valid cut, slow configs only)
-    C7        sum_cj 2 B_cj m[c,j] - server_Bps * T <= 0
-    C7max[c,j] T + M h[c,j] <= t_cj + M,  C7h[c,j]  h[c,j] <= m[c,j],  C7one  sum h = 1
-    C8[l]     sum_cj n_c m[c,j] ([d_j >= L - l] - q) >= 0
-    C9        sum_cj m[c,j] >= min_participants
-    C10b[e]      sum_{c on e, j} k_e B_cj m[c,j] - L_e = 0             congested link e
-    C10avg[e,c]  L_e + sum_j c_cj m[c,j] / N_c - T <= 0                (valid cut)
-    C10[e,c,j]   L_e + c_cj v[c,j] - T <= 0
-    UF        sum_cj n_c u_j m[c,j] >= U_floor
-
-with the utility ``U = sum_cj n_c u_j m[c,j]``. ``L_e`` is a continuous variable, the
-round's bytes through ``e`` at its capacity, so that each C10 row has three entries instead
-of one per count on the link; ``c_cj`` is C10's ``c_i + o_ie`` of configuration ``j``. A
-class routed through a congested link keeps every configuration that no other beats in
-time, utility, bytes *and* compute (C10 charges bytes and compute separately); C5v ties
-``v`` to the counts, without which C10 would charge no compute.
+Objectives: O1 ``deadline``: ``max U``; O2 ``min-time``: ``min T`` subject to UF; O3
+``rate``: ``max U / T`` by Dinkelbach iterations over :meth:`MILP.with_rate`
+(``max U - lambda T``). Rows in bytes are written in MB and the utility is divided by the
+mean sample count (``utility_scale``), so that rows and objective have moderate magnitudes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -98,55 +61,93 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from legend.planner.api import Configuration, PlanningProblem, rank_gain
-from legend.planner.classes import (
-    ClassConfigs,
-    ConfigCatalog,
-    DeviceClass,
-    class_pareto_configs,
-    enumerate_configurations,
-    expand_counts,
-    group_devices,
-    resolve_use_classes,
-)
-from legend.planner.errors import InfeasibleError, PlannerInputError
+from legend.planner.catalog import Catalogue, DeviceGroups, FleetCosts, group_identical
+from legend.planner.errors import PlannerInputError
+from legend.planner.plan import Plan
+from legend.planner.types import Configuration, PlanningProblem
 
-__all__ = ["MILP", "VarKey", "decode", "formulate", "round_time_lower_bound", "round_time_of"]
+__all__ = [
+    "MILP",
+    "Units",
+    "VarKey",
+    "columns_of",
+    "congested_links",
+    "decode",
+    "encode",
+    "formulate",
+    "round_time_of",
+]
 
-GB = 1e9
 MB = 1e6
+OUT = -1  # the column "sitting out"
 
 
 class VarKey(NamedTuple):
-    """What a variable means: ``kind`` is one of
-
-    ``"x"`` (``owner`` = device, ``a`` = layer, ``b`` = rank index), ``"z"`` (device),
-    ``"T"`` (round time), ``"m"`` (``owner`` = class, ``a`` = configuration: a count),
-    ``"v"`` (class, configuration: used), ``"o"`` (class: members sitting out), ``"h"``
-    (device, or class and configuration: sets the round time under C7), ``"l"`` (link: its
-    round's bytes at its capacity, in seconds).
-    """
+    """What a variable means: ``kind`` is ``"m"`` (``owner`` = unit, ``a`` = catalogue
+    column or -1 for out: a count), ``"v"`` (unit, column: used), ``"T"`` (round time) or
+    ``"L"`` (``owner`` = link: its bytes at its capacity, in seconds)."""
 
     kind: str
     owner: int = -1
     a: int = -1
-    b: int = -1
 
 
 @dataclass(frozen=True, kw_only=True)
-class _DeviceLayout:
-    num_devices: int
-    num_layers: int
-    ranks: tuple[int, ...]
+class CongestedLink:
+    """A link of the topology that needs rows: its index, seconds per byte over its
+    congested directions, which directions are congested, and the fleet indices on it."""
+
+    link: int
+    s_per_byte: float
+    up: bool
+    down: bool
+    devices: np.ndarray
+
+
+def congested_links(problem: PlanningProblem) -> tuple[CongestedLink, ...]:
+    """The topology's congested links (empty without a topology)."""
+    topo = problem.topology
+    if topo is None:
+        return ()
+    pos = {d: i for i, d in enumerate(problem.fleet.device_ids)}
+    on: dict[int, list[int]] = {}
+    for device_id, route in topo.routes.items():
+        if device_id in pos:
+            for e in route:
+                on.setdefault(e, []).append(pos[device_id])
+    devices = problem.fleet.devices
+    out = []
+    for e, idx in sorted(on.items()):
+        link = topo.links[e]
+        up = sum(devices[i].uplink_mbps for i in idx) > link.up_mbps * (1 + 1e-12)
+        down = sum(devices[i].downlink_mbps for i in idx) > link.down_mbps * (1 + 1e-12)
+        if up or down:
+            k = (8 / (link.up_mbps * MB) if up else 0.0) + (
+                8 / (link.down_mbps * MB) if down else 0.0
+            )
+            out.append(
+                CongestedLink(
+                    link=e, s_per_byte=k, up=up, down=down, devices=np.asarray(sorted(idx))
+                )
+            )
+    return tuple(out)
 
 
 @dataclass(frozen=True, kw_only=True)
-class _ClassLayout:
-    num_devices: int
-    classes: tuple[DeviceClass, ...]
-    catalog: ConfigCatalog
-    configs: tuple[ClassConfigs, ...]
-    count_offset: tuple[int, ...]  # first "m" variable of each class
+class Units:
+    """The program's units and their columns (flattened; ``start[g]:start[g+1]``)."""
+
+    groups: DeviceGroups
+    start: np.ndarray
+    column: np.ndarray  # catalogue index per program column (OUT: sitting out)
+    time_s: np.ndarray
+    utility: np.ndarray  # per member, in utility units (samples x utility per sample)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def size(self, g: int) -> int:
+        return len(self.groups.members[g])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,14 +156,12 @@ class MILP:
 
     Attributes
     ----------
-    kind
-        ``"device"`` (per-device program) or ``"class"`` (class program).
     var_names, index
         One name and one :class:`VarKey` per variable.
     lower, upper, integer
         Variable bounds and integrality.
     matrix, row_names, row_lower, row_upper
-        The rows (CSR), named after the constraints C1..C9 and UF.
+        The rows (CSR), named after the constraints.
     objective, sense
         Objective coefficients and ``"max"`` or ``"min"``.
     utility, utility_scale
@@ -174,10 +173,11 @@ class MILP:
     time_lower_bound_s
         A proven lower bound on the round time of any plan with a participant.
     start
-        Warm-start values (from ``problem.warm_start``), or ``None``.
+        Warm-start values, or ``None``.
+    units
+        The units and columns (for :func:`decode`).
     """
 
-    kind: str
     var_names: tuple[str, ...]
     index: tuple[VarKey, ...]
     lower: np.ndarray
@@ -195,15 +195,13 @@ class MILP:
     deadline_s: float | None
     time_lower_bound_s: float
     start: np.ndarray | None
-    layout: _DeviceLayout | _ClassLayout
+    units: Units
+    catalogue: Catalogue
+    server_bytes_per_s: float | None = None
 
     @property
     def num_vars(self) -> int:
         return len(self.var_names)
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.row_names)
 
     def with_rate(self, lam: float) -> MILP:
         """The Dinkelbach subproblem ``max U - lam * T`` (scaled units; needs ``T``)."""
@@ -257,233 +255,260 @@ class _Rows:
         return m
 
 
+def use_classes(problem: PlanningProblem, groups: DeviceGroups) -> bool:
+    """``options.use_classes``, or automatic: compress when profiles repeat."""
+    choice = problem.options.use_classes
+    if choice is not None:
+        return bool(choice)
+    return len(groups) < len(problem.fleet)
+
+
+def _units(
+    problem: PlanningProblem,
+    cat: Catalogue,
+    fc: FleetCosts,
+    links: Sequence[CongestedLink],
+    *,
+    time_cap_s: float,
+    extra_dims: bool,
+) -> Units:
+    n = len(problem.fleet)
+    route_key = None
+    if links:
+        # devices on different congested links must not share a unit
+        route_key = np.zeros(n)
+        for k, cl in enumerate(links):
+            route_key[cl.devices] += (k + 1) * 1.0e3 ** (k % 5)
+    grouped = group_identical(problem, route_key)
+    if not use_classes(problem, grouped):
+        idx = np.arange(n, dtype=np.int64)
+        grouped = DeviceGroups(
+            first=idx, inverse=idx, members=tuple(idx[i : i + 1] for i in range(n))
+        )
+    first = grouped.first
+    u = cat.utility_per_sample
+    starts = [0]
+    cols: list[np.ndarray] = []
+    times: list[np.ndarray] = []
+    utils: list[np.ndarray] = []
+    dropping = problem.options.allow_dropping
+    limit = time_cap_s * (1 + 1e-9)
+    for chunk_start in range(0, len(first), max(1, 2_000_000 // max(len(cat), 1))):
+        rows = first[chunk_start : chunk_start + max(1, 2_000_000 // max(len(cat), 1))]
+        t = fc.times(rows, cat)
+        ok = fc.fits(rows, cat) & (t <= limit)
+        for r in range(len(rows)):
+            idx = np.flatnonzero(ok[r])
+            if not extra_dims and len(idx) > 1:
+                # undominated in (time min, utility max): nothing else couples this unit
+                order = idx[np.lexsort((-u[idx], t[r, idx]))]
+                best = np.maximum.accumulate(u[order])
+                prev = np.concatenate(([-np.inf], best[:-1]))
+                idx = np.sort(order[u[order] > prev])
+            n_g = fc.samples[rows[r]]
+            if dropping:
+                cols.append(np.append(idx, OUT))
+                times.append(np.append(t[r, idx], 0.0))
+                utils.append(np.append(n_g * u[idx], 0.0))
+            else:
+                cols.append(idx)
+                times.append(t[r, idx])
+                utils.append(n_g * u[idx])
+            starts.append(starts[-1] + len(cols[-1]))
+    return Units(
+        groups=grouped,
+        start=np.asarray(starts, dtype=np.int64),
+        column=np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64),
+        time_s=np.concatenate(times) if times else np.zeros(0),
+        utility=np.concatenate(utils) if utils else np.zeros(0),
+    )
+
+
 def formulate(
     problem: PlanningProblem,
+    cat: Catalogue,
+    fc: FleetCosts,
     deadline_s: float | None = None,
     *,
     utility_floor: float | None = None,
-    use_classes: bool | None = None,
+    time_cap_s: float | None = None,
+    start: Sequence[int] | np.ndarray | None = None,
 ) -> MILP:
-    """Build the program for ``problem``.
+    """Build the program for ``problem`` (see the module docstring).
 
     Parameters
     ----------
     deadline_s
-        A constant round deadline (O1: ``max U``); ``None`` makes ``T`` a variable.
+        A constant round time (O1: ``max U``); ``None`` makes ``T`` a variable.
     utility_floor
-        With ``deadline_s=None``: add ``U >= utility_floor`` and minimise ``T`` (O2).
-        Otherwise the objective is ``max U`` (use :meth:`MILP.with_rate` for O3).
-    use_classes
-        Build the class program; ``None`` resolves ``problem.options.use_classes``.
-
-    Raises
-    ------
-    InfeasibleError
-        A device class has no configuration that fits (class program without dropping).
+        With ``deadline_s=None``: add UF and minimise ``T`` (O2). Otherwise the objective is
+        ``max U`` (use :meth:`MILP.with_rate` for O3).
+    time_cap_s
+        With ``T`` a variable: a proven upper bound on the optimal round time; columns
+        slower than it are left out.
+    start
+        Per device a catalogue column (``-1``: out) to warm-start from.
     """
     if utility_floor is not None and deadline_s is not None:
         raise PlannerInputError("give either `deadline_s` (O1) or `utility_floor` (O2), not both")
     opts = problem.options
-    if opts.coverage_share > 0 and opts.coverage_layers > problem.spec.num_layers:
-        raise PlannerInputError(
-            f"`coverage_layers` {opts.coverage_layers} exceeds the {problem.spec.num_layers} "
-            f"layers of {problem.spec.name}"
-        )
-    if opts.min_participants > len(problem.fleet):
-        raise PlannerInputError(
-            f"`min_participants` {opts.min_participants} exceeds the fleet's "
-            f"{len(problem.fleet)} devices"
-        )
-    if use_classes is None:
-        use_classes = resolve_use_classes(problem)
-    if use_classes:
-        return _formulate_classes(problem, deadline_s, utility_floor)
-    return _formulate_devices(problem, deadline_s, utility_floor)
-
-
-def round_time_lower_bound(problem: PlanningProblem) -> float:
-    """Round time no plan with a participant can beat: the smallest configuration's time of
-    the slowest device (every device participates) or of the fastest (with dropping)."""
     L = problem.spec.num_layers
-    d = problem.options.min_depth
-    times = []
-    for device in problem.fleet.devices:
-        t = problem.costs.table(device)
-        times.append(t.time_const_s + sum(t.time_coef_s[ly][0] for ly in range(L - d, L)))
-    return min(times) if problem.options.allow_dropping else max(times)
-
-
-# -- per-device program --------------------------------------------------------------------
-
-
-def _formulate_devices(
-    problem: PlanningProblem, deadline_s: float | None, utility_floor: float | None
-) -> MILP:
-    opts = problem.options
-    devices = problem.fleet.devices
-    N, L = len(devices), problem.spec.num_layers
-    ranks = problem.job.ranks
-    K = len(ranks)
-    r = np.asarray(ranks, dtype=float)
-    tables = [problem.costs.table(d) for d in devices]
-    time_c = np.asarray([t.time_const_s for t in tables])
-    time_x = np.asarray([t.time_coef_s for t in tables])  # (N, L, K)
-    mem_c = np.asarray([t.memory_const_bytes for t in tables]) / GB
-    mem_x = np.asarray([t.memory_coef_bytes for t in tables]) / GB
-    byte_c = np.asarray([t.bytes_const for t in tables]) / MB
-    byte_x = np.asarray([t.bytes_coef for t in tables]) / MB
-    samples = np.asarray([d.num_samples for d in devices], dtype=float)
+    links = congested_links(problem)
+    coverage = min(opts.coverage_layers, L) if opts.coverage_share > 0 else 0
+    link_rows = opts.server_mbps is not None or bool(links)
+    cap = (
+        deadline_s
+        if deadline_s is not None
+        else (time_cap_s if time_cap_s is not None else math.inf)
+    )
+    units = _units(problem, cat, fc, links, time_cap_s=cap, extra_dims=link_rows or coverage > 1)
+    G = len(units)
+    # shared links need T as a variable (at most the deadline under O1)
+    has_t = deadline_s is None or bool(links)
+    col = units.column
+    C = len(col)
+    sizes = np.asarray([units.size(g) for g in range(G)], dtype=float)
+    unit_of = np.repeat(np.arange(G), np.diff(units.start))
+    multi = sizes[unit_of] > 1
+    need_v = has_t & multi
+    v_cols = np.flatnonzero(need_v)
+    samples = fc.samples
     scale = float(samples.mean())
-    n = samples / scale
-    w = np.asarray(problem.layer_weights)
-    g = np.asarray([rank_gain(k) for k in ranks])
-    util_x = n[:, None, None] * w[None, :, None] * g[None, None, :]
+    part = col != OUT
+    depth = np.where(part, cat.depth[np.maximum(col, 0)], 0)
+    nbytes_mb = np.where(part, cat.bytes_one_way[np.maximum(col, 0)], 0.0) / MB
 
-    nx = N * L * K
-    x_id = np.arange(nx).reshape(N, L, K)
-    z_id = nx + np.arange(N)
-    link = opts.server_mbps is not None
-    shared = _shared_link_rows(problem) if problem.topology is not None else []
-    # With the server link, T must be the slowest participant's time exactly (C7 is checked
-    # against the real round time), so T is a variable even under a constant deadline.
-    has_t = deadline_s is None or link or bool(shared)
-    t_id = nx + N if has_t else -1
-    h_id = nx + N + 1 + np.arange(N) if link else np.zeros(0, dtype=np.int64)
-    num_vars = nx + N + (1 if has_t else 0) + len(h_id)
+    # variables: m (C), v (len(v_cols)), T, L_e
+    n_m = C
+    v_id = n_m + np.arange(len(v_cols))
+    t_id = n_m + len(v_cols) if has_t else -1
+    l_id = n_m + len(v_cols) + (1 if has_t else 0) + np.arange(len(links))
+    num_vars = n_m + len(v_cols) + (1 if has_t else 0) + len(links)
+    v_of = np.full(C, -1, dtype=np.int64)
+    v_of[v_cols] = v_id
 
-    t_lb = round_time_lower_bound(problem)
-    t_max_dev = time_c + time_x.max(axis=2).sum(axis=1)
-    t_ub = float(t_max_dev.max()) * 1.01 + 1.0
+    first_times = [units.time_s[units.start[g] : units.start[g + 1]] for g in range(G)]
+    mins = [float(ft[ft > 0].min()) if (ft > 0).any() else math.inf for ft in first_times]
+    finite = [m for m in mins if math.isfinite(m)]
+    if opts.allow_dropping:  # noqa: SIM108
+        t_lb = min(finite) if finite else 0.0
+    else:
+        t_lb = max(mins) if mins else 0.0
+    t_ub = float(units.time_s.max()) * 1.01 + 1.0 if C else 1.0
+    if time_cap_s is not None and math.isfinite(time_cap_s):
+        t_ub = max(t_lb, time_cap_s)
+    if opts.server_mbps is not None or links:
+        # transfers through a shared link can make the round longer than any device
+        t_ub = max(t_ub, _link_time_bound(problem, cat, fc, units, links))
     if deadline_s is not None:
         t_ub = deadline_s
 
     lower = np.zeros(num_vars)
-    upper = np.ones(num_vars)
-    integer = np.ones(num_vars, dtype=bool)
-    if not opts.allow_dropping:
-        lower[z_id] = 1.0
+    upper = np.concatenate(
+        [sizes[unit_of], np.ones(len(v_cols)), [t_ub] if has_t else [], np.full(len(links), np.inf)]
+    )
+    integer = np.concatenate(
+        [
+            np.ones(C, dtype=bool),
+            np.ones(len(v_cols), dtype=bool),
+            [False] if has_t else [],
+            np.zeros(len(links), dtype=bool),
+        ]
+    ).astype(bool)
     if has_t:
-        # min(): with dropping, a deadline below every device's smallest configuration
-        # leaves nobody to train; the rows (not the bounds) then say "infeasible".
-        lower[t_id], upper[t_id], integer[t_id] = min(t_lb, t_ub), t_ub, False
+        lower[t_id] = min(t_lb, t_ub) if math.isfinite(t_lb) else 0.0
 
     rows = _Rows()
-    ones = np.ones(K)
-    for i in range(N):
-        for ly in range(L):
-            rows.add(f"C1[{i},{ly}]", x_id[i, ly], ones, -np.inf, 1.0)
-        for ly in range(L - 1):
+    for g in range(G):
+        sl = slice(units.start[g], units.start[g + 1])
+        ids = np.arange(sl.start, sl.stop)
+        rows.add(f"C3[{g}]", ids, np.ones(len(ids)), sizes[g], sizes[g])
+        if not has_t:
+            continue
+        if sizes[g] == 1:
+            tv = units.time_s[sl]
+            slow = tv > t_lb * (1 + 1e-12)
+            if slow.any():
+                rows.add(
+                    f"C5[{g}]", np.append(ids[slow], t_id), np.append(tv[slow], -1.0), -np.inf, 0.0
+                )
+        else:
+            # valid cut: the members' mean time is at most T (each used column is)
             rows.add(
-                f"C2[{i},{ly}]",
-                np.concatenate([x_id[i, ly], x_id[i, ly + 1]]),
-                np.concatenate([ones, -ones]),
+                f"C5avg[{g}]",
+                np.append(ids, t_id),
+                np.append(units.time_s[sl] / sizes[g], -1.0),
                 -np.inf,
                 0.0,
             )
-        rows.add(f"C3[{i}]", np.append(x_id[i, L - 1], z_id[i]), np.append(ones, -1.0), 0.0, 0.0)
-        if opts.min_depth > 1:
-            lm = L - opts.min_depth
-            rows.add(
-                f"C3min[{i}]", np.append(x_id[i, lm], z_id[i]), np.append(ones, -1.0), 0.0, 0.0
-            )
-        if opts.monotone_ranks:
-            for ly in range(L - 1):
+            for c in ids:
+                if units.time_s[c] > t_lb * (1 + 1e-12):
+                    rows.add(
+                        f"C5[{g},{col[c]}]",
+                        np.asarray([v_of[c], t_id]),
+                        np.asarray([units.time_s[c], -1.0]),
+                        -np.inf,
+                        0.0,
+                    )
                 rows.add(
-                    f"C4[{i},{ly}]",
-                    np.concatenate([x_id[i, ly], x_id[i, ly + 1]]),
-                    np.concatenate([r, -r]),
+                    f"C5v[{g},{col[c]}]",
+                    np.asarray([c, v_of[c]]),
+                    np.asarray([1.0, -sizes[g]]),
                     -np.inf,
                     0.0,
                 )
-        cols = np.append(x_id[i].ravel(), z_id[i])
-        tvals = np.append(time_x[i].ravel(), time_c[i])
+    if opts.server_mbps is not None:
+        s_mb = opts.server_mbps / 8.0  # MB per second
         if has_t:
-            rows.add(f"C5[{i}]", np.append(cols, t_id), np.append(tvals, -1.0), -np.inf, 0.0)
+            rows.add(
+                "C7", np.append(np.arange(C), t_id), np.append(2.0 * nbytes_mb, -s_mb), -np.inf, 0.0
+            )
         else:
             assert deadline_s is not None
-            rows.add(f"C5[{i}]", cols, tvals / deadline_s, -np.inf, 1.0)
-        if link:
-            # C7max: T <= t_i(x) + M (1 - h_i) for the device h_i = 1 that sets the round time
-            big_m = t_ub
-            rows.add(
-                f"C7max[{i}]",
-                np.concatenate([[t_id], cols, [h_id[i]]]),
-                np.concatenate([[1.0], -tvals, [big_m]]),
-                -np.inf,
-                big_m,
-            )
-            rows.add(
-                f"C7h[{i}]", np.asarray([h_id[i], z_id[i]]), np.asarray([1.0, -1.0]), -np.inf, 0.0
-            )
-        # Memory and a constant deadline are written relative to the capacity, so that the
-        # solver's feasibility tolerance (1e-7 .. 1e-6) is a relative one, as in validate_plan.
-        cap_gb = devices[i].memory_bytes / GB
-        rows.add(
-            f"C6[{i}]",
-            cols,
-            np.append(mem_x[i].ravel(), mem_c[i]) / cap_gb,
-            -np.inf,
-            1.0,
-        )
-    if opts.server_mbps is not None:
-        link_mb_s = opts.server_mbps / 8  # MB per second
-        cols = np.concatenate([x_id.ravel(), z_id])
-        vals = np.concatenate([2 * byte_x.ravel(), 2 * byte_c])
-        rows.add("C7", np.append(cols, t_id), np.append(vals, -link_mb_s), -np.inf, 0.0)
-        rows.add("C7one", h_id, np.ones(N), 1.0, 1.0)
-    for name, own, per_byte, members in shared:
-        # C10: compute of `own` + the link's bytes at its capacity (see planner.topology)
-        i = own
-        d8, u8 = 8 / devices[i].downlink_mbps, 8 / devices[i].uplink_mbps
-        own_byte = (0.0 if per_byte[1] else d8) + (0.0 if per_byte[0] else u8)
-        comp_x = time_x[i].ravel() - byte_x[i].ravel() * (d8 + u8) + byte_x[i].ravel() * own_byte
-        comp_c = time_c[i] - byte_c[i] * (d8 + u8) + byte_c[i] * own_byte
-        k_e = per_byte[2]
-        cols_l = [x_id[i].ravel(), [z_id[i]]]
-        vals_l = [comp_x, [comp_c]]
-        if k_e > 0:
-            for j in members:
-                cols_l += [x_id[j].ravel(), [z_id[j]]]
-                vals_l += [byte_x[j].ravel() * k_e, [byte_c[j] * k_e]]
-        rows.add(
-            name,
-            np.append(np.concatenate(cols_l), t_id),
-            np.append(np.concatenate(vals_l), -1.0),
-            -np.inf,
-            0.0,
-        )
-    if opts.coverage_share > 0 and opts.coverage_layers > 0:
+            rows.add("C7", np.arange(C), 2.0 * nbytes_mb, -np.inf, s_mb * deadline_s)
+    if coverage > 1:
         q = opts.coverage_share
-        for ly in range(L - opts.coverage_layers, L):
-            cols = np.concatenate([x_id[:, ly, :].ravel(), z_id])
-            vals = np.concatenate([np.repeat(n, K), -q * n])
-            rows.add(f"C8[{ly}]", cols, vals, 0.0, np.inf)
-    if opts.min_participants > 0:
-        rows.add("C9", z_id, np.ones(N), float(opts.min_participants), np.inf)
+        n_unit = samples[units.groups.first][unit_of] / scale
+        for r in range(2, coverage + 1):
+            coef = n_unit * ((depth >= r).astype(float) - q * part)
+            rows.add(f"C8[{L - r}]", np.arange(C), coef, 0.0, np.inf)
+    if opts.allow_dropping and opts.min_participants > 0:
+        ids = np.flatnonzero(part)
+        rows.add("C9", ids, np.ones(len(ids)), float(opts.min_participants), np.inf)
+    if links:
+        if not has_t:
+            raise PlannerInputError("internal: shared-link rows need T as a variable")
+        _link_rows(rows, problem, cat, fc, units, links, unit_of, v_of, t_id, l_id, nbytes_mb)
 
-    utility = np.zeros(num_vars)
-    utility[:nx] = util_x.ravel()
+    util = np.zeros(num_vars)
+    util[:C] = units.utility / scale
     if utility_floor is not None:
-        rows.add("UF", np.arange(nx), util_x.ravel(), utility_floor / scale, np.inf)
+        rows.add("UF", np.arange(C), util[:C], utility_floor / scale, np.inf)
         objective = np.zeros(num_vars)
         objective[t_id] = 1.0
         sense = "min"
     else:
-        objective, sense = utility.copy(), "max"
+        objective = util.copy()
+        sense = "max"
 
-    index = (
-        [VarKey("x", i, ly, k) for i in range(N) for ly in range(L) for k in range(K)]
-        + [VarKey("z", i) for i in range(N)]
-        + ([VarKey("T")] if has_t else [])
-        + [VarKey("h", i) for i in range(len(h_id))]
-    )
-    names = [f"x_{i}_{ly}_{k}" for i in range(N) for ly in range(L) for k in range(K)]
-    names += [f"z_{i}" for i in range(N)] + (["T"] if has_t else [])
-    names += [f"h_{i}" for i in range(len(h_id))]
+    names: list[str] = []
+    index: list[VarKey] = []
+    for c in range(C):
+        g = int(unit_of[c])
+        names.append(f"m[{g},{col[c]}]")
+        index.append(VarKey("m", g, int(col[c])))
+    for c in v_cols:
+        g = int(unit_of[c])
+        names.append(f"v[{g},{col[c]}]")
+        index.append(VarKey("v", g, int(col[c])))
+    if has_t:
+        names.append("T")
+        index.append(VarKey("T"))
+    for cl in links:
+        names.append(f"L[{cl.link}]")
+        index.append(VarKey("L", cl.link))
 
-    start = _device_start(problem, num_vars, x_id, z_id, t_id, h_id, time_c, time_x)
-    return MILP(
-        kind="device",
+    milp = MILP(
         var_names=tuple(names),
         index=tuple(index),
         lower=lower,
@@ -491,394 +516,249 @@ def _formulate_devices(
         integer=integer,
         matrix=rows.matrix(num_vars),
         row_names=tuple(rows.names),
-        row_lower=np.asarray(rows.lower),
-        row_upper=np.asarray(rows.upper),
+        row_lower=np.asarray(rows.lower, dtype=float),
+        row_upper=np.asarray(rows.upper, dtype=float),
         objective=objective,
         sense=sense,
-        utility=utility,
+        utility=util,
         utility_scale=scale,
         round_time=t_id if has_t else None,
         deadline_s=deadline_s,
-        time_lower_bound_s=t_lb,
-        start=start,
-        layout=_DeviceLayout(num_devices=N, num_layers=L, ranks=ranks),
+        time_lower_bound_s=t_lb if math.isfinite(t_lb) else 0.0,
+        start=None,
+        units=units,
+        catalogue=cat,
+        server_bytes_per_s=None if opts.server_mbps is None else opts.server_mbps * MB / 8,
     )
+    if start is None and problem.warm_start is not None:
+        start = columns_of(cat, problem, problem.warm_start)
+    if start is not None:
+        values = encode(milp, problem, fc, np.asarray(start, dtype=np.int64), links)
+        milp = replace(milp, start=values)
+    return milp
 
 
-def _shared_link_rows(
-    problem: PlanningProblem,
-) -> list[tuple[str, int, tuple[bool, bool, float], list[int]]]:
-    """``(row name, device, (up congested, down congested, s per MB of the link's bytes),
-    devices on the link)`` for every congested link of the topology and device on it."""
-    topo = problem.topology
-    assert topo is not None
-    pos = {d: i for i, d in enumerate(problem.fleet.device_ids)}
-    out = []
-    for e, up_c, down_c in topo.congested(problem.fleet):
-        link = topo.links[e]
-        k_e = (8 / link.up_mbps if up_c else 0.0) + (8 / link.down_mbps if down_c else 0.0)
-        members = [pos[d] for d in topo.devices_on(e)]
-        for i in members:
-            out.append((f"C10[{e},{i}]", i, (up_c, down_c, k_e), members))
-    return out
-
-
-def _device_start(
-    problem: PlanningProblem,
-    num_vars: int,
-    x_id: np.ndarray,
-    z_id: np.ndarray,
-    t_id: int,
-    h_id: np.ndarray,
-    time_c: np.ndarray,
-    time_x: np.ndarray,
-) -> np.ndarray | None:
-    """Warm start from last round's plan when it names every device with grid ranks."""
-    plan = problem.warm_start
-    if plan is None:
+def columns_of(cat: Catalogue, problem: PlanningProblem, plan: Plan) -> np.ndarray | None:
+    """Per device of ``problem``'s fleet the catalogue column of its configuration in
+    ``plan`` (``-1``: out), or None when a configuration is not a column of the catalogue."""
+    lookup = {(int(d), r): j for j, (d, r) in enumerate(zip(cat.depth, cat.ranks, strict=True))}
+    try:
+        by_id = {dp.device_id: dp for dp in plan.devices}
+        out = []
+        for device in problem.fleet.devices:
+            dp = by_id[device.device_id]
+            out.append(-1 if not dp.layers else lookup[(len(dp.layers), tuple(dp.ranks))])
+    except KeyError:
         return None
-    by_id = {d.device_id: d for d in plan.devices}
-    L = problem.spec.num_layers
-    k_of = {r: k for k, r in enumerate(problem.job.ranks)}
-    values = np.zeros(num_vars)
-    t = 0.0
-    slowest = -1
-    for i, device in enumerate(problem.fleet.devices):
-        dp = by_id.get(device.device_id)
-        if dp is None or any(rk not in k_of for rk in dp.ranks):
-            return None
-        if dp.layers and dp.layers != tuple(range(L - len(dp.layers), L)):
-            return None
-        if not dp.layers:
-            if not problem.options.allow_dropping:
-                return None
-            continue
-        values[z_id[i]] = 1.0
-        ti = time_c[i]
-        for layer, rank in zip(dp.layers, dp.ranks, strict=True):
-            values[x_id[i, layer, k_of[rank]]] = 1.0
-            ti += time_x[i, layer, k_of[rank]]
-        if ti > t:
-            t, slowest = ti, i
-    if t_id >= 0:
-        values[t_id] = t
-    if len(h_id) and slowest >= 0:
-        values[h_id[slowest]] = 1.0
-    return values
+    return np.asarray(out, dtype=np.int64)
 
 
-# -- class program -------------------------------------------------------------------------
+def _link_time_bound(
+    problem: PlanningProblem,
+    cat: Catalogue,
+    fc: FleetCosts,
+    units: Units,
+    links: Sequence[CongestedLink],
+) -> float:
+    """An upper bound of the round time with the server link or shared links."""
+    top = float(cat.bytes_one_way.max())
+    n = len(problem.fleet)
+    bound = float(units.time_s.max()) if len(units.time_s) else 0.0
+    s = problem.options.server_mbps
+    if s is not None:
+        bound = max(bound, 2 * top * n / (s * MB / 8))
+    for cl in links:
+        bound = max(bound, float(units.time_s.max()) + cl.s_per_byte * top * len(cl.devices))
+    return bound * 1.01 + 1.0
 
 
-def _formulate_classes(
-    problem: PlanningProblem, deadline_s: float | None, utility_floor: float | None
-) -> MILP:
-    opts = problem.options
-    L = problem.spec.num_layers
-    classes = group_devices(problem, bucket_ratio=opts.class_bucket_ratio)
-    catalog = enumerate_configurations(problem)
-    configs = tuple(
-        class_pareto_configs(problem, c, catalog, deadline_s=deadline_s) for c in classes
-    )
-    if not opts.allow_dropping:
-        blocked = [c for c, cc in zip(classes, configs, strict=True) if len(cc) == 0]
-        if blocked:
-            from legend.planner.diagnose import explain_class_block
-
-            raise InfeasibleError(
-                "no plan: some devices cannot run even their smallest configuration",
-                tuple(explain_class_block(problem, c, deadline_s) for c in blocked),
+def _link_rows(
+    rows: _Rows,
+    problem: PlanningProblem,
+    cat: Catalogue,
+    fc: FleetCosts,
+    units: Units,
+    links: Sequence[CongestedLink],
+    unit_of: np.ndarray,
+    v_of: np.ndarray,
+    t_id: int,
+    l_id: np.ndarray,
+    nbytes_mb: np.ndarray,
+) -> None:
+    col = units.column
+    part = col != OUT
+    safe = np.maximum(col, 0)
+    first = units.groups.first
+    # units by link, without a pass over every column per link
+    unit_of_device = units.groups.inverse
+    for k, cl in enumerate(links):
+        unit_ids = np.unique(unit_of_device[cl.devices])
+        cols = (
+            np.concatenate([np.arange(units.start[g], units.start[g + 1]) for g in unit_ids])
+            if len(unit_ids)
+            else np.zeros(0, dtype=np.int64)
+        )
+        rows.add(
+            f"C10b[{cl.link}]",
+            np.append(cols, l_id[k]),
+            np.append(cl.s_per_byte * nbytes_mb[cols] * MB, -1.0),
+            0.0,
+            0.0,
+        )
+        for g in unit_ids:
+            dev = int(first[g])
+            ids = np.arange(units.start[g], units.start[g + 1])
+            ids = ids[part[ids]]
+            if not len(ids):
+                continue
+            j = safe[ids]
+            compute = (
+                fc.compute_const[dev]
+                + fc.compute_per_layer[dev] * cat.depth[j]
+                + fc.compute_per_rank[dev] * cat.rank_sum[j]
             )
-    samples_all = np.asarray([d.num_samples for d in problem.fleet.devices], dtype=float)
-    scale = float(samples_all.mean())
-    link = opts.server_mbps is not None
-    congested = problem.topology.congested(problem.fleet) if problem.topology is not None else []
-    has_t = deadline_s is None or link or bool(congested)
-
-    # lower bound of T over plans with a participant
-    mins = [float(cc.time_s.min()) for cc in configs if len(cc)]
-    t_lb = (min(mins) if opts.allow_dropping else max(mins)) if mins else 0.0
-
-    index: list[VarKey] = []
-    names: list[str] = []
-    lower: list[float] = []
-    upper: list[float] = []
-    integer: list[bool] = []
-
-    def var(key: VarKey, name: str, lo: float, hi: float, is_int: bool) -> int:
-        index.append(key)
-        names.append(name)
-        lower.append(lo)
-        upper.append(hi)
-        integer.append(is_int)
-        return len(index) - 1
-
-    m_ids: list[np.ndarray] = []
-    offsets: list[int] = []
-    for c, (cls, cc) in enumerate(zip(classes, configs, strict=True)):
-        offsets.append(len(index))
-        ids = [var(VarKey("m", c, j), f"m_{c}_{j}", 0.0, cls.size, True) for j in range(len(cc))]
-        m_ids.append(np.asarray(ids, dtype=np.int64))
-    o_ids = [
-        var(VarKey("o", c), f"o_{c}", 0.0, cls.size, True) if opts.allow_dropping else -1
-        for c, cls in enumerate(classes)
-    ]
-    v_ids: list[dict[int, int]] = []
-    if has_t:
-        for c, cc in enumerate(configs):
-            v_ids.append(
-                {
-                    j: var(VarKey("v", c, j), f"v_{c}_{j}", 0.0, 1.0, True)
-                    for j in range(len(cc))
-                    if cc.time_s[j] > t_lb * (1 + 1e-12)
-                }
+            own = cat.bytes_one_way[j] * (
+                (0.0 if cl.down else fc.down_s_per_byte[dev])
+                + (0.0 if cl.up else fc.up_s_per_byte[dev])
             )
-    if congested:
-        # the link rows need "configuration j is used" for every configuration
-        for c, cc in enumerate(configs):
-            for j in range(len(cc)):
-                if j not in v_ids[c]:
-                    v_ids[c][j] = var(VarKey("v", c, j), f"v_{c}_{j}", 0.0, 1.0, True)
-    t_id = -1
-    t_ub = max((float(cc.time_s.max()) for cc in configs if len(cc)), default=1.0) * 1.01 + 1.0
-    if deadline_s is not None:
-        t_ub = deadline_s
-    if has_t:
-        t_id = var(VarKey("T"), "T", t_lb, t_ub, False)
-    # one variable per congested link: the time its bytes take at its capacity (C10b), so
-    # that each C10 row names it instead of every count on the link
-    link_ids = {e: var(VarKey("l", e), f"L_{e}", 0.0, t_ub, False) for e, _up, _dn in congested}
-    h_ids: list[np.ndarray] = []
-    if link:
-        for c, cc in enumerate(configs):
-            ids = [var(VarKey("h", c, j), f"h_{c}_{j}", 0.0, 1.0, True) for j in range(len(cc))]
-            h_ids.append(np.asarray(ids, dtype=np.int64))
-    num_vars = len(index)
-
-    rows = _Rows()
-    for c, (cls, cc) in enumerate(zip(classes, configs, strict=True)):
-        cols = m_ids[c]
-        vals = np.ones(len(cols))
-        if o_ids[c] >= 0:
-            cols, vals = np.append(cols, o_ids[c]), np.append(vals, 1.0)
-        rows.add(f"C3[{c}]", cols, vals, float(cls.size), float(cls.size))
-        if has_t and v_ids[c]:
-            # C5 needs v only for configurations slower than T_lb; the link rows (C10) use
-            # v for every configuration, and C5v ties each v to its count in both cases.
-            slow = np.asarray(
-                sorted(j for j in v_ids[c] if cc.time_s[j] > t_lb * (1 + 1e-12)), dtype=np.int64
-            )
-            if len(slow):
-                # Valid cut (the round lasts at least the class's sample-average excess over
-                # T_lb); it makes the LP relaxation charge mixed configurations their mean time.
+            o = compute + own
+            if units.size(int(g)) == 1:
                 rows.add(
-                    f"C5avg[{c}]",
-                    np.append(m_ids[c][slow], t_id),
-                    np.append((cc.time_s[slow] - t_lb) / cls.size, -1.0),
+                    f"C10[{cl.link},{g}]",
+                    np.concatenate([ids, [l_id[k], t_id]]),
+                    np.concatenate([o, [1.0, -1.0]]),
                     -np.inf,
-                    -t_lb,
+                    0.0,
                 )
-            for j, vid in sorted(v_ids[c].items()):
-                if cc.time_s[j] > t_lb * (1 + 1e-12):
+            else:
+                # valid cut: the members' mean contention time is at most T
+                n_g = float(units.size(int(g)))
+                rows.add(
+                    f"C10avg[{cl.link},{g}]",
+                    np.concatenate([ids, [l_id[k], t_id]]),
+                    np.concatenate([o / n_g, [1.0, -1.0]]),
+                    -np.inf,
+                    0.0,
+                )
+                for c, oc in zip(ids, o, strict=True):
                     rows.add(
-                        f"C5[{c},{j}]",
-                        np.asarray([vid, t_id]),
-                        np.asarray([cc.time_s[j], -1.0]),
+                        f"C10[{cl.link},{g},{col[c]}]",
+                        np.asarray([v_of[c], l_id[k], t_id]),
+                        np.asarray([oc, 1.0, -1.0]),
                         -np.inf,
                         0.0,
                     )
-                rows.add(
-                    f"C5v[{c},{j}]",
-                    np.asarray([m_ids[c][j], vid]),
-                    np.asarray([1.0, -float(cls.size)]),
-                    -np.inf,
-                    0.0,
-                )
-        if link:
-            # T is the time of one used configuration (h = 1): T <= t_cj + M (1 - h_cj)
-            for j in range(len(cc)):
-                rows.add(
-                    f"C7max[{c},{j}]",
-                    np.asarray([t_id, h_ids[c][j]]),
-                    np.asarray([1.0, t_ub]),
-                    -np.inf,
-                    float(cc.time_s[j]) + t_ub,
-                )
-                rows.add(
-                    f"C7h[{c},{j}]",
-                    np.asarray([h_ids[c][j], m_ids[c][j]]),
-                    np.asarray([1.0, -1.0]),
-                    -np.inf,
-                    0.0,
-                )
-    all_m = np.concatenate(m_ids) if m_ids else np.zeros(0, dtype=np.int64)
-    n_c = np.concatenate(
-        [np.full(len(cc), cls.samples / scale) for cls, cc in zip(classes, configs, strict=True)]
-    )
-    depth = np.concatenate([cc.depth for cc in configs])
-    util = np.concatenate([cc.utility_per_sample for cc in configs]) * n_c
-    if opts.server_mbps is not None:
-        link_mb_s = opts.server_mbps / 8
-        vals = np.concatenate([2 * cc.bytes_one_way / MB for cc in configs])
-        rows.add("C7", np.append(all_m, t_id), np.append(vals, -link_mb_s), -np.inf, 0.0)
-        all_h = np.concatenate(h_ids)
-        rows.add("C7one", all_h, np.ones(len(all_h)), 1.0, 1.0)
-    if congested:
-        _class_link_rows(problem, rows, classes, configs, m_ids, v_ids, t_id, link_ids, congested)
-    if opts.coverage_share > 0 and opts.coverage_layers > 0:
-        q = opts.coverage_share
-        for ly in range(L - opts.coverage_layers, L):
-            vals = n_c * ((depth >= L - ly).astype(float) - q)
-            rows.add(f"C8[{ly}]", all_m, vals, 0.0, np.inf)
-    if opts.min_participants > 0:
-        rows.add("C9", all_m, np.ones(len(all_m)), float(opts.min_participants), np.inf)
-
-    utility = np.zeros(num_vars)
-    utility[all_m] = util
-    if utility_floor is not None:
-        rows.add("UF", all_m, util, utility_floor / scale, np.inf)
-        objective = np.zeros(num_vars)
-        objective[t_id] = 1.0
-        sense = "min"
-    else:
-        objective, sense = utility.copy(), "max"
-    return MILP(
-        kind="class",
-        var_names=tuple(names),
-        index=tuple(index),
-        lower=np.asarray(lower),
-        upper=np.asarray(upper),
-        integer=np.asarray(integer, dtype=bool),
-        matrix=rows.matrix(num_vars),
-        row_names=tuple(rows.names),
-        row_lower=np.asarray(rows.lower),
-        row_upper=np.asarray(rows.upper),
-        objective=objective,
-        sense=sense,
-        utility=utility,
-        utility_scale=scale,
-        round_time=t_id if has_t else None,
-        deadline_s=deadline_s,
-        time_lower_bound_s=t_lb,
-        start=None,
-        layout=_ClassLayout(
-            num_devices=len(problem.fleet),
-            classes=classes,
-            catalog=catalog,
-            configs=configs,
-            count_offset=tuple(offsets),
-        ),
-    )
 
 
-def _class_link_rows(
+def encode(
+    milp: MILP,
     problem: PlanningProblem,
-    rows: _Rows,
-    classes: tuple[DeviceClass, ...],
-    configs: tuple[ClassConfigs, ...],
-    m_ids: list[np.ndarray],
-    v_ids: list[dict[int, int]],
-    t_id: int,
-    link_ids: dict[int, int],
-    congested: list[tuple[int, bool, bool]],
-) -> None:
-    """C10[e,c,j]: compute of configuration j of class c + link e's bytes at capacity <= T.
-
-    ``L_e`` (``link_ids[e]``) is the link's bytes at its capacity (C10b); C10avg is a
-    valid cut.
-    """
-    topo = problem.topology
-    assert topo is not None
-    ids = problem.fleet.device_ids
-    for e, up_c, down_c in congested:
-        link = topo.links[e]
-        k_e = (8 / link.up_mbps if up_c else 0.0) + (8 / link.down_mbps if down_c else 0.0)
-        on = [c for c, cls in enumerate(classes) if e in topo.routes[ids[cls.members[0]]]]
-        l_id = link_ids[e]
-        cols = np.concatenate([m_ids[c] for c in on] + [[l_id]])
-        vals = np.concatenate([configs[c].bytes_one_way / MB * k_e for c in on] + [[-1.0]])
-        rows.add(f"C10b[{e}]", cols, vals, 0.0, 0.0)
-        for c in on:
-            prof = classes[c].profile
-            d8, u8 = 8 / prof.downlink_mbps, 8 / prof.uplink_mbps
-            own = (0.0 if down_c else d8) + (0.0 if up_c else u8)
-            b = configs[c].bytes_one_way / MB
-            comp = configs[c].time_s - b * (d8 + u8) + b * own
-            # Valid cut, as C5avg: the round lasts at least the link's bytes plus the class's
-            # sample-average compute; the per-configuration rows below are weak in the LP.
-            rows.add(
-                f"C10avg[{e},{c}]",
-                np.concatenate([m_ids[c], [l_id, t_id]]),
-                np.concatenate([np.maximum(comp, 0.0) / classes[c].size, [1.0, -1.0]]),
-                -np.inf,
-                0.0,
-            )
-            for j in range(len(configs[c])):
-                rows.add(
-                    f"C10[{e},{c},{j}]",
-                    np.asarray([l_id, v_ids[c][j], t_id]),
-                    np.asarray([1.0, comp[j], -1.0]),
-                    -np.inf,
-                    0.0,
-                )
-
-
-# -- decoding ------------------------------------------------------------------------------
-
-
-def decode(milp: MILP, values: Sequence[float] | np.ndarray) -> tuple[Configuration, ...]:
-    """One configuration ``(layers, ranks)`` per device, in fleet order (``((), ())``: out)."""
-    v = np.asarray(values, dtype=float)
-    layout = milp.layout
-    if isinstance(layout, _DeviceLayout):
-        N, L, K = layout.num_devices, layout.num_layers, len(layout.ranks)
-        x = v[: N * L * K].reshape(N, L, K) > 0.5
-        out: list[Configuration] = []
-        for i in range(N):
-            layers = tuple(int(ly) for ly in np.flatnonzero(x[i].any(axis=1)))
-            ranks = tuple(layout.ranks[int(np.argmax(x[i, ly]))] for ly in layers)
-            out.append((layers, ranks))
-        return tuple(out)
-    counts = [
-        np.rint(v[off : off + len(cc)]).astype(np.int64)
-        for off, cc in zip(layout.count_offset, layout.configs, strict=True)
-    ]
-    return expand_counts(layout.classes, layout.catalog, layout.configs, counts, layout.num_devices)
+    fc: FleetCosts,
+    choice: np.ndarray,
+    links: Sequence[CongestedLink] = (),
+) -> np.ndarray | None:
+    """Program values for per-device catalogue columns ``choice`` (``-1``: out), or None
+    when some device's column is not among its unit's columns."""
+    units = milp.units
+    values = np.zeros(milp.num_vars)
+    for g in range(len(units)):
+        sl = slice(units.start[g], units.start[g + 1])
+        cols = units.column[sl]
+        for dev in units.groups.members[g]:
+            hit = np.flatnonzero(cols == choice[dev])
+            if not len(hit):
+                return None
+            values[sl.start + hit[0]] += 1.0
+    m_count = len(units.column)
+    vkeys = [k for k, key in enumerate(milp.index) if key.kind == "v"]
+    if vkeys:
+        lookup = {(milp.index[k].owner, milp.index[k].a): k for k in vkeys}
+        unit_of = np.repeat(np.arange(len(units)), np.diff(units.start))
+        for c in range(m_count):
+            if values[c] > 0.5:
+                k = lookup.get((int(unit_of[c]), int(units.column[c])))
+                if k is not None:
+                    values[k] = 1.0
+    if milp.round_time is not None or links:
+        lkeys = {milp.index[k].owner: k for k in range(milp.num_vars) if milp.index[k].kind == "L"}
+        if lkeys:
+            rows = milp.rows_named("C10b")
+            for r in rows:
+                start, end = milp.matrix.indptr[r], milp.matrix.indptr[r + 1]
+                cols = milp.matrix.indices[start:end]
+                vals = milp.matrix.data[start:end]
+                l_var = next(c for c in cols if milp.index[c].kind == "L")
+                mask = cols != l_var
+                values[l_var] = float(vals[mask] @ values[cols[mask]])
+        if milp.round_time is not None:
+            values[milp.round_time] = max(round_time_of(milp, values), milp.lower[milp.round_time])
+            if values[milp.round_time] > milp.upper[milp.round_time]:
+                return None
+    return values
 
 
 def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
-    """The round time a solution implies: its slowest participant (at least
-    ``time_lower_bound_s``); 0 when nobody participates."""
+    """The round time a solution implies: its slowest participant, the server link and the
+    shared links (0 when nobody participates)."""
     v = np.asarray(values, dtype=float)
-    layout = milp.layout
-    t = 0.0
-    if isinstance(layout, _DeviceLayout):
-        rows = milp.rows_named("C5")
-        if rows:
-            activity = milp.matrix[rows] @ v
-            if milp.round_time is not None:
-                activity = activity + v[milp.round_time]
-            participants = v[[k for k, key in enumerate(milp.index) if key.kind == "z"]] > 0.5
-            if participants.any():
-                t = float(activity[participants].max())
-                shared = milp.rows_named("C10")
-                if shared and milp.round_time is not None:
-                    act = milp.matrix[shared] @ v + v[milp.round_time]
-                    t = max(t, float(act.max()))
-    else:
-        for off, cc in zip(layout.count_offset, layout.configs, strict=True):
-            used = np.rint(v[off : off + len(cc)]) > 0
-            if used.any():
-                t = max(t, float(cc.time_s[used].max()))
-        shared = milp.rows_named("C10")
-        if shared and milp.round_time is not None and t > 0:
-            # a configuration's link rows count only when some member uses it
-            used = v.copy()
-            for k, key in enumerate(milp.index):
-                if key.kind == "v":
-                    used[k] = float(np.rint(v[layout.count_offset[key.owner] + key.a]) > 0)
-            act = milp.matrix[shared] @ used + v[milp.round_time]
-            t = max(t, float(act.max()))
-    if t == 0.0:
+    units = milp.units
+    C = len(units.column)
+    used = np.rint(v[:C]) > 0
+    part = used & (units.column != OUT)
+    if not part.any():
         return 0.0
-    return max(t, milp.time_lower_bound_s)
+    t = float(units.time_s[part].max())
+    if milp.server_bytes_per_s is not None:
+        nbytes = 2.0 * float(
+            milp.catalogue.bytes_one_way[units.column[part]] @ np.rint(v[:C][part])
+        )
+        t = max(t, nbytes / milp.server_bytes_per_s)
+    shared = milp.rows_named("C10")
+    if shared and milp.round_time is not None:
+        w = v.copy()
+        w[:C] = np.rint(w[:C])
+        vk = [k for k, key in enumerate(milp.index) if key.kind == "v"]
+        if vk:
+            # a column's contention row counts only when a member uses it
+            lookup = {(key.owner, key.a): c for c, key in enumerate(milp.index[:C])}
+            for k in vk:
+                key = milp.index[k]
+                w[k] = float(w[lookup[(key.owner, key.a)]] > 0.5)
+        # L_e from the byte rows of the rounded counts
+        for r in milp.rows_named("C10b"):
+            start, end = milp.matrix.indptr[r], milp.matrix.indptr[r + 1]
+            cols = milp.matrix.indices[start:end]
+            vals = milp.matrix.data[start:end]
+            l_var = next(c for c in cols if milp.index[c].kind == "L")
+            mask = cols != l_var
+            w[l_var] = float(vals[mask] @ w[cols[mask]])
+        w[milp.round_time] = 0.0
+        act = milp.matrix[shared] @ w
+        t = max(t, float(act.max()))
+    return t
+
+
+def decode(milp: MILP, values: Sequence[float] | np.ndarray) -> tuple[Configuration, ...]:
+    """One configuration ``(layers, ranks)`` per device, in fleet order (``((), ())``: out).
+
+    Within a unit of identical devices, members in fleet order take the used columns in
+    order of decreasing utility (ties: the faster first).
+    """
+    return tuple(milp.catalogue.configuration(int(j)) for j in decode_columns(milp, values))
+
+
+def decode_columns(milp: MILP, values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Per device the catalogue column of a solution (``-1``: out)."""
+    v = np.asarray(values, dtype=float)
+    units = milp.units
+    n = int(sum(len(m) for m in units.groups.members))
+    out = np.full(n, OUT, dtype=np.int64)
+    for g in range(len(units)):
+        sl = slice(units.start[g], units.start[g + 1])
+        counts = np.rint(v[sl]).astype(np.int64)
+        order = np.lexsort((units.time_s[sl], -units.utility[sl]))
+        members = iter(units.groups.members[g])
+        for j in order:
+            for _ in range(int(counts[j])):
+                out[next(members)] = units.column[sl][j]
+    return out

@@ -1,4 +1,4 @@
-"""The LEGEND-style greedy planner ("LCD" reconstruction, METHOD.md section 5), solver ``greedy``.
+"""The LEGEND-style greedy planner ("LCD" reconstruction, docs/planner.md), solver ``greedy``.
 
 Per device, start from the output layer (or the top ``min_depth`` layers) at the lowest
 rank of the grid; then repeatedly apply the move with the best utility gain per second of
@@ -47,22 +47,22 @@ from importlib import metadata
 import numpy as np
 from numpy.typing import NDArray
 
-from legend.planner.api import (
+from legend.planner.diagnose import blocked_devices, fleet_reasons
+from legend.planner.errors import InfeasibleError, PlannerInputError
+from legend.planner.profiles import DeviceProfile
+from legend.planner.types import (
     Configuration,
     PlanningProblem,
     SolverOutcome,
     rank_gain,
-    register_solver,
 )
-from legend.planner.diagnose import blocked_devices, fleet_reasons
-from legend.planner.errors import InfeasibleError, PlannerInputError
-from legend.planner.profiles import DeviceProfile
 
 __all__ = [
     "MAX_CANDIDATES",
     "GreedyResult",
     "check_fleet_options",
     "greedy_configurations",
+    "larger_configurations",
     "minimal_configuration_reasons",
     "solve_greedy",
 ]
@@ -126,6 +126,7 @@ class _Greedy:
 
     def __init__(self, problem: PlanningProblem) -> None:
         self.problem = problem
+        self._free_rows: _Rows | None = None
         opts = problem.options
         fleet = problem.fleet
         spec = problem.spec
@@ -145,6 +146,7 @@ class _Greedy:
         keys: dict[tuple[float, float, float, int], int] = {}
         profile_of = np.empty(len(fleet), dtype=np.int64)
         representatives: list[DeviceProfile] = []
+        representative_index: list[int] = []
         for i, device in enumerate(fleet.devices):
             key = (
                 device.tflops,
@@ -155,16 +157,27 @@ class _Greedy:
             if key not in keys:
                 keys[key] = len(representatives)
                 representatives.append(device)
+                representative_index.append(i)
             profile_of[i] = keys[key]
-        tables = [problem.costs.table(d) for d in representatives]
+        # Costs from the cost model's affine coefficients (checked against it), vectorised:
+        # every layer costs the same, and each coefficient is affine in the rank.
+        from legend.planner.catalog import fleet_costs, shared_costs
+
+        fc = fleet_costs(problem)
+        reps = np.asarray(representative_index, dtype=np.int64)
+        (m0, m1, m2), (b0, b1) = shared_costs(problem)
+        r = self.ranks.astype(np.float64)
+        L = spec.num_layers
+        n_p = len(reps)
+        time_coef = fc.time_per_layer[reps, None] + fc.time_per_rank[reps, None] * r[None, :]
         self.tables = _Tables(
-            time_const=np.array([t.time_const_s for t in tables]),
-            time_coef=np.array([t.time_coef_s for t in tables], dtype=np.float64),
-            mem_const=np.array([t.memory_const_bytes for t in tables]),
-            mem_coef=np.array([t.memory_coef_bytes for t in tables], dtype=np.float64),
+            time_const=fc.time_const[reps],
+            time_coef=np.broadcast_to(time_coef[:, None, :], (n_p, L, len(r))).copy(),
+            mem_const=np.full(n_p, m0),
+            mem_coef=np.broadcast_to((m1 + m2 * r)[None, None, :], (n_p, L, len(r))).copy(),
             # Both directions cross the server's link: download of the slice, upload.
-            bytes_const=2.0 * np.array([t.bytes_const for t in tables]),
-            bytes_coef=2.0 * np.array([t.bytes_coef for t in tables], dtype=np.float64),
+            bytes_const=np.full(n_p, 2.0 * b0),
+            bytes_coef=np.broadcast_to((2.0 * b1 * r)[None, None, :], (n_p, L, len(r))).copy(),
         )
         self.profile_of = profile_of
         self.capacity = np.array([d.memory_bytes for d in fleet.devices])
@@ -212,6 +225,135 @@ class _Greedy:
         ``groups[r]`` names the candidate a row belongs to (rows of one group share the
         server link's byte budget). Utilities are per sample of the row's devices.
         """
+        if self.monotone and self.K > 1:
+            return self._run_monotone(deadlines, rows_of, groups)
+        return self._run_layers(deadlines, rows_of, groups)
+
+    def _run_monotone(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Rows:
+        """:meth:`run` with ranks non-decreasing toward the output, in counts per rank level.
+
+        With ranks non-decreasing toward the output, the layers at one rank level form a
+        block, and only the topmost layer of each level may be raised (any other would pass
+        the layer above it). Every layer costs the same, so the raise moves are one per
+        level: the same moves, gains and ties as :meth:`_run_layers` (the lowest layer wins a
+        tie), in ``K`` columns instead of ``L``.
+        """
+        tc = self.tables
+        L, K = self.L, self.K
+        n_rows = len(rows_of)
+        devices = self.unique_devices[rows_of]
+        prof = self.profile_of[devices]
+        cap = self.capacity[devices] * (1 + _REL_TOL)
+        limit = deadlines * (1 + _REL_TOL) + 1e-12
+        weight = self.row_samples[rows_of]
+        participates = self.memory_ok[devices] & (self.min_time[devices] <= limit)
+
+        depth = np.where(participates, self.start_depth, 0).astype(np.int64)
+        counts = np.zeros((n_rows, K), dtype=np.int64)
+        counts[:, 0] = depth
+        time_s = np.where(participates, self.min_time[devices], 0.0)
+        mem = np.where(participates, self.min_mem[devices], 0.0)
+        nbytes = np.where(participates, self.min_bytes[devices], 0.0)
+        top = slice(L - self.start_depth, L)
+        utility = np.where(participates, self.add_gain[top].sum(), 0.0)
+
+        link: tuple[FloatArray, FloatArray] | None = None
+        if self.server_bps is not None:
+            n_groups = int(groups.max()) + 1 if n_rows else 0
+            used: FloatArray = np.bincount(groups, weights=nbytes, minlength=n_groups).astype(
+                np.float64
+            )
+            slowest = np.zeros(n_groups)
+            np.maximum.at(slowest, groups, time_s)
+            link = (used, slowest)
+
+        # per profile and level: the cost of adding a layer (level 0) and of one raise
+        add_dt = tc.time_coef[:, 0, 0]
+        add_dm = tc.mem_coef[:, 0, 0]
+        add_db = tc.bytes_coef[:, 0, 0]
+        r_dt = self.raise_dt[:, 0, :]  # [profile, level]
+        r_dm = self.raise_dm[:, 0, :]
+        r_db = self.raise_db[:, 0, :]
+        levels = np.arange(K - 1)
+        active = np.flatnonzero(participates)
+        while active.size:
+            n = active.size
+            a_prof = prof[active]
+            d = depth[active]
+            c = counts[active]
+            t_room = limit[active] - time_s[active]
+            m_room = cap[active] - mem[active]
+            if link is not None:
+                g_a = groups[active]
+                used_a, slow_a = link[0][g_a], link[1][g_a]
+                t_a = time_s[active]
+            new_layer = np.maximum(L - 1 - d, 0)
+            dt_a, dm_a, db_a = add_dt[a_prof], add_dm[a_prof], add_db[a_prof]
+            ok_a = (d < L) & (dt_a <= t_room) & (dm_a <= m_room)
+            if link is not None:
+                ok_a &= used_a + db_a <= self._link_cap(np.maximum(slow_a, t_a + dt_a))
+            rate_a = np.where(ok_a, self.add_gain[new_layer] / np.maximum(dt_a, 1e-300), -np.inf)
+            # the topmost layer of level k sits below every layer of the levels above it
+            above = np.cumsum(c[:, ::-1], axis=1)[:, ::-1]  # layers at level >= k
+            pos = L - 1 - (above[:, 1:])  # [n, K-1]: top layer of level k, k < K-1
+            pos = np.clip(pos, 0, L - 1)
+            dt_r = r_dt[a_prof]
+            dm_r = r_dm[a_prof]
+            ok_r = (c[:, :-1] > 0) & (dt_r <= t_room[:, None]) & (dm_r <= m_room[:, None])
+            db_r = r_db[a_prof]
+            if link is not None:
+                ok_r &= used_a[:, None] + db_r <= self._link_cap(
+                    np.maximum(slow_a[:, None], t_a[:, None] + dt_r)
+                )
+            gain_r = self.raise_gain[pos, levels[None, :]]
+            rate_r = np.where(ok_r, gain_r / np.maximum(dt_r, 1e-300), -np.inf)
+            arange_n = np.arange(n)
+            best_k = np.argmax(rate_r, axis=1)
+            best_r = rate_r[arange_n, best_k]
+            use_add = rate_a > best_r
+            ratio = np.where(use_add, rate_a, best_r)
+            mdt = np.where(use_add, dt_a, dt_r[arange_n, best_k])
+            mdm = np.where(use_add, dm_a, dm_r[arange_n, best_k])
+            mdb = np.where(use_add, db_a, db_r[arange_n, best_k])
+            mdu = np.where(use_add, self.add_gain[new_layer], gain_r[arange_n, best_k])
+            has_move = np.isfinite(ratio)
+            if link is not None:
+                has_move = self._server_accept(
+                    active, has_move, ratio * weight[active], mdb, time_s[active] + mdt, groups,
+                    link,
+                )  # fmt: skip
+            if not has_move.any():
+                break
+            rows = active[has_move]
+            add = use_add[has_move]
+            add_rows = rows[add]
+            counts[add_rows, 0] += 1
+            depth[add_rows] += 1
+            raise_rows = rows[~add]
+            k_raise = best_k[has_move][~add]
+            counts[raise_rows, k_raise] -= 1
+            counts[raise_rows, k_raise + 1] += 1
+            time_s[rows] += mdt[has_move]
+            mem[rows] += mdm[has_move]
+            nbytes[rows] += mdb[has_move]
+            utility[rows] += mdu[has_move]
+            active = rows
+        # rank index per layer: from the bottom of the block, counts[0] layers at level 0, ...
+        bounds = (L - depth)[:, None] + np.cumsum(counts, axis=1)  # end of each level's block
+        layer = np.arange(L)[None, None, :]
+        rank_index = (layer >= bounds[:, :, None]).sum(axis=1)
+        rank_index = np.where(np.arange(L)[None, :] >= (L - depth)[:, None], rank_index, -1)
+        return _Rows(
+            depth=depth,
+            rank_index=rank_index.astype(np.int64),
+            time_s=time_s,
+            utility=utility,
+            nbytes=nbytes,
+            participates=participates,
+        )
+
+    def _run_layers(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Rows:
+        """:meth:`run` over every layer (free ranks, or a one-rank grid)."""
         tc = self.tables
         L, K = self.L, self.K
         n_rows = len(rows_of)
@@ -382,6 +524,58 @@ class _Greedy:
         return accepted
 
     # -- evaluation of candidate deadlines ------------------------------------------------
+    def _free(self) -> _Rows:
+        """The greedy of every row without a deadline (computed once).
+
+        A row whose path without a deadline ends within a deadline ``T`` makes exactly the
+        same moves under ``T``: every move it took fits, and the moves that fit under ``T``
+        are a subset of those without a deadline, so the best one is the same at each step.
+        Only rows whose free path ends after ``T`` are run again for ``T``.
+        """
+        if self._free_rows is None:
+            n_u = len(self.unique_devices)
+            self._free_rows = self.run(
+                np.full(n_u, np.inf), np.arange(n_u), np.zeros(n_u, dtype=np.int64)
+            )
+        return self._free_rows
+
+    def _rows_for(self, deadlines: FloatArray) -> _Rows:
+        """Row results for each deadline (``len(deadlines) x n_u`` rows, candidate-major)."""
+        n_u = len(self.unique_devices)
+        c = len(deadlines)
+        if self.server_bps is not None:
+            # the server link couples every row of a candidate: run them all
+            return self.run(
+                np.repeat(deadlines, n_u), np.tile(np.arange(n_u), c), np.repeat(np.arange(c), n_u)
+            )
+        free = self._free()
+        limit = deadlines * (1 + _REL_TOL) + 1e-12
+        again = free.participates[None, :] & (free.time_s[None, :] > limit[:, None])
+        cand, row = np.nonzero(again)
+        depth = np.tile(free.depth, c)
+        rank_index = np.tile(free.rank_index, (c, 1))
+        time_s = np.tile(free.time_s, c)
+        utility = np.tile(free.utility, c)
+        nbytes = np.tile(free.nbytes, c)
+        participates = np.tile(free.participates, c)
+        if cand.size:
+            sim = self.run(deadlines[cand], row, cand)
+            flat = cand * n_u + row
+            depth[flat] = sim.depth
+            rank_index[flat] = sim.rank_index
+            time_s[flat] = sim.time_s
+            utility[flat] = sim.utility
+            nbytes[flat] = sim.nbytes
+            participates[flat] = sim.participates
+        return _Rows(
+            depth=depth,
+            rank_index=rank_index,
+            time_s=time_s,
+            utility=utility,
+            nbytes=nbytes,
+            participates=participates,
+        )
+
     def evaluate(self, deadlines: FloatArray) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
         """Per candidate deadline: total utility, round time and whether the plan is valid."""
         n_u = len(self.unique_devices)
@@ -394,9 +588,7 @@ class _Greedy:
         for start in range(0, len(deadlines), per_batch):
             chunk = deadlines[start : start + per_batch]
             c = len(chunk)
-            rows = self.run(
-                np.repeat(chunk, n_u), np.tile(np.arange(n_u), c), np.repeat(np.arange(c), n_u)
-            )
+            rows = self._rows_for(chunk)
             part = rows.participates.reshape(c, n_u)
             util = rows.utility.reshape(c, n_u) @ self.row_samples
             times = np.where(part, rows.time_s.reshape(c, n_u), 0.0).max(axis=1)
@@ -415,7 +607,7 @@ class _Greedy:
     def configurations(self, deadline: float) -> tuple[tuple[Configuration, ...], _Rows]:
         """Every device's configuration (fleet order) under ``deadline``, and the row results."""
         n_u = len(self.unique_devices)
-        rows = self.run(np.full(n_u, deadline), np.arange(n_u), np.zeros(n_u, dtype=np.int64))
+        rows = self._rows_for(np.asarray([deadline], dtype=np.float64))
         per_row: list[Configuration] = []
         for row in range(n_u):
             d = int(rows.depth[row])
@@ -427,10 +619,29 @@ class _Greedy:
             per_row.append((layers, ranks))
         return tuple(per_row[row] for row in self.row_of_device), rows
 
-    # -- infeasibility ------------------------------------------------------------------
-    def blocked_reasons(self, deadline_s: float | None) -> tuple[str, ...]:
-        """One line per device whose minimal configuration misses memory or the deadline."""
-        return minimal_configuration_reasons(self.problem, deadline_s, depth=self.start_depth)
+
+def larger_configurations(
+    layers: tuple[int, ...], ranks: tuple[int, ...], grid: tuple[int, ...], num_layers: int
+) -> list[Configuration]:
+    """The greedy's moves from a configuration, as configurations: one more layer below at
+    the lowest rank (*deepen*), or one layer one grid step up with ranks still
+    non-decreasing toward the output (*raise*). From no configuration: the top layer at the
+    lowest rank."""
+    out: list[Configuration] = []
+    if not layers:
+        return [((num_layers - 1,), (grid[0],))]
+    if layers[0] > 0:
+        out.append(((layers[0] - 1, *layers), (grid[0], *ranks)))
+    index = {r: k for k, r in enumerate(grid)}
+    for j, r in enumerate(ranks):
+        k = index.get(r)
+        if k is None or k + 1 >= len(grid):
+            continue
+        up = grid[k + 1]
+        if j + 1 < len(ranks) and up > ranks[j + 1]:
+            continue
+        out.append((layers, (*ranks[:j], up, *ranks[j + 1 :])))
+    return out
 
 
 def minimal_configuration_reasons(
@@ -658,7 +869,6 @@ def _raise_infeasible(greedy: _Greedy, deadline_s: float | None) -> None:
     raise InfeasibleError("no plan found by the greedy", tuple(reasons))
 
 
-@register_solver("greedy")
 def solve_greedy(problem: PlanningProblem) -> SolverOutcome:
     """Solver backend ``greedy``: the LEGEND-style greedy (status ``FEASIBLE``, no gap)."""
     result = greedy_configurations(problem)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,10 @@ class DevicePlan:
     utility: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(int(v) for v in self.layers))
-        object.__setattr__(self, "ranks", tuple(int(v) for v in self.ranks))
+        for name in ("layers", "ranks"):
+            value = getattr(self, name)
+            if type(value) is not tuple or not all(type(v) is int for v in value):
+                object.__setattr__(self, name, tuple(int(v) for v in value))
 
     @property
     def participates(self) -> bool:
@@ -68,10 +71,6 @@ class DevicePlan:
     @property
     def depth(self) -> int:
         return len(self.layers)
-
-    @property
-    def rank_of(self) -> dict[int, int]:
-        return dict(zip(self.layers, self.ranks, strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +105,7 @@ class Plan:
     round_time_s: float
     utility: float = 0.0
     mip_gap: float | None = None
+    objective_bound: float | None = None
     solver_version: str = ""
     solve_time_s: float = 0.0
     model: str = ""
@@ -154,6 +154,7 @@ class Plan:
             "round_time_s": self.round_time_s,
             "utility": self.utility,
             "mip_gap": self.mip_gap,
+            "objective_bound": self.objective_bound,
             "solve_time_s": self.solve_time_s,
             "model": self.model,
             "num_layers": self.num_layers,
@@ -270,7 +271,8 @@ def validate_plan(
         bad(None, "status", f"a plan must be OPTIMAL or FEASIBLE, got {plan.status}")
     ids = [d.device_id for d in plan.devices]
     fleet_ids = set(fleet.device_ids)
-    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+    by_id = {d.device_id: d for d in fleet.devices}
+    for dup in sorted(i for i, n in Counter(ids).items() if n > 1):
         bad(dup, "unique", "appears more than once")
     for extra in sorted(set(ids) - fleet_ids):
         bad(extra, "fleet", "is not in the fleet")
@@ -284,7 +286,7 @@ def validate_plan(
     for dp in plan.devices:
         if dp.device_id not in fleet_ids:
             continue
-        device = fleet[dp.device_id]
+        device = by_id[dp.device_id]
         if not dp.layers:
             if require_all:
                 bad(dp.device_id, "participation", "every device must participate")
@@ -335,6 +337,13 @@ def validate_plan(
         capacity = server_mbps * 1e6 / 8 * plan.round_time_s
         if total_bytes > capacity * (1 + rel_tol):
             bad(None, "server_link", f"{total_bytes:.0f} bytes > {capacity:.0f} in the round")
+        if deadline_s is not None and plan.round_time_s > deadline_s * (1 + rel_tol) + 1e-9:
+            bad(
+                None,
+                "server_link",
+                f"round_time_s {plan.round_time_s:.3f} with the server link > deadline "
+                f"{deadline_s:.3f} s",
+            )
     return out
 
 

@@ -22,12 +22,11 @@ import csv
 import itertools
 import json
 import math
+import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from legend.planner.errors import FleetError, PlannerInputError
 
@@ -52,6 +51,7 @@ REQUIRED_FIELDS = (
 OPTIONAL_FIELDS = ("local_steps", "device_class")
 _POSITIVE_FLOATS = ("tflops", "memory_gb", "uplink_mbps", "downlink_mbps")
 _POSITIVE_INTS = ("num_samples", "local_steps")
+MAX_COUNT = 10**12  # bound of integer fields (samples, steps): beyond it a value is a mistake
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,9 +81,10 @@ class DeviceProfile:
             value = getattr(self, name)
             if value is None and name == "local_steps":
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_COUNT:
                 raise FleetError(
-                    f"device {self.device_id!r}: `{name}` must be an integer > 0, got {value!r}"
+                    f"device {self.device_id!r}: `{name}` must be an integer in "
+                    f"1..{MAX_COUNT:.0e}, got {value!r}"
                 )
 
     @property
@@ -332,6 +333,11 @@ def _number(raw: Any, name: str, where: str, *, integer: bool) -> Any:
     if integer:
         if not value.is_integer():
             raise FleetError(f"{where}: field `{name}` = {raw!r}; expected {expected}")
+        if value > MAX_COUNT:
+            raise FleetError(
+                f"{where}: field `{name}` = {raw!r} is implausibly large; expected an integer "
+                f"<= {MAX_COUNT:.0e}"
+            )
         return int(value)
     return value
 
@@ -340,11 +346,14 @@ def load_fleet(path: str | Path) -> Fleet:
     """Load a fleet from ``.csv``, ``.toml`` or ``.json``; every error names file, row and field."""
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise FleetError(f"fleet file {source} is a folder; give a .csv, .toml or .json file")
     if not path.is_file():
         raise FleetError(f"fleet file {source} does not exist; give a .csv, .toml or .json file")
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: spreadsheets start their CSV files with a byte-order mark
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise FleetError(f"fleet file {source} cannot be read: {exc}") from None
     records: list[Mapping[str, Any]]
@@ -379,6 +388,13 @@ def _read_csv(text: str, source: str) -> tuple[list[Mapping[str, Any]], list[int
     reader = csv.reader(lines)
     header = [h.strip() for h in next(reader)]
     missing = [f for f in REQUIRED_FIELDS if f not in header]
+    if missing and len(header) == 1:
+        separator = next((c for c in ";\t|" if c in header[0]), None)
+        if separator is not None:
+            raise FleetError(
+                f"{source}, header: the columns look {separator!r}-separated; a fleet CSV is "
+                "comma-separated (save it as CSV with ',' as the delimiter)"
+            )
     if missing:
         raise FleetError(
             f"{source}, header: missing column `{missing[0]}`; required columns are "

@@ -36,7 +36,7 @@ with ``c_i`` the device's compute time, and in each direction the transfer term
 when ``e`` is congested in that direction, otherwise the device's own ``B_i / rate_i``.
 This is exact for devices that start their transfers together and share ``e`` fairly, and
 it implies the round-level rule *bytes through e in each direction* ``<= capacity_e * T``
-(METHOD.md C7 is the special case of the server's own link). :func:`simulate_round` is the
+(C7 of docs/planner.md is the special case of the server's own link). :func:`simulate_round` is the
 fair-sharing (max-min, processor-sharing) clock used to check the prediction.
 """
 
@@ -45,12 +45,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import tomllib
 
 from legend.planner.errors import PlannerInputError
 
@@ -260,9 +259,13 @@ def load_topology(path: str | Path, fleet: Fleet) -> Topology:
     """Read a TOML or JSON topology file and validate it against ``fleet``."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise TopologyError(f"cannot read topology file {p}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise TopologyError(
+            f"topology file {p} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     try:
         data = tomllib.loads(text) if p.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:

@@ -7,6 +7,8 @@ inside the commands. Bad input raises :class:`~legend.reports.errors.ReportInput
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -58,6 +60,39 @@ def _topology(path: Path | None, fleet: Fleet | None) -> Topology | None:
     return load_topology(path, fleet)
 
 
+# What a report folder holds (an earlier report there may be replaced; nothing else).
+REPORT_ENTRIES = ("report.html", "report.md", "report.json", "tables", "figures")
+# Bounds of the what-if sweeps (each point is a plan of the whole, scaled fleet).
+MAX_SCALE = 1e6
+MAX_SWEEP_POINTS = 50
+MAX_SCALED_DEVICES = 1_000_000
+
+
+def _inputs(what: str, first: Path, *options: tuple[str, Path | None]) -> None:
+    from legend.models.paths import check_input_file
+
+    check_input_file(first, what)
+    for option, given in options:
+        if given is not None:
+            check_input_file(given, option)
+
+
+def _report_dir(out: Path, *inputs: Path | None) -> None:
+    from legend.models.paths import check_output_dir
+
+    check_output_dir(out, "--out", inputs=inputs, owned=REPORT_ENTRIES)
+
+
+def _write(report: object, out: Path, kind: str, started: float) -> None:
+    from legend.models.paths import writing
+    from legend.reports.render import Report, write_report
+
+    assert isinstance(report, Report)
+    with writing(out, "--out"):
+        written = write_report(report, out)
+    _done(kind, written, started)
+
+
 def _done(kind: str, written: object, started: float) -> None:
     from legend.reports.render import WrittenReport
 
@@ -91,24 +126,39 @@ def plan_command(
 ) -> None:
     """Report one plan: costs, timeline, memory, bytes, links and binding constraints."""
     from legend.planner.profiles import load_fleet
-    from legend.reports.plan_report import build_plan_report, load_job, load_plan
-    from legend.reports.render import write_report
+    from legend.reports.plan_report import (
+        build_plan_report,
+        check_plan_inputs,
+        check_plan_values,
+        load_job_params,
+        load_plan,
+    )
 
     started = time.perf_counter()
+    _inputs("plan", plan, ("--fleet", fleet), ("--job", job), ("--topology", topology))
+    _report_dir(out, plan, fleet, job, topology)
     loaded, raw = load_plan(plan)
+    check_plan_values(loaded, str(plan))
     fleet_data = load_fleet(fleet) if fleet is not None else None
+    job_data = load_job_params(job) if job is not None else None
+    topo = _topology(topology, fleet_data)
+    if fleet_data is not None:
+        for warning in check_plan_inputs(
+            loaded, fleet_data, str(plan), job=job_data, raw=raw, model=model, topology=topo
+        ):
+            print(f"warning: {warning}", file=sys.stderr)
     with native_stdout_to_stderr():  # solver banners of re-plans (links) off stdout
         report = build_plan_report(
             loaded,
             fleet=fleet_data,
-            job=load_job(job) if job is not None else None,
+            job=job_data,
             model=model,
             raw=raw,
             source=str(plan),
             per_device_limit=per_device_limit,
-            topology=_topology(topology, fleet_data),
+            topology=topo,
         )
-    _done("plan", write_report(report, out), started)
+    _write(report, out, "plan", started)
 
 
 @report_app.command("whatif")
@@ -127,7 +177,9 @@ def whatif_command(
     time_limit_s: Annotated[float, typer.Option(help="Per-plan solver time limit.")] = 5.0,
     bandwidth_scales: Annotated[str, typer.Option(help="Bandwidth factors.")] = "0.25,0.5,1,2,4",
     fleet_scales: Annotated[str, typer.Option(help="Fleet size factors.")] = "0.5,1,2",
-    deadline_points: Annotated[int, typer.Option(help="Points of the deadline sweep.")] = 8,
+    deadline_points: Annotated[
+        int, typer.Option(help="Points of the deadline sweep (0: none).")
+    ] = 8,
     models: Annotated[
         str, typer.Option(help="Models to swap in (comma-separated; empty: skip).")
     ] = "all-MiniLM-L6-v2,roberta-large,llama-2-7b",
@@ -154,13 +206,22 @@ def whatif_command(
     """Sweep bandwidth, fleet size, deadline, model and link capacity with the planner."""
     from legend.models.spec import get_model_spec
     from legend.planner.api import PlannerOptions
+    from legend.planner.cli import check_finite
     from legend.planner.profiles import JobParams, load_fleet, parse_rank_grid
-    from legend.reports.plan_report import load_job
-    from legend.reports.render import write_report
+    from legend.reports.plan_report import load_job_params
     from legend.reports.whatif import WhatIfSettings, build_whatif_report, run_whatif
 
     started = time.perf_counter()
-    base = load_job(job) if job is not None else JobParams()
+    _inputs("--fleet", fleet, ("--job", job), ("--topology", topology))
+    _report_dir(out, fleet, job, topology)
+    check_finite("--time-limit-s", time_limit_s)
+    check_finite("--deadline-s", deadline_s)
+    if not 0 <= deadline_points <= MAX_SWEEP_POINTS:
+        raise ReportInputError(
+            f"--deadline-points must be in 0..{MAX_SWEEP_POINTS} (0: no deadline sweep), "
+            f"got {deadline_points}"
+        )
+    base = load_job_params(job) if job is not None else JobParams()
     changes: dict[str, object] = {}
     for name, value in (
         ("batch_size", batch_size),
@@ -182,9 +243,30 @@ def whatif_command(
         deadline_s=deadline_s,
         time_limit_s=time_limit_s,
     )
+    scales = {
+        "--bandwidth-scales": _floats(bandwidth_scales, "--bandwidth-scales"),
+        "--fleet-scales": _floats(fleet_scales, "--fleet-scales"),
+    }
+    for option, values in scales.items():
+        if len(values) > MAX_SWEEP_POINTS:
+            raise ReportInputError(
+                f"{option} lists {len(values)} values; at most {MAX_SWEEP_POINTS}"
+            )
+        for v in values:
+            if not (math.isfinite(v) and 0 < v <= MAX_SCALE):
+                raise ReportInputError(
+                    f"{option}: {v:g} is out of range; each factor must be > 0 and <= {MAX_SCALE:g}"
+                )
+    biggest = max(scales["--fleet-scales"], default=1.0) * len(loaded)
+    if biggest > MAX_SCALED_DEVICES:
+        raise ReportInputError(
+            f"--fleet-scales {max(scales['--fleet-scales']):g} x {len(loaded)} devices of "
+            f"{fleet} is {biggest:,.0f} devices; the what-if plans at most "
+            f"{MAX_SCALED_DEVICES:,} (lower the factor)"
+        )
     settings = WhatIfSettings(
-        bandwidth_scales=_floats(bandwidth_scales, "--bandwidth-scales"),
-        fleet_scales=_floats(fleet_scales, "--fleet-scales"),
+        bandwidth_scales=scales["--bandwidth-scales"],
+        fleet_scales=scales["--fleet-scales"],
         deadline_points=deadline_points,
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
         double_links=tuple(double_link or ()),
@@ -194,7 +276,7 @@ def whatif_command(
         result = run_whatif(
             loaded, spec, params, options, settings, progress=progress, topology=topo
         )
-    _done("what-if", write_report(build_whatif_report(result), out), started)
+    _write(build_whatif_report(result), out, "what-if", started)
 
 
 @report_app.command("run")
@@ -210,10 +292,12 @@ def run_command(
     ] = 60,
 ) -> None:
     """Compare runs: accuracy vs simulated time and bytes, time-to-target, calibration."""
-    from legend.reports.render import write_report
     from legend.reports.run_report import build_run_report, load_run
 
     started = time.perf_counter()
+    _report_dir(out, *runs)
+    if target is not None and not (math.isfinite(target) and 0 < target <= 1):
+        raise ReportInputError(f"--target must be an accuracy in (0, 1], got {target!r}")
     loaded = [load_run(r) for r in runs]
     report = build_run_report(loaded, target=target, per_device_limit=per_device_limit)
-    _done("run", write_report(report, out), started)
+    _write(report, out, "run", started)

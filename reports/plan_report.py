@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from legend.models.errors import LegendError
 from legend.models.spec import get_model_spec
 from legend.planner.costs import ConfigCost, CostModel
+from legend.planner.greedy import larger_configurations
 from legend.planner.plan import SCHEMA_VERSION, DevicePlan, Plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
 from legend.planner.topology import Topology, link_times
@@ -65,7 +67,7 @@ __all__ = [
     "PlanContext",
     "build_plan_report",
     "device_frame",
-    "load_job",
+    "load_job_params",
     "load_plan",
     "resolve_cost_model",
 ]
@@ -113,7 +115,7 @@ def load_plan(path: str | Path) -> tuple[Plan, dict[str, Any]]:
             f"plan file {path} does not exist; create one with `legend plan --out {path}`"
         )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ReportInputError(f"plan file {path} is not readable JSON: {exc}") from None
     if not isinstance(raw, dict):
@@ -135,7 +137,131 @@ def load_plan(path: str | Path) -> tuple[Plan, dict[str, Any]]:
     return plan, raw
 
 
-def load_job(path: str | Path) -> JobParams:
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
+def check_plan_values(plan: Plan, source: str) -> None:
+    """What every plan must satisfy whatever its fleet: finite non-negative times, bytes and
+    memory, a known model with the plan's ``num_layers``, layers and ranks inside the model
+    and the grid, every device once. Raises :class:`ReportInputError` naming the field."""
+    problems: list[str] = []
+    for name in ("round_time_s", "objective_value", "utility", "solve_time_s"):
+        if not _finite(getattr(plan, name)):
+            problems.append(f"`{name}` = {getattr(plan, name)!r} (must be finite and >= 0)")
+    try:
+        num_layers = get_model_spec(plan.model).num_layers if plan.model else plan.num_layers
+    except LegendError:
+        raise ReportInputError(
+            f"plan file {source}: `model` = {plan.model!r} is not a known model; pass the "
+            "plan of a model legend knows (or its directory) or re-create the plan"
+        ) from None
+    if plan.num_layers != num_layers:
+        problems.append(
+            f"`num_layers` = {plan.num_layers} but model {plan.model!r} has {num_layers}"
+        )
+    grid = set(plan.ranks)
+    seen: set[str] = set()
+    for dp in plan.devices:
+        where = f"device {dp.device_id!r}"
+        if dp.device_id in seen:
+            problems.append(f"{where} appears more than once")
+        seen.add(dp.device_id)
+        for name in (
+            "predicted_time_s",
+            "predicted_upload_bytes",
+            "predicted_download_bytes",
+            "predicted_memory_bytes",
+        ):
+            value = getattr(dp, name, 0.0)
+            if not _finite(value):
+                problems.append(f"{where}: `{name}` = {value!r} (must be finite and >= 0)")
+        outside = [layer for layer in dp.layers if not 0 <= layer < num_layers]
+        if outside:
+            problems.append(f"{where}: layers {outside} outside 0..{num_layers - 1}")
+        off = sorted(set(dp.ranks) - grid)
+        if off:
+            problems.append(f"{where}: ranks {off} not in the plan's grid {sorted(grid)}")
+        if len(problems) >= 5:
+            break
+    if problems:
+        raise ReportInputError(
+            f"plan file {source} is not a valid plan: " + "; ".join(problems[:5])
+        )
+
+
+def check_plan_inputs(
+    plan: Plan,
+    fleet: Fleet,
+    source: str,
+    *,
+    job: JobParams | None = None,
+    raw: Mapping[str, Any] | None = None,
+    model: str | None = None,
+    topology: Topology | None = None,
+) -> list[str]:
+    """Validate ``plan`` against the fleet it is reported with (``validate_plan``) and its
+    recorded inputs digest; raise :class:`ReportInputError` naming every violation, return
+    warnings for what cannot be decided (a plan made with a calibration)."""
+    from legend.planner.api import PlannerOptions, PlanningProblem
+    from legend.planner.plan import validate_plan
+
+    check_fleet(plan, fleet, source)
+    costs, _ = resolve_cost_model(plan, fleet, job=job, raw=raw, model=model)
+    if costs is None:
+        return []
+    reproduces = _reproduces(plan, fleet, costs)
+    options = dict(plan.options)
+    try:
+        planner_options = PlannerOptions(**options) if options else PlannerOptions()
+    except (TypeError, ValueError) as exc:
+        raise ReportInputError(f"plan file {source}: `options` are not valid: {exc}") from None
+    violations = validate_plan(
+        plan,
+        fleet,
+        costs.spec,
+        costs.job,
+        monotone_ranks=planner_options.monotone_ranks,
+        min_depth=planner_options.min_depth,
+        require_all=not planner_options.allow_dropping,
+        server_mbps=planner_options.server_mbps,
+        cost_model=costs,
+        topology=topology,
+    )
+    if not reproduces:
+        violations = [v for v in violations if v.constraint != "prediction"]
+    if violations:
+        shown = "; ".join(
+            f"{v.device_id + ': ' if v.device_id else ''}{v.constraint}: {v.detail}"
+            for v in violations[:5]
+        )
+        more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
+        raise ReportInputError(
+            f"plan file {source} does not hold for fleet {fleet.source}: {shown}{more}; "
+            "re-plan with `legend plan` or give the fleet the plan was made for"
+        )
+    if not plan.inputs_digest:
+        return []
+    try:
+        digest = PlanningProblem.create(
+            fleet, costs.spec, costs.job, planner_options, topology=topology
+        ).digest()
+    except LegendError:
+        return []
+    if digest == plan.inputs_digest:
+        return []
+    message = (
+        f"fleet {fleet.source} (or the job, model or options) is not what plan file {source} "
+        f"was computed from: inputs digest {digest} != {plan.inputs_digest} recorded in the plan"
+    )
+    if reproduces:
+        raise ReportInputError(
+            message + "; re-plan with `legend plan` or give the fleet the plan was made for"
+        )
+    return [message + " (a plan made with a calibration cannot be checked)"]
+
+
+def load_job_params(path: str | Path) -> JobParams:
     """Job parameters from a ``.toml`` or ``.json`` file: top level, or the ``[job]`` and
     ``[train]`` tables of a ``legend run`` job file (a run directory's ``config.toml``)."""
     import tomllib
@@ -143,7 +269,7 @@ def load_job(path: str | Path) -> JobParams:
     path = Path(path)
     if not path.is_file():
         raise ReportInputError(f"job file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
@@ -283,28 +409,6 @@ def _layers_text(layers: Sequence[int]) -> str:
     return " ".join(str(v) for v in layers)
 
 
-def _moves(
-    layers: tuple[int, ...], ranks: tuple[int, ...], grid: tuple[int, ...], num_layers: int
-) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """One-step larger configurations: one more layer below at the lowest rank, or one layer
-    one grid step up with ranks still non-decreasing toward the output."""
-    out: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-    if not layers:
-        return [((num_layers - 1,), (grid[0],))]
-    if layers[0] > 0:
-        out.append(((layers[0] - 1, *layers), (grid[0], *ranks)))
-    index = {r: k for k, r in enumerate(grid)}
-    for j, r in enumerate(ranks):
-        k = index.get(r)
-        if k is None or k + 1 >= len(grid):
-            continue
-        up = grid[k + 1]
-        if j + 1 < len(ranks) and up > ranks[j + 1]:
-            continue
-        out.append((layers, (*ranks[:j], up, *ranks[j + 1 :])))
-    return out
-
-
 def _deadline_of(plan: Plan) -> float:
     """The time a device may use: the deadline under objective ``deadline``, else the round
     time (growing past it would lengthen the round)."""
@@ -344,11 +448,13 @@ def _limit(
     contention: _Contention | None = None,
 ) -> str:
     grid = plan.ranks or costs.job.ranks
-    moves = _moves(dp.layers, dp.ranks, tuple(grid), plan.num_layers or costs.spec.num_layers)
+    moves = larger_configurations(
+        dp.layers, dp.ranks, tuple(grid), plan.num_layers or costs.spec.num_layers
+    )
     if not moves:
         return "largest config"
-    # C7 holds against the round's real time: the slowest participant, which a move may
-    # lengthen (up to the deadline under objective 'deadline').
+    # C7: the round lasts as long as the server link needs for its bytes; a move whose bytes
+    # would push that past the time a device may use is held back by the link.
     link_bps = _link_bytes_per_s(plan)
     total = plan.total_upload_bytes + plan.total_download_bytes
     current = dp.predicted_upload_bytes + dp.predicted_download_bytes
@@ -363,8 +469,7 @@ def _limit(
             "deadline": cost.time_s > tol_t,
             "memory": cost.memory_bytes > device.memory_bytes * (1 + 1e-9),
             "server link": link_bps is not None
-            and total - current + cost.upload_bytes + cost.download_bytes
-            > link_bps * max(plan.round_time_s, cost.time_s) * (1 + 1e-9),
+            and total - current + cost.upload_bytes + cost.download_bytes > link_bps * tol_t,
             "link": bool(over),
         }
         if not any(hits.values()):

@@ -29,7 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from legend.federation.core import LINK_COLUMNS  # links.csv (runs with a topology)
+from legend.federation.session import (  # the record schema, written by the run session
+    DEVICE_COLUMNS,
+    LINK_COLUMNS,
+    ROUND_COLUMNS,
+)
 from legend.reports.errors import ReportInputError
 from legend.reports.render import (
     Figure,
@@ -61,37 +65,6 @@ __all__ = [
 ]
 
 REQUIRED_FILES = ("summary.json", "rounds.csv", "devices.csv")
-ROUND_COLUMNS = (
-    "round",
-    "sim_time_s",
-    "sim_clock_s",
-    "host_time_s",
-    "host_clock_s",
-    "accuracy",
-    "bytes_up",
-    "bytes_down",
-    "cum_bytes",
-    "participants",
-    "dropped",
-    "rejected",
-    "waiting_mean_s",
-    "waiting_max_s",
-    "planned_round_time_s",
-)
-DEVICE_COLUMNS = (
-    "round",
-    "device_id",
-    "device_class",
-    "status",
-    "depth",
-    "predicted_time_s",
-    "observed_time_s",
-    "predicted_compute_s",
-    "observed_compute_s",
-    "bytes_up",
-    "bytes_down",
-    "waiting_s",
-)
 MB = 1e6
 PER_DEVICE_LIMIT = 60
 # Links drawn in the utilisation-per-round figure (the busiest; the table has every link).
@@ -187,7 +160,7 @@ def load_run(path: str | Path) -> RunData:
     devices = _read_csv(run / "devices.csv", DEVICE_COLUMNS, run)
     if devices.empty:
         raise ReportInputError(f"run directory {run} is an empty run: devices.csv has no rows")
-    numeric = [c for c in ROUND_COLUMNS if c != "round"]
+    numeric = [c for c in ROUND_COLUMNS if c not in ("round", "solver_status")]
     try:
         rounds[numeric] = rounds[numeric].apply(pd.to_numeric, errors="raise")
         for c in (

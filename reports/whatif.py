@@ -718,43 +718,55 @@ def build_whatif_report(result: WhatIfResult) -> Report:
             cols.insert(1, "layers")
         return Table(name=name, title=title, frame=frame[[c for c in cols if c in frame.columns]])
 
+    def sweep(
+        section: str,
+        frame: pd.DataFrame,
+        key: str,
+        name: str,
+        title: str,
+        panel: tuple[str, str, str, bool],
+    ) -> Section:
+        """A sweep's section: its table and its panel figure (``panel``: the figure's x
+        column, x label, title and whether x is on a log2 scale)."""
+        x, xlabel, note, log2x = panel
+        png = _panel_figure(frame, x, xlabel, note, log2x=log2x)
+        return Section(
+            title=section,
+            blocks=(
+                table(frame, key, name, title),
+                Figure(name=name, title=title, png=png),
+            ),
+        )
+
     if len(result.bandwidth):
         sections.append(
-            Section(
-                title="Bandwidth",
-                blocks=(
-                    table(result.bandwidth, "bandwidth_scale", "bandwidth", "Bandwidth scaled"),
-                    Figure(
-                        name="bandwidth",
-                        title="Bandwidth scaled",
-                        png=_panel_figure(
-                            result.bandwidth,
-                            "bandwidth_scale",
-                            "bandwidth scale (x)",
-                            "Every device's uplink and downlink scaled",
-                            log2x=True,
-                        ),
-                    ),
+            sweep(
+                "Bandwidth",
+                result.bandwidth,
+                "bandwidth_scale",
+                "bandwidth",
+                "Bandwidth scaled",
+                panel=(
+                    "bandwidth_scale",
+                    "bandwidth scale (x)",
+                    "Every device's uplink and downlink scaled",
+                    True,
                 ),
             )
         )
     if len(result.fleet_size):
         sections.append(
-            Section(
-                title="Fleet size",
-                blocks=(
-                    table(result.fleet_size, "fleet_scale", "fleet_size", "Fleet size scaled"),
-                    Figure(
-                        name="fleet_size",
-                        title="Fleet size scaled",
-                        png=_panel_figure(
-                            result.fleet_size,
-                            "devices",
-                            "devices",
-                            "Fleet scaled per device class (same class mix)",
-                            log2x=False,
-                        ),
-                    ),
+            sweep(
+                "Fleet size",
+                result.fleet_size,
+                "fleet_scale",
+                "fleet_size",
+                "Fleet size scaled",
+                panel=(
+                    "devices",
+                    "devices",
+                    "Fleet scaled per device class (same class mix)",
+                    False,
                 ),
             )
         )

@@ -33,7 +33,7 @@ from legend.federation.flower_engine import (
 )
 from legend.planner.profiles import load_fleet
 
-_MARKERS = ("flower-superlink", "flower-supernode", "legend.federation.flower_app")
+_MARKERS = ("flower-superlink", "flower-supernode", "legend.federation.flower node")
 
 
 def _cmdline(pid: int) -> str:

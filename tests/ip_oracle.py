@@ -77,10 +77,10 @@ def solve_exhaustively(
         if not participants:
             continue
         t = max(o.time_s for o in participants)
-        if opts.objective == "deadline" and t > opts.deadline_s * (1 + 1e-12):
-            continue
-        link_bps = None if opts.server_mbps is None else opts.server_mbps * 1e6 / 8
-        if link_bps is not None and sum(o.bytes_both for o in choice) > link_bps * t * (1 + 1e-9):
+        if opts.server_mbps is not None:
+            # the round lasts at least as long as the server's link needs for its bytes
+            t = max(t, sum(o.bytes_both for o in choice) / (opts.server_mbps * 1e6 / 8))
+        if opts.objective == "deadline" and t > opts.deadline_s * (1 + 1e-9):
             continue
         if opts.coverage_share > 0 and opts.coverage_layers > 0:
             total = sum(n for n, o in zip(samples, choice, strict=True) if o.depth > 0)

@@ -437,6 +437,28 @@ def test_hetlora_uses_zero_padding_and_norm_weights():
     np.testing.assert_allclose(out.factors[key][0][3], p[1] * ha[3], rtol=1e-5)
 
 
+def test_hetlora_weights_are_the_papers_norm_weights_when_samples_are_equal():
+    """Legend's variant multiplies the paper's weight ``||B_i A_i||_F`` by ``n_i``; with equal
+    ``n_i`` the two agree, and with unequal ``n_i`` the samples count."""
+    global_state = make_global(3)
+    key = (3, "q")
+    for samples in ((7, 7, 7), (1, 5, 20)):
+        updates = [
+            trained_update(global_state, f"d{i}", n, [3], [3], seed=10 + i)
+            for i, n in enumerate(samples)
+        ]
+        norms = np.array([np.linalg.norm(product(u.state, key)) for u in updates])
+        paper = norms / norms.sum()
+        legend = norms * samples / (norms * samples).sum()
+        out = aggregate_hetlora(global_state, updates)
+        expected = sum(p * u.state.factors[key][0] for p, u in zip(legend, updates, strict=True))
+        np.testing.assert_allclose(out.factors[key][0], expected, rtol=1e-5)
+        if len(set(samples)) == 1:
+            np.testing.assert_allclose(legend, paper)
+        else:
+            assert np.abs(legend - paper).max() > 0.1
+
+
 def test_hetlora_keeps_slots_beyond_every_rank():
     global_state = make_global(6)
     updates = [
@@ -517,8 +539,74 @@ def test_flexlora_splits_singular_values_evenly_and_parks_unused_slots():
     # Slots 3.. carry nothing (B = 0) but keep the previous A rows so they can still learn.
     assert not b[:, 3:].any()
     np.testing.assert_array_equal(
-        out.factors[(3, "q")][0][3:], global_state.factors[(3, "q")][0][3:]
+        out.factors[(3, "q")][0][3:], global_state.factors[(3, "q")][0][3:].astype(np.float32)
     )
+
+
+def test_flexlora_keeps_slots_past_the_numerical_rank_trainable():
+    """Three identical rank-8 updates into a rank-16 global: Delta has rank 8, not 16.
+
+    Slots 8..15 must not end with A and B both near zero (such a slot gets no gradient):
+    they get B = 0 and keep A, and a real LoRA forward and backward reaches them.
+    """
+    import torch
+
+    from legend.federation.apply import AdapterHost
+    from legend.models.loaders import load_base_model
+    from legend.planner.plan import DevicePlan
+    from legend.planner.profiles import JobParams
+
+    spec = get_model_spec("tiny-bert", target_modules="qv")
+    base = load_base_model("tiny-bert", seed=1)
+    host = AdapterHost(base, spec, JobParams(target_modules="qv"))
+    global_state = init_global(spec, 16, host.initial_head(), seed=0)
+    layers = list(range(spec.num_layers))
+    same = trained_update(global_state, "x", 10, layers, [8] * len(layers), seed=3)
+    updates = [ClientUpdate(device_id=f"d{i}", num_samples=10, state=same.state) for i in range(3)]
+    out = aggregate_flexlora(global_state, updates)
+    for key in out.factors:
+        a, b = (x.astype(np.float64) for x in out.factors[key])
+        np.testing.assert_allclose(b @ a, product(same.state, key), rtol=1e-4, atol=1e-4)
+        assert not b[:, 8:].any()
+        assert (np.linalg.norm(a[8:], axis=1) > 0.1).all()
+
+    plan = DevicePlan(device_id="big", layers=tuple(layers), ranks=(16,) * len(layers))
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(1, base.config.vocab_size, (4, 12), generator=g),
+        "attention_mask": torch.ones(4, 12, dtype=torch.long),
+        "labels": torch.randint(0, 2, (4,), generator=g),
+    }
+    with host.activate(plan, slice_for(out, plan.layers, plan.ranks)) as model:
+        model(**batch).loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if ".lora_B." in name}
+        assert len(grads) == 2 * len(layers)
+        for name, grad in grads.items():
+            assert grad is not None and grad.shape[1] == 16, name
+            per_slot = grad.abs().sum(dim=0)
+            assert (per_slot[8:] > 0).all(), f"{name}: slots 8..15 get no gradient"
+
+
+def test_flexlora_revives_zero_a_rows_past_the_numerical_rank():
+    """A previous A row of zeros cannot learn: it becomes a unit row orthogonal to the rest."""
+    global_state = make_global(6)
+    key = (3, "q")
+    ga, gb = global_state.factors[key]
+    ga = ga.copy()
+    ga[2:] = 0.0
+    global_state = AdapterState(
+        factors={**global_state.factors, key: (ga, gb)}, head=global_state.head
+    )
+    one = trained_update(global_state, "a", 4, [3], [2], seed=1)
+    twin = ClientUpdate(device_id="b", num_samples=4, state=one.state)
+    out = aggregate_flexlora(global_state, [one, twin])
+    a, b = (x.astype(np.float64) for x in out.factors[key])
+    np.testing.assert_allclose(b @ a, product(one.state, key), rtol=1e-4, atol=1e-4)
+    assert not b[:, 2:].any()
+    np.testing.assert_allclose(a[2:] @ a[2:].T, np.eye(4), atol=1e-6)
+    np.testing.assert_allclose(a[2:] @ a[:2].T, 0.0, atol=1e-5)
+    again = aggregate_flexlora(global_state, [one, twin])
+    np.testing.assert_array_equal(again.factors[key][0], out.factors[key][0])
 
 
 def test_flexlora_never_builds_the_dense_update_of_a_large_layer():

@@ -235,7 +235,7 @@ def _bad(tmp_path: Path, name: str, content: str) -> Path:
         ("number.jsonl", '{"text": "a", "label": 1}\n{"text": 5, "label": 0}\n', "line 2.*text"),
         ("null.jsonl", '{"text": null, "label": 1}\n', "line 1: 'text' must be text"),
         ("bool.jsonl", '{"text": "a", "label": true}\n', "line 1.*boolean"),
-        ("float.jsonl", '{"text": "a", "label": 0.5}\n', "line 1.*integer or a string"),
+        ("float.jsonl", '{"text": "a", "label": 0.5}\n', "line 1.*0.5 is fractional"),
     ],
 )
 def test_bad_files_raise_clear_errors(

@@ -19,19 +19,19 @@ pytest.importorskip("flwr")
 from legend.federation import flower_engine
 from legend.federation.adapters import AdapterState
 from legend.federation.core import ClientInstruction, ClientReply
-from legend.federation.flower_app import (
-    FlowerInputError,
-    FlowerNodeError,
+from legend.federation.flower import flwr_internals
+from legend.federation.flower.client_app import node_profile
+from legend.federation.flower.codec import (
     ServerSettings,
     instruction_from_record,
     instruction_to_record,
     job_payload,
-    node_profile,
     reply_from_record,
     reply_to_record,
     state_from_arrays,
     state_to_arrays,
 )
+from legend.federation.flower.errors import FlowerInputError, FlowerNodeError
 from legend.federation.flower_engine import FlowerConnectionError, free_port, parse_address
 from legend.federation.job import load_job
 from legend.models.errors import InputError
@@ -129,15 +129,13 @@ def test_instruction_round_trip_and_fresh_payload_per_message(tiny_job, fault):
     assert back.loss == ins.loss
 
 
-@pytest.mark.parametrize("with_state", [True, False])
-def test_reply_round_trip_keeps_observations(with_state):
-    state = _state(np.random.default_rng(2), {0: 8}) if with_state else None
-    reply = ClientReply(
-        round=2,
-        device_id="jetson-1",
+def _reply(round: int, device_id: str, state: AdapterState | None) -> ClientReply:
+    return ClientReply(
+        round=round,
+        device_id=device_id,
         state=state,
         num_samples=80,
-        train_loss=math.nan if not with_state else 0.6931,
+        train_loss=math.nan if state is None else 0.6931,
         steps=3,
         host_time_s=0.25,
         sim_compute_s=1.5,
@@ -146,8 +144,14 @@ def test_reply_round_trip_keeps_observations(with_state):
         download_bytes=1234.0,
         upload_bytes=567.0,
         memory_bytes=1e8,
-        dropped=not with_state,
+        dropped=state is None,
     )
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_reply_round_trip_keeps_observations(with_state):
+    state = _state(np.random.default_rng(2), {0: 8}) if with_state else None
+    reply = _reply(2, "jetson-1", state)
     back = reply_from_record(reply_to_record(reply, {"pid": 1}))
     assert (back.state is None) == (state is None)
     if state is not None:
@@ -291,3 +295,112 @@ def test_resume_without_a_run_is_refused_before_anything_starts(tiny_job, tmp_pa
     cfg, _ = tiny_job
     with pytest.raises(InputError, match="cannot resume"):
         flower_engine.run(cfg.override("job", engine="flower-sim"), tmp_path / "none", resume=True)
+
+
+def test_flower_internals_were_checked_against_the_installed_flower():
+    """The node worker and run submission use Flower internals (one module); they were
+    checked against the versions it lists. On any other Flower, run the Flower tests
+    (tests/test_flower_engines.py) and add the version to CHECKED_VERSIONS, or fix them."""
+    installed = flwr_internals.flower_version()
+    assert installed in flwr_internals.CHECKED_VERSIONS, (
+        f"Flower {installed} is installed, but legend.federation.flower.flwr_internals was "
+        f"checked against {flwr_internals.CHECKED_VERSIONS} only"
+    )
+
+
+def test_client_app_pickles_with_an_empty_job_cache():
+    """The simulation runtime pickles the ClientApp into every ray actor."""
+    import cloudpickle
+
+    from legend.federation.flower.client_app import JobCache, make_client_app
+
+    cache = JobCache()
+    cache.model_loads = 2
+    copy = cloudpickle.loads(cloudpickle.dumps(cache))
+    assert copy.model_loads == 0 and copy is not cache
+    cloudpickle.dumps(make_client_app(cache))
+
+
+class _Session:
+    """The part of a run session the Strategy uses, after a resume at round 3 of 4."""
+
+    def __init__(self, cfg, state: AdapterState) -> None:
+        self.cfg = cfg
+        self.server = type("Server", (), {"global_state": state})()
+        self.started: list[int] = []
+        self.completed: list[tuple[int, list[str], list[str]]] = []
+
+    def pending_rounds(self):
+        return iter((3, 4))
+
+    def start_round(self, t: int, available: list[str]):
+        self.started.append(t)
+        ins = _instruction(self.server.global_state)
+        return f"plan {t}", [
+            ClientInstruction(**{**ins.__dict__, "round": t, "device_id": d}) for d in available
+        ]
+
+    def complete_round(self, t, plan, replies, *, missing):
+        self.completed.append((t, [r.device_id for r in replies], list(missing)))
+        return {"round": t, "accuracy": 0.5}
+
+
+class _Grid:
+    """Delivers each message to a node that answers with its slice unchanged (node 2 fails)."""
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl):
+        from flwr.app import Message, Metadata
+
+        meta = Metadata(
+            run_id=1,
+            message_id=f"m{dst_node_id}-{group_id}",
+            src_node_id=0,
+            dst_node_id=dst_node_id,
+            reply_to_message_id="",
+            group_id=group_id,
+            created_at=time.time(),
+            ttl=ttl,
+            message_type=message_type,
+        )
+        return Message(content=content, metadata=meta)
+
+    def send_and_receive(self, messages, timeout):
+        from flwr.app import Error, Message
+
+        replies = []
+        for msg in messages:
+            if msg.metadata.dst_node_id == 2:
+                replies.append(Message(Error(code=0, reason="boom"), reply_to=msg))
+                continue
+            ins = instruction_from_record(msg.content)
+            reply = _reply(ins.round, ins.device_id, ins.init_state)
+            replies.append(Message(reply_to_record(reply, {"pid": 7}), reply_to=msg))
+        return replies
+
+
+def test_strategy_runs_the_pending_rounds_with_flowers_own_loop(tiny_job):
+    """Flower's Strategy.start drives the rounds (no override); after a resume its rounds
+    1, 2 are the session's 3, 4; a failed node is missing and not planned again; the node
+    rows go to the callback, not to a file."""
+    from legend.federation.flower.server_app import LegendStrategy
+
+    assert "start" not in LegendStrategy.__dict__
+    cfg, fleet = tiny_job
+    session = _Session(cfg, _state(np.random.default_rng(0), {2: 4, 3: 2}))
+    rows: list[list[dict]] = []
+    strategy = LegendStrategy(
+        session,
+        {"phone-1": 1, "phone-2": 2},
+        job_payload(cfg, fleet, None),
+        round_timeout_s=5.0,
+        on_round=rows.append,
+    )
+    result = strategy.run(_Grid())
+    assert session.started == [3, 4]
+    assert session.completed == [(3, ["phone-1"], ["phone-2"]), (4, ["phone-1"], [])]
+    assert [[r["round"] for r in round_rows] for round_rows in rows] == [[3], [4]]
+    assert rows[0][0]["pid"] == 7 and rows[0][0]["device_id"] == "phone-1"
+    assert sorted(result.train_metrics_clientapp) == [1, 2]

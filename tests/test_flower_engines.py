@@ -26,7 +26,7 @@ pytest.importorskip("flwr")
 
 from legend.federation import flower_engine
 from legend.federation.adapters import AdapterState
-from legend.federation.flower_app import FlowerEngineError, FlowerInputError
+from legend.federation.flower.errors import FlowerEngineError, FlowerInputError
 from legend.federation.flower_engine import (
     descendants,
     flower_env,

@@ -1,5 +1,5 @@
-"""The integer program: structure, hand-solved answers, decoding, warm start, and agreement
-with an exhaustive oracle for every objective and optional constraint."""
+"""The catalogue MILP: structure, hand-solved answers, decoding, warm start, and agreement of
+the sweep and every MILP backend with an exhaustive oracle for every objective and option."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import pytest
 from ip_oracle import close, solve_exhaustively
 from strategies import TINY, tiny_job
 
+from legend.models.errors import InputError
 from legend.planner.api import PlannerOptions, PlanningProblem, plan_round
+from legend.planner.backends import BACKENDS, satisfies
+from legend.planner.catalog import build_catalogue, fleet_costs
 from legend.planner.errors import PlannerInputError
-from legend.planner.formulation import MILP, VarKey, decode, formulate, round_time_of
+from legend.planner.formulation import MILP, decode, decode_columns, formulate, round_time_of
 from legend.planner.plan import validate_plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
 
@@ -30,36 +33,6 @@ FLEET3 = Fleet(
         device("mid", tflops=0.1, uplink_mbps=5.0, num_samples=60),
     )
 )
-
-
-def in_rows(milp: MILP, values: np.ndarray, tol: float = 1e-7) -> bool:
-    act = milp.matrix @ values
-    return bool(
-        np.all(act >= milp.row_lower - tol * (1 + np.abs(milp.row_lower)))
-        and np.all(act <= milp.row_upper + tol * (1 + np.abs(milp.row_upper)))
-    )
-
-
-def encode(milp: MILP, problem: PlanningProblem, configs) -> np.ndarray:
-    """Values of the per-device program for given configurations (T = slowest)."""
-    k_of = {r: k for k, r in enumerate(problem.job.ranks)}
-    pos = {key: j for j, key in enumerate(milp.index)}
-    v = np.zeros(milp.num_vars)
-    t, slowest = 0.0, None
-    for i, (layers, ranks) in enumerate(configs):
-        if not layers:
-            continue
-        v[pos[VarKey("z", i)]] = 1.0
-        for layer, rank in zip(layers, ranks, strict=True):
-            v[pos[VarKey("x", i, layer, k_of[rank])]] = 1.0
-        ti = problem.costs.evaluate(problem.fleet.devices[i], layers, ranks).time_s
-        if ti > t:
-            t, slowest = ti, i
-    if milp.round_time is not None:
-        v[milp.round_time] = t
-    if VarKey("h", 0) in pos and slowest is not None:
-        v[pos[VarKey("h", slowest)]] = 1.0
-    return v
 
 
 # -- known answers -------------------------------------------------------------------------
@@ -108,113 +81,92 @@ def test_rate_known_answer_single_rank() -> None:
 # -- structure -----------------------------------------------------------------------------
 
 
-def test_rows_and_variables_are_named_after_the_constraints() -> None:
+def program(problem: PlanningProblem, deadline_s: float | None = None, **kw: object) -> MILP:
+    return formulate(problem, build_catalogue(problem), fleet_costs(problem), deadline_s, **kw)  # type: ignore[arg-type]
+
+
+def test_one_choose_one_row_per_device_and_named_coupling_rows() -> None:
     options = PlannerOptions(
-        allow_dropping=True,
-        min_participants=2,
-        server_mbps=50.0,
-        coverage_layers=2,
-        coverage_share=0.5,
-        min_depth=2,
+        server_mbps=4.0, coverage_layers=3, coverage_share=0.6, use_classes=False
     )
     problem = PlanningProblem.create(FLEET3, TINY, tiny_job(), options)
-    milp = formulate(problem, use_classes=False)
-    N, L, K = 3, TINY.num_layers, 3
-    assert len(milp.rows_named("C1")) == N * L
-    assert len(milp.rows_named("C2")) == N * (L - 1)
-    assert len(milp.rows_named("C3")) == N
-    assert len(milp.rows_named("C3min")) == N
-    assert len(milp.rows_named("C4")) == N * (L - 1)
-    assert len(milp.rows_named("C5")) == N
-    assert len(milp.rows_named("C6")) == N
-    assert milp.rows_named("C7") and milp.rows_named("C9")
-    assert len(milp.rows_named("C8")) == 2
-    kinds = [key.kind for key in milp.index]
-    assert kinds.count("x") == N * L * K and kinds.count("z") == N and kinds.count("T") == 1
-    assert milp.index[milp.round_time or 0] == VarKey("T")
-    # every x variable's name spells its meaning
-    for name, key in zip(milp.var_names, milp.index, strict=True):
-        if key.kind == "x":
-            assert name == f"x_{key.owner}_{key.a}_{key.b}"
-    # z free with dropping; fixed to 1 without
-    z = [j for j, key in enumerate(milp.index) if key.kind == "z"]
-    assert np.all(milp.lower[z] == 0)
-    fixed = formulate(PlanningProblem.create(FLEET3, TINY, tiny_job()), use_classes=False)
-    z = [j for j, key in enumerate(fixed.index) if key.kind == "z"]
-    assert np.all(fixed.lower[z] == 1)
-    assert not fixed.rows_named("C4") or PlannerOptions().monotone_ranks
-    no_c4 = formulate(
-        PlanningProblem.create(FLEET3, TINY, tiny_job(), PlannerOptions(monotone_ranks=False)),
-        use_classes=False,
-    )
-    assert no_c4.rows_named("C4") == []
+    milp = program(problem)
+    names = milp.row_names
+    assert [n for n in names if n.startswith("C3[")] == ["C3[0]", "C3[1]", "C3[2]"]
+    assert "C7" in names
+    # coverage rows for the layers that need depth 2 and 3 (the output layer needs none)
+    assert [n for n in names if n.startswith("C8")] == ["C8[2]", "C8[1]"]
+    assert milp.round_time is not None and milp.index[milp.round_time].kind == "T"
+    # every count variable is a column of the catalogue of its device
+    assert {k.kind for k in milp.index} == {"m", "T"}
+    assert milp.matrix.shape == (len(names), milp.num_vars)
 
 
-def test_deadline_program_has_constant_round_time() -> None:
-    problem = PlanningProblem.create(
-        FLEET3, TINY, tiny_job(), PlannerOptions(objective="deadline", deadline_s=5.0)
-    )
-    milp = formulate(problem, 5.0, use_classes=False)
-    assert milp.round_time is None and milp.sense == "max"
-    # C5 is written relative to the deadline
-    assert np.allclose(milp.row_upper[milp.rows_named("C5")], 1.0, rtol=1e-4)
+def test_deadline_program_has_constant_round_time_and_filtered_columns() -> None:
+    problem = PlanningProblem.create(FLEET3, TINY, tiny_job())
+    milp = program(problem, 0.05)
+    assert milp.round_time is None and milp.deadline_s == 0.05
+    assert np.all(milp.units.time_s <= 0.05 * (1 + 1e-9))
     with pytest.raises(PlannerInputError, match="not both"):
-        formulate(problem, 5.0, utility_floor=1.0)
+        program(problem, 0.05, utility_floor=1.0)
+
+
+def test_identical_devices_share_one_unit_with_counts() -> None:
+    twins = Fleet(
+        devices=(*FLEET3.devices, device("fast-2", tflops=0.5, uplink_mbps=20.0, num_samples=120))
+    )
+    problem = PlanningProblem.create(twins, TINY, tiny_job())
+    milp = program(problem)
+    assert len(milp.units) == 3 and [len(m) for m in milp.units.groups.members] == [2, 1, 1]
+    by_device = program(
+        PlanningProblem.create(twins, TINY, tiny_job(), PlannerOptions(use_classes=False))
+    )
+    assert len(by_device.units) == 4
+    # the counts of a class are general integers bounded by its size
+    counts = [k for k, key in enumerate(milp.index) if key.kind == "m" and key.owner == 0]
+    assert np.all(milp.upper[counts] == 2) and np.all(milp.integer[counts])
 
 
 def test_decode_and_encode_round_trip() -> None:
-    problem = PlanningProblem.create(FLEET3, TINY, tiny_job(), PlannerOptions(allow_dropping=True))
-    milp = formulate(problem, use_classes=False)
-    configs = (((1, 2, 3), (2, 4, 8)), ((), ()), ((3,), (8,)))
-    values = encode(milp, problem, configs)
-    assert in_rows(milp, values)
-    assert decode(milp, values) == configs
-    expected_t = max(
-        problem.costs.evaluate(problem.fleet.devices[i], *configs[i]).time_s for i in (0, 2)
-    )
-    assert round_time_of(milp, values) == pytest.approx(expected_t)
-    assert milp.utility_value(values) == pytest.approx(
-        problem.utility(0, *configs[0]) + problem.utility(2, *configs[2])
-    )
-
-
-def test_rows_reject_broken_configurations() -> None:
-    """A gap in the layer block (C2) and ranks decreasing toward the output (C4) violate rows."""
     problem = PlanningProblem.create(FLEET3, TINY, tiny_job())
-    milp = formulate(problem, use_classes=False)
-    ok = (((2, 3), (4, 8)), ((3,), (2,)), ((3,), (2,)))
-    assert in_rows(milp, encode(milp, problem, ok))
-    gap = (((1, 3), (4, 8)), ((3,), (2,)), ((3,), (2,)))
-    assert not in_rows(milp, encode(milp, problem, gap))
-    decreasing = (((2, 3), (8, 4)), ((3,), (2,)), ((3,), (2,)))
-    assert not in_rows(milp, encode(milp, problem, decreasing))
+    cat, fc = build_catalogue(problem), fleet_costs(problem)
+    choice = np.asarray([len(cat) - 1, 0, 3])
+    milp = formulate(problem, cat, fc, None, start=choice)
+    assert milp.start is not None and satisfies(milp, milp.start)
+    assert list(decode_columns(milp, milp.start)) == list(choice)
+    configs = decode(milp, milp.start)
+    assert configs[1] == cat.configuration(0)
+    slowest = max(
+        problem.costs.evaluate(d, *c).time_s for d, c in zip(FLEET3.devices, configs, strict=True)
+    )
+    assert round_time_of(milp, milp.start) == pytest.approx(slowest, rel=1e-12)
 
 
 def test_warm_start_encodes_last_plan() -> None:
-    job = tiny_job()
-    first = plan_round(FLEET3, TINY, job)
-    problem = PlanningProblem.create(FLEET3, TINY, job, PlannerOptions(), warm_start=first)
-    milp = formulate(problem, use_classes=False)
-    assert milp.start is not None
-    assert in_rows(milp, milp.start)
-    assert decode(milp, milp.start) == tuple((d.layers, d.ranks) for d in first.devices)
-    again = plan_round(FLEET3, TINY, job, warm_start=first)
-    assert again.objective_value == pytest.approx(first.objective_value, rel=1e-6)
+    problem = PlanningProblem.create(FLEET3, TINY, tiny_job())
+    last = plan_round(FLEET3, TINY, tiny_job())
+    warm = PlanningProblem.create(FLEET3, TINY, tiny_job(), warm_start=last)
+    milp = program(warm)
+    assert milp.start is not None and satisfies(milp, milp.start)
+    assert decode(milp, milp.start) == tuple((d.layers, d.ranks) for d in last.devices)
+    assert program(problem).start is None
 
 
 def test_bad_option_combinations_name_the_field() -> None:
     with pytest.raises(PlannerInputError, match="coverage_layers"):
-        formulate(
-            PlanningProblem.create(
-                FLEET3, TINY, tiny_job(), PlannerOptions(coverage_layers=9, coverage_share=0.5)
-            )
+        PlanningProblem.create(
+            FLEET3, TINY, tiny_job(), PlannerOptions(coverage_layers=9, coverage_share=0.5)
         )
     with pytest.raises(PlannerInputError, match="min_participants"):
-        formulate(
-            PlanningProblem.create(
-                FLEET3, TINY, tiny_job(), PlannerOptions(allow_dropping=True, min_participants=4)
-            )
+        PlanningProblem.create(
+            FLEET3, TINY, tiny_job(), PlannerOptions(allow_dropping=True, min_participants=4)
         )
+    with pytest.raises(PlannerInputError, match="server_mbps"):
+        PlannerOptions(server_mbps=float("inf"))
+    with pytest.raises(InputError, match="rank 128 is wider"):
+        PlanningProblem.create(FLEET3, TINY, tiny_job((2, 128, 1024)))
+    with pytest.raises(PlannerInputError, match="unknown solver"):
+        PlannerOptions(solver="magic")
 
 
 # -- agreement with the exhaustive oracle --------------------------------------------------
@@ -237,19 +189,31 @@ def objective_options(objective: str) -> dict[str, object]:
     return {"objective": "rate"}
 
 
+SOLVERS = ("auto", *BACKENDS)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("objective", ["rate", "deadline", "min-time"])
 @pytest.mark.parametrize("option_set", sorted(OPTION_SETS))
-def test_matches_oracle(objective: str, option_set: str) -> None:
+def test_matches_oracle(objective: str, option_set: str, solver: str) -> None:
     fleet = FLEET3 if option_set != "non-monotone" else Fleet(devices=FLEET3.devices[:2])
     job = tiny_job()
     options = PlannerOptions(
-        mip_gap=1e-7, use_classes=False, **objective_options(objective), **OPTION_SETS[option_set]
+        solver=solver,
+        mip_gap=1e-7,
+        use_classes=False,
+        **objective_options(objective),
+        **OPTION_SETS[option_set],
     )
     problem = PlanningProblem.create(fleet, TINY, job, options)
     truth = solve_exhaustively(problem)
     assert truth is not None
     plan = plan_round(fleet, TINY, job, options)
     assert plan.status in ("OPTIMAL", "FEASIBLE")
+    coupled = option_set in ("server-link", "coverage", "dropping")
+    assert plan.solver == (
+        "sweep" if solver == "auto" and not coupled else ("highs" if solver == "auto" else solver)
+    )
     tol = max(plan.mip_gap or 0.0, 1e-6)
     assert close(plan.objective_value, truth.objective, tol), (plan.objective_value, truth)
     violations = validate_plan(

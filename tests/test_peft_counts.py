@@ -89,7 +89,7 @@ def minilm() -> torch.nn.Module:
 def test_minilm_counts(minilm: torch.nn.Module) -> None:
     spec = get_model_spec("all-MiniLM-L6-v2", target_modules="all")
     assert spec.total_params == sum(p.numel() for p in minilm.parameters()) == 22_713_986
-    # METHOD.md: p_l = 6,912 with all six linear modules, 1,536 with query+value.
+    # docs/costs.md: p_l = 6,912 with all six linear modules, 1,536 with query+value.
     assert spec.params_per_rank == 6912
     assert get_model_spec("all-MiniLM-L6-v2").params_per_rank == 1536
     _check_counts(minilm, "all-MiniLM-L6-v2")

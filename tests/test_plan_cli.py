@@ -29,7 +29,7 @@ def test_table_summary_and_plan_file(tmp_path: Path, capfd: pytest.CaptureFixtur
     assert code == 0
     plan = Plan.load(out)
     fleet = load_fleet(FLEET)
-    assert plan.solver == "pulp-highs" and plan.status == "OPTIMAL"
+    assert plan.solver == "sweep" and plan.status == "OPTIMAL"
     assert validate_plan(plan, fleet, _spec("all-MiniLM-L6-v2"), JobParams()) == []
     for fragment in ("solver", "status", "round time", "gap", "solve time", "waiting"):
         assert fragment in captured.out
@@ -139,8 +139,8 @@ def test_bad_fleet_exits_2_with_one_line(
         (["--ranks", "2,four"], ["'four'"]),
         (["--objective", "fastest"], ["objective", "fastest"]),
         (["--objective", "deadline"], ["deadline_s", "--deadline-s"]),
-        (["--objective", "deadline", "--deadline-s", "-1"], ["deadline_s", "-1"]),
-        (["--objective", "deadline", "--deadline-s", "nan"], ["deadline_s", "nan"]),
+        (["--objective", "deadline", "--deadline-s", "-1"], ["--deadline-s", "-1"]),
+        (["--objective", "deadline", "--deadline-s", "nan"], ["--deadline-s", "nan"]),
         (["--solver", "magic"], ["magic", "pulp-highs"]),
         (["--format", "yaml"], ["--format", "yaml"]),
         (["--target-modules", "mlp"], ["--target-modules", "mlp"]),
@@ -205,6 +205,7 @@ def test_solver_failure_exits_4(tmp_path: Path, capfd: pytest.CaptureFixture[str
         "--model", "bert-base-uncased",
         "--out", str(tmp_path / "p.json"),
         "--objective", "min-time",
+        "--solver", "highs",
         "--time-limit-s", "0.000001",
     )  # fmt: skip
     err = capfd.readouterr().err

@@ -1,5 +1,5 @@
 """Shared links in the plan and what-if reports, on real plans of 30 phones behind one access
-point (examples/fleet_ap30.csv, examples/topology_ap30.toml, all-MiniLM-L6-v2, pulp-highs)."""
+point (examples/fleet_ap30.csv, examples/topology_ap30.toml, all-MiniLM-L6-v2, solver auto)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_plan_report_link_table_is_the_plans_load(ap30):
     assert limits.str.contains(f"link {BACKHAUL}").all()
     assert "link_utilisation" in [f.name for f in report.figures]
     section = next(s for s in report.sections if s.title == "Links")
-    assert "re-planning with pulp-highs" in section.blocks[1].text  # type: ignore[union-attr]
+    assert "re-planning with auto" in section.blocks[1].text  # type: ignore[union-attr]
 
 
 def test_backhaul_binds_by_replanning_and_on_the_clock(ap30):

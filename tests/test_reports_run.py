@@ -123,8 +123,8 @@ def write_run(
                 }
             )
     for name, data, columns in (
-        ("rounds.csv", rounds, (*ROUND_COLUMNS, "test_loss")),
-        ("devices.csv", rows, (*DEVICE_COLUMNS, "layers", "ranks", "memory_bytes")),
+        ("rounds.csv", rounds, ROUND_COLUMNS),
+        ("devices.csv", rows, DEVICE_COLUMNS),
     ):
         with (path / name).open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")

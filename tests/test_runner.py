@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,32 @@ def test_resume_equals_uninterrupted_run(server_optimizer, tiny_cfg, prepared, t
     assert [r["bytes_up"] for r in rows_resumed] == [r["bytes_up"] for r in rows_full]
     state = json.loads((tmp_path / "part" / "checkpoints" / "state.json").read_text())
     assert (state["server_optimizer"] is None) == (server_optimizer == "none")
+
+
+def test_resumed_clock_uses_the_recorded_server_time(tiny_cfg, prepared, tmp_path):
+    """The server's time per round is measured once and recorded with the checkpoint, so
+    two resumes of one interrupted run keep the same simulated clock."""
+    cfg = tiny_cfg.override("job", rounds=3)
+    run_job(cfg, tmp_path / "a", prepared=prepared, show_progress=False, stop_after=1)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name in ("a", "b"):
+        run_job(cfg, tmp_path / name, prepared=prepared, show_progress=False, resume=True)
+    a, b = _rows(tmp_path / "a" / "rounds.csv"), _rows(tmp_path / "b" / "rounds.csv")
+    assert [r["sim_clock_s"] for r in a] == [r["sim_clock_s"] for r in b]
+    assert len({r["server_time_s"] for r in a}) == 1
+    state = json.loads((tmp_path / "a" / "checkpoints" / "state.json").read_text())
+    assert state["progress"]["server_time_s"] == float(a[0]["server_time_s"])
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["sim_time_s"] == float(a[-1]["sim_clock_s"])
+
+
+def test_a_resumed_checkpoint_is_verified(tiny_cfg, prepared, tmp_path):
+    cfg = tiny_cfg.override("job", rounds=2)
+    run_job(cfg, tmp_path / "run", prepared=prepared, show_progress=False, stop_after=1)
+    npz = tmp_path / "run" / "checkpoints" / "round_0001.npz"
+    npz.write_bytes(npz.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"round_0001\.npz is damaged"):
+        run_job(cfg, tmp_path / "run", prepared=prepared, show_progress=False, resume=True)
 
 
 def test_existing_run_dir_is_not_overwritten(tiny_cfg, prepared, tmp_path):

@@ -1,7 +1,7 @@
-"""Conformance suite every exact backend runs, status tables, time limits, infeasibility.
+"""Conformance suite every MILP backend runs, status tables, time limits, infeasibility.
 
-The default backend (pulp-highs) is a hard dependency: these tests import its libraries at
-module level so that they fail, never skip, when it is missing.
+HiGHS (highspy, the default MILP backend) and PuLP are hard dependencies: these tests import
+their libraries at module level so that they fail, never skip, when one is missing.
 """
 
 from __future__ import annotations
@@ -21,17 +21,26 @@ from legend.planner.api import (
     PlannerOptions,
     PlanningProblem,
     SolverOutcome,
-    _load_backends,
     make_plan,
     plan_round,
 )
+from legend.planner.backends import (
+    BACKENDS,
+    CVXPY_STATUS,
+    HIGHS_STATUS,
+    PULP_STATUS,
+    satisfies,
+    solve_milp,
+)
+from legend.planner.catalog import build_catalogue, fleet_costs
 from legend.planner.errors import InfeasibleError, PlannerError, SolverError
 from legend.planner.formulation import formulate
 from legend.planner.plan import STATUSES, validate_plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
-from legend.planner.solvers import BACKENDS, CVXPY_STATUS, PULP_STATUS, satisfies, solve_milp
 
-_load_backends()
+
+def program(problem: PlanningProblem, deadline_s: float | None = None, **kw: object):  # type: ignore[no-untyped-def]
+    return formulate(problem, build_catalogue(problem), fleet_costs(problem), deadline_s, **kw)
 
 
 def device(name: str, **kw: float) -> DeviceProfile:
@@ -56,10 +65,13 @@ OBJECTIVES = {
 
 
 def test_default_solver_is_registered_and_exact() -> None:
-    assert DEFAULT_SOLVER in BACKENDS
+    assert DEFAULT_SOLVER == "auto" and DEFAULT_SOLVER in SOLVERS
     assert set(BACKENDS) <= set(SOLVERS)
     plan = plan_round(FLEET, TINY, tiny_job())
-    assert plan.solver == DEFAULT_SOLVER and plan.status == "OPTIMAL"
+    # no coupling row: the sweep solves it, exactly
+    assert plan.solver == "sweep" and plan.status == "OPTIMAL" and plan.mip_gap == 0.0
+    coupled = plan_round(FLEET, TINY, tiny_job(), PlannerOptions(server_mbps=20.0))
+    assert coupled.solver == "highs" and coupled.status == "OPTIMAL"
 
 
 # -- conformance: every backend, every objective --------------------------------------------
@@ -107,7 +119,7 @@ def test_backend_reports_infeasible_program(backend: str) -> None:
     configurations within the deadline) reads back INFEASIBLE from every solver."""
     options = PlannerOptions(objective="deadline", deadline_s=0.06, server_mbps=0.01)
     problem = PlanningProblem.create(FLEET, TINY, tiny_job(), options)
-    milp = formulate(problem, 0.06, use_classes=False)
+    milp = program(problem, 0.06)
     res = solve_milp(milp, backend, time_limit_s=30.0)
     assert res.status == "INFEASIBLE"
     assert res.values is None
@@ -121,6 +133,8 @@ def test_backend_reports_infeasible_program(backend: str) -> None:
 def test_status_tables_map_to_our_statuses() -> None:
     assert set(PULP_STATUS.values()) <= set(STATUSES)
     assert set(CVXPY_STATUS.values()) <= set(STATUSES)
+    assert set(HIGHS_STATUS.values()) <= set(STATUSES)
+    assert HIGHS_STATUS["kTimeLimit"] == "FEASIBLE"  # NOT_SOLVED when it has no incumbent
     # PuLP says "Optimal" (status 1) after a time-limit stop; sol_status 2 tells the truth.
     assert PULP_STATUS[(1, 1)] == "OPTIMAL"
     assert PULP_STATUS[(1, 2)] == "FEASIBLE"
@@ -154,12 +168,15 @@ def large_distinct_fleet(n: int) -> Fleet:
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_time_limit_is_honoured(backend: str) -> None:
-    """A per-device program with thousands of binaries and a 0.2 s limit stops: it returns a
-    FEASIBLE plan with its proven gap, an OPTIMAL one, or raises SolverError."""
+    """A per-device program with thousands of columns, coupled by the server link, and a
+    0.2 s limit stops: it returns a FEASIBLE plan with its proven gap, an OPTIMAL one, or
+    raises SolverError."""
     spec = get_model_spec("roberta-large")
     job = JobParams(ranks=(2, 4, 8, 16, 32))
     fleet = large_distinct_fleet(30)
-    options = PlannerOptions(solver=backend, time_limit_s=0.2, use_classes=False, mip_gap=0.0)
+    options = PlannerOptions(
+        solver=backend, time_limit_s=0.2, use_classes=False, mip_gap=0.0, server_mbps=50.0
+    )
     start = time.perf_counter()
     try:
         plan = plan_round(fleet, spec, job, options)
@@ -169,7 +186,7 @@ def test_time_limit_is_honoured(backend: str) -> None:
         assert plan.status in ("OPTIMAL", "FEASIBLE")
         if plan.status == "FEASIBLE":
             assert plan.mip_gap is None or plan.mip_gap >= 0
-        assert validate_plan(plan, fleet, spec, job) == []
+        assert validate_plan(plan, fleet, spec, job, server_mbps=50.0) == []
     # formulation and translation are outside the solver's clock; the solve itself stops
     assert time.perf_counter() - start < 30.0
 
@@ -182,16 +199,16 @@ def test_time_limit_stop_with_warm_start_reports_feasible_and_gap() -> None:
     spec = get_model_spec("roberta-large")
     job = JobParams(ranks=(2, 4, 8, 16, 32))
     fleet = large_distinct_fleet(40)
-    options = PlannerOptions(objective="deadline", deadline_s=30.0)
+    options = PlannerOptions(objective="deadline", deadline_s=30.0, server_mbps=200.0)
     L = spec.num_layers
     smallest = tuple(((L - 1,), (2,)) for _ in fleet.devices)
     base = PlanningProblem.create(fleet, spec, job, options)
     last = make_plan(base, SolverOutcome(configurations=smallest, status="FEASIBLE", solver="test"))
     problem = PlanningProblem.create(fleet, spec, job, options, warm_start=last)
-    milp = formulate(problem, 30.0, use_classes=False)
+    milp = program(problem, 30.0)
     assert milp.start is not None and satisfies(milp, milp.start)
     start_value = float(milp.objective @ milp.start)
-    for backend in ("pulp-highs", "pulp-cbc"):
+    for backend in ("highs", "pulp-highs", "pulp-cbc"):
         res = solve_milp(milp, backend, time_limit_s=0.2, mip_gap=0.0)
         if backend == "pulp-cbc" and res.status == "NOT_SOLVED":
             # CBC 2.10.3 may give up in preprocessing at such a short limit, or crash with a
@@ -256,3 +273,31 @@ def test_utility_floor_infeasibility_is_explained() -> None:
     options = PlannerOptions(objective="min-time", utility_floor=1e12)
     with pytest.raises(InfeasibleError, match="utility floor: 1e\\+12 exceeds the highest"):
         plan_round(FLEET, TINY, tiny_job(), options)
+
+
+def test_highs_stops_near_its_time_limit_on_the_contended_per_device_program() -> None:
+    """The per-device program of 30 phones behind one access point, objective min-time: the
+    case where HiGHS once ran far past its limit. It now returns (a plan, or SolverError)
+    within the limit plus the cancellation grace and the formulation."""
+    from pathlib import Path
+
+    from legend.planner.backends import OVERRUN_GRACE_S
+    from legend.planner.profiles import load_fleet
+    from legend.planner.topology import load_topology
+
+    root = Path(__file__).resolve().parents[1]
+    fleet = load_fleet(root / "examples/fleet_ap30.csv")
+    topo = load_topology(root / "examples/topology_ap30.toml", fleet)
+    spec = get_model_spec("all-MiniLM-L6-v2")
+    options = PlannerOptions(
+        objective="min-time", solver="highs", time_limit_s=1.0, use_classes=False, mip_gap=0.0
+    )
+    start = time.perf_counter()
+    try:
+        plan = plan_round(fleet, spec, JobParams(), options, topology=topo)
+    except SolverError as exc:
+        assert "time limit" in str(exc)
+    else:
+        assert plan.status in ("OPTIMAL", "FEASIBLE")
+        assert validate_plan(plan, fleet, spec, JobParams(), topology=topo) == []
+    assert time.perf_counter() - start < 1.0 + OVERRUN_GRACE_S + 8.0

@@ -388,15 +388,3 @@ def test_validate_plan_flags_contention_past_the_deadline() -> None:
         fleet, SPEC, JOB, PlannerOptions(objective="deadline", deadline_s=deadline_s), topology=topo
     )
     assert validate_plan(aware, fleet, SPEC, JOB, deadline_s=deadline_s, topology=topo) == []
-
-
-def test_bucketed_classes_keep_the_deadline_under_contention() -> None:
-    # Polishing a bucketed plan on the true profiles must not enlarge the configurations of
-    # devices behind a congested link: their bytes lengthen everyone's contention.
-    fleet = load_fleet(ROOT / "examples/fleet_ap30.csv")
-    topo = load_topology(ROOT / "examples/topology_ap30.toml", fleet)
-    opts = PlannerOptions(objective="deadline", deadline_s=AP30_DEADLINE_S, class_bucket_ratio=2.0)
-    plan = plan_round(fleet, SPEC, JobParams(), opts, topology=topo)
-    assert plan.round_time_s <= AP30_DEADLINE_S * (1 + 1e-6)
-    found = validate_plan(plan, fleet, SPEC, JobParams(), deadline_s=AP30_DEADLINE_S, topology=topo)
-    assert found == []

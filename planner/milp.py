@@ -1,0 +1,312 @@
+"""The catalogue MILP's drivers: O1, O2 and O3 (Dinkelbach) over a backend.
+
+See :mod:`legend.planner.solvers` for when this path runs, and
+:mod:`legend.planner.formulation` for the program.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from legend.planner.backends import MilpResult, satisfies, solve_milp
+from legend.planner.catalog import Catalogue, FleetCosts
+from legend.planner.diagnose import explain_infeasibility
+from legend.planner.errors import InfeasibleError, SolverError
+from legend.planner.formulation import (
+    MILP,
+    congested_links,
+    decode,
+    encode,
+    formulate,
+    round_time_of,
+)
+from legend.planner.sweep import best_columns, sweep
+from legend.planner.types import PlanningProblem, SolverOutcome
+
+__all__ = ["solve_milp_problem"]
+
+# Dinkelbach: stop when a step improves the ratio by less than this (relative).
+DINKELBACH_RTOL = 1e-9
+DINKELBACH_MAX_STEPS = 50
+
+
+class _Clock:
+    def __init__(self, limit_s: float) -> None:
+        self.end = time.perf_counter() + limit_s
+        self.limit_s = limit_s
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Context:
+    problem: PlanningProblem
+    cat: Catalogue
+    fc: FleetCosts
+    backend: str
+    clock: _Clock
+
+
+def _decoupled(ctx: _Context) -> tuple[np.ndarray | None, float | None, float]:
+    """The sweep's solution of the program without coupling rows (None if it has none), its
+    rate and the largest utility any plan reaches (no deadline)."""
+    problem = ctx.problem
+    _, top = best_columns(ctx.cat, ctx.fc, math.inf)
+    u_max = float(np.where(np.isfinite(top), top, 0.0) @ ctx.fc.samples)
+    try:
+        res = sweep(problem, ctx.cat, ctx.fc)
+    except InfeasibleError:
+        return None, None, u_max
+    rate = res.utility / res.round_time_s if res.round_time_s > 0 else None
+    return res.choice, rate, u_max
+
+
+def _checked(
+    ctx: _Context,
+    milp: MILP,
+    *,
+    abs_gap: float | None = None,
+    what: str,
+    utility_floor: float | None = None,
+    max_utility: float | None = None,
+) -> MilpResult:
+    problem, clock = ctx.problem, ctx.clock
+    opts = problem.options
+    left = clock.left()
+    if left <= 0:
+        raise SolverError(
+            f"{ctx.backend}: the time limit of {clock.limit_s:g} s ran out before {what}; "
+            "raise time_limit_s"
+        )
+    res = solve_milp(
+        milp,
+        ctx.backend,
+        time_limit_s=left,
+        mip_gap=opts.mip_gap,
+        abs_gap=abs_gap,
+        threads=opts.threads,
+    )
+    if res.status in ("OPTIMAL", "FEASIBLE"):
+        return res
+    if res.status == "INFEASIBLE":
+        raise InfeasibleError(
+            "no plan satisfies the constraints",
+            explain_infeasibility(
+                problem, milp.deadline_s, utility_floor=utility_floor, max_utility=max_utility
+            ),
+        )
+    if res.status == "NOT_SOLVED":
+        raise SolverError(
+            f"{ctx.backend} stopped at the time limit of {clock.limit_s:g} s without a feasible "
+            f"plan ({what}; solver status {res.native_status}); raise time_limit_s"
+        )
+    raise SolverError(
+        f"{ctx.backend} failed while {what}: status {res.status} ({res.native_status})"
+    )
+
+
+def _start(ctx: _Context, milp: MILP, choice: np.ndarray | None) -> MILP:
+    """``milp`` warm-started from ``choice`` when that satisfies every row."""
+    if choice is None:
+        return milp
+    values = encode(milp, ctx.problem, ctx.fc, choice, congested_links(ctx.problem))
+    if values is None or not satisfies(milp, values):
+        return milp
+    return replace(milp, start=values)
+
+
+def _outcome(
+    ctx: _Context,
+    milp: MILP,
+    values: np.ndarray,
+    res: MilpResult,
+    *,
+    status: str,
+    gap: float | None,
+    value: float,
+    bound: float | None,
+    deadline_s: float | None,
+) -> SolverOutcome:
+    return SolverOutcome(
+        configurations=decode(milp, values),
+        status=status,
+        solver=ctx.backend,
+        solver_version=res.solver_version,
+        mip_gap=gap,
+        objective_value=value,
+        deadline_s=deadline_s,
+        objective_bound=bound,
+    )
+
+
+def _deadline(ctx: _Context, deadline: float) -> SolverOutcome:
+    choice, _, _ = _decoupled(ctx)
+    milp = formulate(ctx.problem, ctx.cat, ctx.fc, deadline)
+    milp = _start(ctx, milp, choice)
+    res = _checked(ctx, milp, what="maximising utility")
+    assert res.values is not None
+    bound = None if res.bound is None else res.bound * milp.utility_scale
+    return _outcome(
+        ctx,
+        milp,
+        res.values,
+        res,
+        status=res.status,
+        gap=res.gap,
+        value=milp.utility_value(res.values),
+        bound=bound,
+        deadline_s=deadline,
+    )
+
+
+def _min_time(ctx: _Context) -> SolverOutcome:
+    problem = ctx.problem
+    opts = problem.options
+    choice, _, _ = _decoupled(ctx)
+    max_utility = None
+    if opts.utility_floor is not None:
+        floor = float(opts.utility_floor)
+    else:
+        base = formulate(problem, ctx.cat, ctx.fc, None)
+        base = _start(ctx, base, choice)
+        r0 = _checked(ctx, base, what="finding the highest utility")
+        assert r0.values is not None
+        max_utility = base.utility_value(r0.values)
+        floor = opts.utility_floor_share * max_utility
+    cap = None
+    if choice is not None:
+        probe = formulate(problem, ctx.cat, ctx.fc, None, utility_floor=floor)
+        probe = _start(ctx, probe, choice)
+        if probe.start is not None:
+            cap = round_time_of(probe, probe.start)
+    milp = formulate(problem, ctx.cat, ctx.fc, None, utility_floor=floor, time_cap_s=cap)
+    milp = _start(ctx, milp, choice)
+    try:
+        res = _checked(
+            ctx,
+            milp,
+            what="minimising the round time",
+            utility_floor=floor,
+            max_utility=max_utility,
+        )
+    except InfeasibleError:
+        if max_utility is not None:
+            raise
+        base = formulate(problem, ctx.cat, ctx.fc, None)
+        r0 = _checked(ctx, base, what="finding the highest utility")
+        assert r0.values is not None
+        raise InfeasibleError(
+            "no plan satisfies the constraints",
+            explain_infeasibility(
+                problem, None, utility_floor=floor, max_utility=base.utility_value(r0.values)
+            ),
+        ) from None
+    assert res.values is not None
+    t = round_time_of(milp, res.values)
+    return _outcome(
+        ctx,
+        milp,
+        res.values,
+        res,
+        status=res.status,
+        gap=res.gap,
+        value=t,
+        bound=res.bound,
+        deadline_s=t,
+    )
+
+
+def _dinkelbach(ctx: _Context) -> SolverOutcome:
+    problem = ctx.problem
+    opts = problem.options
+    choice, start_rate, u_max = _decoupled(ctx)
+    cap = None
+    ws_rate = None
+    if choice is not None:
+        probe = _start(ctx, formulate(problem, ctx.cat, ctx.fc, None), choice)
+        if probe.start is not None:
+            t0 = round_time_of(probe, probe.start)
+            if t0 > 0:
+                ws_rate = probe.utility_value(probe.start) / t0
+                # no plan of rate >= ws_rate takes longer than U_max / ws_rate
+                cap = u_max / ws_rate * (1 + 1e-9)
+    milp = formulate(problem, ctx.cat, ctx.fc, None, time_cap_s=cap)
+    milp = _start(ctx, milp, choice)
+    t_lb = milp.time_lower_bound_s
+    lam = start_rate / milp.utility_scale if start_rate is not None else 0.0
+    verified = start_rate is None
+    best: tuple[float, np.ndarray, float] | None = None  # ratio, values, T
+    if milp.start is not None:
+        t0 = round_time_of(milp, milp.start)
+        if t0 > 0:
+            best = (float(milp.utility @ milp.start) / t0, milp.start, t0)
+    last: MilpResult | None = None
+    ratio_ub = math.inf
+    converged = False
+    for step in range(DINKELBACH_MAX_STEPS):
+        if step > 0 and ctx.clock.left() <= 0:
+            break
+        abs_gap = opts.mip_gap * lam * t_lb if lam > 0 else None
+        sub = milp.with_rate(lam)
+        if best is not None:
+            sub = replace(sub, start=best[1])
+        res = _checked(
+            ctx, sub, abs_gap=abs_gap, what=f"Dinkelbach step {step + 1} (lambda={lam:.6g})"
+        )
+        assert res.values is not None
+        last = res
+        u = float(milp.utility @ res.values)
+        t = round_time_of(milp, res.values)
+        ratio = u / t if t > 0 else 0.0
+        if best is None or ratio > best[0]:
+            best = (ratio, res.values, t)
+        if lam > 0 and t_lb > 0 and res.bound is not None:
+            # every plan has U - lam T <= bound, so U / T <= lam + bound / T_lb
+            ratio_ub = min(ratio_ub, lam + max(res.bound, 0.0) / t_lb)
+        if (
+            lam > 0
+            and ratio <= lam * (1 + DINKELBACH_RTOL)
+            and (verified or ratio >= lam * (1 - DINKELBACH_RTOL))
+        ):
+            converged = True
+            break
+        lam, verified = best[0], True
+    assert best is not None and last is not None
+    ratio, values, t = best
+    gap = None if not math.isfinite(ratio_ub) or ratio <= 0 else max(0.0, ratio_ub - ratio) / ratio
+    optimal = (
+        converged and last.status == "OPTIMAL" and gap is not None and gap <= opts.mip_gap + 1e-9
+    )
+    bound = None if not math.isfinite(ratio_ub) else ratio_ub * milp.utility_scale
+    return _outcome(
+        ctx,
+        milp,
+        values,
+        last,
+        status="OPTIMAL" if optimal else "FEASIBLE",
+        gap=gap,
+        value=ratio * milp.utility_scale,
+        bound=bound,
+        deadline_s=t,
+    )
+
+
+def solve_milp_problem(
+    problem: PlanningProblem, cat: Catalogue, fc: FleetCosts, backend: str
+) -> SolverOutcome:
+    """Solve ``problem``'s MILP with ``backend`` for its objective."""
+    opts = problem.options
+    ctx = _Context(
+        problem=problem, cat=cat, fc=fc, backend=backend, clock=_Clock(opts.time_limit_s)
+    )
+    if opts.objective == "deadline":
+        assert opts.deadline_s is not None
+        return _deadline(ctx, float(opts.deadline_s))
+    if opts.objective == "min-time":
+        return _min_time(ctx)
+    return _dinkelbach(ctx)
