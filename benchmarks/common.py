@@ -23,6 +23,7 @@ import numpy as np
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 FLEET50 = BENCH_DIR / "fleet50.csv"
+FLEET50_AP = BENCH_DIR / "fleet50_ap.toml"
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -134,6 +135,67 @@ def fleet50_csv(seed: int = FLEET50_SEED) -> str:
                 f"{c.name}-{i},{c.name},{tflops:.3f},{memory:.1f},{up:.1f},{down:.0f},{samples},"
             )
     return "\n".join(lines) + "\n"
+
+
+# The shared links of setting B: five access points, each serving two devices of every class
+# (devices 1-2 of each class on ap-1, 3-4 on ap-2, ...), each with a capped backhaul to one
+# core router, whose link to the server is capped too. A device's own link to its access
+# point carries its profile's rates, so only the backhauls and the server link are shared.
+FLEET50_AP_BACKHAUL_MBPS = (20.0, 40.0)  # up, down per access point
+FLEET50_SERVER_MBPS = (50.0, 100.0)  # up, down of the server's link
+
+
+def fleet50_ap_topology_toml(fleet_csv: str | None = None) -> str:
+    """The text of ``benchmarks/fleet50_ap.toml`` for the fleet ``fleet50_csv()``."""
+    text = fleet50_csv() if fleet_csv is None else fleet_csv
+    rows = [line.split(",") for line in text.strip().splitlines()[1:]]
+    aps = sorted({(int(r[0].rsplit("-", 1)[1]) - 1) // 2 + 1 for r in rows})
+    out = [
+        "# Setting B of benchmarks/time_to_accuracy.py: benchmarks/fleet50.csv behind five",
+        "# shared access points (two devices of every class each), their backhauls meeting at",
+        "# one core router whose link to the server is capped. Written by",
+        "# fleet50_ap_topology_toml() in benchmarks/common.py; a test checks it.",
+        "",
+        "[[nodes]]",
+        'id = "core"',
+        'kind = "router"',
+        "",
+    ]
+    for ap in aps:
+        out += ["[[nodes]]", f'id = "ap-{ap}"', 'kind = "access_point"', ""]
+    up, down = FLEET50_SERVER_MBPS
+    out += [
+        "[[links]]",
+        'a = "core"',
+        'b = "server"',
+        f"up_mbps = {up}",
+        f"down_mbps = {down}",
+        "latency_ms = 20.0",
+        "",
+    ]
+    up, down = FLEET50_AP_BACKHAUL_MBPS
+    for ap in aps:
+        out += [
+            "[[links]]",
+            f'a = "ap-{ap}"',
+            'b = "core"',
+            f"up_mbps = {up}",
+            f"down_mbps = {down}",
+            "latency_ms = 10.0",
+            "",
+        ]
+    for r in rows:
+        device, ap = r[0], (int(r[0].rsplit("-", 1)[1]) - 1) // 2 + 1
+        out += [
+            "[[links]]",
+            f'a = "{device}"',
+            f'b = "ap-{ap}"',
+            f"up_mbps = {float(r[4])}",
+            f"down_mbps = {float(r[5])}",
+            "latency_ms = 5.0",
+            "",
+        ]
+    return "\n".join(out)
 
 
 # -- statistics ---------------------------------------------------------------------------

@@ -16,8 +16,14 @@ model's analytic forward FLOPs (:meth:`~legend.models.spec.ModelSpec.forward_flo
 divided by ``forward_s``: device times are host times scaled by ``host_tflops /
 device.tflops``.
 
-``legend calibrate --model M`` runs it, prints the measured and fitted times, and writes the
-:class:`~legend.planner.costs.Calibration` JSON to ``--out`` or to
+Memory (constraint C6) is measured too, unless ``memory=False``: the peak memory of training
+steps of the top ``d`` layers at every measured depth and rank, each configuration in a
+fresh process (:mod:`legend.federation.memory` says what is counted and why), fitted as the
+tightest affine upper bound ``static + d * per_layer + (sum_l r_l) * per_rank``. The cost
+model uses the three coefficients instead of its analytic memory model.
+
+``legend calibrate --model M`` runs it, prints the measured and fitted times and memory, and
+writes the :class:`~legend.planner.costs.Calibration` JSON to ``--out`` or to
 :func:`default_calibration_path`.
 
 torch, transformers and peft are imported inside the functions.
@@ -39,6 +45,13 @@ from typing import Annotated, Any
 import typer
 
 from legend.federation.errors import FederationInputError
+from legend.federation.memory import (
+    MEMORY_METHOD,
+    MEMORY_METHOD_CUDA,
+    MemorySample,
+    fit_memory_bound,
+    measure_peak_memory,
+)
 from legend.models.errors import LegendError
 from legend.models.paths import check_output_file, writing
 from legend.planner.costs import Calibration
@@ -46,6 +59,7 @@ from legend.planner.profiles import parse_rank_grid
 
 __all__ = [
     "CalibrationResult",
+    "MemorySample",
     "StepSample",
     "calibrate",
     "calibrate_command",
@@ -92,6 +106,9 @@ class CalibrationResult:
     median_rel_error: float
     peak_rss_bytes: int | None = None
     """Peak resident memory of this process (CPU runs; includes Python and libraries)."""
+    memory_samples: tuple[MemorySample, ...] = ()
+    """Measured peak memory per configuration and the fitted bound's prediction (empty when
+    memory was not measured)."""
 
     def summary(self) -> dict[str, Any]:
         cal = self.calibration
@@ -104,6 +121,9 @@ class CalibrationResult:
             "rmse_s": self.rmse_s,
             "max_rel_error": self.max_rel_error,
             "median_rel_error": self.median_rel_error,
+            "memory_static_bytes": cal.memory_static_bytes,
+            "memory_per_layer_bytes": cal.memory_per_layer_bytes,
+            "memory_per_rank_bytes": cal.memory_per_rank_bytes,
         }
 
 
@@ -221,6 +241,8 @@ def run_calibration(
     passes: int = 3,
     seed: int = 0,
     device: str = "cpu",
+    memory: bool = True,
+    memory_steps: int = 3,
     progress: Progress | None = None,
 ) -> CalibrationResult:
     """Time training steps of ``model`` on this host and fit the step-time model.
@@ -251,6 +273,12 @@ def run_calibration(
         state is restored afterwards).
     device
         ``"cpu"`` or a torch device such as ``"cuda"``.
+    memory
+        Also measure peak training memory (every measured depth and rank, one fresh
+        process each) and fit the memory coefficients.
+    memory_steps
+        Training steps per memory measurement (the peak stops growing after the second,
+        when the AdamW moments exist).
     progress
         Called after each configuration with ``(done, total, description)``.
     """
@@ -308,7 +336,8 @@ def run_calibration(
     job = JobParams(batch_size=batch_size, seq_len=seq_len, target_modules=modules, ranks=grid)
     configs = [(d, r) for d in depth_list for r in rank_list]
     passes = max(1, min(passes, repeats))
-    total = len(configs) * passes + 1
+    memory_configs = [(d, r) for d in depth_list for r in rank_list] if memory else []
+    total = len(configs) * passes + 1 + len(memory_configs)
     with torch.random.fork_rng(devices=None if cuda else []):
         torch.manual_seed(seed)
         base = load_base_model(model, num_labels=spec.num_labels, seed=seed).to(torch_device)
@@ -371,6 +400,40 @@ def run_calibration(
         samples = [(d, r, tuple(timed[(d, r)])) for d, r in configs]
         peak_cuda = float(torch.cuda.max_memory_allocated(torch_device)) if cuda else None
 
+    memory_fields: dict[str, Any] = {}
+    memory_samples: tuple[MemorySample, ...] = ()
+    if memory_configs:
+        peaks: list[float] = []
+        for depth, rank in memory_configs:
+            peaks += measure_peak_memory(
+                model,
+                [(tuple(range(L - depth, L)), (rank,) * depth)],
+                batch_size=batch_size,
+                seq_len=seq_len,
+                target_modules=modules,
+                steps=memory_steps,
+                seed=seed,
+                device=device,
+            )
+            done += 1
+            if progress is not None:
+                progress(done, total, f"memory, depth {depth}, rank {rank}")
+        points = [(d, d * r, m) for (d, r), m in zip(memory_configs, peaks, strict=True)]
+        fit = fit_memory_bound(points)
+        memory_samples = tuple(
+            MemorySample(depth=d, rank=r, peak_bytes=m, predicted_bytes=fit.predict(d, s))
+            for (d, r), (_, s, m) in zip(memory_configs, points, strict=True)
+        )
+        method = MEMORY_METHOD_CUDA if cuda else MEMORY_METHOD
+        memory_fields = {
+            "memory_static_bytes": fit.static,
+            "memory_per_layer_bytes": fit.per_layer,
+            "memory_per_rank_bytes": fit.per_rank,
+            "memory_headroom_bytes": fit.headroom,
+            "memory_samples": tuple((s.depth, s.rank, s.peak_bytes) for s in memory_samples),
+            "memory_method": method.format(steps=memory_steps),
+        }
+
     # The fastest timed step of each configuration: noise on a shared host only adds time.
     fastest = [min(t) for _, _, t in samples]
     rows = [(d, d * r) for d, r, _ in samples]
@@ -394,6 +457,7 @@ def run_calibration(
         peak_memory_bytes=peak_cuda,
         target_modules=tuple(spec.target_modules),
         host=_host_description(torch_device),
+        **memory_fields,
     )
     return CalibrationResult(
         calibration=calibration,
@@ -406,6 +470,7 @@ def run_calibration(
         max_rel_error=float(np.max(np.abs(residuals) / np.array(fastest))),
         median_rel_error=float(np.median(np.abs(residuals) / np.array(fastest))),
         peak_rss_bytes=None if cuda else _peak_rss_bytes(),
+        memory_samples=memory_samples,
     )
 
 
@@ -417,6 +482,7 @@ def calibrate(
     target_modules: str | Sequence[str] = "qv",
     ranks: str | Sequence[int] = (2, 8, 16),
     repeats: int = 5,
+    memory: bool = True,
 ) -> Calibration:
     """Time ``model`` on this host and return the fitted :class:`Calibration`.
 
@@ -429,6 +495,7 @@ def calibrate(
         target_modules=target_modules,
         ranks=ranks,
         repeats=repeats,
+        memory=memory,
     ).calibration
 
 
@@ -482,6 +549,14 @@ def calibrate_command(
         int, typer.Option("--repeats", help="Timed steps per configuration (the fastest counts).")
     ] = 5,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory/--no-memory",
+            help="Also measure peak training memory per depth and rank (one fresh process "
+            "per configuration) for the memory constraint.",
+        ),
+    ] = True,
     threads: Annotated[
         int | None,
         typer.Option("--threads", help="torch CPU threads while timing (default: torch's)."),
@@ -532,6 +607,7 @@ def calibrate_command(
                 ranks=ranks,
                 repeats=repeats,
                 device=device,
+                memory=memory,
                 progress=report,
             )
         except LegendError:
@@ -568,6 +644,32 @@ def calibrate_command(
     elif result.peak_rss_bytes is not None:
         fit.add_row("peak process RSS", f"{result.peak_rss_bytes / 2**20:.0f} MiB")
     out_console.print(fit)
+    if result.memory_samples:
+        mem = Table(
+            title="peak training memory: measured and the fitted bound "
+            "static + depth * per_layer + sum(ranks) * per_rank"
+        )
+        for column in ("depth", "rank", "measured MB", "bound MB", "over"):
+            mem.add_column(column, justify="right")
+        for m in result.memory_samples:
+            mem.add_row(
+                str(m.depth),
+                str(m.rank),
+                f"{m.peak_bytes / 1e6:.1f}",
+                f"{m.predicted_bytes / 1e6:.1f}",
+                f"{m.rel_error:+.1%}",
+            )
+        out_console.print(mem)
+        assert cal.memory_static_bytes is not None
+        assert cal.memory_per_layer_bytes is not None
+        assert cal.memory_per_rank_bytes is not None
+        coef = Table(title=f"memory: {cal.memory_method}")
+        coef.add_column("coefficient")
+        coef.add_column("value", justify="right")
+        coef.add_row("memory_static_bytes", f"{cal.memory_static_bytes / 1e6:.1f} MB")
+        coef.add_row("memory_per_layer_bytes", f"{cal.memory_per_layer_bytes / 1e6:.2f} MB")
+        coef.add_row("memory_per_rank_bytes", f"{cal.memory_per_rank_bytes / 1e3:.1f} kB")
+        out_console.print(coef)
     with writing(path, "--out"):
         path.parent.mkdir(parents=True, exist_ok=True)
         cal.save(path)

@@ -18,12 +18,24 @@ with ``B_i = bytes_per_param * (sum_l r_l p_l + head params)``. FLOPs come from 
 the host (``legend calibrate``), in which case host seconds are scaled to the device by the
 ratio of effective TFLOPS.
 
-Memory of device ``i``:
+Memory of device ``i`` is affine in the configuration's backward depth ``d`` (the number of
+adapted layers for the planner's contiguous top blocks) and its rank sum ``S = sum_l r_l``:
 
-    frozen weights at ``weight_precision`` + head in fp32
-    + activations saved by the adapted layers (``d * activation_bytes_per_layer``)
-    + AdamW state for trainable parameters (param, grad, two moments: 16 bytes each)
-    + workspace (one layer's transient activations and the embedding output)
+    memory = static + d * per_layer + S * per_rank
+
+Analytic (no calibration, or a calibration without memory):
+
+    static    = frozen weights at ``weight_precision`` + head in fp32 + the head's AdamW state
+                + workspace (one layer's transient activations and the embedding output)
+    per_layer = activations one adapted layer saves for backward
+    per_rank  = AdamW state of one unit rank's LoRA parameters (16 bytes each: weight,
+                gradient, two moments)
+
+Measured (a :class:`Calibration` with ``memory_*`` fields, written by ``legend calibrate``):
+the three coefficients are the tightest affine upper bound of the peak memory of real
+training steps measured on the host. For a job whose batch shape or weight precision differs
+from the calibration's, ``per_layer`` scales with the analytic activations and ``static``
+moves by the analytic difference; both are unchanged for the calibrated shape.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from legend.models.spec import ModelSpec
 from legend.planner.errors import PlannerInputError
 from legend.planner.profiles import DeviceProfile, JobParams
 
-__all__ = ["Calibration", "ConfigCost", "CostModel", "CostTable"]
+__all__ = ["Calibration", "ConfigCost", "CostModel", "CostTable", "MemoryModel"]
 
 OPTIMIZER_BYTES_PER_PARAM = 16  # fp32 AdamW: weight, gradient, two moments
 ACT_BYTES = 4  # activations are fp32 in training here
@@ -64,16 +76,49 @@ class Calibration:
     peak_memory_bytes: float | None = None
     target_modules: tuple[str, ...] = ()
     host: str = ""
+    memory_static_bytes: float | None = None
+    """Measured memory of a participating device whatever its configuration (frozen model,
+    head and its optimizer state, workspace, runtime slack), at this batch shape."""
+    memory_per_layer_bytes: float | None = None
+    """Measured memory per layer that backward runs through (saved activations)."""
+    memory_per_rank_bytes: float | None = None
+    """Measured memory per unit of rank sum (LoRA weights, gradients, AdamW moments)."""
+    memory_headroom_bytes: float | None = None
+    """The part of ``memory_static_bytes`` that covers configurations not measured."""
+    memory_samples: tuple[tuple[int, int, float], ...] = ()
+    """The measurements behind the memory fields: ``(depth, rank, peak bytes)``."""
+    memory_method: str = ""
+    """How the peaks were measured (for example the process's peak resident memory)."""
+
+    def __post_init__(self) -> None:
+        memory = (self.memory_static_bytes, self.memory_per_layer_bytes, self.memory_per_rank_bytes)
+        given = [v is not None for v in memory]
+        if any(given) and not all(given):
+            raise PlannerInputError(
+                "a calibration's memory_static_bytes, memory_per_layer_bytes and "
+                "memory_per_rank_bytes are given together or not at all"
+            )
+        if all(given) and any(v < 0 for v in memory if v is not None):
+            raise PlannerInputError(f"a calibration's memory coefficients must be >= 0: {memory}")
+
+    @property
+    def has_memory(self) -> bool:
+        """Whether the memory coefficients were measured (files older than them lack them)."""
+        return self.memory_static_bytes is not None
 
     def to_json(self) -> str:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
+        data["memory_samples"] = [list(s) for s in self.memory_samples]
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Calibration:
         data = json.loads(text)
         data["target_modules"] = tuple(data.get("target_modules", ()))
+        data["memory_samples"] = tuple(
+            (int(d), int(r), float(m)) for d, r, m in data.get("memory_samples", ())
+        )
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -105,6 +150,21 @@ class ConfigCost:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MemoryModel:
+    """``memory = static_bytes + d * per_layer_bytes + S * per_rank_bytes`` for a device that
+    runs backward through ``d`` layers with rank sum ``S``; ``measured`` says whether the
+    coefficients come from a calibration's measurements or from the analytic model."""
+
+    static_bytes: float
+    per_layer_bytes: float
+    per_rank_bytes: float
+    measured: bool
+
+    def bytes(self, depth: int, rank_sum: int) -> float:
+        return self.static_bytes + depth * self.per_layer_bytes + rank_sum * self.per_rank_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
 class CostTable:
     """Linear coefficients of one device's costs: ``value = const + sum x[l,k] * coef[l][k]``.
 
@@ -131,7 +191,8 @@ class CostModel:
     job
         Batch size, sequence length, local steps, precisions and rank grid.
     calibration
-        Host timings; when given, compute times are calibrated instead of analytic.
+        Host timings; when given, compute times are calibrated instead of analytic, and
+        when it carries measured memory coefficients, so is memory (constraint C6).
     """
 
     def __init__(
@@ -157,6 +218,7 @@ class CostModel:
             self._bwd_layer = calibration.backward_per_layer_s * ratio * host_flops_per_s
             self._lora_rank = calibration.lora_per_rank_s * ratio * host_flops_per_s
             self._head_bwd = 0.0  # included in the measured backward
+        self._memory = self._memory_model()
 
     # -- the pieces ---------------------------------------------------------------------
     def head_params(self) -> int:
@@ -198,12 +260,11 @@ class CostModel:
             steps_per_flops * self._lora_rank,
         )
 
-    def static_memory_bytes(self) -> float:
-        """Memory a participating device needs whatever the configuration."""
-        spec, job = self.spec, self.job
+    def _analytic_static_bytes(self, job: JobParams) -> float:
+        spec = self.spec
         frozen = (spec.total_params - spec.head_params) * job.weight_bytes
         head = spec.head_params * ACT_BYTES
-        head_opt = self.head_params() * OPTIMIZER_BYTES_PER_PARAM
+        head_opt = (spec.head_params if job.train_head else 0) * OPTIMIZER_BYTES_PER_PARAM
         workspace = (
             job.batch_size
             * job.seq_len
@@ -213,10 +274,55 @@ class CostModel:
         )
         return frozen + head + head_opt + workspace
 
-    def layer_memory_bytes(self) -> float:
-        return float(
-            self.spec.activation_bytes_per_layer(self.job.batch_size, self.job.seq_len, ACT_BYTES)
+    def _analytic_layer_bytes(self, job: JobParams) -> float:
+        return float(self.spec.activation_bytes_per_layer(job.batch_size, job.seq_len, ACT_BYTES))
+
+    def _memory_model(self) -> MemoryModel:
+        cal = self.calibration
+        if cal is None or not cal.has_memory:
+            return MemoryModel(
+                static_bytes=self._analytic_static_bytes(self.job),
+                per_layer_bytes=self._analytic_layer_bytes(self.job),
+                per_rank_bytes=float(self.spec.params_per_rank * OPTIMIZER_BYTES_PER_PARAM),
+                measured=False,
+            )
+        assert cal.memory_static_bytes is not None
+        assert cal.memory_per_layer_bytes is not None
+        assert cal.memory_per_rank_bytes is not None
+        # The host measured fp32 weights at the calibration's batch shape; another shape or
+        # precision moves the measured figures by the analytic model's difference.
+        host_job = self.job.with_(
+            batch_size=cal.batch_size, seq_len=cal.seq_len, weight_precision="fp32"
         )
+        static = cal.memory_static_bytes + (
+            self._analytic_static_bytes(self.job) - self._analytic_static_bytes(host_job)
+        )
+        layer_ratio = self._analytic_layer_bytes(self.job) / self._analytic_layer_bytes(host_job)
+        return MemoryModel(
+            static_bytes=max(0.0, static),
+            per_layer_bytes=cal.memory_per_layer_bytes * layer_ratio,
+            per_rank_bytes=cal.memory_per_rank_bytes,
+            measured=True,
+        )
+
+    @property
+    def memory_model(self) -> MemoryModel:
+        """The affine memory model C6 uses (measured when the calibration has memory)."""
+        return self._memory
+
+    def static_memory_bytes(self) -> float:
+        """Memory a participating device needs whatever the configuration."""
+        return self._memory.static_bytes
+
+    def layer_memory_bytes(self) -> float:
+        """Memory per layer that backward runs through."""
+        return self._memory.per_layer_bytes
+
+    def memory_bytes(self, layers: tuple[int, ...], ranks: tuple[int, ...]) -> float:
+        """Predicted peak memory of training ``layers`` at ``ranks`` (0 for no layers)."""
+        if not layers:
+            return 0.0
+        return self._memory.bytes(self.backward_depth(layers), sum(ranks))
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(
@@ -240,11 +346,7 @@ class CostModel:
         nbytes = float(params * self.job.bytes_per_param)
         down = nbytes / device.downlink_bps
         up = nbytes / device.uplink_bps
-        memory = (
-            self.static_memory_bytes()
-            + self.backward_depth(layers) * self.layer_memory_bytes()
-            + self.spec.lora_params(layers, ranks) * OPTIMIZER_BYTES_PER_PARAM
-        )
+        memory = self.memory_bytes(layers, ranks)
         return ConfigCost(
             compute_s=compute,
             download_s=down,
@@ -276,9 +378,9 @@ class CostModel:
             tuple(c + b * link for c, b in zip(crow, brow, strict=True))
             for crow, brow in zip(compute_coef, bytes_coef, strict=True)
         )
-        layer_mem = self.layer_memory_bytes()
+        mem = self._memory
         memory_coef = tuple(
-            tuple(layer_mem + r * p * OPTIMIZER_BYTES_PER_PARAM for r in self.job.ranks)
+            tuple(mem.per_layer_bytes + r * mem.per_rank_bytes for r in self.job.ranks)
             for _ in range(self.spec.num_layers)
         )
         return CostTable(
@@ -296,5 +398,6 @@ class CostModel:
         return {
             "model": self.spec.name,
             "calibrated": self.calibration is not None,
+            "memory_measured": self._memory.measured,
             "job": self.job.to_dict(),
         }

@@ -61,6 +61,25 @@ def test_fit_reproduces_the_measurements(result: CalibrationResult) -> None:
     assert result.forward_only_s > 0
 
 
+def test_memory_is_measured_per_depth_and_bounded(result: CalibrationResult) -> None:
+    cal = result.calibration
+    assert cal.has_memory and cal.memory_method.startswith("peak resident set size")
+    assert {(m.depth, m.rank) for m in result.memory_samples} == {
+        (d, r) for d in (1, 2, 3, 4) for r in (2, 16)
+    }
+    assert cal.memory_samples == tuple(
+        (m.depth, m.rank, m.peak_bytes) for m in result.memory_samples
+    )
+    # The fitted bound covers every measurement; each adapted layer costs memory.
+    assert all(m.predicted_bytes >= m.peak_bytes for m in result.memory_samples)
+    assert cal.memory_per_layer_bytes is not None and cal.memory_per_layer_bytes > 0
+    deepest = max(m.peak_bytes for m in result.memory_samples if m.depth == 4)
+    shallowest = min(m.peak_bytes for m in result.memory_samples if m.depth == 1)
+    assert deepest > shallowest
+    # Round trip through the JSON file keeps the memory fields.
+    assert Calibration.from_json(cal.to_json()) == cal
+
+
 def test_fit_predicts_a_held_out_depth(result: CalibrationResult) -> None:
     """Fit without depth 3 and predict depth 3's measured steps (taken in the same sweeps,
     so load on the host affects them like the rest)."""
@@ -148,9 +167,10 @@ def test_command_writes_a_loadable_calibration(
 ) -> None:
     out = tmp_path / "cal.json"
     args = ["calibrate", "--model", "tiny-bert", "--batch-size", "4", "--seq-len", "16"]
-    args += ["--ranks", "2,8", "--repeats", "2", "--out", str(out)]
+    args += ["--ranks", "2,8", "--repeats", "2", "--no-memory", "--out", str(out)]
     assert main(args) == 0
     cal = Calibration.load(out)
+    assert not cal.has_memory  # --no-memory: C6 keeps the analytic memory model
     assert (cal.model, cal.batch_size, cal.seq_len, cal.target_modules) == (
         "tiny-bert",
         4,
