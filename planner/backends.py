@@ -481,7 +481,7 @@ def _solve_highs(
     interrupt, on large programs). The worker (``python -m legend.planner.highs_worker``) is
     started once and reused; a worker stopped for overrunning is replaced at the next solve.
     """
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "time_limit_s": time_limit_s,
         "mip_gap": mip_gap,
         "abs_gap": abs_gap,
