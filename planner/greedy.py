@@ -112,6 +112,23 @@ class _Rows:
 
 
 @dataclass(frozen=True, kw_only=True)
+class _Start:
+    """Rows at their minimal configuration (arrays are updated in place by the run)."""
+
+    prof: IntArray
+    cap: FloatArray
+    limit: FloatArray
+    weight: FloatArray
+    participates: NDArray[np.bool_]
+    depth: IntArray
+    time_s: FloatArray
+    mem: FloatArray
+    nbytes: FloatArray
+    utility: FloatArray
+    link: tuple[FloatArray, FloatArray] | None
+
+
+@dataclass(frozen=True, kw_only=True)
 class GreedyResult:
     """Configurations in fleet order and the deadline the greedy planned them for."""
 
@@ -218,6 +235,40 @@ class _Greedy:
         self.memory_ok = self.min_mem <= self.capacity * (1 + _REL_TOL)
 
     # -- the greedy ---------------------------------------------------------------------
+    def _start_state(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Start:
+        """Every row at its minimal configuration, and the server link's state per group."""
+        L = self.L
+        devices = self.unique_devices[rows_of]
+        limit = deadlines * (1 + _REL_TOL) + 1e-12
+        participates = self.memory_ok[devices] & (self.min_time[devices] <= limit)
+        time_s = np.where(participates, self.min_time[devices], 0.0)
+        nbytes = np.where(participates, self.min_bytes[devices], 0.0)
+        top = slice(L - self.start_depth, L)
+        # C7 state per group: bytes through the server's link and the slowest participant's
+        # time; a move must keep ``used <= server_bps * slowest``.
+        link: tuple[FloatArray, FloatArray] | None = None
+        if self.server_bps is not None:
+            n_groups = int(groups.max()) + 1 if len(rows_of) else 0
+            used: FloatArray = np.bincount(groups, weights=nbytes, minlength=n_groups).astype(
+                np.float64
+            )
+            slowest = np.zeros(n_groups)
+            np.maximum.at(slowest, groups, time_s)
+            link = (used, slowest)
+        return _Start(
+            prof=self.profile_of[devices],
+            cap=self.capacity[devices] * (1 + _REL_TOL),
+            limit=limit,
+            weight=self.row_samples[rows_of],
+            participates=participates,
+            depth=np.where(participates, self.start_depth, 0).astype(np.int64),
+            time_s=time_s,
+            mem=np.where(participates, self.min_mem[devices], 0.0),
+            nbytes=nbytes,
+            utility=np.where(participates, self.add_gain[top].sum(), 0.0),
+            link=link,
+        )
+
     def run(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Rows:
         """Greedy for each row ``r``: greedy row ``rows_of[r]`` under deadline ``deadlines[r]``.
 
@@ -241,31 +292,12 @@ class _Greedy:
         tc = self.tables
         L, K = self.L, self.K
         n_rows = len(rows_of)
-        devices = self.unique_devices[rows_of]
-        prof = self.profile_of[devices]
-        cap = self.capacity[devices] * (1 + _REL_TOL)
-        limit = deadlines * (1 + _REL_TOL) + 1e-12
-        weight = self.row_samples[rows_of]
-        participates = self.memory_ok[devices] & (self.min_time[devices] <= limit)
-
-        depth = np.where(participates, self.start_depth, 0).astype(np.int64)
+        st = self._start_state(deadlines, rows_of, groups)
+        prof, cap, limit, weight = st.prof, st.cap, st.limit, st.weight
+        participates, depth, link = st.participates, st.depth, st.link
+        time_s, mem, nbytes, utility = st.time_s, st.mem, st.nbytes, st.utility
         counts = np.zeros((n_rows, K), dtype=np.int64)
         counts[:, 0] = depth
-        time_s = np.where(participates, self.min_time[devices], 0.0)
-        mem = np.where(participates, self.min_mem[devices], 0.0)
-        nbytes = np.where(participates, self.min_bytes[devices], 0.0)
-        top = slice(L - self.start_depth, L)
-        utility = np.where(participates, self.add_gain[top].sum(), 0.0)
-
-        link: tuple[FloatArray, FloatArray] | None = None
-        if self.server_bps is not None:
-            n_groups = int(groups.max()) + 1 if n_rows else 0
-            used: FloatArray = np.bincount(groups, weights=nbytes, minlength=n_groups).astype(
-                np.float64
-            )
-            slowest = np.zeros(n_groups)
-            np.maximum.at(slowest, groups, time_s)
-            link = (used, slowest)
 
         # per profile and level: the cost of adding a layer (level 0) and of one raise
         add_dt = tc.time_coef[:, 0, 0]
@@ -357,33 +389,12 @@ class _Greedy:
         tc = self.tables
         L, K = self.L, self.K
         n_rows = len(rows_of)
-        devices = self.unique_devices[rows_of]
-        prof = self.profile_of[devices]
-        cap = self.capacity[devices] * (1 + _REL_TOL)
-        limit = deadlines * (1 + _REL_TOL) + 1e-12
-        weight = self.row_samples[rows_of]
-        participates = self.memory_ok[devices] & (self.min_time[devices] <= limit)
-
-        depth = np.where(participates, self.start_depth, 0).astype(np.int64)
+        st = self._start_state(deadlines, rows_of, groups)
+        prof, cap, limit, weight = st.prof, st.cap, st.limit, st.weight
+        participates, depth, link = st.participates, st.depth, st.link
+        time_s, mem, nbytes, utility = st.time_s, st.mem, st.nbytes, st.utility
         rank_index = np.full((n_rows, L), -1, dtype=np.int64)
         rank_index[participates, L - self.start_depth :] = 0
-        time_s = np.where(participates, self.min_time[devices], 0.0)
-        mem = np.where(participates, self.min_mem[devices], 0.0)
-        nbytes = np.where(participates, self.min_bytes[devices], 0.0)
-        top = slice(L - self.start_depth, L)
-        utility = np.where(participates, self.add_gain[top].sum(), 0.0)
-
-        # C7 state per group: bytes through the server's link and the slowest participant's
-        # time; a move must keep ``used <= server_bps * slowest``.
-        link: tuple[FloatArray, FloatArray] | None = None
-        if self.server_bps is not None:
-            n_groups = int(groups.max()) + 1 if n_rows else 0
-            used: FloatArray = np.bincount(groups, weights=nbytes, minlength=n_groups).astype(
-                np.float64
-            )
-            slowest = np.zeros(n_groups)
-            np.maximum.at(slowest, groups, time_s)
-            link = (used, slowest)
 
         # Flat views: one 1-D ``take`` per move kind is much faster than 3-D fancy indexing.
         kr = max(K - 1, 1)
