@@ -259,7 +259,7 @@ class _Greedy:
             prof=self.profile_of[devices],
             cap=self.capacity[devices] * (1 + _REL_TOL),
             limit=limit,
-            weight=self.row_samples[rows_of],
+            weight=np.asarray(self.row_samples[rows_of], dtype=np.float64),
             participates=participates,
             depth=np.where(participates, self.start_depth, 0).astype(np.int64),
             time_s=time_s,
