@@ -81,19 +81,29 @@ def _checked(
     problem, clock = ctx.problem, ctx.clock
     opts = problem.options
     left = clock.left()
-    if left <= 0:
+    if left <= 0 and milp.start is None:
         raise SolverError(
             f"{ctx.backend}: the time limit of {clock.limit_s:g} s ran out before {what}; "
             "raise time_limit_s"
         )
-    res = solve_milp(
-        milp,
-        ctx.backend,
-        time_limit_s=left,
-        mip_gap=opts.mip_gap,
-        abs_gap=abs_gap,
-        threads=opts.threads,
-    )
+    if left <= 0:
+        res = MilpResult(
+            status="NOT_SOLVED",
+            values=None,
+            objective=None,
+            bound=None,
+            native_status="not started: the time limit ran out while formulating",
+            solver_version="",
+        )
+    else:
+        res = solve_milp(
+            milp,
+            ctx.backend,
+            time_limit_s=left,
+            mip_gap=opts.mip_gap,
+            abs_gap=abs_gap,
+            threads=opts.threads,
+        )
     if res.status in ("OPTIMAL", "FEASIBLE"):
         return res
     if res.status == "INFEASIBLE":

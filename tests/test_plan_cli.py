@@ -204,7 +204,11 @@ def test_solver_failure_exits_4(tmp_path: Path, capfd: pytest.CaptureFixture[str
         "--fleet", str(FLEET),
         "--model", "bert-base-uncased",
         "--out", str(tmp_path / "p.json"),
-        "--objective", "min-time",
+        # a fixed deadline and a slow server link: the plan without the link moves too many
+        # bytes, so there is no warm start to fall back on when the time runs out
+        "--objective", "deadline",
+        "--deadline-s", "1000",
+        "--server-mbps", "0.5",
         "--solver", "highs",
         "--time-limit-s", "0.000001",
     )  # fmt: skip

@@ -301,3 +301,15 @@ def test_highs_stops_near_its_time_limit_on_the_contended_per_device_program() -
         assert plan.status in ("OPTIMAL", "FEASIBLE")
         assert validate_plan(plan, fleet, spec, JobParams(), topology=topo) == []
     assert time.perf_counter() - start < 1.0 + OVERRUN_GRACE_S + 8.0
+
+
+def test_time_limit_before_the_first_solve_keeps_the_warm_start() -> None:
+    """When the time runs out before the MILP could improve on its warm start (the plan
+    without coupling rows, when it satisfies them), that plan is returned as FEASIBLE with no
+    proven gap, never an error and never a silent OPTIMAL."""
+    options = PlannerOptions(server_mbps=20.0, solver="highs", time_limit_s=1e-6)
+    plan = plan_round(FLEET, TINY, tiny_job(), options)
+    assert plan.status == "FEASIBLE" and plan.mip_gap is None
+    assert validate_plan(plan, FLEET, TINY, tiny_job(), server_mbps=20.0) == []
+    free = plan_round(FLEET, TINY, tiny_job())
+    assert [d.ranks for d in plan.devices] == [d.ranks for d in free.devices]
