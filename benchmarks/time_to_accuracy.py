@@ -550,7 +550,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-test", type=int, default=2000, help="held-out sentences")
     parser.add_argument("--test-fraction", type=float, default=0.25, help="held-out share")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--solver", default="pulp-highs")
+    parser.add_argument("--solver", default="auto")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML/PNG run reports")
     args = parser.parse_args(argv)
     pending = [m for m in args.methods if m in PENDING_METHODS]

@@ -168,7 +168,7 @@ def whatif_command(
     out: OutOption,
     solver: Annotated[
         str | None,
-        typer.Option(help="Planner for every point (default greedy; pulp-highs with --topology)."),
+        typer.Option(help="Planner for every point (default greedy; auto with --topology)."),
     ] = None,
     objective: Annotated[str, typer.Option(help="rate, deadline or min-time.")] = "rate",
     deadline_s: Annotated[
@@ -238,7 +238,7 @@ def whatif_command(
     loaded = load_fleet(fleet)
     topo = _topology(topology, loaded)
     options = PlannerOptions(
-        solver=solver or ("greedy" if topo is None else "pulp-highs"),
+        solver=solver or ("greedy" if topo is None else "auto"),
         objective=objective,
         deadline_s=deadline_s,
         time_limit_s=time_limit_s,

@@ -310,7 +310,7 @@ def run_whatif(
     import pandas as pd
 
     job = job or JobParams()
-    options = options or PlannerOptions(solver="greedy" if topology is None else "pulp-highs")
+    options = options or PlannerOptions(solver="greedy" if topology is None else "auto")
     settings = settings or WhatIfSettings()
     notes: list[str] = []
     doubled_links: tuple[int, ...] = ()
@@ -324,7 +324,7 @@ def run_whatif(
         if not replanner.models_topology:
             raise ReportInputError(
                 f"solver {options.solver!r} does not model a topology; with --topology use "
-                "--solver pulp-highs, pulp-cbc or cvxpy-highs"
+                "--solver auto, highs, pulp-highs, pulp-cbc or cvxpy-highs"
             )
         doubled_links = resolve_links(topology, settings.double_links, "--double-link")
         if settings.fleet_scales:
