@@ -28,10 +28,12 @@ from legend.planner.formulation import (
 from legend.planner.sweep import best_columns, sweep
 from legend.planner.types import PlanningProblem, SolverOutcome
 
-__all__ = ["solve_milp_problem"]
+__all__ = ["MAX_COLUMNS", "solve_milp_problem"]
 
 log = logging.getLogger(__name__)
 
+# Programs above this many device-columns are not built (see solve_milp_problem).
+MAX_COLUMNS = 2_000_000
 # Dinkelbach: stop when a step improves the ratio by less than this (relative).
 DINKELBACH_RTOL = 1e-9
 DINKELBACH_MAX_STEPS = 50
@@ -323,14 +325,47 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
 def solve_milp_problem(
     problem: PlanningProblem, cat: Catalogue, fc: FleetCosts, backend: str
 ) -> SolverOutcome:
-    """Solve ``problem``'s MILP with ``backend`` for its objective."""
+    """Solve ``problem``'s MILP with ``backend`` for its objective.
+
+    A program of more than :data:`MAX_COLUMNS` device-columns is not built (it would take
+    minutes and gigabytes before the solver starts): the plan without coupling rows is
+    returned when it satisfies them (``FEASIBLE``, no proven gap, path ``sweep-unproven``),
+    otherwise :class:`SolverError` says so.
+    """
     opts = problem.options
     ctx = _Context(
         problem=problem, cat=cat, fc=fc, backend=backend, clock=_Clock(opts.time_limit_s)
     )
+    size = len(fc) * len(cat)
+    if size > MAX_COLUMNS:
+        return _too_large(ctx, size)
     if opts.objective == "deadline":
         assert opts.deadline_s is not None
         return _deadline(ctx, float(opts.deadline_s))
     if opts.objective == "min-time":
         return _min_time(ctx)
     return _dinkelbach(ctx)
+
+
+def _too_large(ctx: _Context, size: int) -> SolverOutcome:
+    problem = ctx.problem
+    choice, _, _ = _decoupled(ctx)
+    why = (
+        f"the MILP would have {size:,} device-columns (more than {MAX_COLUMNS:,}), too large "
+        f"to build and solve within {problem.options.time_limit_s:g} s"
+    )
+    if choice is not None and problem.options.objective != "deadline":
+        log.warning("%s; returning the plan without the coupling rows, unproven", why)
+        cfg = tuple(ctx.cat.configuration(int(j)) for j in choice)
+        return SolverOutcome(
+            configurations=cfg,
+            status="FEASIBLE",
+            solver="sweep-unproven",
+            solver_version="legend",
+            mip_gap=None,
+            objective_value=None,
+        )
+    raise SolverError(
+        f"{ctx.backend}: {why}; plan fewer devices per round, or drop the shared links' rows "
+        "(plan without the topology)"
+    )

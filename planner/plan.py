@@ -360,7 +360,7 @@ def _check_links(
     fleet_ids = set(fleet.device_ids)
     slowest = 0.0
     for k, link in enumerate(topology.links):
-        behind = [d for d, route in topology.routes.items() if k in route and d in fleet_ids]
+        behind = [d for d in topology.devices_on(k) if d in fleet_ids]
         users = [d for d in behind if d in evaluated]
         if not users:
             continue

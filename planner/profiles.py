@@ -25,6 +25,7 @@ import math
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +144,11 @@ class Fleet:
         return iter(self.devices)
 
     def __getitem__(self, device_id: str) -> DeviceProfile:
-        for device in self.devices:
-            if device.device_id == device_id:
-                return device
-        raise KeyError(device_id)
+        return self._by_id[device_id]
+
+    @cached_property
+    def _by_id(self) -> dict[str, DeviceProfile]:
+        return {d.device_id: d for d in self.devices}
 
     @property
     def device_ids(self) -> tuple[str, ...]:

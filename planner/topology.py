@@ -48,6 +48,7 @@ import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -200,7 +201,15 @@ class Topology:
         return cls(links=tuple(links), routes=routes, node_kinds=kinds)
 
     def devices_on(self, link: int) -> tuple[str, ...]:
-        return tuple(d for d, r in self.routes.items() if link in r)
+        return self._devices_on.get(link, ())
+
+    @cached_property
+    def _devices_on(self) -> dict[int, tuple[str, ...]]:
+        on: dict[int, list[str]] = {}
+        for device_id, route in self.routes.items():
+            for e in route:
+                on.setdefault(e, []).append(device_id)
+        return {e: tuple(ds) for e, ds in on.items()}
 
     def link_index(self, name: str) -> int:
         for k, link in enumerate(self.links):
