@@ -18,12 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from legend.planner.costs import ConfigCost
 from legend.planner.profiles import DeviceProfile
 from legend.planner.types import Configuration, PlanningProblem
 
 __all__ = [
     "DeviceBlock",
     "blocked_devices",
+    "config_blocks",
     "explain_infeasibility",
     "fleet_reasons",
     "smallest_configuration",
@@ -60,13 +62,13 @@ def smallest_configuration(problem: PlanningProblem) -> Configuration:
     return tuple(range(L - d, L)), (problem.job.ranks[0],) * d
 
 
-def _blocks(
-    problem: PlanningProblem, device: DeviceProfile, deadline_s: float | None
+def config_blocks(
+    cost: ConfigCost, device: DeviceProfile, deadline_s: float | None, *, rel_tol: float = 0.0
 ) -> list[DeviceBlock]:
-    layers, ranks = smallest_configuration(problem)
-    cost = problem.costs.evaluate(device, layers, ranks)
+    """The constraints a configuration of ``cost`` breaks on ``device``: its memory, and
+    the deadline when one is given (``rel_tol``: relative slack on both)."""
     out = []
-    if cost.memory_bytes > device.memory_bytes:
+    if cost.memory_bytes > device.memory_bytes * (1 + rel_tol):
         out.append(
             DeviceBlock(
                 device_id=device.device_id,
@@ -75,7 +77,7 @@ def _blocks(
                 available=device.memory_bytes,
             )
         )
-    if deadline_s is not None and cost.time_s > deadline_s:
+    if deadline_s is not None and cost.time_s > deadline_s * (1 + rel_tol):
         out.append(
             DeviceBlock(
                 device_id=device.device_id,
@@ -85,6 +87,13 @@ def _blocks(
             )
         )
     return out
+
+
+def _blocks(
+    problem: PlanningProblem, device: DeviceProfile, deadline_s: float | None
+) -> list[DeviceBlock]:
+    layers, ranks = smallest_configuration(problem)
+    return config_blocks(problem.costs.evaluate(device, layers, ranks), device, deadline_s)
 
 
 def blocked_devices(

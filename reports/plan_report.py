@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from legend.models.errors import LegendError
 from legend.models.spec import get_model_spec
 from legend.planner.costs import ConfigCost, CostModel
+from legend.planner.diagnose import config_blocks
 from legend.planner.greedy import larger_configurations
 from legend.planner.plan import SCHEMA_VERSION, DevicePlan, Plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
@@ -465,9 +466,10 @@ def _limit(
         cost = costs.evaluate(device, layers, ranks)
         over = contention.over(dp.device_id, cost, tol_t) if contention is not None else []
         links += [name for name in over if name not in links]
+        breaks = {b.constraint for b in config_blocks(cost, device, tol_t, rel_tol=1e-9)}
         hits = {
-            "deadline": cost.time_s > tol_t,
-            "memory": cost.memory_bytes > device.memory_bytes * (1 + 1e-9),
+            "deadline": "deadline" in breaks,
+            "memory": "memory" in breaks,
             "server link": link_bps is not None
             and total - current + cost.upload_bytes + cost.download_bytes > link_bps * tol_t,
             "link": bool(over),
