@@ -29,6 +29,7 @@ from legend.planner.types import (
     PlannerOptions,
     PlanningProblem,
     SolverOutcome,
+    objective_value,
     rank_gain,
 )
 
@@ -121,12 +122,7 @@ def make_plan(
             {d.device_id: (d.layers, d.ranks) for d in devices},
         )
     objective = problem.options.objective
-    if objective == "rate":
-        value = total_utility / round_time if round_time > 0 else 0.0
-    elif objective == "deadline":
-        value = total_utility
-    else:
-        value = round_time
+    value = objective_value(objective, total_utility, round_time)
     return Plan(
         devices=tuple(devices),
         status=outcome.status,

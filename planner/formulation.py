@@ -680,21 +680,23 @@ def encode(
                 if k is not None:
                     values[k] = 1.0
     if milp.round_time is not None or links:
-        lkeys = {milp.index[k].owner: k for k in range(milp.num_vars) if milp.index[k].kind == "L"}
-        if lkeys:
-            rows = milp.rows_named("C10b")
-            for r in rows:
-                start, end = milp.matrix.indptr[r], milp.matrix.indptr[r + 1]
-                cols = milp.matrix.indices[start:end]
-                vals = milp.matrix.data[start:end]
-                l_var = next(c for c in cols if milp.index[c].kind == "L")
-                mask = cols != l_var
-                values[l_var] = float(vals[mask] @ values[cols[mask]])
+        _set_link_loads(milp, values)
         if milp.round_time is not None:
             values[milp.round_time] = max(round_time_of(milp, values), milp.lower[milp.round_time])
             if values[milp.round_time] > milp.upper[milp.round_time]:
                 return None
     return values
+
+
+def _set_link_loads(milp: MILP, values: np.ndarray) -> None:
+    """Set each link variable ``L_e`` to what its byte row (C10b) says of ``values``."""
+    for r in milp.rows_named("C10b"):
+        start, end = milp.matrix.indptr[r], milp.matrix.indptr[r + 1]
+        cols = milp.matrix.indices[start:end]
+        vals = milp.matrix.data[start:end]
+        l_var = next(c for c in cols if milp.index[c].kind == "L")
+        mask = cols != l_var
+        values[l_var] = float(vals[mask] @ values[cols[mask]])
 
 
 def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
@@ -725,13 +727,7 @@ def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
                 key = milp.index[k]
                 w[k] = float(w[lookup[(key.owner, key.a)]] > 0.5)
         # L_e from the byte rows of the rounded counts
-        for r in milp.rows_named("C10b"):
-            start, end = milp.matrix.indptr[r], milp.matrix.indptr[r + 1]
-            cols = milp.matrix.indices[start:end]
-            vals = milp.matrix.data[start:end]
-            l_var = next(c for c in cols if milp.index[c].kind == "L")
-            mask = cols != l_var
-            w[l_var] = float(vals[mask] @ w[cols[mask]])
+        _set_link_loads(milp, w)
         w[milp.round_time] = 0.0
         act = milp.matrix[shared] @ w
         t = max(t, float(act.max()))

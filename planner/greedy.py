@@ -54,6 +54,7 @@ from legend.planner.types import (
     Configuration,
     PlanningProblem,
     SolverOutcome,
+    objective_value,
     rank_gain,
 )
 
@@ -883,13 +884,7 @@ def _raise_infeasible(greedy: _Greedy, deadline_s: float | None) -> None:
 def solve_greedy(problem: PlanningProblem) -> SolverOutcome:
     """Solver backend ``greedy``: the LEGEND-style greedy (status ``FEASIBLE``, no gap)."""
     result = greedy_configurations(problem)
-    objective = problem.options.objective
-    if objective == "rate":
-        value = result.utility / result.round_time_s if result.round_time_s > 0 else 0.0
-    elif objective == "deadline":
-        value = result.utility
-    else:
-        value = result.round_time_s
+    value = objective_value(problem.options.objective, result.utility, result.round_time_s)
     return SolverOutcome(
         configurations=result.configurations,
         status="FEASIBLE",

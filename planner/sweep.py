@@ -37,7 +37,7 @@ import numpy as np
 
 from legend.planner.catalog import Catalogue, FleetCosts
 from legend.planner.errors import InfeasibleError
-from legend.planner.types import PlanningProblem
+from legend.planner.types import PlanningProblem, objective_value
 
 __all__ = [
     "SweepResult",
@@ -265,11 +265,5 @@ def _result(
         actual = float(t.max())
     else:
         actual = 0.0
-    objective = problem.options.objective
-    if objective == "rate":
-        value = utility / actual if actual > 0 else 0.0
-    elif objective == "deadline":
-        value = utility
-    else:
-        value = actual
+    value = objective_value(problem.options.objective, utility, actual)
     return SweepResult(choice=choice, round_time_s=actual, utility=utility, objective_value=value)

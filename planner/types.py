@@ -31,6 +31,7 @@ __all__ = [
     "PlannerOptions",
     "PlanningProblem",
     "SolverOutcome",
+    "objective_value",
     "rank_gain",
 ]
 
@@ -46,6 +47,15 @@ TOPOLOGY_BLIND_SOLVERS = ("greedy", "brute-force")
 
 # A device's configuration: (layers ascending, ranks one per layer); () = not participating.
 Configuration = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def objective_value(objective: str, utility: float, round_time_s: float) -> float:
+    """A plan's objective: ``U / T`` (``rate``), ``U`` (``deadline``) or ``T`` (``min-time``)."""
+    if objective == "rate":
+        return utility / round_time_s if round_time_s > 0 else 0.0
+    if objective == "deadline":
+        return utility
+    return round_time_s
 
 
 def rank_gain(rank: int) -> float:
