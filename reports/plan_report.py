@@ -46,7 +46,14 @@ from legend.planner.plan import SCHEMA_VERSION, DevicePlan, Plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
 from legend.planner.topology import Topology, link_times
 from legend.reports.errors import ReportInputError
-from legend.reports.links import MAX_REPLANS, Replanner, binding_links, link_figure, link_frame
+from legend.reports.links import (
+    MAX_REPLANS,
+    Replanner,
+    binding_links,
+    link_figure,
+    link_frame,
+    options_from_plan,
+)
 from legend.reports.render import (
     Figure,
     KeyValues,
@@ -212,10 +219,10 @@ def check_plan_inputs(
     if costs is None:
         return []
     reproduces = _reproduces(plan, fleet, costs)
-    options = dict(plan.options)
+    # the plan's own options (keys of older versions, such as bucketing, are left out)
     try:
-        planner_options = PlannerOptions(**options) if options else PlannerOptions()
-    except (TypeError, ValueError) as exc:
+        planner_options = options_from_plan(plan) if plan.options else PlannerOptions()
+    except ReportInputError as exc:
         raise ReportInputError(f"plan file {source}: `options` are not valid: {exc}") from None
     violations = validate_plan(
         plan,
@@ -251,6 +258,14 @@ def check_plan_inputs(
         return []
     if digest == plan.inputs_digest:
         return []
+    retired = sorted(set(plan.options or {}) - set(PlannerOptions.__dataclass_fields__))
+    if retired:
+        # options of an older legend enter its digest: the digest cannot be reproduced
+        return [
+            f"plan file {source} was made by an older legend (options "
+            f"{', '.join(retired)}); its inputs digest cannot be checked, the plan was "
+            "validated against the fleet"
+        ]
     message = (
         f"fleet {fleet.source} (or the job, model or options) is not what plan file {source} "
         f"was computed from: inputs digest {digest} != {plan.inputs_digest} recorded in the plan"
