@@ -429,3 +429,20 @@ print("heavy=" + ",".join(heavy))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "heavy="
+
+
+def test_plan_of_the_previous_version_is_reported_with_a_warning() -> None:
+    """A plan made before bucketing was removed carries `class_bucket_ratio` in its options
+    and a digest over them: the report validates it against the fleet and warns that the
+    digest cannot be checked, instead of refusing it."""
+    from legend.planner.plan import Plan
+    from legend.reports.plan_report import check_plan_inputs
+
+    fleet = load_fleet(ROOT / "examples" / "fleet.csv")
+    plan = plan_round(fleet, get_model_spec(MINILM))
+    old = plan.to_dict()
+    old["options"]["class_bucket_ratio"] = None
+    old["inputs_digest"] = "0123456789abcdef"
+    warnings = check_plan_inputs(Plan.from_dict(old), fleet, "old.json")
+    assert len(warnings) == 1 and "older legend" in warnings[0]
+    assert "class_bucket_ratio" in warnings[0]
