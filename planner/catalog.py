@@ -104,8 +104,8 @@ class FleetCosts:
 
     Round time of device ``i`` in column ``j``:
     ``time_const[i] + time_per_layer[i] * d_j + time_per_rank[i] * S_j``; compute time the
-    same with the ``compute_*`` vectors; transfer time ``bytes_one_way[j] * link_s_per_byte[i]``
-    (download plus upload).
+    same with the ``compute_*`` vectors; transfer time
+    ``bytes_one_way[j] * (down_s_per_byte[i] + up_s_per_byte[i])``.
     """
 
     time_const: np.ndarray
@@ -122,10 +122,6 @@ class FleetCosts:
     def __len__(self) -> int:
         return len(self.samples)
 
-    @property
-    def link_s_per_byte(self) -> np.ndarray:
-        return self.down_s_per_byte + self.up_s_per_byte
-
     def times(self, rows: slice | np.ndarray, cat: Catalogue) -> np.ndarray:
         """Round times ``t[i, j]`` of devices ``rows`` over every column (``len(rows) x P``)."""
         d = cat.depth.astype(float)
@@ -134,15 +130,6 @@ class FleetCosts:
             self.time_const[rows, None]
             + self.time_per_layer[rows, None] * d[None, :]
             + self.time_per_rank[rows, None] * s[None, :]
-        )
-
-    def compute_times(self, rows: slice | np.ndarray, cat: Catalogue) -> np.ndarray:
-        d = cat.depth.astype(float)
-        s = cat.rank_sum.astype(float)
-        return (
-            self.compute_const[rows, None]
-            + self.compute_per_layer[rows, None] * d[None, :]
-            + self.compute_per_rank[rows, None] * s[None, :]
         )
 
     def fits(self, rows: slice | np.ndarray, cat: Catalogue) -> np.ndarray:

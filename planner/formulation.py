@@ -61,7 +61,13 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from legend.planner.catalog import Catalogue, DeviceGroups, FleetCosts, group_identical
+from legend.planner.catalog import (
+    CHUNK_CELLS,
+    Catalogue,
+    DeviceGroups,
+    FleetCosts,
+    group_identical,
+)
 from legend.planner.errors import PlannerInputError
 from legend.planner.plan import Plan
 from legend.planner.types import Configuration, PlanningProblem
@@ -293,8 +299,9 @@ def _units(
     utils: list[np.ndarray] = []
     dropping = problem.options.allow_dropping
     limit = time_cap_s * (1 + 1e-9)
-    for chunk_start in range(0, len(first), max(1, 2_000_000 // max(len(cat), 1))):
-        rows = first[chunk_start : chunk_start + max(1, 2_000_000 // max(len(cat), 1))]
+    step = max(1, CHUNK_CELLS // max(len(cat), 1))
+    for chunk_start in range(0, len(first), step):
+        rows = first[chunk_start : chunk_start + step]
         t = fc.times(rows, cat)
         ok = fc.fits(rows, cat) & (t <= limit)
         for r in range(len(rows)):

@@ -136,9 +136,11 @@ class _Fleet:
         self.n = n
         self.samples = fc.samples / scale
 
-    def priced(self, alpha: np.ndarray, beta: np.ndarray, dropping: bool) -> np.ndarray:
-        """``c[i, k] = n_i alpha[col] + beta[col]`` over each device's time-ordered columns
+    def priced(self, rows: _Rows, u: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``c_ij(y) = n_i u_j - sum_r y_r a_r,ij`` over each device's time-ordered columns
         (``-inf`` beyond its columns)."""
+        alpha = u - (y[rows.by_samples] @ rows.coef[rows.by_samples])
+        beta = -(y[~rows.by_samples] @ rows.coef[~rows.by_samples])
         c = np.append(alpha, -np.inf)[self.order]
         c *= self.samples[:, None]
         c += np.append(beta, 0.0)[self.order]
@@ -201,9 +203,7 @@ def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -
 
     def evaluate(y: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> _Eval:
         """The bound over the round-time intervals ``[lower, upper]`` (``upper`` sorted)."""
-        alpha = u - (y[rows.by_samples] @ rows.coef[rows.by_samples])
-        beta = -(y[~rows.by_samples] @ rows.coef[~rows.by_samples])
-        c = fl.priced(alpha, beta, dropping)
+        c = fl.priced(rows, u, y)
         run = np.maximum.accumulate(c, axis=1)
         if dropping:
             np.maximum(run, 0.0, out=run)
@@ -343,9 +343,7 @@ def _best_plan(problem, cat, fc, fl, rows, y, candidates):  # type: ignore[no-un
     opts = problem.options
     dropping = opts.allow_dropping
     u = cat.utility_per_sample
-    alpha = u - (y[rows.by_samples] @ rows.coef[rows.by_samples])
-    beta = -(y[~rows.by_samples] @ rows.coef[~rows.by_samples])
-    c = fl.priced(alpha, beta, dropping)
+    c = fl.priced(rows, u, y)
     best: tuple[np.ndarray, float, float] | None = None
     for t in np.unique(candidates):
         choice = _choice(fl, c, float(t), dropping)

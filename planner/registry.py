@@ -47,7 +47,7 @@ SOLVERS: Mapping[str, Solver] = MappingProxyType(
         "brute-force": _lazy("legend.planner.bruteforce", "solve_bruteforce"),
     }
 )
-assert tuple(SOLVERS) == SOLVER_NAMES or set(SOLVERS) == set(SOLVER_NAMES)
+assert set(SOLVERS) == set(SOLVER_NAMES)
 
 
 def get_solver(name: str) -> Solver:
