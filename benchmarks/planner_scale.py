@@ -190,6 +190,7 @@ def inner(argv: list[str]) -> int:
     p.add_argument("--topology", default=None)
     p.add_argument("--time-limit-s", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", default="rate")
     a = p.parse_args(argv)
     from legend.planner.api import PlannerOptions, plan_round
     from legend.planner.errors import PlannerError
@@ -204,6 +205,7 @@ def inner(argv: list[str]) -> int:
 
         topo = load_topology(a.topology, fleet)
     options = PlannerOptions(
+        objective=a.objective,
         solver=a.solver,
         time_limit_s=a.time_limit_s,
         server_mbps=a.server_mbps,

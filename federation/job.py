@@ -136,6 +136,9 @@ class PlannerSection:
     coverage_share: float = PlannerOptions.coverage_share
     min_participants: int = PlannerOptions.min_participants
     layer_weights: str | tuple[float, ...] = PlannerOptions.layer_weights
+    rank_gains: str | tuple[float, ...] = PlannerOptions.rank_gains
+    seconds_per_mb: float = PlannerOptions.seconds_per_mb
+    server_overhead_s: float = PlannerOptions.server_overhead_s
     use_classes: bool | None = PlannerOptions.use_classes
     threads: int | None = PlannerOptions.threads
     use_topology: bool = True  # false: plan blind to job.topology (the clock still applies it)

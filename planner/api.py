@@ -29,7 +29,6 @@ from legend.planner.types import (
     PlannerOptions,
     PlanningProblem,
     SolverOutcome,
-    objective_value,
     rank_gain,
 )
 
@@ -72,14 +71,10 @@ def make_plan(
         not layers or (layers[-1] == L - 1 and layers[0] == L - len(layers))
         for layers, _ranks in configs
     )
-    weights = problem.layer_weights
     per_sample: dict[Configuration, float] = {}
     for cfg in configs:
         if cfg not in per_sample:
-            layers, ranks = cfg
-            per_sample[cfg] = sum(
-                weights[layer] * rank_gain(r) for layer, r in zip(layers, ranks, strict=True)
-            )
+            per_sample[cfg] = problem.utility_per_sample(*cfg)
     devices: list[DevicePlan] = []
     total_utility = 0.0
     round_time = 0.0
@@ -122,7 +117,8 @@ def make_plan(
             {d.device_id: (d.layers, d.ranks) for d in devices},
         )
     objective = problem.options.objective
-    value = objective_value(objective, total_utility, round_time)
+    moved = sum(d.predicted_upload_bytes + d.predicted_download_bytes for d in devices)
+    value = problem.objective_of(total_utility, round_time, moved)
     return Plan(
         devices=tuple(devices),
         status=outcome.status,

@@ -218,10 +218,11 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
         score = np.where(feasible, total_u, -np.inf)
         flat = int(np.argmax(score))
         value = float(total_u.flat[flat])
-    elif opts.objective == "rate":
-        rate = np.where(
-            feasible & (round_t > 0), total_u / np.where(round_t > 0, round_t, 1), -np.inf
-        )
+    elif opts.objective in ("rate", "progress"):
+        denom = round_t
+        if opts.objective == "progress":
+            denom = round_t + opts.server_overhead_s + opts.seconds_per_mb * total_b / 1e6
+        rate = np.where(feasible & (denom > 0), total_u / np.where(denom > 0, denom, 1), -np.inf)
         flat = int(np.argmax(rate))
         value = float(rate.flat[flat])
     else:

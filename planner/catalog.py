@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from legend.planner.errors import PlannerInputError
-from legend.planner.types import Configuration, PlanningProblem, rank_gain
+from legend.planner.types import Configuration, PlanningProblem
 
 __all__ = [
     "CHUNK_CELLS",
@@ -155,7 +155,7 @@ def _dp(problem: PlanningProblem) -> tuple[np.ndarray, ...]:
     grid = np.asarray(problem.job.ranks, dtype=np.int64)
     K = len(grid)
     w = problem.layer_weights
-    gain = np.asarray([rank_gain(int(r)) for r in grid])
+    gain = np.asarray(problem.rank_gains, dtype=float)
     monotone = problem.options.monotone_ranks
     s_max = int(grid[-1]) * L
     best = np.full((K, s_max + 1), -np.inf)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from legend.planner.errors import PlannerInputError
+from legend.planner.types import DEFAULT_OBJECTIVE, DEFAULT_SECONDS_PER_MB
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -65,10 +66,11 @@ def plan_command(
         str,
         typer.Option(
             "--objective",
-            help="rate (max utility per second), deadline (max utility within --deadline-s) "
-            "or min-time (shortest round reaching the utility floor).",
+            help="progress (default: the progress model's expected progress per priced "
+            "second), rate (max fixed utility per second), deadline (max utility within "
+            "--deadline-s) or min-time (shortest round reaching the utility floor).",
         ),
-    ] = "rate",
+    ] = DEFAULT_OBJECTIVE,
     deadline_s: Annotated[
         float | None,
         typer.Option("--deadline-s", help="Round deadline in seconds (objective deadline)."),
@@ -101,8 +103,33 @@ def plan_command(
         ),
     ] = 0.0,
     layer_weights: Annotated[
-        str, typer.Option("--layer-weights", help="Utility layer weights: linear or uniform.")
-    ] = "linear",
+        str,
+        typer.Option(
+            "--layer-weights",
+            help="Utility layer weights: auto (the model's measured prior under progress), "
+            "prior, linear or uniform.",
+        ),
+    ] = "auto",
+    rank_gains: Annotated[
+        str,
+        typer.Option(
+            "--rank-gains",
+            help="Utility of a rank: auto (the measured prior under progress), prior or log2.",
+        ),
+    ] = "auto",
+    seconds_per_mb: Annotated[
+        float,
+        typer.Option(
+            "--seconds-per-mb",
+            help="progress: the price of traffic, seconds of round time one MB is worth.",
+        ),
+    ] = DEFAULT_SECONDS_PER_MB,
+    server_overhead_s: Annotated[
+        float,
+        typer.Option(
+            "--server-overhead-s", help="progress: seconds the server adds to every round."
+        ),
+    ] = 0.0,
     threads: Annotated[
         int | None, typer.Option("--threads", help="Solver threads (default: the solver's).")
     ] = None,
@@ -224,6 +251,9 @@ def plan_command(
         coverage_layers=coverage_layers,
         coverage_share=coverage_share,
         layer_weights=layer_weights,
+        rank_gains=rank_gains,
+        seconds_per_mb=seconds_per_mb,
+        server_overhead_s=server_overhead_s,
         threads=threads,
         monotone_ranks=monotone_ranks,
         min_depth=min_depth,
@@ -312,6 +342,8 @@ def plan_table(plan: Plan, fleet: Fleet) -> RenderableType:
     value = (
         f"{plan.objective_value:.6g} utility/s"
         if plan.objective == "rate"
+        else f"{plan.objective_value:.6g} progress per priced s"
+        if plan.objective == "progress"
         else f"{plan.objective_value:.6g}" + (" utility" if plan.objective == "deadline" else " s")
     )
     participants = sum(1 for d in plan.devices if d.participates)

@@ -79,6 +79,7 @@ __all__ = [
     "columns_of",
     "congested_links",
     "decode",
+    "denominator_of",
     "encode",
     "formulate",
     "round_time_of",
@@ -204,17 +205,22 @@ class MILP:
     units: Units
     catalogue: Catalogue
     server_bytes_per_s: float | None = None
+    price_s: np.ndarray | None = None
+    overhead_s: float = 0.0
 
     @property
     def num_vars(self) -> int:
         return len(self.var_names)
 
     def with_rate(self, lam: float) -> MILP:
-        """The Dinkelbach subproblem ``max U - lam * T`` (scaled units; needs ``T``)."""
+        """The Dinkelbach subproblem ``max U - lam * (T + price' v)`` (scaled units; needs
+        ``T``); the constant overhead does not change the maximiser."""
         if self.round_time is None:
             raise PlannerInputError("the rate objective needs a program with a variable T")
         c = self.utility.copy()
         c[self.round_time] -= lam
+        if self.price_s is not None:
+            c -= lam * self.price_s
         return replace(self, objective=c, sense="max")
 
     def utility_value(self, values: np.ndarray) -> float:
@@ -368,7 +374,11 @@ def formulate(
         if deadline_s is not None
         else (time_cap_s if time_cap_s is not None else math.inf)
     )
-    units = _units(problem, cat, fc, links, time_cap_s=cap, extra_dims=link_rows or coverage > 1)
+    # under progress a column's bytes matter too: no pruning by time and utility alone
+    priced = opts.objective == "progress" and opts.seconds_per_mb > 0
+    units = _units(
+        problem, cat, fc, links, time_cap_s=cap, extra_dims=link_rows or coverage > 1 or priced
+    )
     G = len(units)
     # shared links need T as a variable (at most the deadline under O1)
     has_t = deadline_s is None or bool(links)
@@ -489,6 +499,11 @@ def formulate(
 
     util = np.zeros(num_vars)
     util[:C] = units.utility / scale
+    price_s = None
+    if opts.objective == "progress":
+        # seconds the bytes of each device-column are worth (both ways)
+        price_s = np.zeros(num_vars)
+        price_s[:C] = opts.seconds_per_mb * 2.0 * nbytes_mb * MB / 1e6
     if utility_floor is not None:
         rows.add("UF", np.arange(C), util[:C], utility_floor / scale, np.inf)
         objective = np.zeros(num_vars)
@@ -536,6 +551,8 @@ def formulate(
         units=units,
         catalogue=cat,
         server_bytes_per_s=None if opts.server_mbps is None else opts.server_mbps * MB / 8,
+        price_s=price_s,
+        overhead_s=opts.server_overhead_s if opts.objective == "progress" else 0.0,
     )
     if start is None and problem.warm_start is not None:
         start = columns_of(cat, problem, problem.warm_start)
@@ -704,6 +721,16 @@ def _set_link_loads(milp: MILP, values: np.ndarray) -> None:
         l_var = next(c for c in cols if milp.index[c].kind == "L")
         mask = cols != l_var
         values[l_var] = float(vals[mask] @ values[cols[mask]])
+
+
+def denominator_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
+    """The denominator of a ratio objective: the round time, plus (``progress``) the
+    server's overhead and the priced bytes."""
+    t = round_time_of(milp, values)
+    if milp.price_s is None:
+        return t
+    v = np.rint(np.asarray(values, dtype=float))
+    return t + milp.overhead_s + float(milp.price_s @ v)
 
 
 def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:

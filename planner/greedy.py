@@ -51,11 +51,11 @@ from legend.planner.diagnose import blocked_devices, fleet_reasons
 from legend.planner.errors import InfeasibleError, PlannerInputError
 from legend.planner.profiles import DeviceProfile
 from legend.planner.types import (
+    RATIO_OBJECTIVES,
     Configuration,
     PlanningProblem,
     SolverOutcome,
     objective_value,
-    rank_gain,
 )
 
 __all__ = [
@@ -218,7 +218,7 @@ class _Greedy:
         self.row_counts = np.bincount(self.row_of_device, minlength=n_unique).astype(np.float64)
 
         w = np.asarray(problem.layer_weights, dtype=np.float64)
-        g = np.array([rank_gain(int(r)) for r in self.ranks])
+        g = np.asarray(problem.rank_gains, dtype=np.float64)
         self.add_gain = w * g[0]  # [layer]: utility per sample of adding layer at rank 0
         self.raise_gain = w[:, None] * np.diff(g)[None, :]  # [layer, k]: k -> k+1
         tc = self.tables
@@ -795,7 +795,9 @@ def greedy_configurations(problem: PlanningProblem) -> GreedyResult:
         cands = _candidates(greedy)
         if cands.size == 0:
             _raise_infeasible(greedy, None)
-        if opts.objective == "rate":
+        if opts.objective in RATIO_OBJECTIVES:
+            # the LEGEND greedy maximises its utility per second; under ``progress`` that
+            # utility is the progress model's (the "greedy on the learned model" ablation)
             deadline = _search_rate(greedy, cands)
             if deadline is None:
                 _raise_infeasible(greedy, None)
@@ -884,7 +886,12 @@ def _raise_infeasible(greedy: _Greedy, deadline_s: float | None) -> None:
 def solve_greedy(problem: PlanningProblem) -> SolverOutcome:
     """Solver backend ``greedy``: the LEGEND-style greedy (status ``FEASIBLE``, no gap)."""
     result = greedy_configurations(problem)
-    value = objective_value(problem.options.objective, result.utility, result.round_time_s)
+    # ``progress`` also prices bytes, which the greedy does not track: the plan computes it
+    value = (
+        None
+        if problem.options.objective == "progress"
+        else objective_value(problem.options.objective, result.utility, result.round_time_s)
+    )
     return SolverOutcome(
         configurations=result.configurations,
         status="FEASIBLE",

@@ -21,6 +21,7 @@ from legend.planner.formulation import (
     MILP,
     congested_links,
     decode,
+    denominator_of,
     encode,
     formulate,
     round_time_of,
@@ -67,7 +68,10 @@ def _decoupled(ctx: _Context) -> tuple[np.ndarray | None, float | None, float]:
         res = sweep(problem, ctx.cat, ctx.fc)
     except InfeasibleError:
         return None, None, u_max
-    rate = res.utility / res.round_time_s if res.round_time_s > 0 else None
+    if problem.options.objective == "progress":
+        rate = res.objective_value if res.objective_value > 0 else None
+    else:
+        rate = res.utility / res.round_time_s if res.round_time_s > 0 else None
     return res.choice, rate, u_max
 
 
@@ -256,19 +260,20 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
     if choice is not None:
         probe = _start(ctx, formulate(problem, ctx.cat, ctx.fc, None), choice)
         if probe.start is not None:
-            t0 = round_time_of(probe, probe.start)
+            t0 = denominator_of(probe, probe.start)
             if t0 > 0:
                 ws_rate = probe.utility_value(probe.start) / t0
                 # no plan of rate >= ws_rate takes longer than U_max / ws_rate
                 cap = u_max / ws_rate * (1 + 1e-9)
     milp = formulate(problem, ctx.cat, ctx.fc, None, time_cap_s=cap)
     milp = _start(ctx, milp, choice)
-    t_lb = milp.time_lower_bound_s
+    # every plan's denominator is at least this (round time, plus overhead under progress)
+    t_lb = milp.time_lower_bound_s + milp.overhead_s
     lam = start_rate / milp.utility_scale if start_rate is not None else 0.0
     verified = start_rate is None
-    best: tuple[float, np.ndarray, float] | None = None  # ratio, values, T
+    best: tuple[float, np.ndarray, float] | None = None  # ratio, values, denominator
     if milp.start is not None:
-        t0 = round_time_of(milp, milp.start)
+        t0 = denominator_of(milp, milp.start)
         if t0 > 0:
             best = (float(milp.utility @ milp.start) / t0, milp.start, t0)
     last: MilpResult | None = None
@@ -287,13 +292,14 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
         assert res.values is not None
         last = res
         u = float(milp.utility @ res.values)
-        t = round_time_of(milp, res.values)
+        t = denominator_of(milp, res.values)
         ratio = u / t if t > 0 else 0.0
         if best is None or ratio > best[0]:
             best = (ratio, res.values, t)
         if lam > 0 and t_lb > 0 and res.bound is not None:
-            # every plan has U - lam T <= bound, so U / T <= lam + bound / T_lb
-            ratio_ub = min(ratio_ub, lam + max(res.bound, 0.0) / t_lb)
+            # every plan has U - lam D <= bound - lam * overhead (D its denominator, the
+            # constant overhead left out of the program), so U / D <= lam + that / D_lb
+            ratio_ub = min(ratio_ub, lam + max(res.bound - lam * milp.overhead_s, 0.0) / t_lb)
         if (
             lam > 0
             and ratio <= lam * (1 + DINKELBACH_RTOL)
@@ -303,7 +309,7 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
             break
         lam, verified = best[0], True
     assert best is not None and last is not None
-    ratio, values, t = best
+    ratio, values, _denominator = best
     gap = None if not math.isfinite(ratio_ub) or ratio <= 0 else max(0.0, ratio_ub - ratio) / ratio
     optimal = (
         converged and last.status == "OPTIMAL" and gap is not None and gap <= opts.mip_gap + 1e-9
@@ -318,7 +324,7 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
         gap=gap,
         value=ratio * milp.utility_scale,
         bound=bound,
-        deadline_s=t,
+        deadline_s=round_time_of(milp, values),
     )
 
 

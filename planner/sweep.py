@@ -17,6 +17,13 @@ is then a search over those breakpoints:
 - O2 ``min-time``: the first breakpoint with ``U(T) >= floor``.
 - O3 ``rate``: the breakpoint with the largest ``U(T) / T`` (between breakpoints ``U`` is
   constant and ``U / T`` falls, so the maximum sits on one).
+- ``progress``: the ratio ``U / (T + c + sum_i beta_j(i))`` also prices each device's bytes
+  (``beta_j = p * 2 B_j``, ``p`` seconds per byte, ``c`` the server's overhead), so a
+  device's best column at ``T`` depends on the ratio itself. Dinkelbach's method solves it
+  exactly: for the ratio ``lambda`` of the current plan, maximise
+  ``sum_i max_j (n_i u_j - lambda beta_j) - lambda (T + c)`` over the same breakpoints (per
+  device the running maximum of its priced values in time order), take the plan found,
+  and repeat until the maximum is 0; a finite program takes a few steps, each exact.
 
 Every device must participate unless dropping is allowed, so ``T`` starts at
 ``T_lb = max_i min_j t_ij``; with dropping at ``min_i min_j t_ij``, a device contributing
@@ -212,6 +219,8 @@ def sweep(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> SweepResu
     if not able.any():
         raise InfeasibleError("no plan: no device can run even its smallest configuration")
     t_lb = float(fastest[able].min() if dropping else fastest.max())
+    if opts.objective == "progress":
+        return _progress(problem, cat, fc, t_lb)
     _, base = best_columns(cat, fc, t_lb)
     base_u = np.where(np.isfinite(base), base, 0.0)
     u0 = float(base_u @ fc.samples)
@@ -219,17 +228,7 @@ def sweep(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> SweepResu
     u_max = float(np.where(np.isfinite(top), top, 0.0) @ fc.samples)
 
     if opts.objective == "rate":
-        t_hi = t_lb * u_max / u0 * (1 + 1e-9) if u0 > 0 else math.inf
-        tt, inc = _breakpoints(cat, fc, t_lb, t_hi, base_u)
-        utils = u0 + np.cumsum(inc)
-        cand_t = np.concatenate(([t_lb], tt))
-        cand_u = np.concatenate(([u0], utils))
-        # the fleet's utility at a time is the last entry among equal times
-        last = np.ones(len(cand_t), dtype=bool)
-        last[:-1] = cand_t[1:] > cand_t[:-1]
-        ratio = np.where(last, cand_u / cand_t, -np.inf)
-        k = int(np.argmax(ratio))
-        return _result(problem, cat, fc, float(cand_t[k]))
+        return _result(problem, cat, fc, _rate_time(cat, fc, t_lb))
 
     floor = (
         opts.utility_floor if opts.utility_floor is not None else (opts.utility_floor_share * u_max)
@@ -250,6 +249,24 @@ def sweep(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> SweepResu
     return _result(problem, cat, fc, float(tt[k]))
 
 
+def _rate_time(cat: Catalogue, fc: FleetCosts, t_lb: float) -> float:
+    """The breakpoint ``T >= t_lb`` of the largest ``U(T) / T``."""
+    _, base = best_columns(cat, fc, t_lb)
+    base_u = np.where(np.isfinite(base), base, 0.0)
+    u0 = float(base_u @ fc.samples)
+    _, top = best_columns(cat, fc, math.inf)
+    u_max = float(np.where(np.isfinite(top), top, 0.0) @ fc.samples)
+    t_hi = t_lb * u_max / u0 * (1 + 1e-9) if u0 > 0 else math.inf
+    tt, inc = _breakpoints(cat, fc, t_lb, t_hi, base_u)
+    cand_t = np.concatenate(([t_lb], tt))
+    cand_u = u0 + np.concatenate(([0.0], np.cumsum(inc)))
+    # the fleet's utility at a time is the last entry among equal times
+    last = np.ones(len(cand_t), dtype=bool)
+    last[:-1] = cand_t[1:] > cand_t[:-1]
+    ratio = np.where(last, cand_u / cand_t, -np.inf)
+    return float(cand_t[int(np.argmax(ratio))])
+
+
 def _result(
     problem: PlanningProblem, cat: Catalogue, fc: FleetCosts, round_time_s: float
 ) -> SweepResult:
@@ -267,3 +284,210 @@ def _result(
         actual = 0.0
     value = objective_value(problem.options.objective, utility, actual)
     return SweepResult(choice=choice, round_time_s=actual, utility=utility, objective_value=value)
+
+
+# Dinkelbach steps of the ``progress`` sweep (each exact; a handful suffice in practice)
+PROGRESS_MAX_STEPS = 100
+
+
+def _priced(problem: PlanningProblem, cat: Catalogue) -> tuple[np.ndarray, float]:
+    """Per column the price of its bytes in seconds (both ways), and the server overhead."""
+    opts = problem.options
+    return opts.seconds_per_mb * 2.0 * cat.bytes_one_way / 1e6, opts.server_overhead_s
+
+
+def _priced_choice(
+    cat: Catalogue,
+    fc: FleetCosts,
+    beta: np.ndarray,
+    lam: float,
+    round_time_s: float,
+    dropping: bool,
+) -> np.ndarray:
+    """Per device the column maximising ``n_i u_j - lam beta_j`` among those that fit its
+    memory and finish within ``round_time_s`` (ties: the faster); ``-1`` sits out."""
+    out = np.full(len(fc), -1, dtype=np.int64)
+    for rows in fc.chunks(len(cat)):
+        t = fc.times(rows, cat)
+        ok = fc.fits(rows, cat) & (t <= round_time_s * (1 + _TIME_TOL))
+        v = fc.samples[rows, None] * cat.utility_per_sample[None, :] - lam * beta[None, :]
+        v = np.where(ok, v, -np.inf)
+        best = v.max(axis=1)
+        tol = 1e-12 * np.maximum(1.0, np.abs(np.where(np.isfinite(best), best, 0.0)))
+        near = v >= (best - tol)[:, None]
+        j = np.argmin(np.where(near, t, np.inf), axis=1)
+        pick = np.where(np.isfinite(best), j, -1)
+        if dropping:
+            pick = np.where(best > 0, pick, -1)
+        out[rows] = pick
+    return out
+
+
+def _plan_ratio(
+    cat: Catalogue, fc: FleetCosts, beta: np.ndarray, overhead: float, choice: np.ndarray
+) -> tuple[float, float, float]:
+    """``(ratio, utility, round time)`` of a choice under the ``progress`` objective."""
+    used = choice >= 0
+    j = choice[used]
+    utility = float(cat.utility_per_sample[j] @ fc.samples[used])
+    t = fc.time_const[used] + fc.time_per_layer[used] * cat.depth[j]
+    t = t + fc.time_per_rank[used] * cat.rank_sum[j]
+    round_time = float(t.max()) if used.any() else 0.0
+    denominator = round_time + overhead + float(beta[j].sum())
+    return (utility / denominator if denominator > 0 else 0.0), utility, round_time
+
+
+@dataclass(frozen=True)
+class _PricedBest:
+    """The maximiser of ``F(T)`` over the breakpoints: its round time, ``F`` there, and the
+    progress ``P`` and priced bytes ``B`` of the plan it stands for."""
+
+    round_time_s: float
+    value: float
+    progress: float
+    priced_s: float
+
+
+def _priced_best_time(
+    cat: Catalogue,
+    fc: FleetCosts,
+    beta: np.ndarray,
+    lam: float,
+    overhead: float,
+    t_lb: float,
+    t_hi: float,
+    dropping: bool,
+) -> _PricedBest:
+    """The round time ``T`` in ``[t_lb, t_hi]`` maximising
+    ``F(T) = sum_i max_{j: t_ij <= T} (n_i u_j - lam beta_j) - lam (T + overhead)``.
+
+    ``F`` is a step function minus a line, so its maximum sits at ``t_lb`` or where some
+    device's best priced value rises. Along with each rise the change of the plan's
+    progress and priced bytes is kept, so the plan's ratio needs no second pass.
+    """
+    u = cat.utility_per_sample
+    base_p = base_b = 0.0
+    times: list[np.ndarray] = []
+    d_val: list[np.ndarray] = []
+    d_p: list[np.ndarray] = []
+    d_b: list[np.ndarray] = []
+    by_depth = cat.by_depth()
+    for rows in fc.chunks(len(cat)):
+        n = fc.samples[rows]
+        t_all = fc.times(rows, cat)
+        v_all = n[:, None] * u[None, :] - lam * beta[None, :]
+        v_all = np.where(fc.fits(rows, cat) & (t_all <= t_hi * (1 + _TIME_TOL)), v_all, -np.inf)
+        early = t_all <= t_lb * (1 + _TIME_TOL)
+        v_early = np.where(early, v_all, -np.inf)
+        base_col = np.argmax(v_early, axis=1)
+        base = v_early[np.arange(len(base_col)), base_col]
+        if dropping:
+            out = ~(base > 0)
+            base = np.where(out, 0.0, base)
+            base_col = np.where(out, -1, base_col)
+        has = base_col >= 0
+        base_p += float(n[has] @ u[base_col[has]])
+        base_b += float(beta[base_col[has]].sum())
+        dev_parts, col_parts = [], []
+        for _d, cols in by_depth:
+            # along a depth, times grow with the rank sum for every device: a column can
+            # raise the device's best only if it beats every faster column of its depth
+            v = np.where(early[:, cols], -np.inf, v_all[:, cols])
+            before = np.maximum.accumulate(
+                np.concatenate([base[:, None], v[:, :-1]], axis=1), axis=1
+            )
+            r, k = np.nonzero(v > before)
+            dev_parts.append(r)
+            col_parts.append(cols[k])
+        dev = np.concatenate(dev_parts)
+        if not len(dev):
+            continue
+        col = np.concatenate(col_parts)
+        tt = t_all[dev, col]
+        vv = v_all[dev, col]
+        order = np.lexsort((-vv, tt, dev))
+        dev, tt, vv, col = dev[order], tt[order], vv[order], col[order]
+        # running maximum per device in time order, from its base: offset the devices'
+        # segments apart so that one cumulative maximum serves all
+        first = np.ones(len(dev), dtype=bool)
+        first[1:] = dev[1:] != dev[:-1]
+        seg = np.cumsum(first) - 1
+        run = np.maximum(vv, base[dev])
+        offset = seg * (4.0 * float(np.abs(run).max()) + 1.0)
+        run = np.maximum.accumulate(run + offset) - offset
+        prev = np.where(first, base[dev], np.concatenate(([0.0], run[:-1])))
+        rise = run - prev > 0
+        dev, tt, col, inc = dev[rise], tt[rise], col[rise], (run - prev)[rise]
+        # the column each rise replaces: the device's previous rise, or its base column
+        first = np.ones(len(dev), dtype=bool)
+        first[1:] = dev[1:] != dev[:-1]
+        old = np.where(first, base_col[dev], np.concatenate(([-1], col[:-1])))
+        u_old = np.where(old >= 0, u[np.maximum(old, 0)], 0.0)
+        b_old = np.where(old >= 0, beta[np.maximum(old, 0)], 0.0)
+        times.append(tt)
+        d_val.append(inc)
+        d_p.append(n[dev] * (u[col] - u_old))
+        d_b.append(beta[col] - b_old)
+    if times:
+        tt = np.concatenate(times)
+        order = np.argsort(tt, kind="stable")
+        tt = tt[order]
+        cum_v = np.cumsum(np.concatenate(d_val)[order])
+        cum_p = np.cumsum(np.concatenate(d_p)[order])
+        cum_b = np.cumsum(np.concatenate(d_b)[order])
+    else:
+        tt = cum_v = cum_p = cum_b = np.zeros(0)
+    cand_t = np.concatenate(([t_lb], tt))
+    cand_v = np.concatenate(([0.0], cum_v))
+    last = np.ones(len(cand_t), dtype=bool)
+    last[:-1] = cand_t[1:] > cand_t[:-1]
+    # F up to the constant sum of the bases (the same for every T)
+    score = np.where(last, cand_v - lam * cand_t, -np.inf)
+    best = int(np.argmax(score))
+    progress = base_p + (float(cum_p[best - 1]) if best > 0 else 0.0)
+    priced = base_b + (float(cum_b[best - 1]) if best > 0 else 0.0)
+    value = progress - lam * (float(cand_t[best]) + overhead + priced)
+    return _PricedBest(
+        round_time_s=float(cand_t[best]), value=value, progress=progress, priced_s=priced
+    )
+
+
+def _progress(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts, t_lb: float) -> SweepResult:
+    """The ``progress`` objective by Dinkelbach's method over exact sweeps."""
+    dropping = problem.options.allow_dropping
+    beta, overhead = _priced(problem, cat)
+    _, top = best_columns(cat, fc, math.inf)
+    p_max = float(np.where(np.isfinite(top), top, 0.0) @ fc.samples)
+    # Start from the best plan at the round time of the unpriced rate optimum (Dinkelbach
+    # at that fixed T, a few cheap passes), or at the shortest round: the global steps
+    # below then mostly confirm it.
+    starts = [_priced_choice(cat, fc, beta, 0.0, t_lb, dropping)]
+    lam = _plan_ratio(cat, fc, beta, overhead, starts[0])[0]
+    if not dropping:
+        t_rate = _rate_time(cat, fc, t_lb)
+        for _ in range(4):
+            cand = _priced_choice(cat, fc, beta, lam, t_rate, dropping)
+            ratio = _plan_ratio(cat, fc, beta, overhead, cand)[0]
+            if ratio <= lam * (1 + 1e-9):
+                break
+            starts.append(cand)
+            lam = ratio
+    t_best = t_lb
+    for _ in range(PROGRESS_MAX_STEPS):
+        # a plan of ratio >= lam has T + overhead <= P_max / lam
+        t_hi = (p_max / lam - overhead) * (1 + 1e-9) if lam > 0 else math.inf
+        found = _priced_best_time(cat, fc, beta, lam, overhead, t_lb, max(t_hi, t_lb), dropping)
+        denominator = found.round_time_s + overhead + found.priced_s
+        ratio = found.progress / denominator if denominator > 0 else 0.0
+        if ratio <= lam * (1 + 1e-12):
+            # max_T F(T) <= 0: no plan's ratio exceeds lam (Dinkelbach)
+            break
+        lam, t_best = ratio, found.round_time_s
+    choice = _priced_choice(cat, fc, beta, lam, t_best, dropping)
+    if starts and _plan_ratio(cat, fc, beta, overhead, choice)[0] < lam * (1 - 1e-9):
+        # lam came from a starting plan that no step improved on
+        choice = max(starts, key=lambda c: _plan_ratio(cat, fc, beta, overhead, c)[0])
+    ratio, utility, round_time = _plan_ratio(cat, fc, beta, overhead, choice)
+    return SweepResult(
+        choice=choice, round_time_s=round_time, utility=utility, objective_value=ratio
+    )

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
+from legend.models.priors import ProgressPrior, progress_prior
 from legend.models.spec import ModelSpec
 from legend.planner.costs import Calibration, CostModel
 from legend.planner.errors import PlannerInputError
@@ -22,9 +24,14 @@ if TYPE_CHECKING:
     from legend.planner.topology import Topology
 
 __all__ = [
+    "DEFAULT_OBJECTIVE",
+    "DEFAULT_SECONDS_PER_MB",
     "DEFAULT_SOLVER",
     "EXACT_BACKENDS",
+    "LAYER_WEIGHTS",
     "OBJECTIVES",
+    "RANK_GAINS",
+    "RATIO_OBJECTIVES",
     "SOLVER_NAMES",
     "TOPOLOGY_BLIND_SOLVERS",
     "Configuration",
@@ -35,7 +42,15 @@ __all__ = [
     "rank_gain",
 ]
 
-OBJECTIVES = ("rate", "deadline", "min-time")
+OBJECTIVES = ("progress", "rate", "deadline", "min-time")
+# Objectives that are a ratio "utility per (priced) second", solved by Dinkelbach steps.
+RATIO_OBJECTIVES = ("progress", "rate")
+DEFAULT_OBJECTIVE = "progress"
+# The default price of traffic under ``progress``: a megabyte (moved either way) costs the
+# seconds a 1 Gbit/s link needs to carry it.
+DEFAULT_SECONDS_PER_MB = 8.0 / 1000.0
+LAYER_WEIGHTS = ("auto", "prior", "linear", "uniform")
+RANK_GAINS = ("auto", "prior", "log2")
 # "auto": the exact sweep where the program separates per device, the catalogue MILP on
 # HiGHS (highspy) where coupling rows tie devices together (docs/planner.md).
 DEFAULT_SOLVER = "auto"
@@ -49,8 +64,15 @@ TOPOLOGY_BLIND_SOLVERS = ("greedy", "brute-force")
 Configuration = tuple[tuple[int, ...], tuple[int, ...]]
 
 
-def objective_value(objective: str, utility: float, round_time_s: float) -> float:
-    """A plan's objective: ``U / T`` (``rate``), ``U`` (``deadline``) or ``T`` (``min-time``)."""
+def objective_value(
+    objective: str, utility: float, round_time_s: float, priced_s: float = 0.0
+) -> float:
+    """A plan's objective: ``U / (T + priced_s)`` (``progress``; ``priced_s`` is the server's
+    overhead plus the priced bytes), ``U / T`` (``rate``), ``U`` (``deadline``) or ``T``
+    (``min-time``)."""
+    if objective == "progress":
+        denominator = round_time_s + priced_s
+        return utility / denominator if denominator > 0 else 0.0
     if objective == "rate":
         return utility / round_time_s if round_time_s > 0 else 0.0
     if objective == "deadline":
@@ -59,7 +81,7 @@ def objective_value(objective: str, utility: float, round_time_s: float) -> floa
 
 
 def rank_gain(rank: int) -> float:
-    """Concave utility of a rank, ``g(r) = log2(1 + r)``."""
+    """The fixed utility of a rank, ``g(r) = log2(1 + r)`` (``rank_gains = "log2"``)."""
     return math.log2(1 + rank)
 
 
@@ -73,7 +95,11 @@ class PlannerOptions:
     Parameters
     ----------
     objective
-        ``"rate"`` (O3, default): maximise utility per second ``U / T``;
+        ``"progress"`` (default): maximise the progress model's expected progress per
+        priced second, ``U / (T + server_overhead_s + seconds_per_mb * MB)``, with ``U``
+        over the measured layer gains and rank response (``layer_weights`` and
+        ``rank_gains`` ``"auto"``: the model's measured prior, or what a run has learned);
+        ``"rate"`` (O3): maximise the fixed utility per second ``U / T``;
         ``"deadline"`` (O1): maximise ``U`` with every participant within ``deadline_s``;
         ``"min-time"`` (O2): minimise ``T`` with ``U >= utility_floor`` (absolute) or, when
         that is ``None``, ``U >= utility_floor_share * U_max``.
@@ -101,8 +127,21 @@ class PlannerOptions:
     min_participants
         C9 (only meaningful with ``allow_dropping``).
     layer_weights
-        ``w_l`` of the utility: ``"linear"`` (``(l+1)/L``, the default) or ``"uniform"``,
-        or an explicit tuple of ``L`` positive weights.
+        ``w_l`` of the utility: ``"auto"`` (default: the model's measured prior under
+        ``progress`` where one is stored, else ``"linear"``), ``"prior"``, ``"linear"``
+        (``(l+1)/L``), ``"uniform"``, or an explicit tuple of ``L`` weights ``>= 0``.
+    rank_gains
+        ``g(r)`` of the utility at each rank of the job's grid: ``"auto"`` (default: the
+        measured prior's rank response under ``progress`` where one is stored, else
+        ``"log2"``), ``"prior"``, ``"log2"`` (``log2(1 + r)``), or an explicit tuple of one
+        positive, non-decreasing value per rank of the grid.
+    seconds_per_mb
+        ``progress`` only: the price of traffic, seconds of round time one megabyte moved
+        (either way, every device) is worth (default 0.008: what a 1 Gbit/s link spends).
+        0 ignores bytes.
+    server_overhead_s
+        ``progress`` only: seconds the server adds to every round (aggregation,
+        evaluation, planning), part of the round's wall clock.
     use_classes
         Compress devices with identical profiles into classes in the MILP (``True``),
         plan every device on its own (``False``), or decide automatically (``None``).
@@ -110,7 +149,7 @@ class PlannerOptions:
         Solver threads (``None``: the solver's default).
     """
 
-    objective: str = "rate"
+    objective: str = DEFAULT_OBJECTIVE
     deadline_s: float | None = None
     utility_floor: float | None = None
     utility_floor_share: float = 0.5
@@ -124,7 +163,10 @@ class PlannerOptions:
     coverage_layers: int = 0
     coverage_share: float = 0.0
     min_participants: int = 0
-    layer_weights: str | tuple[float, ...] = "linear"
+    layer_weights: str | tuple[float, ...] = "auto"
+    rank_gains: str | tuple[float, ...] = "auto"
+    seconds_per_mb: float = DEFAULT_SECONDS_PER_MB
+    server_overhead_s: float = 0.0
     use_classes: bool | None = None  # None: automatic (classes when profiles repeat)
     threads: int | None = None
 
@@ -180,20 +222,50 @@ class PlannerOptions:
             raise PlannerInputError(f"`coverage_layers` must be >= 0, got {self.coverage_layers!r}")
         if self.threads is not None and self.threads < 1:
             raise PlannerInputError(f"`threads` must be >= 1, got {self.threads!r}")
-        if isinstance(self.layer_weights, str) and self.layer_weights not in ("linear", "uniform"):
+        if isinstance(self.layer_weights, str):
+            if self.layer_weights not in LAYER_WEIGHTS:
+                raise PlannerInputError(
+                    f"`layer_weights` must be one of {', '.join(LAYER_WEIGHTS)} or a list of "
+                    f"weights, got {self.layer_weights!r}"
+                )
+        elif not self.layer_weights or any(
+            not (math.isfinite(v) and v >= 0) for v in self.layer_weights
+        ):
             raise PlannerInputError(
-                f"`layer_weights` must be 'linear', 'uniform' or a tuple of weights, "
-                f"got {self.layer_weights!r}"
+                f"`layer_weights` must be finite numbers >= 0, got {list(self.layer_weights)}"
             )
+        if isinstance(self.rank_gains, str):
+            if self.rank_gains not in RANK_GAINS:
+                raise PlannerInputError(
+                    f"`rank_gains` must be one of {', '.join(RANK_GAINS)} or a list of one "
+                    f"gain per rank, got {self.rank_gains!r}"
+                )
+        else:
+            g = self.rank_gains
+            if not g or any(not (math.isfinite(v) and v > 0) for v in g):
+                raise PlannerInputError(f"`rank_gains` must be finite numbers > 0, got {list(g)}")
+            if any(b < a for a, b in pairwise(g)):
+                raise PlannerInputError(
+                    f"`rank_gains` must not decrease with the rank, got {list(g)}"
+                )
+        for name in ("seconds_per_mb", "server_overhead_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise PlannerInputError(f"`{name}` must be a finite number >= 0, got {v!r}")
 
     def with_(self, **changes: Any) -> PlannerOptions:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        if isinstance(out["layer_weights"], tuple):
-            out["layer_weights"] = list(out["layer_weights"])
+        for key in ("layer_weights", "rank_gains"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
         return out
+
+
+def _prior(spec: ModelSpec) -> ProgressPrior | None:
+    return progress_prior(spec.name, spec.num_layers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,6 +323,17 @@ class PlanningProblem:
                 f"`layer_weights` has {len(options.layer_weights)} entries; {spec.name} has "
                 f"{spec.num_layers} layers"
             )
+        if isinstance(options.rank_gains, tuple) and len(options.rank_gains) != len(job.ranks):
+            raise PlannerInputError(
+                f"`rank_gains` has {len(options.rank_gains)} entries; the rank grid "
+                f"{list(job.ranks)} has {len(job.ranks)}"
+            )
+        for what in ("layer_weights", "rank_gains"):
+            if getattr(options, what) == "prior" and _prior(spec) is None:
+                raise PlannerInputError(
+                    f'`{what} = "prior"`: no progress prior is stored for {spec.name}; '
+                    'measure one with benchmarks/progress_prior.py or leave it "auto"'
+                )
         return cls(
             fleet=fleet,
             spec=spec,
@@ -261,21 +344,70 @@ class PlanningProblem:
             topology=topology,
         )
 
+    def _uses_prior(self, what: str) -> bool:
+        value = getattr(self.options, what)
+        if value == "prior":
+            return True
+        return (
+            value == "auto"
+            and self.options.objective == "progress"
+            and _prior(self.spec) is not None
+        )
+
     @property
     def layer_weights(self) -> tuple[float, ...]:
+        """``w_l`` per layer, resolved from ``options.layer_weights``."""
         L = self.spec.num_layers
         w = self.options.layer_weights
-        if w == "linear":
+        if self._uses_prior("layer_weights"):
+            prior = _prior(self.spec)
+            assert prior is not None
+            return prior.layer_gains
+        if w in ("linear", "auto", "prior"):
             return tuple((layer + 1) / L for layer in range(L))
         if w == "uniform":
             return (1.0,) * L
         return tuple(float(v) for v in w)
 
+    @property
+    def rank_gains(self) -> tuple[float, ...]:
+        """``g(r)`` at each rank of the job's grid, resolved from ``options.rank_gains``."""
+        g = self.options.rank_gains
+        if self._uses_prior("rank_gains"):
+            prior = _prior(self.spec)
+            assert prior is not None
+            return prior.response_at(self.job.ranks)
+        if isinstance(g, tuple):
+            return tuple(float(v) for v in g)
+        return tuple(rank_gain(r) for r in self.job.ranks)
+
+    def gain_of(self) -> dict[int, float]:
+        """``{rank: g(rank)}`` over the job's grid."""
+        return dict(zip(self.job.ranks, self.rank_gains, strict=True))
+
+    def utility_per_sample(self, layers: tuple[int, ...], ranks: tuple[int, ...]) -> float:
+        """``sum_l w_l g(r_l)`` of a configuration."""
+        w = self.layer_weights
+        gain = self.gain_of()
+        return sum(w[layer] * gain[r] for layer, r in zip(layers, ranks, strict=True))
+
     def utility(self, device_index: int, layers: tuple[int, ...], ranks: tuple[int, ...]) -> float:
         """``n_i * sum_l w_l g(r_l)`` of one device's configuration."""
         n = self.fleet.devices[device_index].num_samples
-        w = self.layer_weights
-        return n * sum(w[layer] * rank_gain(r) for layer, r in zip(layers, ranks, strict=True))
+        return n * self.utility_per_sample(layers, ranks)
+
+    def priced_seconds(self, total_bytes: float) -> float:
+        """What ``progress`` adds to the round time: the server's overhead and the price of
+        ``total_bytes`` moved (0 for the other objectives)."""
+        if self.options.objective != "progress":
+            return 0.0
+        return self.options.server_overhead_s + self.options.seconds_per_mb * total_bytes / 1e6
+
+    def objective_of(self, utility: float, round_time_s: float, total_bytes: float) -> float:
+        """The objective of a plan with this utility, round time and bytes (both ways)."""
+        return objective_value(
+            self.options.objective, utility, round_time_s, self.priced_seconds(total_bytes)
+        )
 
     def digest(self) -> str:
         parts: list[Any] = [
@@ -288,6 +420,8 @@ class PlanningProblem:
                 if k not in ("time_limit_s", "threads")
             },
             self.costs.calibration.to_json() if self.costs.calibration else None,
+            # what "auto" and "prior" resolved to (the stored prior can change)
+            [list(self.layer_weights), list(self.rank_gains)],
         ]
         if self.topology is not None:
             parts.append(self.topology.to_dict())

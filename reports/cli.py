@@ -170,7 +170,9 @@ def whatif_command(
         str | None,
         typer.Option(help="Planner for every point (default greedy; auto with --topology)."),
     ] = None,
-    objective: Annotated[str, typer.Option(help="rate, deadline or min-time.")] = "rate",
+    objective: Annotated[
+        str, typer.Option(help="progress, rate, deadline or min-time.")
+    ] = "progress",
     deadline_s: Annotated[
         float | None, typer.Option(help="Deadline for objective 'deadline'.")
     ] = None,

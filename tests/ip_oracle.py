@@ -95,13 +95,20 @@ def solve_exhaustively(
         if len(participants) < opts.min_participants:
             continue
         u = sum(o.utility for o in choice)
+        if opts.objective == "progress":
+            # the denominator: round time, the server's overhead and the priced bytes
+            moved_mb = sum(o.bytes_both for o in choice) / 1e6
+            t_den = t + opts.server_overhead_s + opts.seconds_per_mb * moved_mb
+            combos.append((u, t_den, tuple(o.config for o in choice)))
+            continue
         combos.append((u, t, tuple(o.config for o in choice)))
     if not combos:
         return None
     if opts.objective == "deadline":
         u, t, cfg = max(combos, key=lambda c: c[0])
         return OracleResult(objective=u, utility=u, round_time_s=t, configurations=cfg)
-    if opts.objective == "rate":
+    if opts.objective in ("rate", "progress"):
+        # under progress ``t`` is the priced denominator, not the round time
         u, t, cfg = max(combos, key=lambda c: c[0] / c[1])
         return OracleResult(objective=u / t, utility=u, round_time_s=t, configurations=cfg)
     if utility_floor is None:

@@ -114,4 +114,4 @@ def fleets(
 
 
 rank_grids = st.sampled_from([(2, 4), (2, 8), (2, 4, 8), (1, 4, 16), (4, 8, 16)])
-objectives = st.sampled_from(["rate", "deadline", "min-time"])
+objectives = st.sampled_from(["progress", "rate", "deadline", "min-time"])

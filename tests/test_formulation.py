@@ -71,7 +71,7 @@ def test_rate_known_answer_single_rank() -> None:
     best rate takes every layer; the rate is U(L) / T(L)."""
     job = JobParams(batch_size=8, seq_len=32, local_steps=3, ranks=(8,))
     fleet = Fleet(devices=(device("only", num_samples=50),))
-    plan = plan_round(fleet, TINY, job, PlannerOptions(layer_weights="uniform"))
+    plan = plan_round(fleet, TINY, job, PlannerOptions(objective="rate", layer_weights="uniform"))
     layers = (0, 1, 2, 3)
     t = PlanningProblem.create(fleet, TINY, job).costs.evaluate(fleet.devices[0], layers, (8,) * 4)
     assert plan.device("only").layers == layers

@@ -58,7 +58,10 @@ FLEET = Fleet(
 )
 
 OBJECTIVES = {
-    "rate": {},
+    "progress": {},
+    # bytes priced high enough, and an overhead, to move the optimum away from "rate"'s
+    "progress-priced": {"seconds_per_mb": 200.0, "server_overhead_s": 0.02},
+    "rate": {"objective": "rate"},
     "deadline": {"objective": "deadline", "deadline_s": 0.06},
     "min-time": {"objective": "min-time", "utility_floor_share": 0.7},
 }
