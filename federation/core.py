@@ -44,6 +44,7 @@ from legend.federation.adapters import (
 from legend.federation.aggregation import AGGREGATORS
 from legend.federation.job import JobConfig
 from legend.federation.methods import plan_for_method, with_estimates
+from legend.federation.progress import ProgressModel
 from legend.federation.server_opt import OptimizerState, ServerOptimizer
 from legend.models.spec import ModelSpec
 from legend.planner.costs import Calibration, CostModel
@@ -206,6 +207,8 @@ class ServerCore:
         self.costs = CostModel(spec, cfg.job_params, calibration)
         self.index = {d.device_id: i for i, d in enumerate(fleet.devices)}
         self.last_plan: Plan | None = None
+        # what each configuration contributes to learning, estimated from the run
+        self.progress_model = ProgressModel(spec, cfg.job_params.ranks)
 
     # -- 1. selection --------------------------------------------------------------------
     def select(self, round_index: int, available: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -233,9 +236,26 @@ class ServerCore:
                 if self.topology is not None and self.cfg.planner.use_topology
                 else None
             ),
+            learned=self.learned_options(),
         )
         self.last_plan = plan
         return plan
+
+    def learned_options(self) -> dict[str, Any]:
+        """Planner options the run has learned: the progress model's layer gains and rank
+        response. (The server's own seconds per round are measured on the host, so they
+        stay out of planning: a plan must not depend on how busy the host was.)"""
+        return self.progress_model.planner_changes()
+
+    def predicted_progress(self, plan: Plan) -> float:
+        """The progress model's prediction for ``plan``, per sample of the round."""
+        return self.progress_model.predicted(
+            [
+                (dp.layers, dp.ranks, self.fleet.devices[self.index[dp.device_id]].num_samples)
+                for dp in plan.devices
+                if dp.participates
+            ]
+        )
 
     # -- 3. instructions -----------------------------------------------------------------
     def instructions(self, round_index: int, plan: Plan) -> list[ClientInstruction]:
@@ -333,6 +353,10 @@ class ServerCore:
             )
         for device_id in sorted(dropped):
             log.warning("round %d: device %s dropped out", round_index, device_id)
+        predicted = self.predicted_progress(plan)
+        if accepted:
+            # what the updates say of layers and ranks, against the slices they started from
+            self.progress_model.observe(self.progress_model.signals(self.global_state, accepted))
         rule = AGGREGATORS[self.cfg.aggregation]
         if accepted:
             self.global_state, self.optimizer_state = self.server_optimizer.step(
@@ -409,6 +433,7 @@ class ServerCore:
             "waiting_max_s": float(np.max(waits)) if waits else 0.0,
             "planned_round_time_s": plan.round_time_s,
             "server_time_s": server_time_s,
+            "predicted_progress": predicted,
             "solver_status": plan.status,
             "solve_time_s": plan.solve_time_s,
         }

@@ -48,7 +48,16 @@ __all__ = [
     "load_job",
 ]
 
-METHODS = ("exact", "greedy", "uniform", "hetlora", "fedra", "depth-only", "rank-only")
+METHODS = (
+    "exact",
+    "greedy",
+    "greedy-learned",
+    "uniform",
+    "hetlora",
+    "fedra",
+    "depth-only",
+    "rank-only",
+)
 AGGREGATIONS = ("auto", "slotwise", "hetlora", "flexlora", "ffa")
 ENGINES = ("inprocess", "flower-sim", "flower-deploy")
 LOSSES = ("cross-entropy", "logit-adjusted")
@@ -112,6 +121,9 @@ class DataSection:
     quantity_skew: float = 0.0
     min_samples: int = 8
     samples_from_fleet: bool = False  # use the fleet's num_samples as partition sizes
+    # held out of the train split by the server (never the test split): its loss each
+    # round checks the progress model (at most a tenth of the train split; 0: none)
+    validation_size: int = 256
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,6 +5,8 @@ method     depth                  ranks                   how assigned
 ========== ====================== ======================= ===============================
 exact      from the output        per layer               the integer program (ours)
 greedy     from the output        per layer               LEGEND-style greedy
+greedy-    from the output        per layer               the greedy on the progress model
+learned                                                   (an ablation)
 uniform    all layers             one rank                the same for every device
 hetlora    all layers             one rank per device     from device capability
 fedra      random layer subset    one rank                random, within the budget
@@ -14,11 +16,20 @@ rank-only  all layers             per layer               the integer program, f
 
 Every method returns a :class:`~legend.planner.plan.Plan`, so runs record and report them
 alike. The planner-based methods see the server's *estimated* fleet (EMA of observations).
+
+``greedy`` is the LEGEND baseline and keeps its fixed utility (``sum_l w_l log2(1 + r_l)``
+per second, ``w_l = (l+1)/L``) whatever the job's objective. Under the ``progress``
+objective the other planner-based methods value plans by the run's progress model
+(:mod:`legend.federation.progress`, passed in as ``learned``); ``greedy-learned`` runs the
+greedy's moves on that model, so a benchmark separates what the model buys from what
+exactness buys.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +67,12 @@ def plan_for_method(
     calibration: Calibration | None = None,
     warm_start: Plan | None = None,
     topology: Topology | None = None,
+    learned: Mapping[str, Any] | None = None,
 ) -> Plan:
     """The plan of ``cfg.job.method`` for one round over ``fleet`` (estimated profiles).
+
+    ``learned`` holds planner options from the run's progress model (layer weights and rank
+    gains); they apply under the ``progress`` objective where the job left them ``"auto"``.
 
     ``topology`` (restricted to ``fleet``'s devices) reaches the methods whose solver models
     shared links (``exact``, ``depth-only``, ``rank-only`` on an integer-program solver);
@@ -68,16 +83,29 @@ def plan_for_method(
     if cfg.planner.solver in ("greedy", "brute-force"):
         topology = None
     common = {"calibration": calibration, "round_index": round_index, "topology": topology}
+    changes = _learned_changes(cfg, learned or {})
     if method == "exact":
-        return plan_round(fleet, spec, job, planner_options(cfg), warm_start=warm_start, **common)
-    if method == "greedy":
+        options = planner_options(cfg, **changes)
+        return plan_round(fleet, spec, job, options, warm_start=warm_start, **common)
+    if method in ("greedy", "greedy-learned"):
         blind = {**common, "topology": None}
-        return plan_round(fleet, spec, job, planner_options(cfg, solver="greedy"), **blind)
+        if method == "greedy":
+            # the LEGEND baseline: its own fixed utility per second under progress
+            fixed = (
+                {"objective": "rate", "layer_weights": "linear", "rank_gains": "log2"}
+                if cfg.planner.objective == "progress"
+                else {}
+            )
+            options = planner_options(cfg, solver="greedy", **fixed)
+        else:
+            options = planner_options(cfg, solver="greedy", **changes)
+        return plan_round(fleet, spec, job, options, **blind)
     if method == "depth-only":
         one_rank = job.with_(ranks=(cfg.train.uniform_rank,))
-        return plan_round(fleet, spec, one_rank, planner_options(cfg), **common)
+        one = {k: v for k, v in changes.items() if k != "rank_gains"}
+        return plan_round(fleet, spec, one_rank, planner_options(cfg, **one), **common)
     if method == "rank-only":
-        options = planner_options(cfg, min_depth=spec.num_layers)
+        options = planner_options(cfg, min_depth=spec.num_layers, **changes)
         return plan_round(fleet, spec, job, options, warm_start=warm_start, **common)
     problem = PlanningProblem.create(
         fleet, spec, job, planner_options(cfg), calibration=calibration
@@ -94,6 +122,18 @@ def plan_for_method(
         raise ValueError(method)
     outcome = SolverOutcome(configurations=configs, status="FEASIBLE", solver=method)
     return make_plan(problem, outcome, round_index=round_index)
+
+
+def _learned_changes(cfg: JobConfig, learned: Mapping[str, Any]) -> dict[str, Any]:
+    """The progress model's options that apply to ``cfg`` (see :func:`plan_for_method`)."""
+    p = cfg.planner
+    if p.objective != "progress":
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("layer_weights", "rank_gains"):
+        if key in learned and getattr(p, key) == "auto":
+            out[key] = learned[key]
+    return out
 
 
 def _fits_memory(

@@ -97,6 +97,9 @@ ROUND_COLUMNS = (
     "waiting_max_s",
     "planned_round_time_s",
     "server_time_s",
+    "predicted_progress",
+    "val_loss",
+    "val_loss_drop",
     "solver_status",
     "solve_time_s",
 )
@@ -157,6 +160,7 @@ class Prepared:
     tokenizer: Any
     train: Any
     test: Any
+    validation: Any  # the server's held-out part of the train split, or None
     device_data: dict[str, Any]
     calibration: Calibration | None
     initial_head: dict[str, np.ndarray]
@@ -171,6 +175,16 @@ class JobData:
     base: Any
     tokenizer: Any
     parts: list[np.ndarray]
+    # indices into the train split the server holds out (validation; no device has them)
+    validation: np.ndarray
+
+
+def validation_indices(cfg: JobConfig, num_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(validation, rest)``: indices into the train split; the server holds out
+    ``data.validation_size`` of them (at most a tenth), seeded by the job's seed."""
+    n_val = min(max(cfg.data.validation_size, 0), num_train // 10)
+    order = np.random.default_rng([cfg.job.seed, 3]).permutation(num_train)
+    return np.sort(order[:n_val]), np.sort(order[n_val:])
 
 
 def load_job_data(cfg: JobConfig, fleet: Fleet) -> JobData:
@@ -198,9 +212,10 @@ def load_job_data(cfg: JobConfig, fleet: Fleet) -> JobData:
     base = load_base_model(cfg.job.model, num_labels=dataset.num_labels, seed=cfg.job.seed)
     tokenizer = load_tokenizer(cfg.job.model)
     sizes = [dev.num_samples for dev in fleet.devices] if d.samples_from_fleet else None
+    validation, rest = validation_indices(cfg, len(dataset.train_labels))
     try:
         parts = partition(
-            dataset.train_labels,
+            dataset.train_labels[rest],
             len(fleet),
             alpha=d.alpha,
             quantity_skew=d.quantity_skew,
@@ -218,7 +233,8 @@ def load_job_data(cfg: JobConfig, fleet: Fleet) -> JobData:
         spec=spec,
         base=base,
         tokenizer=tokenizer,
-        parts=[np.asarray(p) for p in parts],
+        parts=[rest[np.asarray(p, dtype=np.int64)] for p in parts],
+        validation=validation,
     )
 
 
@@ -284,6 +300,17 @@ def prepare(cfg: JobConfig, *, calibration: Calibration | str | None = "config")
     )
     train = tokenize(tokenizer, dataset.train_texts, dataset.train_labels, cfg.train.seq_len)
     test = tokenize(tokenizer, dataset.test_texts, dataset.test_labels, cfg.train.seq_len)
+    held = data.validation
+    validation = (
+        tokenize(
+            tokenizer,
+            [dataset.train_texts[i] for i in held],
+            dataset.train_labels[held],
+            cfg.train.seq_len,
+        )
+        if len(held)
+        else None
+    )
     device_data = {
         dev.device_id: DeviceData(train, np.asarray(idx))
         for dev, idx in zip(fleet.devices, parts, strict=True)
@@ -299,6 +326,7 @@ def prepare(cfg: JobConfig, *, calibration: Calibration | str | None = "config")
         tokenizer=tokenizer,
         train=train,
         test=test,
+        validation=validation,
         device_data=device_data,
         calibration=calibration if isinstance(calibration, Calibration) else None,
         initial_head=host.initial_head(),
@@ -399,6 +427,10 @@ class _Progress:
     last_rejection: str = ""
     # the last round had replies and rejected every one of them
     all_rejected: bool = False
+    # the validation loss after the last round (NaN: not measured yet)
+    val_loss: float = math.nan
+    # the progress model's state (:meth:`ProgressModel.to_dict`), None before any round
+    progress_model: dict[str, Any] | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -927,6 +959,14 @@ class RunSession:
             topology=load_topology(cfg.job.topology, p.fleet) if cfg.job.topology else None,
             optimizer_state=optimizer_state,
         )
+        if progress.progress_model is not None:
+            try:
+                self.server.progress_model.restore(progress.progress_model)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(
+                    f"cannot resume {out}: the progress model in its checkpoint is damaged "
+                    f"({exc}); start a new run with --out"
+                ) from None
         self.last_round = cfg.job.rounds if stop_after is None else min(cfg.job.rounds, stop_after)
         self._round_start = 0.0
         self._server_time = 0.0
@@ -937,7 +977,24 @@ class RunSession:
     def start_round(self, t: int, available: Sequence[str] | None = None) -> tuple[Any, list[Any]]:
         """Select, plan and slice round ``t``; the plan is written before training starts."""
         self._round_start = time.perf_counter()
+        p = self.prepared
+        if p.validation is not None and math.isnan(self.progress.val_loss):
+            # the validation loss the first round's drop is measured from
+            from legend.federation.training import evaluate
+
+            with p.host.evaluation_model(self.server.global_state) as model:
+                _, self.progress.val_loss = evaluate(
+                    model, p.validation, batch_size=self.cfg.federation.eval_batch_size
+                )
         ids = self.server.select(t, available)
+        if self.progress.server_time_s is None:
+            # The server's time per round is measured once, in the first round: plan once
+            # untimed first, so one-off costs (imports, a solver's worker process) do not
+            # stay on every round of the simulated clock.
+            previous = self.server.last_plan
+            self.server.plan(t, ids)
+            self.server.last_plan = previous
+            self._round_start = time.perf_counter()
         plan = self.server.plan(t, ids)
         instructions = self.server.instructions(t, plan)
         self._server_time = time.perf_counter() - self._round_start
@@ -968,11 +1025,24 @@ class RunSession:
                 accuracy, test_loss = evaluate(
                     model, p.test, batch_size=cfg.federation.eval_batch_size
                 )
+        val_loss = math.nan
+        if p.validation is not None:
+            with p.host.evaluation_model(result.global_state) as model:
+                _, val_loss = evaluate(
+                    model, p.validation, batch_size=cfg.federation.eval_batch_size
+                )
         host_time = time.perf_counter() - self._round_start
         row = dict(result.round_row)
         if progress.server_time_s is None:
             progress.server_time_s = server_time
         row["server_time_s"] = progress.server_time_s
+        # the validation loss's drop checks the progress model's prediction for the round
+        drop = progress.val_loss - val_loss
+        self.server.progress_model.observe_validation(drop, float(row["predicted_progress"]))
+        row["val_loss"] = val_loss
+        row["val_loss_drop"] = drop
+        progress.val_loss = val_loss
+        progress.progress_model = self.server.progress_model.to_dict()
         row["sim_time_s"] = row["sim_time_s"] + progress.server_time_s
         if progress.accepted_updates is not None:
             progress.accepted_updates += int(row["participants"])

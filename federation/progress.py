@@ -1,0 +1,257 @@
+r"""The progress model: what a device's configuration contributes to a round's learning.
+
+The planner's ``progress`` objective (docs/planner.md) values a device ``i`` training the
+top layers ``l`` at ranks ``r_l`` by
+
+.. math::
+
+    p_i = n_i \sum_l g_l \, \phi(r_l),
+
+``n_i`` its samples, ``g_l`` a gain per layer and ``\phi`` a response per rank. This module
+estimates ``g`` and ``phi`` from the run itself, every round, from the updates the devices
+return (docs/planner.md, "The progress model", gives the reasoning):
+
+rank response ``phi``
+    A device's update of layer ``l`` is ``dW = B A - B0 A0`` (its trained factors minus the
+    slice it received). Its singular values ``s_1 >= s_2 >= ...`` say how the update's energy
+    spreads over directions: ``c(r) = sum_{k<=r} s_k^2 / sum_k s_k^2`` is the share a rank-``r``
+    adapter can hold. Updates of devices that trained at the largest rank of the grid give
+    ``phi(r) = c(r)`` for every rank of the grid (an update at a smaller rank ``R`` gives
+    ``phi(r) / phi(R)`` for ``r <= R``).
+layer gains ``g``
+    The energy ``||dW||_F^2`` (summed over the layer's modules) of each device's update,
+    divided by ``phi`` at the rank it trained (its full-rank equivalent), averaged over the
+    devices that trained the layer and normalised to mean 1 over the layers.
+validation
+    The server evaluates the global model on a validation split it holds out of the training
+    data (never the test split); the drop of its loss each round is compared with the
+    predicted progress of the round's plan: ``loss_per_progress`` (an exponential average of
+    the ratio) turns progress into expected loss decrease, and every round records both so
+    the prediction can be checked (``legend report run``).
+
+Before the first round the model is the *measured* prior stored with the model preset
+(:mod:`legend.models.priors`); each round's estimate enters by an exponential moving
+average of weight ``1 - smoothing``. Layers no device trained keep their previous gain.
+Everything is deterministic given the updates, and the state round-trips through the run's
+checkpoint (:meth:`ProgressModel.to_dict`), so a resumed run plans as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from legend.federation.adapters import AdapterState, ClientUpdate
+from legend.models.priors import ProgressPrior, progress_prior
+from legend.models.spec import ModelSpec
+
+__all__ = ["ProgressModel", "RoundSignals", "update_spectrum"]
+
+# weight of the previous estimate in the exponential moving average of every round
+DEFAULT_SMOOTHING = 0.5
+_EPS = 1e-30
+
+
+def update_spectrum(a: np.ndarray, b: np.ndarray, a0: np.ndarray, b0: np.ndarray) -> np.ndarray:
+    """Singular values of ``B A - B0 A0`` (descending), without forming the matrix.
+
+    ``[B, -B0] [A; A0]``: orthonormalise both factors (QR) and take the SVD of the small
+    core ``R_B R_A^T``, of side ``r + r0``.
+    """
+    left = np.concatenate([b, -b0], axis=1).astype(np.float64)
+    right = np.concatenate([a, a0], axis=0).astype(np.float64)
+    _, r_b = np.linalg.qr(left)
+    _, r_a = np.linalg.qr(right.T)
+    return np.linalg.svd(r_b @ r_a.T, compute_uv=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundSignals:
+    """What one round's updates said: per layer the mean full-rank-equivalent energy (NaN
+    where no device trained it) and per grid rank the energy share (NaN where unobserved)."""
+
+    layer_energy: tuple[float, ...]
+    rank_share: tuple[float, ...]
+    devices: int
+
+
+class ProgressModel:
+    """Layer gains and rank response of a run (see the module docstring).
+
+    Parameters
+    ----------
+    spec
+        The model's shape.
+    ranks
+        The job's rank grid.
+    prior
+        The measured prior; ``None`` looks it up by the model's name
+        (:func:`~legend.models.priors.progress_prior`). A model without a stored prior
+        starts from ``g_l = 1`` and ``phi(r) = r / r_max`` until the first round's updates
+        replace them, and says so in :attr:`source`.
+    smoothing
+        Weight of the previous estimate in each round's average (0: only the last round).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        ranks: Sequence[int],
+        *,
+        prior: ProgressPrior | None = None,
+        smoothing: float = DEFAULT_SMOOTHING,
+    ) -> None:
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"`smoothing` must be in [0, 1), got {smoothing!r}")
+        self.spec = spec
+        self.ranks = tuple(int(r) for r in ranks)
+        self.smoothing = smoothing
+        prior = prior if prior is not None else progress_prior(spec.name, spec.num_layers)
+        if prior is not None:
+            self.layer_gains = np.asarray(prior.layer_gains, dtype=np.float64)
+            self.rank_response = np.asarray(prior.response_at(self.ranks), dtype=np.float64)
+            self.source = f"prior ({prior.model})"
+        else:
+            self.layer_gains = np.ones(spec.num_layers)
+            self.rank_response = np.asarray(self.ranks, dtype=np.float64) / max(self.ranks)
+            self.source = "no stored prior: uniform gains, linear response"
+        self.rounds_observed = 0
+        self.loss_per_progress: float | None = None
+
+    # -- what the planner reads ---------------------------------------------------------
+    def planner_changes(self) -> dict[str, Any]:
+        """``PlannerOptions`` fields that make the planner value plans by this model."""
+        gains = np.maximum(self.layer_gains, 0.0)
+        if not gains.any():
+            gains = np.ones_like(gains)
+        response = np.maximum.accumulate(np.maximum(self.rank_response, 1e-6))
+        return {
+            "layer_weights": tuple(float(g) for g in gains),
+            "rank_gains": tuple(float(v) for v in response),
+        }
+
+    def predicted(
+        self, configurations: Sequence[tuple[Sequence[int], Sequence[int], int]]
+    ) -> float:
+        """Predicted progress ``sum_i n_i sum_l g_l phi(r_l)`` of ``(layers, ranks, n_i)``
+        triples, per sample of the round (so rounds of different sizes compare)."""
+        phi = dict(zip(self.ranks, self.rank_response, strict=True))
+        total = 0.0
+        samples = 0
+        for layers, ranks, n in configurations:
+            if not layers:
+                continue
+            total += n * sum(
+                float(self.layer_gains[ly]) * float(phi[int(r)])
+                for ly, r in zip(layers, ranks, strict=True)
+            )
+            samples += n
+        return total / samples if samples else 0.0
+
+    # -- what a round says -----------------------------------------------------------------
+    def signals(self, global_before: AdapterState, updates: Sequence[ClientUpdate]) -> RoundSignals:
+        """Per-layer energies and per-rank energy shares of ``updates`` against the slices
+        of ``global_before`` they were trained from."""
+        L = self.spec.num_layers
+        r_max = max(self.ranks)
+        energy_sum = np.zeros(L)
+        energy_count = np.zeros(L)
+        share_sum = np.zeros(len(self.ranks))
+        share_weight = np.zeros(len(self.ranks))
+        phi = dict(zip(self.ranks, self.rank_response, strict=True))
+        for update in updates:
+            per_layer: dict[int, float] = {}
+            rank_of: dict[int, int] = {}
+            spectra: list[np.ndarray] = []
+            for (layer, module), (a, b) in update.state.factors.items():
+                a_full, b_full = global_before.factors[(layer, module)]
+                r = a.shape[0]
+                s = update_spectrum(a, b, a_full[:r], b_full[:, :r])
+                per_layer[layer] = per_layer.get(layer, 0.0) + float(s @ s)
+                rank_of[layer] = r
+                spectra.append(s)
+                if r == r_max and s @ s > _EPS:
+                    cum = np.cumsum(s * s) / float(s @ s)
+                    for k, rk in enumerate(self.ranks):
+                        # energy a rank-rk adapter can hold (at most the first rk values)
+                        share_sum[k] += float(cum[min(rk, len(cum)) - 1]) * float(s @ s)
+                        share_weight[k] += float(s @ s)
+            for layer, e in per_layer.items():
+                r = rank_of[layer]
+                response = phi.get(r, r / r_max)
+                energy_sum[layer] += e / max(response, 1e-6)
+                energy_count[layer] += 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            energy = np.where(energy_count > 0, energy_sum / np.maximum(energy_count, 1), np.nan)
+            share = np.where(share_weight > 0, share_sum / np.maximum(share_weight, _EPS), np.nan)
+        return RoundSignals(
+            layer_energy=tuple(float(v) for v in energy),
+            rank_share=tuple(float(v) for v in share),
+            devices=len(updates),
+        )
+
+    def observe(self, signals: RoundSignals) -> None:
+        """Fold one round's signals into the estimate (moving average, see the module)."""
+        w = self.smoothing if self.rounds_observed > 0 else 0.0
+        energy = np.asarray(signals.layer_energy)
+        seen = np.isfinite(energy) & (energy > 0)
+        if seen.any():
+            # measured gains, scaled so the layers seen keep their current mean
+            current = self.layer_gains[seen]
+            scale = float(current.mean()) / float(energy[seen].mean())
+            measured = energy[seen] * scale
+            self.layer_gains[seen] = w * current + (1 - w) * measured
+            self.layer_gains /= max(float(self.layer_gains.mean()), _EPS)
+        share = np.asarray(signals.rank_share)
+        known = np.isfinite(share)
+        if known.any():
+            self.rank_response[known] = w * self.rank_response[known] + (1 - w) * share[known]
+            self.rank_response = np.maximum.accumulate(np.clip(self.rank_response, 1e-6, 1.0))
+        if seen.any() or known.any():
+            self.rounds_observed += 1
+            if not self.source.endswith("+ run"):
+                self.source = f"{self.source} + run"
+
+    def observe_validation(self, loss_drop: float, predicted: float) -> None:
+        """Fold one round's validation-loss drop per unit of predicted progress."""
+        if not (math.isfinite(loss_drop) and math.isfinite(predicted) and predicted > 0):
+            return
+        ratio = loss_drop / predicted
+        if self.loss_per_progress is None:
+            self.loss_per_progress = ratio
+        else:
+            w = self.smoothing
+            self.loss_per_progress = w * self.loss_per_progress + (1 - w) * ratio
+
+    # -- persistence -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer_gains": [float(v) for v in self.layer_gains],
+            "rank_response": {
+                str(r): float(v) for r, v in zip(self.ranks, self.rank_response, strict=True)
+            },
+            "rounds_observed": self.rounds_observed,
+            "loss_per_progress": self.loss_per_progress,
+            "source": self.source,
+            "smoothing": self.smoothing,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Load :meth:`to_dict`'s output (a checkpoint's); raises ``ValueError`` when it
+        does not fit this model's layers and ranks."""
+        gains = [float(v) for v in state["layer_gains"]]
+        response = {int(k): float(v) for k, v in state["rank_response"].items()}
+        if len(gains) != self.spec.num_layers or sorted(response) != sorted(self.ranks):
+            raise ValueError(
+                "the progress model's state does not match the model's layers or the ranks"
+            )
+        self.layer_gains = np.asarray(gains)
+        self.rank_response = np.asarray([response[r] for r in self.ranks])
+        self.rounds_observed = int(state["rounds_observed"])
+        lpp = state.get("loss_per_progress")
+        self.loss_per_progress = None if lpp is None else float(lpp)
+        self.source = str(state.get("source", self.source))
