@@ -1,0 +1,159 @@
+"""The progress model: its estimator on constructed updates, its prior, and what the planner
+does with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from strategies import TINY, tiny_job
+
+from legend.federation.adapters import AdapterState, ClientUpdate, init_global
+from legend.federation.progress import ProgressModel, update_spectrum
+from legend.models.errors import ModelInputError
+from legend.models.priors import interpolate_response, progress_prior
+from legend.planner.api import PlannerOptions, PlanningProblem, plan_round
+from legend.planner.errors import PlannerInputError
+from legend.planner.profiles import DeviceProfile, Fleet
+
+RANKS = (2, 4, 8)
+R_MAX = max(RANKS)
+
+
+def _global(seed: int = 0) -> AdapterState:
+    return init_global(TINY, R_MAX, {}, seed=seed)
+
+
+def _update(
+    start: AdapterState, layer_scale: dict[int, float], directions: int, rank: int = R_MAX
+) -> ClientUpdate:
+    """An update whose ``dW`` on each listed layer is ``scale`` times a sum of
+    ``directions`` orthonormal rank-one terms of equal weight (the other slots unchanged)."""
+    rng = np.random.default_rng(1)
+    factors = {}
+    for (layer, module), (a, b) in start.factors.items():
+        if layer not in layer_scale:
+            continue
+        a_r, b_r = a[:rank].astype(np.float64), b[:, :rank].astype(np.float64)
+        q_out, _ = np.linalg.qr(rng.standard_normal((b.shape[0], directions)))
+        # input directions inside A's row space, so that B' A = B A + dW exactly
+        q_in, _ = np.linalg.qr(a_r.T @ rng.standard_normal((rank, directions)))
+        dw = layer_scale[layer] * q_out @ q_in.T
+        coef = dw @ np.linalg.pinv(a_r)
+        factors[(layer, module)] = (a_r.astype(np.float32), (b_r + coef).astype(np.float32))
+    return ClientUpdate(device_id="d", num_samples=10, state=AdapterState(factors=factors, head={}))
+
+
+def test_update_spectrum_is_the_svd_of_the_difference() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 30)), rng.standard_normal((20, 4))
+    a0, b0 = rng.standard_normal((4, 30)), rng.standard_normal((20, 4))
+    want = np.linalg.svd(b @ a - b0 @ a0, compute_uv=False)[:8]
+    assert np.allclose(update_spectrum(a, b, a0, b0), want, rtol=1e-9, atol=1e-9)
+
+
+def test_rank_response_is_the_share_of_the_update_energy() -> None:
+    start = _global()
+    model = ProgressModel(TINY, RANKS, smoothing=0.0)
+    # energy spread evenly over 4 directions: rank 2 holds half, rank 4 and 8 all of it
+    signals = model.signals(start, [_update(start, {3: 1.0}, directions=4)])
+    assert signals.rank_share == pytest.approx((0.5, 1.0, 1.0), abs=1e-4)
+    model.observe(signals)
+    assert model.planner_changes()["rank_gains"] == pytest.approx((0.5, 1.0, 1.0), abs=1e-4)
+
+
+def test_layer_gains_follow_the_update_energy() -> None:
+    start = _global()
+    model = ProgressModel(TINY, RANKS, smoothing=0.0)
+    # layer 3's update has twice the norm (4x the energy) of layer 2's; layers 0-1 untrained
+    signals = model.signals(start, [_update(start, {2: 1.0, 3: 2.0}, directions=1)])
+    assert np.isnan(signals.layer_energy[0]) and np.isnan(signals.layer_energy[1])
+    assert signals.layer_energy[3] == pytest.approx(4 * signals.layer_energy[2], rel=1e-4)
+    before = model.layer_gains.copy()
+    model.observe(signals)
+    gains = model.layer_gains
+    assert gains.mean() == pytest.approx(1.0)
+    assert gains[3] / gains[2] == pytest.approx(4.0, rel=1e-4)
+    # untrained layers keep their gains relative to each other
+    assert gains[0] / gains[1] == pytest.approx(before[0] / before[1])
+
+
+def test_moving_average_and_checkpoint_round_trip() -> None:
+    start = _global()
+    model = ProgressModel(TINY, RANKS, smoothing=0.5)
+    model.observe(model.signals(start, [_update(start, {3: 1.0}, directions=1)]))
+    model.observe(model.signals(start, [_update(start, {3: 1.0}, directions=4)]))
+    # one round said phi(2) = 1, the next 0.5: the average of the two
+    assert model.rank_response[0] == pytest.approx(0.75, abs=1e-3)
+    model.observe_validation(0.2, 0.1)
+    model.observe_validation(0.4, 0.1)
+    assert model.loss_per_progress == pytest.approx(3.0)
+    again = ProgressModel(TINY, RANKS, smoothing=0.5)
+    again.restore(model.to_dict())
+    assert again.to_dict() == model.to_dict()
+    with pytest.raises(ValueError, match="does not match"):
+        ProgressModel(TINY, (2, 4), smoothing=0.5).restore(model.to_dict())
+
+
+def test_prediction_is_per_sample_and_grows_with_rank_and_depth() -> None:
+    model = ProgressModel(TINY, RANKS)
+    shallow = model.predicted([((3,), (2,), 10)])
+    deeper = model.predicted([((2, 3), (2, 2), 10)])
+    higher = model.predicted([((3,), (8,), 10)])
+    assert 0 < shallow < deeper and shallow <= higher
+    # the same configuration on twice the samples predicts the same per-sample progress
+    assert model.predicted([((3,), (2,), 20)]) == pytest.approx(shallow)
+
+
+def test_minilm_prior_is_stored_and_checked() -> None:
+    prior = progress_prior("all-MiniLM-L6-v2", 6)
+    assert prior is not None and len(prior.layer_gains) == 6
+    assert np.mean(prior.layer_gains) == pytest.approx(1.0, abs=1e-3)
+    response = prior.response_at((2, 4, 8, 16, 32))
+    assert all(b >= a for a, b in zip(response, response[1:], strict=False))
+    assert response[-1] == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ModelInputError, match="layer gains"):
+        progress_prior("all-MiniLM-L6-v2", 12)
+    assert progress_prior("no-such-model") is None
+
+
+def test_interpolation_in_log_rank() -> None:
+    points = ((2, 0.5), (8, 1.0))
+    assert interpolate_response(points, (1, 2, 4, 8, 16)) == pytest.approx(
+        (0.5, 0.5, 0.75, 1.0, 1.0)
+    )
+
+
+def _fleet() -> Fleet:
+    return Fleet(
+        devices=tuple(
+            DeviceProfile(
+                device_id=f"d{i}",
+                tflops=0.05 * (i + 1),
+                memory_gb=4.0,
+                uplink_mbps=5.0,
+                downlink_mbps=20.0,
+                num_samples=100,
+            )
+            for i in range(3)
+        )
+    )
+
+
+def test_a_flat_rank_response_makes_the_planner_choose_low_ranks() -> None:
+    """When the model says a rank-2 adapter holds all the progress a rank-8 one does, the
+    progress objective plans rank 2 everywhere (less time and fewer bytes for the same
+    progress); the fixed log2 utility plans higher ranks on the same fleet."""
+    job = tiny_job(RANKS)
+    flat = plan_round(_fleet(), TINY, job, PlannerOptions(rank_gains=(1.0, 1.0, 1.0)))
+    assert all(set(d.ranks) == {2} for d in flat.devices if d.participates)
+    fixed = plan_round(_fleet(), TINY, job, PlannerOptions(objective="rate"))
+    assert any(max(d.ranks) > 2 for d in fixed.devices if d.participates)
+
+
+def test_rank_gains_are_validated_against_the_grid() -> None:
+    with pytest.raises(PlannerInputError, match="must not decrease"):
+        PlannerOptions(rank_gains=(1.0, 0.5, 1.0))
+    with pytest.raises(PlannerInputError, match="rank grid"):
+        PlanningProblem.create(_fleet(), TINY, tiny_job(RANKS), PlannerOptions(rank_gains=(1.0,)))
+    with pytest.raises(PlannerInputError, match="no progress prior"):
+        PlanningProblem.create(_fleet(), TINY, tiny_job(RANKS), PlannerOptions(rank_gains="prior"))
