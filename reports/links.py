@@ -67,8 +67,9 @@ def options_from_plan(plan: Plan) -> PlannerOptions:
     """The planner options a plan was made with (its ``options``), as :class:`PlannerOptions`."""
     allowed = set(PlannerOptions.__dataclass_fields__)
     values = {k: v for k, v in (plan.options or {}).items() if k in allowed}
-    if isinstance(values.get("layer_weights"), list):
-        values["layer_weights"] = tuple(values["layer_weights"])
+    for key in ("layer_weights", "rank_gains"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
     values.setdefault("solver", plan.solver)
     values.setdefault("objective", plan.objective)
     try:

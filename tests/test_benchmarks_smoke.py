@@ -17,7 +17,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
-METHODS = ("exact", "greedy", "uniform", "hetlora", "fedra", "depth-only", "rank-only")
+METHODS = (
+    "exact",
+    "greedy",
+    "greedy-learned",
+    "exact-rate",
+    "uniform",
+    "hetlora",
+    "fedra",
+    "depth-only",
+    "rank-only",
+)
 
 
 def run_script(name: str, out: Path, *extra: str) -> str:
@@ -106,8 +116,13 @@ def test_time_to_accuracy_recipe() -> None:
     b = parse_args(["--setting", "B"])
     assert b.topology.endswith("fleet50_ap.toml") and b.alpha == 0.5
     assert parse_args(["--setting", "C"]).alpha == 0.1
+    # the ablations run like any method; an unknown one is refused
+    assert parse_args(["--methods", "greedy-learned", "exact-rate"]).methods == [
+        "greedy-learned",
+        "exact-rate",
+    ]
     with pytest.raises(SystemExit):
-        parse_args(["--methods", "greedy-learned"])
+        parse_args(["--methods", "greedy-on-something"])
 
 
 def test_fleet50_topology_matches_its_generator() -> None:

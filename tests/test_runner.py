@@ -41,6 +41,16 @@ def prepared(tiny_cfg):
     return prepare(tiny_cfg, calibration=None)
 
 
+def test_the_validation_split_is_held_out_of_every_device(tiny_cfg, prepared):
+    from legend.federation.runner import load_job_data
+
+    data = load_job_data(tiny_cfg, prepared.fleet)
+    held = set(data.validation.tolist())
+    assert held and prepared.validation is not None
+    assert len(held) == len(prepared.validation.labels)
+    assert all(held.isdisjoint(part.tolist()) for part in data.parts)
+
+
 def _same_data(cfg, prepared):
     # The prepared bundle must match the job it is reused for.
     assert cfg.job.model == prepared.cfg.job.model
@@ -63,6 +73,9 @@ def test_every_method_runs_end_to_end(method, tiny_cfg, prepared, tmp_path):
         assert float(r["sim_time_s"]) > 0 and float(r["host_time_s"]) > 0
         assert int(r["participants"]) >= 1
         assert float(r["bytes_up"]) > 0
+        # the progress model's prediction and the validation split it is checked against
+        assert float(r["predicted_progress"]) > 0
+        assert math.isfinite(float(r["val_loss"])) and math.isfinite(float(r["val_loss_drop"]))
     for t in (1, 2):
         plan = json.loads((out / "plans" / f"round_{t:04d}.json").read_text())
         assert plan["status"] in ("OPTIMAL", "FEASIBLE")
@@ -132,6 +145,10 @@ def test_resume_equals_uninterrupted_run(server_optimizer, tiny_cfg, prepared, t
     assert [r["round"] for r in rows_resumed] == ["1", "2", "3"]
     assert [r["accuracy"] for r in rows_resumed] == [r["accuracy"] for r in rows_full]
     assert [r["bytes_up"] for r in rows_resumed] == [r["bytes_up"] for r in rows_full]
+    # the progress model is part of the checkpoint: the resumed run predicts the same
+    assert [r["predicted_progress"] for r in rows_resumed] == [
+        r["predicted_progress"] for r in rows_full
+    ]
     state = json.loads((tmp_path / "part" / "checkpoints" / "state.json").read_text())
     assert (state["server_optimizer"] is None) == (server_optimizer == "none")
 
