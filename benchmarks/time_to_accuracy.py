@@ -191,6 +191,7 @@ def build_config(args: argparse.Namespace, method: str, seed: int) -> Any:
             ranks=tuple(args.ranks),
             uniform_rank=args.uniform_rank,
             threads=args.threads,
+            device=args.device,
             loss=args.loss,
             optimizer=args.optimizer,
         ),
@@ -552,6 +553,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-test", type=int, default=2000, help="held-out sentences")
     parser.add_argument("--test-fraction", type=float, default=0.25, help="held-out share")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--collect-only",
+        action="store_true",
+        help="train nothing: tabulate the seeds whose runs (every method) are finished",
+    )
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda", "auto"), help="host torch device"
+    )
     parser.add_argument("--solver", default="auto")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML/PNG run reports")
     args = parser.parse_args(argv)
@@ -606,8 +615,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = reproduce_command("time_to_accuracy.py", argv)
     started = time.perf_counter()
-    for seed in args.seeds:
-        run_seed(args, seed, out)
+    if args.collect_only:
+        # tables from the runs already on disk: seeds with every method finished
+        done = [
+            s
+            for s in args.seeds
+            if all(_finished(out / f"seed{s}" / m, args.rounds) for m in args.methods)
+        ]
+        print(f"collecting finished seeds {done} of {args.seeds}")
+        if not done:
+            raise SystemExit(f"error: no seed in {out} has every method finished")
+        args.seeds = done
+    else:
+        for seed in args.seeds:
+            run_seed(args, seed, out)
     wall = time.perf_counter() - started
     rows = collect(args, out)
     summary = summarise(rows, args.methods)

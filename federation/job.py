@@ -107,6 +107,10 @@ class TrainSection:
     weight_precision: str = "fp32"
     uniform_rank: int = 8  # the rank of the `uniform`, `fedra` and `depth-only` methods
     threads: int = 0  # torch threads; 0 = torch's default
+    # where the host trains and evaluates: "cpu", "cuda" or "auto" (cuda when available).
+    # The simulated device clock does not depend on it; on cuda, runs are repeatable on
+    # the same machine but not bit-identical to cpu runs.
+    device: str = "cpu"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -362,6 +366,7 @@ def _validate(cfg: JobConfig) -> None:
     _positive(s, "train.learning_rate", t.learning_rate)
     _choice(s, "train.loss", t.loss, LOSSES)
     _choice(s, "train.optimizer", t.optimizer, OPTIMIZERS)
+    _choice(s, "train.device", t.device, ("cpu", "cuda", "auto"))
     _choice(s, "federation.server_optimizer", f.server_optimizer, SERVER_OPTIMIZERS)
     _positive(s, "federation.server_lr", f.server_lr)
     _positive(s, "federation.server_tau", f.server_tau)

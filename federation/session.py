@@ -315,7 +315,17 @@ def prepare(cfg: JobConfig, *, calibration: Calibration | str | None = "config")
         dev.device_id: DeviceData(train, np.asarray(idx))
         for dev, idx in zip(fleet.devices, parts, strict=True)
     }
-    host = AdapterHost(base, spec, cfg.job_params)
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from legend.federation.job import JobError
+
+        raise JobError(
+            f"{cfg.source}: `train.device` = 'cuda', but this torch sees no CUDA device; "
+            "use 'cpu' or 'auto'"
+        )
+    host = AdapterHost(base.to(device), spec, cfg.job_params)
     if calibration == "config":
         calibration = _calibration_for(cfg)
     return Prepared(

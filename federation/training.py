@@ -122,7 +122,8 @@ def train_steps(
     # device's seed so that an update does not depend on what the process ran before
     # (engines that train devices in other processes or orders then agree).
     torch_seed = int(np.random.default_rng([*list(seed), 5]).integers(2**62))
-    with torch.random.fork_rng(devices=[]):
+    device = _device_of(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(torch_seed)
         losses = _train_loop(
             model,
@@ -131,7 +132,7 @@ def train_steps(
             rng,
             steps=steps,
             batch_size=batch_size,
-            log_prior=label_log_prior(data, _num_labels(model))
+            log_prior=label_log_prior(data, _num_labels(model)).to(device)
             if loss == "logit-adjusted"
             else None,
         )
@@ -160,7 +161,7 @@ def _train_loop(
             cursor = 0
         take = order[cursor : cursor + min(batch_size, n)]
         cursor += len(take)
-        batch = data.split.batch(data.indices[take])
+        batch = _to(data.split.batch(data.indices[take]), _device_of(model))
         optimizer.zero_grad(set_to_none=True)
         if log_prior is None:
             loss = model(**batch).loss
@@ -175,6 +176,17 @@ def _train_loop(
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (the host's device)."""
+    return next(model.parameters()).device
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _num_labels(model: torch.nn.Module) -> int:
@@ -202,8 +214,9 @@ def evaluate(
     correct = 0
     total_loss = 0.0
     n = len(split)
+    device = _device_of(model)
     for start in range(0, n, batch_size):
-        batch = split.batch(np.arange(start, min(n, start + batch_size)))
+        batch = _to(split.batch(np.arange(start, min(n, start + batch_size))), device)
         out = model(**batch)
         total_loss += float(out.loss) * len(batch["labels"])
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
