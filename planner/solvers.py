@@ -8,13 +8,17 @@ r"""The exact planner: the sweep where devices are independent, the MILP where t
 - with fleet-wide coupling rows only (C7, C8, C9) on more than
   :data:`LAGRANGIAN_MIN_DEVICES` devices and the solver ``auto``: Lagrangian bounds over
   the round time and repaired plans (:mod:`legend.planner.lagrange`), with a proven gap;
+- with a topology's shared links (C10) as the only coupling rows and a MILP too large to
+  build (more than :data:`~legend.planner.milp.MAX_COLUMNS` device-columns) and the solver
+  ``auto``: per-link Lagrangian bounds over the round time and repaired plans
+  (:mod:`legend.planner.linklagrange`), with a proven gap;
 - otherwise, or when a MILP backend is named (``highs``, ``pulp-highs``, ``pulp-cbc``,
   ``cvxpy-highs``; :mod:`legend.planner.backends`): the multiple-choice MILP over catalogue
   columns (:mod:`legend.planner.formulation`), warm-started from the sweep's solution of
   the program without coupling rows when that solution also satisfies them.
 
-The plan's ``solver`` field says which path solved it (``sweep``, ``lagrangian`` or the
-backend's name).
+The plan's ``solver`` field says which path solved it (``sweep``, ``lagrangian``,
+``link-lagrangian`` or the backend's name).
 
 O3 (``rate``, ``max U / T``) by Dinkelbach
 ------------------------------------------
@@ -88,6 +92,12 @@ def solve_problem(problem: PlanningProblem, solver: str) -> SolverOutcome:
             lagrange.applies(problem) and len(problem.fleet) > LAGRANGIAN_MIN_DEVICES
         ):
             return lagrange.solve_lagrangian(problem, cat, fc)
+    if solver == "auto":
+        from legend.planner import linklagrange
+        from legend.planner.milp import MAX_COLUMNS
+
+        if linklagrange.applies(problem) and len(fc) * len(cat) > MAX_COLUMNS:
+            return linklagrange.solve_link_lagrangian(problem, cat, fc)
     backend = "highs" if solver == "auto" else solver
     if backend not in EXACT_BACKENDS:
         raise PlannerInputError(
