@@ -8,6 +8,8 @@ smallest and a little above the largest configuration's need, so memory sometime
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import strategies as st
 
 from legend.models.spec import ModelSpec, get_model_spec
@@ -22,15 +24,23 @@ def tiny_job(ranks: tuple[int, ...] = (2, 4, 8)) -> JobParams:
     return JobParams(batch_size=8, seq_len=32, local_steps=3, ranks=ranks)
 
 
+# The capacities of :func:`device` unless a test names others.
+DEVICE_DEFAULTS = {
+    "tflops": 0.05,
+    "memory_gb": 1.0,
+    "uplink_mbps": 5.0,
+    "downlink_mbps": 20.0,
+    "num_samples": 100,
+}
+
+
+def device(device_id: str, **fields: Any) -> DeviceProfile:
+    """A device with :data:`DEVICE_DEFAULTS` but for the ``fields`` given."""
+    return DeviceProfile(device_id=device_id, **{**DEVICE_DEFAULTS, **fields})
+
+
 def _probe() -> DeviceProfile:
-    return DeviceProfile(
-        device_id="probe",
-        tflops=1.0,
-        memory_gb=1.0,
-        uplink_mbps=1.0,
-        downlink_mbps=1.0,
-        num_samples=1,
-    )
+    return device("probe", tflops=1.0, uplink_mbps=1.0, downlink_mbps=1.0, num_samples=1)
 
 
 def memory_need_gb(spec: ModelSpec, job: JobParams, depth: int, rank: int) -> float:
