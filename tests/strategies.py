@@ -13,7 +13,11 @@ from typing import Any
 from hypothesis import strategies as st
 
 from legend.models.spec import ModelSpec, get_model_spec
+from legend.planner.api import PlannerOptions, PlanningProblem
+from legend.planner.catalog import build_catalogue, fleet_costs
 from legend.planner.costs import CostModel
+from legend.planner.formulation import MILP, formulate
+from legend.planner.plan import Plan, PlanViolation, validate_plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
 
 TINY = get_model_spec("tiny-bert")
@@ -37,6 +41,52 @@ DEVICE_DEFAULTS = {
 def device(device_id: str, **fields: Any) -> DeviceProfile:
     """A device with :data:`DEVICE_DEFAULTS` but for the ``fields`` given."""
     return DeviceProfile(device_id=device_id, **{**DEVICE_DEFAULTS, **fields})
+
+
+def device_2gb(device_id: str, **fields: Any) -> DeviceProfile:
+    """:func:`device` with 2 GB of memory, 10 Mbit/s up and 50 down unless ``fields`` say."""
+    return device(
+        device_id, **{"memory_gb": 2.0, "uplink_mbps": 10.0, "downlink_mbps": 50.0, **fields}
+    )
+
+
+# Three devices, fast to slow: the fleet of the formulation and solver tests.
+FLEET3 = Fleet(
+    devices=(
+        device_2gb("fast", tflops=0.5, uplink_mbps=20.0, num_samples=120),
+        device_2gb("slow", tflops=0.02, uplink_mbps=2.0, downlink_mbps=10.0, num_samples=300),
+        device_2gb("mid", tflops=0.1, uplink_mbps=5.0, num_samples=60),
+    )
+)
+
+# The planner options of each objective, with a deadline and floor that bind on FLEET3.
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "rate": {"objective": "rate"},
+    "deadline": {"objective": "deadline", "deadline_s": 0.06},
+    "min-time": {"objective": "min-time", "utility_floor_share": 0.7},
+}
+
+
+def program(problem: PlanningProblem, deadline_s: float | None = None, **kw: Any) -> MILP:
+    """The MILP of ``problem`` over its full catalogue."""
+    return formulate(problem, build_catalogue(problem), fleet_costs(problem), deadline_s, **kw)
+
+
+def violations(
+    plan: Plan, fleet: Fleet, job: JobParams, options: PlannerOptions
+) -> list[PlanViolation]:
+    """What ``plan`` breaks of the constraints ``options`` set, checked apart from the planner."""
+    return validate_plan(
+        plan,
+        fleet,
+        TINY,
+        job,
+        deadline_s=options.deadline_s,
+        monotone_ranks=options.monotone_ranks,
+        min_depth=options.min_depth,
+        require_all=not options.allow_dropping,
+        server_mbps=options.server_mbps,
+    )
 
 
 def _probe() -> DeviceProfile:
