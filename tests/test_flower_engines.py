@@ -31,6 +31,7 @@ from legend.federation.flower_engine import (
     descendants,
     flower_env,
     pid_alive,
+    process_stats,
     start_local_federation,
 )
 from legend.federation.job import load_job
@@ -83,18 +84,8 @@ def reference(tmp_path_factory):
 
 def _session_processes(sid: int) -> list[int]:
     """Live processes whose session id is ``sid`` (what a process group leaves behind)."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            alive.append(int(entry))
-    return alive
+    stats = process_stats().items()
+    return [pid for pid, fields in stats if fields[0] != "Z" and int(fields[3]) == sid]
 
 
 # -- simulation runtime --------------------------------------------------------------------
