@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -57,6 +57,9 @@ from legend.models.paths import check_output_file, writing
 from legend.planner.costs import Calibration
 from legend.planner.profiles import parse_rank_grid
 
+if TYPE_CHECKING:
+    from legend.models.spec import ModelSpec
+
 __all__ = [
     "CalibrationResult",
     "MemorySample",
@@ -65,6 +68,7 @@ __all__ = [
     "calibrate_command",
     "default_calibration_path",
     "fit_step_time",
+    "fitted_calibration",
     "load_or_none",
     "run_calibration",
 ]
@@ -226,6 +230,34 @@ def fit_step_time(
     )
     forward_s, backward_s, lora_s = (float(c) for c in result.x / scale)
     return forward_s, backward_s, lora_s
+
+
+def fitted_calibration(
+    spec: ModelSpec,
+    batch_size: int,
+    seq_len: int,
+    step_times: tuple[float, float, float],
+    *,
+    host: str,
+    **extra: Any,
+) -> Calibration:
+    """The :class:`Calibration` of fitted step times ``(forward_s, backward_per_layer_s,
+    lora_per_rank_s)``; the host's TFLOP/s follow from the forward time and the model's
+    analytic forward FLOPs. ``extra``: further fields (memory)."""
+    forward_s, backward_s, lora_s = step_times
+    tokens = batch_size * seq_len
+    return Calibration(
+        model=spec.name,
+        target_modules=tuple(spec.target_modules),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        host=host,
+        host_tflops=spec.forward_flops_per_token(seq_len) * tokens / forward_s / 1e12,
+        forward_s=forward_s,
+        backward_per_layer_s=backward_s,
+        lora_per_rank_s=lora_s,
+        **extra,
+    )
 
 
 def run_calibration(
@@ -444,19 +476,13 @@ def run_calibration(
         forward_s = min(fastest)
     predicted = [forward_s + d * backward_s + s * lora_s for d, s in rows]
     residuals = np.array(predicted) - np.array(fastest)
-    tokens = batch_size * seq_len
-    host_tflops = spec.forward_flops_per_token(seq_len) * tokens / forward_s / 1e12
-    calibration = Calibration(
-        model=spec.name,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        forward_s=forward_s,
-        backward_per_layer_s=backward_s,
-        lora_per_rank_s=lora_s,
-        host_tflops=host_tflops,
-        peak_memory_bytes=peak_cuda,
-        target_modules=tuple(spec.target_modules),
+    calibration = fitted_calibration(
+        spec,
+        batch_size,
+        seq_len,
+        (forward_s, backward_s, lora_s),
         host=_host_description(torch_device),
+        peak_memory_bytes=peak_cuda,
         **memory_fields,
     )
     return CalibrationResult(
