@@ -1,5 +1,8 @@
 """Hypothesis strategies for planner tests: fleets feasible or infeasible by construction.
 
+Also the builders and readers several test modules share (devices, the three-device fleet,
+a run's CSV files).
+
 A fleet is *feasible* when every device can run the smallest configuration (the top
 ``min_depth`` layers at the lowest rank) within its memory; it is *infeasible* when at least
 one device's memory is below what that configuration needs. Memories are drawn between the
@@ -8,6 +11,8 @@ smallest and a little above the largest configuration's need, so memory sometime
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
 from typing import Any
 
 from hypothesis import strategies as st
@@ -87,6 +92,13 @@ def violations(
         require_all=not options.allow_dropping,
         server_mbps=options.server_mbps,
     )
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (a run's ``rounds.csv``, a benchmark's table), as strings."""
+    assert path.is_file(), path
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 def _probe() -> DeviceProfile:
