@@ -55,53 +55,25 @@ class DeviceClass:
     num_samples: tuple[int, int]
 
 
-# The classes of examples/fleet.csv (docs/cli.md, "The example fleet"), ten devices each.
-FLEET50_CLASSES = (
+# The classes of examples/fleet.csv (docs/cli.md, "The example fleet"), ten devices each:
+# name, tflops, memory_gb, uplink_mbps, downlink_mbps, num_samples.
+FLEET50_CLASSES = tuple(
     DeviceClass(
-        name="phone-low",
+        name=name,
         count=10,
-        tflops=(0.05, 0.08),
-        memory_gb=(2.0, 3.0),
-        uplink_mbps=(2, 5),
-        downlink_mbps=(10, 20),
-        num_samples=(60, 100),
-    ),
-    DeviceClass(
-        name="phone",
-        count=10,
-        tflops=(0.12, 0.20),
-        memory_gb=(3.0, 4.0),
-        uplink_mbps=(8, 20),
-        downlink_mbps=(40, 100),
-        num_samples=(80, 140),
-    ),
-    DeviceClass(
-        name="tablet",
-        count=10,
-        tflops=(0.10, 0.15),
-        memory_gb=(3.0, 4.0),
-        uplink_mbps=(10, 20),
-        downlink_mbps=(50, 100),
-        num_samples=(80, 140),
-    ),
-    DeviceClass(
-        name="jetson",
-        count=10,
-        tflops=(0.5, 1.0),
-        memory_gb=(4.0, 6.0),
-        uplink_mbps=(20, 50),
-        downlink_mbps=(50, 200),
-        num_samples=(100, 160),
-    ),
-    DeviceClass(
-        name="laptop",
-        count=10,
-        tflops=(1.0, 2.0),
-        memory_gb=(8.0, 16.0),
-        uplink_mbps=(20, 100),
-        downlink_mbps=(100, 500),
-        num_samples=(120, 180),
-    ),
+        tflops=tflops,
+        memory_gb=memory,
+        uplink_mbps=up,
+        downlink_mbps=down,
+        num_samples=samples,
+    )
+    for name, tflops, memory, up, down, samples in (
+        ("phone-low", (0.05, 0.08), (2.0, 3.0), (2, 5), (10, 20), (60, 100)),
+        ("phone", (0.12, 0.20), (3.0, 4.0), (8, 20), (40, 100), (80, 140)),
+        ("tablet", (0.10, 0.15), (3.0, 4.0), (10, 20), (50, 100), (80, 140)),
+        ("jetson", (0.5, 1.0), (4.0, 6.0), (20, 50), (50, 200), (100, 160)),
+        ("laptop", (1.0, 2.0), (8.0, 16.0), (20, 100), (100, 500), (120, 180)),
+    )
 )
 FLEET50_SEED = 2412
 FLEET_COLUMNS = (

@@ -62,9 +62,10 @@ from common import (
     write_markdown,
 )
 
+from legend.federation.calibrate import fitted_calibration
 from legend.federation.memory import fit_memory_bound, measure_peak_memory
 from legend.models.spec import ModelSpec, get_model_spec
-from legend.planner.costs import Calibration, CostModel
+from legend.planner.costs import CostModel
 from legend.planner.profiles import DeviceProfile, JobParams
 
 SHAPES = {"all-MiniLM-L6-v2": (16, 48), "tiny-bert": (8, 32)}
@@ -134,6 +135,17 @@ def fit_anchors(points: Sequence[tuple[int, int, float]]) -> tuple[float, float,
     return float(coef[0]), float(coef[1]), float(coef[2])
 
 
+def peak_memory(
+    model: str, keys: Sequence[tuple[int, int]], batch: int, seq: int, threads: int
+) -> dict[tuple[int, int], float]:
+    """Peak memory of each ``(depth, rank)`` configuration of the top layers, as
+    `legend calibrate` measures it: one fresh process per configuration."""
+    L = get_model_spec(model).num_layers
+    tops = [(tuple(range(L - d, L)), (r,) * d) for d, r in keys]
+    found = measure_peak_memory(model, tops, batch_size=batch, seq_len=seq, threads=threads)
+    return dict(zip(keys, found, strict=True))
+
+
 def predictions(
     model: str,
     measured: dict[str, Any],
@@ -153,18 +165,12 @@ def predictions(
     anchors = {(1, lo), (1, hi), (L, lo), (L, hi)}
     points = [(d, d * r, by[(d, r)]["step_fastest_s"]) for d, r in sorted(anchors)]
     f, b, c = fit_anchors(points)
-    tokens = batch * seq
-    host_tflops = spec.forward_flops_per_token(seq) * tokens / f / 1e12
     mem_fit = fit_memory_bound([(d, d * r, peaks[(d, r)]) for d in depths for r in ranks])
-    cal = Calibration(
-        model=spec.name,
-        batch_size=batch,
-        seq_len=seq,
-        forward_s=f,
-        backward_per_layer_s=b,
-        lora_per_rank_s=c,
-        host_tflops=host_tflops,
-        target_modules=tuple(spec.target_modules),
+    cal = fitted_calibration(
+        spec,
+        batch,
+        seq,
+        (f, b, c),
         host="this host (benchmarks/cost_fidelity.py anchors)",
         memory_static_bytes=mem_fit.static,
         memory_per_layer_bytes=mem_fit.per_layer,
@@ -176,7 +182,7 @@ def predictions(
     top1 = (L - 1,)
     anchor_flops = analytic.step_flops(top1, (lo,))
     analytic_host = host_device(anchor_flops / by[(1, lo)]["step_fastest_s"] / 1e12)
-    cal_host = host_device(host_tflops)
+    cal_host = host_device(cal.host_tflops)
     rows = []
     for d in depths:
         for r in ranks:
@@ -293,26 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "data": "random",
             }
         )
-        # Peak memory as `legend calibrate` measures it: one fresh process per configuration.
-        config_keys = [(d, r) for d in depths for r in ranks]
-        peak_list = measure_peak_memory(
-            model,
-            [(tuple(range(L - d, L)), (r,) * d) for d, r in config_keys],
-            batch_size=batch,
-            seq_len=seq,
-            threads=args.threads,
+        keys = [(d, r) for d in depths for r in ranks]
+        peaks = peak_memory(model, keys, batch, seq, args.threads)
+        recheck = (
+            peak_memory(model, keys, batch, seq, args.threads) if memory_passes == 2 else peaks
         )
-        peaks = dict(zip(config_keys, peak_list, strict=True))
-        recheck = peaks
-        if memory_passes == 2:
-            again = measure_peak_memory(
-                model,
-                [(tuple(range(L - d, L)), (r,) * d) for d, r in config_keys],
-                batch_size=batch,
-                seq_len=seq,
-                threads=args.threads,
-            )
-            recheck = dict(zip(config_keys, again, strict=True))
         model_rows, summary = predictions(model, measured, depths, ranks, peaks, recheck)
         rows += model_rows
         summaries.append(summary)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -57,6 +57,9 @@ from legend.models.paths import check_output_file, writing
 from legend.planner.costs import Calibration
 from legend.planner.profiles import parse_rank_grid
 
+if TYPE_CHECKING:
+    from legend.models.spec import ModelSpec
+
 __all__ = [
     "CalibrationResult",
     "MemorySample",
@@ -65,6 +68,7 @@ __all__ = [
     "calibrate_command",
     "default_calibration_path",
     "fit_step_time",
+    "fitted_calibration",
     "load_or_none",
     "run_calibration",
 ]
@@ -226,6 +230,34 @@ def fit_step_time(
     )
     forward_s, backward_s, lora_s = (float(c) for c in result.x / scale)
     return forward_s, backward_s, lora_s
+
+
+def fitted_calibration(
+    spec: ModelSpec,
+    batch_size: int,
+    seq_len: int,
+    step_times: tuple[float, float, float],
+    *,
+    host: str,
+    **extra: Any,
+) -> Calibration:
+    """The :class:`Calibration` of fitted step times ``(forward_s, backward_per_layer_s,
+    lora_per_rank_s)``; the host's TFLOP/s follow from the forward time and the model's
+    analytic forward FLOPs. ``extra``: further fields (memory)."""
+    forward_s, backward_s, lora_s = step_times
+    tokens = batch_size * seq_len
+    return Calibration(
+        model=spec.name,
+        target_modules=tuple(spec.target_modules),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        host=host,
+        host_tflops=spec.forward_flops_per_token(seq_len) * tokens / forward_s / 1e12,
+        forward_s=forward_s,
+        backward_per_layer_s=backward_s,
+        lora_per_rank_s=lora_s,
+        **extra,
+    )
 
 
 def run_calibration(
@@ -444,19 +476,13 @@ def run_calibration(
         forward_s = min(fastest)
     predicted = [forward_s + d * backward_s + s * lora_s for d, s in rows]
     residuals = np.array(predicted) - np.array(fastest)
-    tokens = batch_size * seq_len
-    host_tflops = spec.forward_flops_per_token(seq_len) * tokens / forward_s / 1e12
-    calibration = Calibration(
-        model=spec.name,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        forward_s=forward_s,
-        backward_per_layer_s=backward_s,
-        lora_per_rank_s=lora_s,
-        host_tflops=host_tflops,
-        peak_memory_bytes=peak_cuda,
-        target_modules=tuple(spec.target_modules),
+    calibration = fitted_calibration(
+        spec,
+        batch_size,
+        seq_len,
+        (forward_s, backward_s, lora_s),
         host=_host_description(torch_device),
+        peak_memory_bytes=peak_cuda,
         **memory_fields,
     )
     return CalibrationResult(
@@ -474,29 +500,13 @@ def run_calibration(
     )
 
 
-def calibrate(
-    model: str,
-    *,
-    batch_size: int = 16,
-    seq_len: int = 64,
-    target_modules: str | Sequence[str] = "qv",
-    ranks: str | Sequence[int] = (2, 8, 16),
-    repeats: int = 5,
-    memory: bool = True,
-) -> Calibration:
+def calibrate(model: str, **options: Any) -> Calibration:
     """Time ``model`` on this host and return the fitted :class:`Calibration`.
 
-    See :func:`run_calibration` for the measurements and the fit.
+    ``options`` are those of :func:`run_calibration` (``batch_size``, ``seq_len``,
+    ``target_modules``, ``ranks``, ``repeats``, ``memory``, ...), which measures and fits.
     """
-    return run_calibration(
-        model,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        target_modules=target_modules,
-        ranks=ranks,
-        repeats=repeats,
-        memory=memory,
-    ).calibration
+    return run_calibration(model, **options).calibration
 
 
 def _host_description(device: Any) -> str:
@@ -573,7 +583,6 @@ def calibrate_command(
     """Time the model on this host and write a calibration for the cost model."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.table import Table
 
     console = Console(stderr=True)
     modules = _parse_modules(target_modules)
@@ -615,65 +624,98 @@ def calibrate_command(
         except ValueError as exc:  # e.g. a bad --ranks grid from the planner's parser
             raise FederationInputError(str(exc)) from None
     cal = result.calibration
-    table = Table(title=f"{cal.model}: batch {cal.batch_size} x {cal.seq_len} tokens, {cal.host}")
-    for column in ("depth", "rank", "measured ms", "fitted ms", "error"):
-        table.add_column(column, justify="right")
-    for s in result.samples:
-        table.add_row(
-            str(s.depth),
-            str(s.rank),
-            f"{s.step_s * 1e3:.1f}",
-            f"{s.predicted_s * 1e3:.1f}",
-            f"{s.rel_error:+.1%}",
-        )
     out_console = Console()
-    out_console.print(table)
-    fit = Table(title="fitted step time = forward + depth * backward + sum(ranks) * lora")
-    fit.add_column("coefficient")
-    fit.add_column("value", justify="right")
-    fit.add_row("forward_s (intercept)", f"{cal.forward_s * 1e3:.2f} ms")
-    fit.add_row("backward_per_layer_s", f"{cal.backward_per_layer_s * 1e3:.3f} ms")
-    fit.add_row("lora_per_rank_s", f"{cal.lora_per_rank_s * 1e6:.2f} us")
-    fit.add_row("inference forward (measured)", f"{result.forward_only_s * 1e3:.2f} ms")
-    fit.add_row("host_tflops", f"{cal.host_tflops:.4f}")
-    fit.add_row("fit rmse", f"{result.rmse_s * 1e3:.2f} ms")
-    fit.add_row("median relative error", f"{result.median_rel_error:.1%}")
-    fit.add_row("max relative error", f"{result.max_rel_error:.1%}")
-    if cal.peak_memory_bytes is not None:
-        fit.add_row("peak CUDA memory", f"{cal.peak_memory_bytes / 2**20:.0f} MiB")
-    elif result.peak_rss_bytes is not None:
-        fit.add_row("peak process RSS", f"{result.peak_rss_bytes / 2**20:.0f} MiB")
-    out_console.print(fit)
-    if result.memory_samples:
-        mem = Table(
-            title="peak training memory: measured and the fitted bound "
-            "static + depth * per_layer + sum(ranks) * per_rank"
+    out_console.print(
+        _fit_table(
+            f"{cal.model}: batch {cal.batch_size} x {cal.seq_len} tokens, {cal.host}",
+            ("measured ms", "fitted ms", "error"),
+            [
+                (
+                    s.depth,
+                    s.rank,
+                    f"{s.step_s * 1e3:.1f}",
+                    f"{s.predicted_s * 1e3:.1f}",
+                    s.rel_error,
+                )
+                for s in result.samples
+            ],
         )
-        for column in ("depth", "rank", "measured MB", "bound MB", "over"):
-            mem.add_column(column, justify="right")
-        for m in result.memory_samples:
-            mem.add_row(
-                str(m.depth),
-                str(m.rank),
-                f"{m.peak_bytes / 1e6:.1f}",
-                f"{m.predicted_bytes / 1e6:.1f}",
-                f"{m.rel_error:+.1%}",
+    )
+    fit = [
+        ("forward_s (intercept)", f"{cal.forward_s * 1e3:.2f} ms"),
+        ("backward_per_layer_s", f"{cal.backward_per_layer_s * 1e3:.3f} ms"),
+        ("lora_per_rank_s", f"{cal.lora_per_rank_s * 1e6:.2f} us"),
+        ("inference forward (measured)", f"{result.forward_only_s * 1e3:.2f} ms"),
+        ("host_tflops", f"{cal.host_tflops:.4f}"),
+        ("fit rmse", f"{result.rmse_s * 1e3:.2f} ms"),
+        ("median relative error", f"{result.median_rel_error:.1%}"),
+        ("max relative error", f"{result.max_rel_error:.1%}"),
+    ]
+    if cal.peak_memory_bytes is not None:
+        fit.append(("peak CUDA memory", f"{cal.peak_memory_bytes / 2**20:.0f} MiB"))
+    elif result.peak_rss_bytes is not None:
+        fit.append(("peak process RSS", f"{result.peak_rss_bytes / 2**20:.0f} MiB"))
+    out_console.print(
+        _coefficient_table("fitted step time = forward + depth * backward + sum(ranks) * lora", fit)
+    )
+    if result.memory_samples:
+        out_console.print(
+            _fit_table(
+                "peak training memory: measured and the fitted bound "
+                "static + depth * per_layer + sum(ranks) * per_rank",
+                ("measured MB", "bound MB", "over"),
+                [
+                    (
+                        m.depth,
+                        m.rank,
+                        f"{m.peak_bytes / 1e6:.1f}",
+                        f"{m.predicted_bytes / 1e6:.1f}",
+                        m.rel_error,
+                    )
+                    for m in result.memory_samples
+                ],
             )
-        out_console.print(mem)
+        )
         assert cal.memory_static_bytes is not None
         assert cal.memory_per_layer_bytes is not None
         assert cal.memory_per_rank_bytes is not None
-        coef = Table(title=f"memory: {cal.memory_method}")
-        coef.add_column("coefficient")
-        coef.add_column("value", justify="right")
-        coef.add_row("memory_static_bytes", f"{cal.memory_static_bytes / 1e6:.1f} MB")
-        coef.add_row("memory_per_layer_bytes", f"{cal.memory_per_layer_bytes / 1e6:.2f} MB")
-        coef.add_row("memory_per_rank_bytes", f"{cal.memory_per_rank_bytes / 1e3:.1f} kB")
-        out_console.print(coef)
+        coefficients = [
+            ("memory_static_bytes", f"{cal.memory_static_bytes / 1e6:.1f} MB"),
+            ("memory_per_layer_bytes", f"{cal.memory_per_layer_bytes / 1e6:.2f} MB"),
+            ("memory_per_rank_bytes", f"{cal.memory_per_rank_bytes / 1e3:.1f} kB"),
+        ]
+        out_console.print(_coefficient_table(f"memory: {cal.memory_method}", coefficients))
     with writing(path, "--out"):
         path.parent.mkdir(parents=True, exist_ok=True)
         cal.save(path)
     out_console.print(f"wrote {path}")
+
+
+def _fit_table(
+    title: str, columns: Sequence[str], rows: Sequence[tuple[int, int, str, str, float]]
+) -> Any:
+    """A table of measured against fitted values by depth and rank, with the relative error
+    (``columns``: the headers of the last three)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("depth", "rank", *columns):
+        table.add_column(column, justify="right")
+    for depth, rank, measured, fitted, error in rows:
+        table.add_row(str(depth), str(rank), measured, fitted, f"{error:+.1%}")
+    return table
+
+
+def _coefficient_table(title: str, rows: Sequence[tuple[str, str]]) -> Any:
+    """A two-column table of fitted coefficients and their values."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("coefficient")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
 
 
 def check_torch_device(device: str) -> None:

@@ -465,18 +465,31 @@ def _wait_port(port: int, deadline: float, proc: subprocess.Popen[bytes], what: 
     raise FlowerEngineError(f"{what} did not listen on 127.0.0.1:{port} in time")
 
 
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> child pids, from /proc (Linux)."""
-    tree: dict[int, list[int]] = {}
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state, parent pid, process
+    group, session, ...), or ``None`` where there is no such process (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def process_stats() -> dict[int, list[str]]:
+    """:func:`stat_fields` of every process, by pid."""
+    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields_ = stat[stat.rfind(")") + 2 :].split()
-        tree.setdefault(int(fields_[1]), []).append(int(entry))
+        fields_ = stat_fields(entry) if entry.isdigit() else None
+        if fields_ is not None:
+            stats[int(entry)] = fields_
+    return stats
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids."""
+    tree: dict[int, list[int]] = {}
+    for pid, fields_ in process_stats().items():
+        tree.setdefault(int(fields_[1]), []).append(pid)
     return tree
 
 
@@ -494,11 +507,8 @@ def descendants(pid: int) -> list[int]:
 
 def pid_alive(pid: int) -> bool:
     """True when ``pid`` runs and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return state[state.rfind(")") + 2 :].split()[0] != "Z"
+    fields_ = stat_fields(pid)
+    return fields_ is not None and fields_[0] != "Z"
 
 
 def _terminate(pids: Sequence[int], timeout_s: float) -> None:

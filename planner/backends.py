@@ -43,6 +43,7 @@ __all__ = [
     "OVERRUN_GRACE_S",
     "PULP_STATUS",
     "MilpResult",
+    "SolveLimits",
     "satisfies",
     "solve_milp",
 ]
@@ -65,6 +66,41 @@ class MilpResult:
     @property
     def gap(self) -> float | None:
         return _rel_gap(self.objective, self.bound)
+
+    @classmethod
+    def of(
+        cls,
+        status: str,
+        native_status: str,
+        solver_version: str,
+        values: np.ndarray | None = None,
+        objective: float | None = None,
+        bound: float | None = None,
+    ) -> MilpResult:
+        """A result from its status and solver text; without values unless it found some."""
+        return cls(
+            status=status,
+            values=values,
+            objective=objective,
+            bound=bound,
+            native_status=native_status,
+            solver_version=solver_version,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolveLimits:
+    """When a backend stops: its time limit, its relative and absolute gaps, its threads."""
+
+    time_limit_s: float
+    mip_gap: float
+    abs_gap: float | None = None
+    threads: int | None = None
+
+    @property
+    def seconds(self) -> float:
+        """The time limit handed to a solver (a solver takes no limit of zero)."""
+        return max(self.time_limit_s, 0.01)
 
 
 def _rel_gap(objective: float | None, bound: float | None) -> float | None:
@@ -149,43 +185,23 @@ def _pulp_values(variables: list[Any], milp: MILP) -> np.ndarray:
     )
 
 
-def _solve_pulp_cbc(
-    milp: MILP,
-    *,
-    time_limit_s: float,
-    mip_gap: float,
-    abs_gap: float | None,
-    threads: int | None,
-) -> MilpResult:
+def _solve_pulp_cbc(milp: MILP, limits: SolveLimits) -> MilpResult:
     start = time.perf_counter()
-    res = _solve_pulp_cbc_once(
-        milp, time_limit_s=time_limit_s, mip_gap=mip_gap, abs_gap=abs_gap, threads=threads
-    )
-    left = time_limit_s - (time.perf_counter() - start)
+    res = _solve_pulp_cbc_once(milp, limits)
+    left = limits.time_limit_s - (time.perf_counter() - start)
     broken = res.values is not None and not satisfies(milp, res.values)
     if milp.start is not None and (res.status in ("ERROR", "INFEASIBLE", "NOT_SOLVED") or broken):
         # The bundled CBC 2.10.3 can crash (SIGSEGV) when a MIP start meets a time limit
         # that interrupts its preprocessing, and can call a program with a MIP start
         # infeasible that is not; retry once without the start.
         res = _solve_pulp_cbc_once(
-            replace(milp, start=None),
-            time_limit_s=max(left, 0.01),
-            mip_gap=mip_gap,
-            abs_gap=abs_gap,
-            threads=threads,
+            replace(milp, start=None), replace(limits, time_limit_s=max(left, 0.01))
         )
         res = replace(res, native_status=res.native_status + " (retried without warm start)")
     return res
 
 
-def _solve_pulp_cbc_once(
-    milp: MILP,
-    *,
-    time_limit_s: float,
-    mip_gap: float,
-    abs_gap: float | None,
-    threads: int | None,
-) -> MilpResult:
+def _solve_pulp_cbc_once(milp: MILP, limits: SolveLimits) -> MilpResult:
     import pulp
 
     prob, variables = _build_pulp(milp)
@@ -197,10 +213,10 @@ def _solve_pulp_cbc_once(
     try:
         solver = pulp.PULP_CBC_CMD(
             msg=False,
-            timeLimit=max(time_limit_s, 0.01),
-            gapRel=mip_gap,
-            gapAbs=abs_gap,
-            threads=threads,
+            timeLimit=limits.seconds,
+            gapRel=limits.mip_gap,
+            gapAbs=limits.abs_gap,
+            threads=limits.threads,
             warmStart=milp.start is not None,
             logPath=log_path,
         )
@@ -212,14 +228,11 @@ def _solve_pulp_cbc_once(
             # CBC 2.10 gives up in preprocessing when the time limit interrupts it and
             # writes a solution file PuLP cannot read: inconclusive, not a failure.
             cut_short = "Pre-processing says infeasible" in log
-            return MilpResult(
-                status="NOT_SOLVED" if cut_short else "ERROR",
-                values=None,
-                objective=None,
-                bound=None,
-                native_status=str(exc).split(",")[0]
-                + (" (preprocessing stopped: Pre-processing says infeasible)" if cut_short else ""),
-                solver_version=f"pulp {pulp.__version__} / CBC",
+            why = " (preprocessing stopped: Pre-processing says infeasible)" if cut_short else ""
+            return MilpResult.of(
+                "NOT_SOLVED" if cut_short else "ERROR",
+                str(exc).split(",")[0] + why,
+                f"pulp {pulp.__version__} / CBC",
             )
         with open(log_path, encoding="utf-8", errors="replace") as fh:
             log = fh.read()
@@ -242,26 +255,13 @@ def _solve_pulp_cbc_once(
         elif status == "OPTIMAL":
             # CBC prints no bound when it proves optimality; it stopped within its gap.
             within = "tolerance" in (result.group(1) if result else "")
-            slack = max(mip_gap * abs(objective), abs_gap or 0.0) if within else 0.0
+            slack = max(limits.mip_gap * abs(objective), limits.abs_gap or 0.0) if within else 0.0
             bound = objective + slack if milp.sense == "max" else objective - slack
-    return MilpResult(
-        status=status,
-        values=values,
-        objective=objective,
-        bound=bound,
-        native_status=native,
-        solver_version=f"pulp {pulp.__version__} / CBC {version.group(1) if version else '?'}",
-    )
+    cbc = f"pulp {pulp.__version__} / CBC {version.group(1) if version else '?'}"
+    return MilpResult.of(status, native, cbc, values, objective, bound)
 
 
-def _solve_pulp_highs(
-    milp: MILP,
-    *,
-    time_limit_s: float,
-    mip_gap: float,
-    abs_gap: float | None,
-    threads: int | None,
-) -> MilpResult:
+def _solve_pulp_highs(milp: MILP, limits: SolveLimits) -> MilpResult:
     import highspy
     import pulp
 
@@ -288,23 +288,16 @@ def _solve_pulp_highs(
     prob, variables = _build_pulp(milp)
     solver = _HiGHS(
         msg=False,
-        timeLimit=max(time_limit_s, 0.01),
-        gapRel=mip_gap,
-        gapAbs=abs_gap,
-        threads=threads,
+        timeLimit=limits.seconds,
+        gapRel=limits.mip_gap,
+        gapAbs=limits.abs_gap,
+        threads=limits.threads,
     )
     version = f"pulp {pulp.__version__} / HiGHS {_dist_version('highspy')}"
     try:
         prob.solve(solver)
     except Exception as exc:  # highspy raises plain exceptions on model errors
-        return MilpResult(
-            status="ERROR",
-            values=None,
-            objective=None,
-            bound=None,
-            native_status=f"{type(exc).__name__}: {exc}",
-            solver_version=version,
-        )
+        return MilpResult.of("ERROR", f"{type(exc).__name__}: {exc}", version)
     highs = prob.solverModel
     status = _pulp_status(prob.status, prob.sol_status)
     native = f"{highs.getModelStatus().name} / sol_status {prob.sol_status}"
@@ -315,14 +308,7 @@ def _solve_pulp_highs(
         dual = float(highs.getInfo().mip_dual_bound)
         # PuLP hands HiGHS the negated objective of a maximisation.
         bound = -dual if milp.sense == "max" else dual
-    return MilpResult(
-        status=status,
-        values=values,
-        objective=objective,
-        bound=bound,
-        native_status=native,
-        solver_version=version,
-    )
+    return MilpResult.of(status, native, version, values, objective, bound)
 
 
 # -- CVXPY ---------------------------------------------------------------------------------
@@ -340,14 +326,7 @@ CVXPY_STATUS: dict[str, str] = {
 }
 
 
-def _solve_cvxpy_highs(
-    milp: MILP,
-    *,
-    time_limit_s: float,
-    mip_gap: float,
-    abs_gap: float | None,
-    threads: int | None,
-) -> MilpResult:
+def _solve_cvxpy_highs(milp: MILP, limits: SolveLimits) -> MilpResult:
     import cvxpy as cp
 
     version = f"cvxpy {cp.__version__} / HiGHS {_dist_version('highspy')}"
@@ -383,22 +362,15 @@ def _solve_cvxpy_highs(
         constraints.append(affine(ge) >= lo[ge])
     obj = sum(milp.objective[cols] @ var for var, cols in parts)
     problem = cp.Problem(cp.Maximize(obj) if milp.sense == "max" else cp.Minimize(obj), constraints)
-    opts: dict[str, Any] = {"time_limit": max(time_limit_s, 0.01), "mip_rel_gap": mip_gap}
-    if abs_gap is not None:
-        opts["mip_abs_gap"] = abs_gap
-    if threads is not None:
-        opts["threads"] = threads
+    opts: dict[str, Any] = {"time_limit": limits.seconds, "mip_rel_gap": limits.mip_gap}
+    if limits.abs_gap is not None:
+        opts["mip_abs_gap"] = limits.abs_gap
+    if limits.threads is not None:
+        opts["threads"] = limits.threads
     try:
         problem.solve(solver=cp.HIGHS, **opts)
     except cp.error.SolverError as exc:
-        return MilpResult(
-            status="ERROR",
-            values=None,
-            objective=None,
-            bound=None,
-            native_status=str(exc),
-            solver_version=version,
-        )
+        return MilpResult.of("ERROR", str(exc), version)
     native = str(problem.status)
     status = CVXPY_STATUS.get(native, "ERROR")
     values = objective = bound = None
@@ -413,25 +385,11 @@ def _solve_cvxpy_highs(
             info: Any = problem.solver_stats.extra_stats
             if info is not None and int(info.primal_solution_status) != 2:
                 # kSolutionStatusFeasible == 2: HiGHS stopped without an incumbent.
-                return MilpResult(
-                    status="NOT_SOLVED",
-                    values=None,
-                    objective=None,
-                    bound=None,
-                    native_status=native + " (no incumbent)",
-                    solver_version=version,
-                )
+                return MilpResult.of("NOT_SOLVED", native + " (no incumbent)", version)
             dual = float(info.mip_dual_bound) if info is not None else float("nan")
             if math.isfinite(dual):
                 bound = -dual if milp.sense == "max" else dual
-    return MilpResult(
-        status=status,
-        values=values,
-        objective=objective,
-        bound=bound,
-        native_status=native,
-        solver_version=version,
-    )
+    return MilpResult.of(status, native, version, values, objective, bound)
 
 
 def _dist_version(name: str) -> str:
@@ -468,28 +426,15 @@ HIGHS_STATUS: dict[str, str] = {
 }
 
 
-def _solve_highs(
-    milp: MILP,
-    *,
-    time_limit_s: float,
-    mip_gap: float,
-    abs_gap: float | None,
-    threads: int | None,
-) -> MilpResult:
+def _solve_highs(milp: MILP, limits: SolveLimits) -> MilpResult:
     """HiGHS in a worker process, stopped by the parent when it overruns its time limit
     by :data:`OVERRUN_GRACE_S` (HiGHS does not always honour its own limit, nor an
     interrupt, on large programs). The worker (``python -m legend.planner.highs_worker``) is
     started once and reused; a worker stopped for overrunning is replaced at the next solve.
     """
-    kwargs: dict[str, Any] = {
-        "time_limit_s": time_limit_s,
-        "mip_gap": mip_gap,
-        "abs_gap": abs_gap,
-        "threads": threads,
-    }
     if os.name != "posix":  # no select() on pipes: run in this process
-        return _highs_here(milp, **kwargs)
-    return _WORKER.solve(milp, kwargs, max(time_limit_s, 0.01) + OVERRUN_GRACE_S)
+        return _highs_here(milp, limits)
+    return _WORKER.solve(milp, limits)
 
 
 class _HighsWorker:
@@ -517,12 +462,13 @@ class _HighsWorker:
             self.proc.wait(timeout=5)
         self.proc = None
 
-    def solve(self, milp: MILP, kwargs: dict[str, Any], limit_s: float) -> MilpResult:
+    def solve(self, milp: MILP, limits: SolveLimits) -> MilpResult:
         import pickle
         import select
 
+        limit_s = limits.seconds + OVERRUN_GRACE_S
         proc = self._start()
-        data = pickle.dumps((milp, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps((milp, limits), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             proc.stdin.write(len(data).to_bytes(8, "little") + data)
             proc.stdin.flush()
@@ -532,13 +478,10 @@ class _HighsWorker:
         ready, _, _ = select.select([proc.stdout], [], [], limit_s)
         if not ready:
             self.stop()
-            return MilpResult(
-                status="NOT_SOLVED",
-                values=None,
-                objective=None,
-                bound=None,
-                native_status=f"stopped: still running {limit_s:.3g} s after it started",
-                solver_version=f"highspy {_dist_version('highspy')}",
+            return MilpResult.of(
+                "NOT_SOLVED",
+                f"stopped: still running {limit_s:.3g} s after it started",
+                f"highspy {_dist_version('highspy')}",
             )
         try:
             size = int.from_bytes(_read(proc.stdout, 8), "little")
@@ -564,35 +507,21 @@ _WORKER = _HighsWorker()
 
 
 def _failed(why: str) -> MilpResult:
-    return MilpResult(
-        status="ERROR",
-        values=None,
-        objective=None,
-        bound=None,
-        native_status=why,
-        solver_version=f"highspy {_dist_version('highspy')}",
-    )
+    return MilpResult.of("ERROR", why, f"highspy {_dist_version('highspy')}")
 
 
-def _highs_here(
-    milp: MILP,
-    *,
-    time_limit_s: float,
-    mip_gap: float,
-    abs_gap: float | None,
-    threads: int | None,
-) -> MilpResult:
+def _highs_here(milp: MILP, limits: SolveLimits) -> MilpResult:
     import highspy
 
     version = f"highspy {_dist_version('highspy')}"
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("time_limit", float(max(time_limit_s, 0.01)))
-    h.setOptionValue("mip_rel_gap", float(mip_gap))
-    if abs_gap is not None:
-        h.setOptionValue("mip_abs_gap", float(abs_gap))
-    if threads is not None:
-        h.setOptionValue("threads", int(threads))
+    h.setOptionValue("time_limit", float(limits.seconds))
+    h.setOptionValue("mip_rel_gap", float(limits.mip_gap))
+    if limits.abs_gap is not None:
+        h.setOptionValue("mip_abs_gap", float(limits.abs_gap))
+    if limits.threads is not None:
+        h.setOptionValue("threads", int(limits.threads))
     a = milp.matrix.tocsc()
     lp = highspy.HighsLp()
     lp.num_col_ = milp.num_vars
@@ -639,17 +568,10 @@ def _highs_here(
         else:
             dual = objective if status == "OPTIMAL" else float("nan")
         bound = dual if math.isfinite(dual) else None
-    return MilpResult(
-        status=status,
-        values=values,
-        objective=objective,
-        bound=bound,
-        native_status=native,
-        solver_version=version,
-    )
+    return MilpResult.of(status, native, version, values, objective, bound)
 
 
-Backend = Callable[..., MilpResult]
+Backend = Callable[[MILP, SolveLimits], MilpResult]
 BACKENDS: dict[str, Backend] = {
     "highs": _solve_highs,
     "pulp-highs": _solve_pulp_highs,
@@ -673,17 +595,12 @@ def solve_milp(
     that violates them (e.g. a relaxation left behind by a time-limit stop) is NOT_SOLVED.
     """
     res = BACKENDS[backend](
-        milp, time_limit_s=time_limit_s, mip_gap=mip_gap, abs_gap=abs_gap, threads=threads
+        milp,
+        SolveLimits(time_limit_s=time_limit_s, mip_gap=mip_gap, abs_gap=abs_gap, threads=threads),
     )
     if res.values is not None and not satisfies(milp, res.values):
-        return replace(
-            res,
-            status="NOT_SOLVED",
-            values=None,
-            objective=None,
-            bound=None,
-            native_status=res.native_status + " (returned values violate the program)",
-        )
+        why = res.native_status + " (returned values violate the program)"
+        return MilpResult.of("NOT_SOLVED", why, res.solver_version)
     return res
 
 

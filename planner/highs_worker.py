@@ -1,6 +1,6 @@
 """The HiGHS worker process of :mod:`legend.planner.backends` (``python -m`` this module).
 
-It reads length-prefixed pickles of ``(MILP, solver options)`` from stdin, solves each with
+It reads length-prefixed pickles of ``(MILP, SolveLimits)`` from stdin, solves each with
 HiGHS and writes the length-prefixed pickled result to stdout, until stdin ends. The parent
 stops it when a solve overruns its time limit.
 """
@@ -25,9 +25,9 @@ def main() -> None:
             size = int.from_bytes(_read(stdin, 8), "little")
         except EOFError:
             return
-        milp, kwargs = pickle.loads(_read(stdin, size))
+        milp, limits = pickle.loads(_read(stdin, size))
         try:
-            result = _highs_here(milp, **kwargs)
+            result = _highs_here(milp, limits)
         except Exception as exc:  # report, never leave the parent waiting
             result = _failed(f"{type(exc).__name__}: {exc}")
         data = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)

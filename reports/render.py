@@ -289,14 +289,15 @@ def _html_table(table: Table) -> str:
         f'data-total-rows="{table.rows_total}"><thead><tr>{head}</tr></thead>'
         f"<tbody>\n{body}\n</tbody></table></div>"
     )
-    if table.rows_total > table.rows_shown:
-        parts.append(
-            f'<p class="note">Showing {table.rows_shown} of {table.rows_total:,} rows; '
-            f"the full table is tables/{table.name}.csv.</p>"
-        )
-    else:
-        parts.append(f'<p class="note">CSV: tables/{table.name}.csv</p>')
+    parts.append(f'<p class="note">{_table_note(table, f"tables/{table.name}.csv")}</p>')
     return "\n".join(parts)
+
+
+def _table_note(table: Table, csv_link: str) -> str:
+    """Where the table's CSV lies, and how many of its rows show when not all do."""
+    if table.rows_total > table.rows_shown:
+        return f"Showing {table.rows_shown} of {table.rows_total:,} rows; full table: {csv_link}"
+    return f"CSV: {csv_link}"
 
 
 def _html_block(block: Block) -> str:
@@ -355,13 +356,7 @@ def _md_table(table: Table) -> str:
     for row in _rows(table.frame, table.max_rows):
         lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
     lines.append("")
-    if table.rows_total > table.rows_shown:
-        lines.append(
-            f"*Showing {table.rows_shown} of {table.rows_total:,} rows; full table: "
-            f"[tables/{table.name}.csv](tables/{table.name}.csv).*"
-        )
-    else:
-        lines.append(f"*CSV: [tables/{table.name}.csv](tables/{table.name}.csv)*")
+    lines.append(f"*{_table_note(table, f'[tables/{table.name}.csv](tables/{table.name}.csv)')}*")
     return "\n".join(lines)
 
 

@@ -1,5 +1,8 @@
 """Hypothesis strategies for planner tests: fleets feasible or infeasible by construction.
 
+Also the builders and readers several test modules share (devices, the three-device fleet,
+a run's CSV files).
+
 A fleet is *feasible* when every device can run the smallest configuration (the top
 ``min_depth`` layers at the lowest rank) within its memory; it is *infeasible* when at least
 one device's memory is below what that configuration needs. Memories are drawn between the
@@ -8,10 +11,18 @@ smallest and a little above the largest configuration's need, so memory sometime
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+from typing import Any
+
 from hypothesis import strategies as st
 
 from legend.models.spec import ModelSpec, get_model_spec
+from legend.planner.api import PlannerOptions, PlanningProblem
+from legend.planner.catalog import build_catalogue, fleet_costs
 from legend.planner.costs import CostModel
+from legend.planner.formulation import MILP, formulate
+from legend.planner.plan import Plan, PlanViolation, validate_plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
 
 TINY = get_model_spec("tiny-bert")
@@ -22,15 +33,79 @@ def tiny_job(ranks: tuple[int, ...] = (2, 4, 8)) -> JobParams:
     return JobParams(batch_size=8, seq_len=32, local_steps=3, ranks=ranks)
 
 
-def _probe() -> DeviceProfile:
-    return DeviceProfile(
-        device_id="probe",
-        tflops=1.0,
-        memory_gb=1.0,
-        uplink_mbps=1.0,
-        downlink_mbps=1.0,
-        num_samples=1,
+# The capacities of :func:`device` unless a test names others.
+DEVICE_DEFAULTS = {
+    "tflops": 0.05,
+    "memory_gb": 1.0,
+    "uplink_mbps": 5.0,
+    "downlink_mbps": 20.0,
+    "num_samples": 100,
+}
+
+
+def device(device_id: str, **fields: Any) -> DeviceProfile:
+    """A device with :data:`DEVICE_DEFAULTS` but for the ``fields`` given."""
+    return DeviceProfile(device_id=device_id, **{**DEVICE_DEFAULTS, **fields})
+
+
+def device_2gb(device_id: str, **fields: Any) -> DeviceProfile:
+    """:func:`device` with 2 GB of memory, 10 Mbit/s up and 50 down unless ``fields`` say."""
+    return device(
+        device_id, **{"memory_gb": 2.0, "uplink_mbps": 10.0, "downlink_mbps": 50.0, **fields}
     )
+
+
+# Three devices, fast to slow: the fleet of the formulation and solver tests.
+FLEET3 = Fleet(
+    devices=(
+        device_2gb("fast", tflops=0.5, uplink_mbps=20.0, num_samples=120),
+        device_2gb("slow", tflops=0.02, uplink_mbps=2.0, downlink_mbps=10.0, num_samples=300),
+        device_2gb("mid", tflops=0.1, uplink_mbps=5.0, num_samples=60),
+    )
+)
+
+# The planner options of each objective, with a deadline and floor that bind on FLEET3.
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "progress": {},
+    # bytes priced high enough, and an overhead, to move the optimum away from "rate"'s
+    "progress-priced": {"seconds_per_mb": 200.0, "server_overhead_s": 0.02},
+    "rate": {"objective": "rate"},
+    "deadline": {"objective": "deadline", "deadline_s": 0.06},
+    "min-time": {"objective": "min-time", "utility_floor_share": 0.7},
+}
+
+
+def program(problem: PlanningProblem, deadline_s: float | None = None, **kw: Any) -> MILP:
+    """The MILP of ``problem`` over its full catalogue."""
+    return formulate(problem, build_catalogue(problem), fleet_costs(problem), deadline_s, **kw)
+
+
+def violations(
+    plan: Plan, fleet: Fleet, job: JobParams, options: PlannerOptions
+) -> list[PlanViolation]:
+    """What ``plan`` breaks of the constraints ``options`` set, checked apart from the planner."""
+    return validate_plan(
+        plan,
+        fleet,
+        TINY,
+        job,
+        deadline_s=options.deadline_s,
+        monotone_ranks=options.monotone_ranks,
+        min_depth=options.min_depth,
+        require_all=not options.allow_dropping,
+        server_mbps=options.server_mbps,
+    )
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (a run's ``rounds.csv``, a benchmark's table), as strings."""
+    assert path.is_file(), path
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _probe() -> DeviceProfile:
+    return device("probe", tflops=1.0, uplink_mbps=1.0, downlink_mbps=1.0, num_samples=1)
 
 
 def memory_need_gb(spec: ModelSpec, job: JobParams, depth: int, rank: int) -> float:

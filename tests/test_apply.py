@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,15 +55,6 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny matrices: one thread is faster and steadier on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -229,20 +218,8 @@ def test_injecting_adapters_consumes_no_global_randomness(bert: torch.nn.Module)
     assert torch.equal(before, torch.random.get_rng_state())
 
 
-def test_roberta_head_round_trips(tmp_path: Path) -> None:
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    config = RobertaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        vocab_size=100,
-        max_position_embeddings=40,
-    )
-    config.num_labels = 3
-    torch.manual_seed(0)
-    RobertaForSequenceClassification(config).save_pretrained(str(tmp_path))
+def test_roberta_head_round_trips(tmp_path: Path, tiny_roberta: Callable[..., Any]) -> None:
+    tiny_roberta(num_labels=3).save_pretrained(str(tmp_path))
     base = load_base_model(str(tmp_path), num_labels=3)
     spec = get_model_spec(str(tmp_path), target_modules="attention", num_labels=3)
     host = AdapterHost(base, spec, JobParams(target_modules="attention"))

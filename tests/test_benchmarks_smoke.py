@@ -6,14 +6,16 @@ BERT or small fleets; the assertions check the outputs' shape and ranges, not th
 
 from __future__ import annotations
 
-import csv
+import importlib
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from strategies import csv_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -51,25 +53,24 @@ def run_script(name: str, out: Path, *extra: str) -> str:
     return proc.stdout
 
 
-def rows(path: Path) -> list[dict[str, str]]:
-    assert path.is_file(), path
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+def bench_module(name: str) -> Any:
+    """A module of benchmarks/, imported as the scripts run (with benchmarks/ on the path)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def test_fleet50_matches_its_generator() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        from common import FLEET50, FLEET50_CLASSES, fleet50_csv
-    finally:
-        sys.path.remove(str(BENCH))
-    assert FLEET50.read_text() == fleet50_csv()
+    common = bench_module("common")
+    assert common.FLEET50.read_text() == common.fleet50_csv()
     from legend.planner.profiles import load_fleet
 
-    fleet = load_fleet(FLEET50)
+    fleet = load_fleet(common.FLEET50)
     assert len(fleet) == 50
     classes = {d.device_class for d in fleet.devices}
-    assert len(classes) >= 4 and len(classes) == len(FLEET50_CLASSES)
+    assert len(classes) >= 4 and len(classes) == len(common.FLEET50_CLASSES)
     tflops = [d.tflops for d in fleet.devices]
     up = [d.uplink_mbps for d in fleet.devices]
     down = [d.downlink_mbps for d in fleet.devices]
@@ -81,7 +82,7 @@ def test_fleet50_matches_its_generator() -> None:
 def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
     out = tmp_path / "tta"
     run_script("time_to_accuracy.py", out)
-    runs = rows(out / "runs.csv")
+    runs = csv_rows(out / "runs.csv")
     assert sorted(r["method"] for r in runs) == sorted(METHODS)
     for r in runs:
         assert 0.0 <= float(r["accuracy"]) <= 1.0
@@ -97,45 +98,37 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
 
 def test_time_to_accuracy_recipe() -> None:
     """The moving-average target and the last-rounds accuracy of the benchmark recipe."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        from time_to_accuracy import first_reaching, moving_average, parse_args
-    finally:
-        sys.path.remove(str(BENCH))
+    tta = bench_module("time_to_accuracy")
     accs = [0.5, 0.9, 0.55, 0.66, 0.7, 0.68]
-    avg = moving_average(accs, 3)
+    avg = tta.moving_average(accs, 3)
     assert all(math.isnan(a) for a in avg[:2])
     assert avg[2:] == pytest.approx([0.65, 0.7033333, 0.6366667, 0.68])
     rounds = [{"round": str(i + 1), "accuracy": str(a)} for i, a in enumerate(accs)]
     # One lucky round (0.9) does not reach 0.66; the first 3-round mean at or above it does.
-    hit = first_reaching(rounds, 0.66, 3)
+    hit = tta.first_reaching(rounds, 0.66, 3)
     assert hit is not None and hit["round"] == "4"
-    assert first_reaching(rounds, 0.71, 3) is None
-    args = parse_args([])
+    assert tta.first_reaching(rounds, 0.71, 3) is None
+    args = tta.parse_args([])
     assert args.max_test >= 2000 and len(args.seeds) >= 5 and args.window == 3
-    b = parse_args(["--setting", "B"])
+    b = tta.parse_args(["--setting", "B"])
     assert b.topology.endswith("fleet50_ap.toml") and b.alpha == 0.5
-    assert parse_args(["--setting", "C"]).alpha == 0.1
+    assert tta.parse_args(["--setting", "C"]).alpha == 0.1
     # the ablations run like any method; an unknown one is refused
-    assert parse_args(["--methods", "greedy-learned", "exact-rate"]).methods == [
+    assert tta.parse_args(["--methods", "greedy-learned", "exact-rate"]).methods == [
         "greedy-learned",
         "exact-rate",
     ]
     with pytest.raises(SystemExit):
-        parse_args(["--methods", "greedy-on-something"])
+        tta.parse_args(["--methods", "greedy-on-something"])
 
 
 def test_fleet50_topology_matches_its_generator() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        from common import FLEET50, FLEET50_AP, fleet50_ap_topology_toml
-    finally:
-        sys.path.remove(str(BENCH))
-    assert FLEET50_AP.read_text() == fleet50_ap_topology_toml()
+    common = bench_module("common")
+    assert common.FLEET50_AP.read_text() == common.fleet50_ap_topology_toml()
     from legend.planner.profiles import load_fleet
     from legend.planner.topology import load_topology
 
-    topology = load_topology(FLEET50_AP, load_fleet(FLEET50))
+    topology = load_topology(common.FLEET50_AP, load_fleet(common.FLEET50))
     assert len(topology.routes) == 50
     # Every route runs device -> access point -> core -> server: three links.
     assert {len(route) for route in topology.routes.values()} == {3}
@@ -145,11 +138,11 @@ def test_fleet50_topology_matches_its_generator() -> None:
 def test_observation_smoke(tmp_path: Path) -> None:
     out = tmp_path / "obs"
     run_script("observation.py", out)
-    summary = rows(out / "observation_summary.csv")
+    summary = csv_rows(out / "observation_summary.csv")
     assert [r["config"] for r in summary] == ["top-1", "top-2", "all-4", "bottom-2"]
     # Equal trainable-parameter budgets by construction.
     assert len({r["lora_params"] for r in summary}) == 1
-    per_seed = rows(out / "observation.csv")
+    per_seed = csv_rows(out / "observation.csv")
     assert len(per_seed) == 4
     for r in per_seed:
         assert 0.0 <= float(r["accuracy"]) <= 1.0
@@ -162,7 +155,7 @@ def test_observation_smoke(tmp_path: Path) -> None:
 def test_cost_fidelity_smoke(tmp_path: Path) -> None:
     out = tmp_path / "cf"
     run_script("cost_fidelity.py", out)
-    table = rows(out / "cost_fidelity.csv")
+    table = csv_rows(out / "cost_fidelity.csv")
     assert {(int(r["depth"]), int(r["rank"])) for r in table} == {
         (d, r) for d in (1, 2, 4) for r in (2, 8)
     }
@@ -175,13 +168,13 @@ def test_cost_fidelity_smoke(tmp_path: Path) -> None:
     # The analytic model is anchored on depth 1 at the lowest rank: no error there.
     anchor = next(r for r in table if r["depth"] == "1" and r["rank"] == "2")
     assert abs(float(anchor["analytic_err_pct"])) < 1e-6
-    assert len(rows(out / "cost_fidelity_summary.csv")) == 1
+    assert len(csv_rows(out / "cost_fidelity_summary.csv")) == 1
 
 
 def test_planner_quality_smoke(tmp_path: Path) -> None:
     out = tmp_path / "pq"
     run_script("planner_quality.py", out)
-    table = rows(out / "planner_quality.csv")
+    table = csv_rows(out / "planner_quality.csv")
     assert {(r["fleet"], int(r["devices"])) for r in table} == {
         (k, n) for k in ("fleet50", "distinct") for n in (10, 30)
     }

@@ -6,7 +6,7 @@ import itertools
 import math
 
 import pytest
-from strategies import TINY, tiny_job
+from strategies import TINY, device, tiny_job
 
 from legend.planner.api import PlannerOptions, PlanningProblem, plan_round
 from legend.planner.bruteforce import (
@@ -16,22 +16,10 @@ from legend.planner.bruteforce import (
 )
 from legend.planner.errors import InfeasibleError, PlannerInputError
 from legend.planner.plan import Plan, validate_plan
-from legend.planner.profiles import DeviceProfile, Fleet, JobParams
+from legend.planner.profiles import Fleet, JobParams
 
 JOB = tiny_job(ranks=(2, 4))
 L = TINY.num_layers
-
-
-def device(name: str, **kw: float) -> DeviceProfile:
-    values = {
-        "tflops": 0.05,
-        "memory_gb": 1.0,
-        "uplink_mbps": 5.0,
-        "downlink_mbps": 20.0,
-        "num_samples": 100,
-    }
-    values.update(kw)
-    return DeviceProfile(device_id=name, **values)  # type: ignore[arg-type]
 
 
 def oracle(fleet: Fleet, job: JobParams = JOB, **options: object) -> Plan:

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 import pytest
-import torch
 
 from legend.federation.calibrate import (
     CalibrationResult,
@@ -27,15 +22,6 @@ from legend.planner.errors import PlannerInputError
 from legend.planner.profiles import DeviceProfile, JobParams
 
 BATCH, SEQ = 8, 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    # One thread: steadier timings on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ the tests assert that none is left.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from strategies import csv_rows
 
 pytest.importorskip("flwr")
 
@@ -31,6 +31,7 @@ from legend.federation.flower_engine import (
     descendants,
     flower_env,
     pid_alive,
+    process_stats,
     start_local_federation,
 )
 from legend.federation.job import load_job
@@ -54,15 +55,10 @@ def _max_diff(a: AdapterState, b: AdapterState) -> float:
     return max(diffs)
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _plan_columns(run_dir: Path) -> list[tuple[str, ...]]:
     return [
         (r["round"], r["device_id"], r["status"], r["layers"], r["ranks"], r["samples"])
-        for r in _rows(run_dir / "devices.csv")
+        for r in csv_rows(run_dir / "devices.csv")
     ]
 
 
@@ -83,18 +79,8 @@ def reference(tmp_path_factory):
 
 def _session_processes(sid: int) -> list[int]:
     """Live processes whose session id is ``sid`` (what a process group leaves behind)."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            alive.append(int(entry))
-    return alive
+    stats = process_stats().items()
+    return [pid for pid, fields in stats if fields[0] != "Z" and int(fields[3]) == sid]
 
 
 # -- simulation runtime --------------------------------------------------------------------
@@ -189,7 +175,7 @@ def test_flower_deployment_matches_the_in_process_engine(reference, federation, 
     assert _plan_columns(out) == _plan_columns(ref_dir)
     assert deployed.summary["engine"] == "flower-deploy"
     # Each node worker loaded the model once and kept it for every round and node.
-    nodes = _rows(out / "flower_nodes.csv")
+    nodes = csv_rows(out / "flower_nodes.csv")
     assert {r["round"] for r in nodes} == {str(t) for t in range(1, ROUNDS + 1)}
     assert len({r["pid"] for r in nodes}) == len(federation.workers)
     assert {r["model_loads"] for r in nodes} == {"1"}
@@ -273,7 +259,7 @@ def test_server_killed_then_resumed_continues_from_the_last_round(reference, fed
 
     resumed = _deploy(cfg, out, federation, resume=True, round_timeout_s=120.0)
     assert resumed.rounds_completed == ROUNDS
-    rounds = [r["round"] for r in _rows(out / "rounds.csv")]
+    rounds = [r["round"] for r in csv_rows(out / "rounds.csv")]
     assert rounds == [str(t) for t in range(1, ROUNDS + 1)]
     # Nothing lost, nothing repeated: the result equals an uninterrupted run.
     assert _max_diff(resumed.global_state, result.global_state) <= TOL
@@ -316,13 +302,13 @@ def test_node_killed_mid_round_is_dropped_and_not_planned_again(federation, tmp_
         watcher.join(timeout=5)
     assert time.monotonic() - start < 240
     assert res.rounds_completed == ROUNDS
-    rows = _rows(out / "devices.csv")
+    rows = csv_rows(out / "devices.csv")
     first = {r["device_id"]: r["status"] for r in rows if r["round"] == "1"}
     second = {r["device_id"]: r["status"] for r in rows if r["round"] == "2"}
     assert first[victim] == "dropped"
     assert all(s == "ok" for d, s in first.items() if d != victim)
     assert victim not in second and set(second.values()) == {"ok"} and len(second) == 5
-    rounds = _rows(out / "rounds.csv")
+    rounds = csv_rows(out / "rounds.csv")
     assert [r["dropped"] for r in rounds] == ["1", "0"]
     assert [r["participants"] for r in rounds] == ["5", "5"]
     for t in (1, 2):

@@ -8,32 +8,17 @@ import math
 import numpy as np
 import pytest
 from ip_oracle import close, solve_exhaustively
-from strategies import TINY, tiny_job
+from strategies import FLEET3, OBJECTIVES, TINY, program, tiny_job, violations
+from strategies import device_2gb as device
 
 from legend.models.errors import InputError
 from legend.planner.api import PlannerOptions, PlanningProblem, plan_round
 from legend.planner.backends import BACKENDS, satisfies
 from legend.planner.catalog import build_catalogue, fleet_costs
 from legend.planner.errors import PlannerInputError
-from legend.planner.formulation import MILP, decode, decode_columns, formulate, round_time_of
+from legend.planner.formulation import decode, decode_columns, formulate, round_time_of
 from legend.planner.plan import validate_plan
-from legend.planner.profiles import DeviceProfile, Fleet, JobParams
-
-
-def device(name: str, **kw: float) -> DeviceProfile:
-    base = dict(tflops=0.05, memory_gb=2.0, uplink_mbps=10.0, downlink_mbps=50.0, num_samples=100)
-    base.update(kw)
-    return DeviceProfile(device_id=name, **base)  # type: ignore[arg-type]
-
-
-FLEET3 = Fleet(
-    devices=(
-        device("fast", tflops=0.5, uplink_mbps=20.0, num_samples=120),
-        device("slow", tflops=0.02, uplink_mbps=2.0, downlink_mbps=10.0, num_samples=300),
-        device("mid", tflops=0.1, uplink_mbps=5.0, num_samples=60),
-    )
-)
-
+from legend.planner.profiles import Fleet, JobParams
 
 # -- known answers -------------------------------------------------------------------------
 
@@ -79,10 +64,6 @@ def test_rate_known_answer_single_rank() -> None:
 
 
 # -- structure -----------------------------------------------------------------------------
-
-
-def program(problem: PlanningProblem, deadline_s: float | None = None, **kw: object) -> MILP:
-    return formulate(problem, build_catalogue(problem), fleet_costs(problem), deadline_s, **kw)  # type: ignore[arg-type]
 
 
 def test_one_choose_one_row_per_device_and_named_coupling_rows() -> None:
@@ -181,14 +162,6 @@ OPTION_SETS = {
 }
 
 
-def objective_options(objective: str) -> dict[str, object]:
-    if objective == "deadline":
-        return {"objective": "deadline", "deadline_s": 0.06}
-    if objective == "min-time":
-        return {"objective": "min-time", "utility_floor_share": 0.7}
-    return {"objective": "rate"}
-
-
 SOLVERS = ("auto", *BACKENDS)
 
 
@@ -202,7 +175,7 @@ def test_matches_oracle(objective: str, option_set: str, solver: str) -> None:
         solver=solver,
         mip_gap=1e-7,
         use_classes=False,
-        **objective_options(objective),
+        **OBJECTIVES[objective],
         **OPTION_SETS[option_set],
     )
     problem = PlanningProblem.create(fleet, TINY, job, options)
@@ -216,15 +189,4 @@ def test_matches_oracle(objective: str, option_set: str, solver: str) -> None:
     )
     tol = max(plan.mip_gap or 0.0, 1e-6)
     assert close(plan.objective_value, truth.objective, tol), (plan.objective_value, truth)
-    violations = validate_plan(
-        plan,
-        fleet,
-        TINY,
-        job,
-        deadline_s=options.deadline_s,
-        monotone_ranks=options.monotone_ranks,
-        min_depth=options.min_depth,
-        require_all=not options.allow_dropping,
-        server_mbps=options.server_mbps,
-    )
-    assert violations == []
+    assert violations(plan, fleet, job, options) == []

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import pytest
@@ -92,19 +89,12 @@ def test_bad_names_and_directories(tmp_path: Path) -> None:
         resolve_model(str(tmp_path))
 
 
-def test_local_directory_with_its_own_tokenizer(tmp_path: Path) -> None:
-    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+def test_local_directory_with_its_own_tokenizer(
+    tmp_path: Path, tiny_roberta: Callable[..., Any]
+) -> None:
+    from transformers import AutoTokenizer
 
-    config = RobertaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        vocab_size=30522,
-        max_position_embeddings=40,
-    )
-    torch.manual_seed(0)
-    original = RobertaForSequenceClassification(config)
+    original = tiny_roberta(vocab_size=30522)
     original.save_pretrained(str(tmp_path))
     AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(str(tmp_path))
     loaded = load_base_model(str(tmp_path))

@@ -5,10 +5,6 @@ memory (the real all-MiniLM-L6-v2, measured on this host)."""
 from __future__ import annotations
 
 import json
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import pytest

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 import pytest
 import torch
 
@@ -25,14 +20,6 @@ PLANS = [
     ("all", None),
     ((0, -2), (2, 16)),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _concrete(spec: ModelSpec, layers: object, ranks: object) -> tuple[tuple[int, ...], ...]:

@@ -12,7 +12,7 @@ import math
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from strategies import TINY, fleets, objectives, rank_grids, tiny_job
+from strategies import TINY, device, fleets, objectives, rank_grids, tiny_job, violations
 
 from legend.planner.api import (
     PlannerOptions,
@@ -109,25 +109,10 @@ def test_every_plan_meets_the_optional_constraints(instance, solver: str, extra)
     fleet, job, objective, slack = instance
     extra = {**extra, "min_participants": min(extra["min_participants"], len(fleet))}
     options = options_for(objective, fleet, job, slack, **extra)
-    try:
-        plan = _outcome(fleet, job, options, solver)
-    except SolverError:
-        _cbc_could_not_tell(fleet, job, options, solver)
-        return
-    if plan is None:
+    told, plan = _told_outcome(fleet, job, options, solver)
+    if not told or plan is None:
         return  # the constraints admit no plan (checked against the oracle elsewhere)
-    violations = validate_plan(
-        plan,
-        fleet,
-        TINY,
-        job,
-        deadline_s=options.deadline_s,
-        monotone_ranks=options.monotone_ranks,
-        min_depth=options.min_depth,
-        require_all=not options.allow_dropping,
-        server_mbps=options.server_mbps,
-    )
-    assert violations == []
+    assert violations(plan, fleet, job, options) == []
     participants = [d for d in plan.devices if d.participates]
     assert len(participants) >= max(1, options.min_participants)
     if options.coverage_layers and options.coverage_share:
@@ -139,12 +124,17 @@ def test_every_plan_meets_the_optional_constraints(instance, solver: str, extra)
         assert covered >= options.coverage_share * total * (1 - 1e-9)
 
 
-def _cbc_could_not_tell(fleet: Fleet, job: JobParams, options: PlannerOptions, solver: str) -> None:
-    """CBC may stop with "infeasible" after preprocessing without proving it; the backend
-    then reports a solver failure rather than infeasibility. Accept that only from CBC, and
-    only where the oracle agrees that no plan exists."""
-    assert solver == "pulp-cbc", f"{solver} failed"
-    assert _outcome(fleet, job, options, "brute-force") is None
+def _told_outcome(fleet: Fleet, job: JobParams, options: PlannerOptions, solver: str):  # type: ignore[no-untyped-def]
+    """``(True, plan or None)`` as :func:`_outcome`, or ``(False, None)`` where the solver
+    could not tell. CBC may stop with "infeasible" after preprocessing without proving it;
+    the backend then reports a solver failure rather than infeasibility. Accept that only
+    from CBC, and only where the oracle agrees that no plan exists."""
+    try:
+        return True, _outcome(fleet, job, options, solver)
+    except SolverError:
+        assert solver == "pulp-cbc", f"{solver} failed"
+        assert _outcome(fleet, job, options, "brute-force") is None
+        return False, None
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -160,10 +150,8 @@ def test_ip_backends_agree_with_the_oracle(instance, share: float, extra) -> Non
     options = options_for(objective, fleet, job, slack, utility_floor_share=share, **extra)
     exact = _outcome(fleet, job, options, "brute-force")
     for backend in IP_BACKENDS:
-        try:
-            plan = _outcome(fleet, job, options, backend)
-        except SolverError:
-            _cbc_could_not_tell(fleet, job, options, backend)
+        told, plan = _told_outcome(fleet, job, options, backend)
+        if not told:
             continue
         if exact is None:
             assert plan is None, f"{backend} found a plan the oracle says cannot exist"
@@ -300,19 +288,8 @@ def test_infeasible_fleets_are_explained_per_device(
 
 
 def _edge_fleet(memory_gb: float, n: int = 2) -> Fleet:
-    return Fleet(
-        devices=tuple(
-            DeviceProfile(
-                device_id=f"dev-{i}",
-                tflops=0.005,
-                memory_gb=memory_gb,
-                uplink_mbps=0.5,
-                downlink_mbps=2.0,
-                num_samples=10,
-            )
-            for i in range(n)
-        )
-    )
+    slow = {"tflops": 0.005, "uplink_mbps": 0.5, "downlink_mbps": 2.0, "num_samples": 10}
+    return Fleet(devices=tuple(device(f"dev-{i}", memory_gb=memory_gb, **slow) for i in range(n)))
 
 
 @pytest.mark.parametrize("backend", IP_BACKENDS)
@@ -331,18 +308,10 @@ def test_memory_just_above_the_smallest_configuration(backend: str) -> None:
 def test_deadline_equal_to_the_smallest_configuration_time(backend: str) -> None:
     """A deadline exactly at the slowest device's smallest configuration admits that plan."""
     job = tiny_job(ranks=(2, 4))
+    slow = {"tflops": 0.005, "uplink_mbps": 1.0, "downlink_mbps": 10.0, "num_samples": 10}
     fleet = Fleet(
         devices=tuple(
-            DeviceProfile(
-                device_id=f"dev-{i}",
-                tflops=0.005,
-                memory_gb=0.015625,
-                uplink_mbps=1.0,
-                downlink_mbps=10.0,
-                num_samples=10,
-                local_steps=1,
-            )
-            for i in range(2)
+            device(f"dev-{i}", memory_gb=0.015625, local_steps=1, **slow) for i in range(2)
         )
     )
     deadline = smallest_time(fleet, job)
@@ -403,18 +372,7 @@ def test_lagrangian_bound_holds_and_plan_is_within_its_gap(instance, extra, obje
     assert plan.objective_bound >= exact.objective_value * (1 - 1e-6)
     if plan.mip_gap is not None:
         assert plan.objective_value * (1 + plan.mip_gap) >= plan.objective_bound * (1 - 1e-6)
-    found = validate_plan(
-        plan,
-        fleet,
-        TINY,
-        job,
-        deadline_s=options.deadline_s,
-        monotone_ranks=options.monotone_ranks,
-        min_depth=options.min_depth,
-        require_all=not options.allow_dropping,
-        server_mbps=options.server_mbps,
-    )
-    assert found == []
+    assert violations(plan, fleet, job, options) == []
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,6 +3,8 @@ does with it."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from strategies import TINY, tiny_job
@@ -109,7 +111,7 @@ def test_minilm_prior_is_stored_and_checked() -> None:
     assert prior is not None and len(prior.layer_gains) == 6
     assert np.mean(prior.layer_gains) == pytest.approx(1.0, abs=1e-3)
     response = prior.response_at((2, 4, 8, 16, 32))
-    assert all(b >= a for a, b in zip(response, response[1:], strict=False))
+    assert all(b >= a for a, b in itertools.pairwise(response))
     assert response[-1] == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(ModelInputError, match="layer gains"):
         progress_prior("all-MiniLM-L6-v2", 12)

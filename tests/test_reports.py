@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from strategies import device
 
 from legend.federation.cli import main
 from legend.models.errors import InputError
@@ -110,14 +111,8 @@ def test_binding_constraints_known_answer():
     spec = get_model_spec("tiny-bert")
     job = JobParams(ranks=(2, 4, 8), batch_size=8, seq_len=32, local_steps=3)
     costs = CostModel(spec, job)
-    probe = DeviceProfile(
-        device_id="probe",
-        tflops=0.01,
-        memory_gb=100.0,
-        uplink_mbps=10,
-        downlink_mbps=10,
-        num_samples=100,
-    )
+    speeds = {"tflops": 0.01, "uplink_mbps": 10, "downlink_mbps": 10}
+    probe = device("probe", memory_gb=100.0, **speeds)
     top = spec.num_layers - 1
     smallest = costs.evaluate(probe, (top,), (2,)).memory_bytes
     next_up = min(
@@ -127,24 +122,8 @@ def test_binding_constraints_known_answer():
     tight_gb = (smallest + next_up) / 2 / 1e9
     fleet = Fleet(
         devices=(
-            DeviceProfile(
-                device_id="tight",
-                tflops=0.01,
-                memory_gb=tight_gb,
-                uplink_mbps=10,
-                downlink_mbps=10,
-                num_samples=100,
-                device_class="small",
-            ),
-            DeviceProfile(
-                device_id="roomy",
-                tflops=0.01,
-                memory_gb=100.0,
-                uplink_mbps=10,
-                downlink_mbps=10,
-                num_samples=100,
-                device_class="big",
-            ),
+            device("tight", memory_gb=tight_gb, device_class="small", **speeds),
+            device("roomy", memory_gb=100.0, device_class="big", **speeds),
         )
     )
     plan = plan_round(

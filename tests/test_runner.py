@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from strategies import csv_rows
 
 from legend.federation.adapters import AdapterState
 from legend.federation.cli import main
@@ -23,11 +23,6 @@ from legend.federation.runner import prepare, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.toml"
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +59,8 @@ def test_every_method_runs_end_to_end(method, tiny_cfg, prepared, tmp_path):
     result = run_job(cfg, tmp_path / method, prepared=prepared, show_progress=False)
     out = result.out_dir
     assert result.rounds_completed == 2
-    rounds = _rows(out / "rounds.csv")
-    devices = _rows(out / "devices.csv")
+    rounds = csv_rows(out / "rounds.csv")
+    devices = csv_rows(out / "devices.csv")
     assert [int(r["round"]) for r in rounds] == [1, 2]
     assert len(devices) == 2 * 6
     for r in rounds:
@@ -97,7 +92,7 @@ def test_every_method_runs_end_to_end(method, tiny_cfg, prepared, tmp_path):
 
 def test_exact_plans_are_heterogeneous(tiny_cfg, prepared, tmp_path):
     result = run_job(tiny_cfg, tmp_path / "exact", prepared=prepared, show_progress=False)
-    devices = [d for d in _rows(result.out_dir / "devices.csv") if d["round"] == "1"]
+    devices = [d for d in csv_rows(result.out_dir / "devices.csv") if d["round"] == "1"]
     configs = {(d["layers"], d["ranks"]) for d in devices}
     assert len(configs) >= 2, configs
     # Slow phones get shallower adapters than laptops.
@@ -140,8 +135,8 @@ def test_resume_equals_uninterrupted_run(server_optimizer, tiny_cfg, prepared, t
         a2, b2 = resumed.global_state.factors[key]
         np.testing.assert_allclose(a2, a, atol=1e-6)
         np.testing.assert_allclose(b2, b, atol=1e-6)
-    rows_full = _rows(tmp_path / "full" / "rounds.csv")
-    rows_resumed = _rows(tmp_path / "part" / "rounds.csv")
+    rows_full = csv_rows(tmp_path / "full" / "rounds.csv")
+    rows_resumed = csv_rows(tmp_path / "part" / "rounds.csv")
     assert [r["round"] for r in rows_resumed] == ["1", "2", "3"]
     assert [r["accuracy"] for r in rows_resumed] == [r["accuracy"] for r in rows_full]
     assert [r["bytes_up"] for r in rows_resumed] == [r["bytes_up"] for r in rows_full]
@@ -161,7 +156,7 @@ def test_resumed_clock_uses_the_recorded_server_time(tiny_cfg, prepared, tmp_pat
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for name in ("a", "b"):
         run_job(cfg, tmp_path / name, prepared=prepared, show_progress=False, resume=True)
-    a, b = _rows(tmp_path / "a" / "rounds.csv"), _rows(tmp_path / "b" / "rounds.csv")
+    a, b = csv_rows(tmp_path / "a" / "rounds.csv"), csv_rows(tmp_path / "b" / "rounds.csv")
     assert [r["sim_clock_s"] for r in a] == [r["sim_clock_s"] for r in b]
     assert len({r["server_time_s"] for r in a}) == 1
     state = json.loads((tmp_path / "a" / "checkpoints" / "state.json").read_text())
@@ -194,7 +189,7 @@ def test_faults_are_excluded_and_logged(tiny_cfg, prepared, tmp_path):
     )
     result = run_job(cfg, tmp_path / "faults", prepared=prepared, show_progress=False)
     assert result.rounds_completed == 3
-    devices = _rows(tmp_path / "faults" / "devices.csv")
+    devices = csv_rows(tmp_path / "faults" / "devices.csv")
     statuses = [d["status"] for d in devices]
     assert any(s == "dropped" for s in statuses)
     rejected = [s for s in statuses if s.startswith("rejected")]
@@ -203,7 +198,7 @@ def test_faults_are_excluded_and_logged(tiny_cfg, prepared, tmp_path):
     assert "rejected" in log and "dropped out" in log
     for a, b in result.global_state.factors.values():
         assert np.isfinite(a).all() and np.isfinite(b).all()
-    rounds = _rows(tmp_path / "faults" / "rounds.csv")
+    rounds = csv_rows(tmp_path / "faults" / "rounds.csv")
     assert sum(int(r["rejected"]) for r in rounds) == len(rejected)
     # A dropped device makes the server wait for its timeout.
     for r in rounds:
@@ -246,7 +241,7 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
     for key, (fa, fb) in a.factors.items():
         np.testing.assert_allclose(b.factors[key][0], fa, atol=1e-6)
         np.testing.assert_allclose(b.factors[key][1], fb, atol=1e-6)
-    rounds = _rows(run_dir / "rounds.csv")
+    rounds = csv_rows(run_dir / "rounds.csv")
     assert [r["round"] for r in rounds] == ["1", "2", "3"]
 
 

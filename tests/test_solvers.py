@@ -12,7 +12,8 @@ import highspy  # noqa: F401  (hard dependency of the default solver)
 import pulp  # noqa: F401
 import pytest
 from ip_oracle import close, solve_exhaustively
-from strategies import TINY, tiny_job
+from strategies import FLEET3, OBJECTIVES, TINY, program, tiny_job
+from strategies import device_2gb as device
 
 from legend.models.spec import get_model_spec
 from legend.planner.api import (
@@ -32,39 +33,11 @@ from legend.planner.backends import (
     satisfies,
     solve_milp,
 )
-from legend.planner.catalog import build_catalogue, fleet_costs
 from legend.planner.errors import InfeasibleError, PlannerError, SolverError
-from legend.planner.formulation import formulate
 from legend.planner.plan import STATUSES, validate_plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
 
-
-def program(problem: PlanningProblem, deadline_s: float | None = None, **kw: object):  # type: ignore[no-untyped-def]
-    return formulate(problem, build_catalogue(problem), fleet_costs(problem), deadline_s, **kw)
-
-
-def device(name: str, **kw: float) -> DeviceProfile:
-    base = dict(tflops=0.05, memory_gb=2.0, uplink_mbps=10.0, downlink_mbps=50.0, num_samples=100)
-    base.update(kw)
-    return DeviceProfile(device_id=name, **base)  # type: ignore[arg-type]
-
-
-FLEET = Fleet(
-    devices=(
-        device("fast", tflops=0.5, uplink_mbps=20.0, num_samples=120),
-        device("slow", tflops=0.02, uplink_mbps=2.0, downlink_mbps=10.0, num_samples=300),
-        device("mid", tflops=0.1, uplink_mbps=5.0, num_samples=60),
-    )
-)
-
-OBJECTIVES = {
-    "progress": {},
-    # bytes priced high enough, and an overhead, to move the optimum away from "rate"'s
-    "progress-priced": {"seconds_per_mb": 200.0, "server_overhead_s": 0.02},
-    "rate": {"objective": "rate"},
-    "deadline": {"objective": "deadline", "deadline_s": 0.06},
-    "min-time": {"objective": "min-time", "utility_floor_share": 0.7},
-}
+FLEET = FLEET3
 
 
 def test_default_solver_is_registered_and_exact() -> None:

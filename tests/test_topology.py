@@ -157,19 +157,15 @@ def test_shared_link_binds_and_holds(use_classes: bool) -> None:
 def test_class_and_device_programs_agree() -> None:
     fleet = _fleet(6)
     topo = Topology.from_dict(_ap(fleet, 20, 40, groups=2), fleet)
-    a = plan_round(
-        fleet,
-        SPEC,
-        JOB,
-        PlannerOptions(use_classes=True, objective="deadline", deadline_s=3.0),
-        topology=topo,
-    )
-    b = plan_round(
-        fleet,
-        SPEC,
-        JOB,
-        PlannerOptions(use_classes=False, objective="deadline", deadline_s=3.0),
-        topology=topo,
+    a, b = (
+        plan_round(
+            fleet,
+            SPEC,
+            JOB,
+            PlannerOptions(use_classes=by_class, objective="deadline", deadline_s=3.0),
+            topology=topo,
+        )
+        for by_class in (True, False)
     )
     assert a.utility == pytest.approx(b.utility, rel=1e-4)
     _link_ok(a, fleet, topo)

@@ -7,10 +7,10 @@ on the simulated clock, the topology-blind plan's is not.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
+from strategies import csv_rows
 
 from legend.federation.job import JobError, load_job
 from legend.federation.runner import prepare, run_job
@@ -19,11 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny.toml"
 FLEET = ROOT / "examples" / "fleet_ap30.csv"
 TOPOLOGY = ROOT / "examples" / "topology_ap30.toml"
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def ap30_prepared(ap30_cfg):
 
 
 def _predicted_and_simulated(out: Path) -> tuple[float, float]:
-    (row,) = _rows(out / "rounds.csv")
+    (row,) = csv_rows(out / "rounds.csv")
     return float(row["planned_round_time_s"]), float(row["sim_time_s"]) - float(
         row["server_time_s"]
     )
@@ -73,14 +68,14 @@ def test_aware_prediction_met_blind_violated(ap30_cfg, ap30_prepared, tmp_path):
 
     # The devices' observed times come from the shared clock: the blind plan's phones are
     # late against their private-link predictions, and waiting is measured against them.
-    devices = [d for d in _rows(blind_dir / "devices.csv") if d["status"] == "ok"]
+    devices = [d for d in csv_rows(blind_dir / "devices.csv") if d["status"] == "ok"]
     assert len(devices) == 30
     assert max(float(d["observed_time_s"]) for d in devices) == pytest.approx(blind_simulated)
     assert all(float(d["observed_time_s"]) > float(d["predicted_time_s"]) for d in devices)
     assert all(float(d["waiting_s"]) >= -1e-12 for d in devices)
 
     # links.csv: the backhaul carries every phone's bytes and binds the round.
-    links = {r["link"]: r for r in _rows(blind_dir / "links.csv")}
+    links = {r["link"]: r for r in csv_rows(blind_dir / "links.csv")}
     assert len(links) == 31
     backhaul = links["ap-1--server"]
     up_total = sum(float(d["bytes_up"]) for d in devices)
@@ -95,7 +90,7 @@ def test_no_topology_keeps_private_links(ap30_cfg, ap30_prepared, tmp_path):
     cfg = ap30_cfg.override("job", topology="")
     run_job(cfg, tmp_path / "run", prepared=ap30_prepared, show_progress=False)
     assert not (tmp_path / "run" / "links.csv").exists()
-    devices = _rows(tmp_path / "run" / "devices.csv")
+    devices = csv_rows(tmp_path / "run" / "devices.csv")
     # without jitter the private-link clock repeats the plan's per-device predictions
     for d in devices:
         assert float(d["observed_time_s"]) == pytest.approx(float(d["predicted_time_s"]))
@@ -120,7 +115,7 @@ def test_run_report_shows_links_per_round(ap30_cfg, ap30_prepared, tmp_path):
     written = write_report(report, tmp_path / "report")
 
     table = report.table("links").frame
-    rows = _rows(out / "links.csv")
+    rows = csv_rows(out / "links.csv")
     assert len(table) == len(rows) == 2 * 31
     for row, (_, shown) in zip(rows, table.iterrows(), strict=True):
         assert (shown["round"], shown["link"]) == (int(row["round"]), row["link"])

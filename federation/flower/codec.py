@@ -155,6 +155,13 @@ def read_field(record: Mapping[str, Any], key: str, kind: type, what: str) -> An
     return value
 
 
+def read_fields(record: Mapping[str, Any], kinds: Mapping[str, type], what: str) -> dict[str, Any]:
+    """:func:`read_field` of every ``kinds`` entry, by its Python name (the key has hyphens)."""
+    return {
+        name: read_field(record, name.replace("_", "-"), kind, what) for name, kind in kinds.items()
+    }
+
+
 def check_protocol(record: Mapping[str, Any], what: str) -> None:
     """Refuse a record of another protocol version."""
     version = record.get("protocol")
@@ -163,6 +170,24 @@ def check_protocol(record: Mapping[str, Any], what: str) -> None:
             f"{what} uses protocol version {version!r}, this node speaks {PROTOCOL_VERSION}; "
             "install the same legend version on the server and every node"
         )
+
+
+# The instruction fields a train message carries in its config record, with their types.
+_INSTRUCTION_FIELDS: dict[str, type] = {
+    "round": int,
+    "device_id": str,
+    "device_index": int,
+    "layers": list,
+    "ranks": list,
+    "local_steps": int,
+    "batch_size": int,
+    "learning_rate": float,
+    "weight_decay": float,
+    "loss": str,
+    "optimizer": str,
+    "freeze_a": bool,
+    "seed": list,
+}
 
 
 def instruction_from_record(content: RecordDict) -> ClientInstruction:
@@ -174,23 +199,13 @@ def instruction_from_record(content: RecordDict) -> ClientInstruction:
     c = content.config_records[INSTRUCTION]
     what = "train instruction"
     check_protocol(c, what)
-    fault = read_field(c, "fault", str, what)
+    fields = read_fields(c, _INSTRUCTION_FIELDS, what)
+    for name in ("layers", "ranks", "seed"):
+        fields[name] = tuple(int(x) for x in fields[name])
     return ClientInstruction(
-        round=read_field(c, "round", int, what),
-        device_id=read_field(c, "device-id", str, what),
-        device_index=read_field(c, "device-index", int, what),
-        layers=tuple(int(x) for x in read_field(c, "layers", list, what)),
-        ranks=tuple(int(x) for x in read_field(c, "ranks", list, what)),
+        **fields,
         init_state=state_from_arrays(content.array_records[ADAPTER]),
-        local_steps=read_field(c, "local-steps", int, what),
-        batch_size=read_field(c, "batch-size", int, what),
-        learning_rate=read_field(c, "learning-rate", float, what),
-        weight_decay=read_field(c, "weight-decay", float, what),
-        loss=read_field(c, "loss", str, what),
-        optimizer=read_field(c, "optimizer", str, what),
-        freeze_a=read_field(c, "freeze-a", bool, what),
-        seed=tuple(int(x) for x in read_field(c, "seed", list, what)),
-        fault=fault or None,
+        fault=read_field(c, "fault", str, what) or None,
     )
 
 
@@ -204,6 +219,15 @@ _REPLY_FLOATS = (
     "upload_bytes",
     "memory_bytes",
 )
+
+
+_REPLY_FIELDS: dict[str, type] = {
+    "round": int,
+    "device_id": str,
+    "num_samples": int,
+    "steps": int,
+    "dropped": bool,
+}
 
 
 def reply_to_record(reply: ClientReply, extra: Mapping[str, Any] | None = None) -> RecordDict:
@@ -238,16 +262,8 @@ def reply_from_record(content: RecordDict) -> ClientReply:
         if UPDATE not in content.array_records:
             raise FlowerInputError(f"train reply announces an update but has no `{UPDATE}`")
         state = state_from_arrays(content.array_records[UPDATE])
-    floats = {name: read_field(c, name.replace("_", "-"), float, what) for name in _REPLY_FLOATS}
-    return ClientReply(
-        round=read_field(c, "round", int, what),
-        device_id=read_field(c, "device-id", str, what),
-        state=state,
-        num_samples=read_field(c, "num-samples", int, what),
-        steps=read_field(c, "steps", int, what),
-        dropped=read_field(c, "dropped", bool, what),
-        **floats,
-    )
+    kinds = {**_REPLY_FIELDS, **dict.fromkeys(_REPLY_FLOATS, float)}
+    return ClientReply(state=state, **read_fields(c, kinds, what))
 
 
 # -- the job as a message payload ----------------------------------------------------------
@@ -276,6 +292,18 @@ def job_payload(cfg: JobConfig, fleet: Fleet, calibration: Calibration | None) -
 
 
 # -- the run config of a deployment run -----------------------------------------------------
+
+
+# The settings' fields with their types (the run config's keys have hyphens).
+_SETTINGS_FIELDS: dict[str, type] = {
+    "job_toml": str,
+    "run_dir": str,
+    "resume": bool,
+    "round_timeout_s": float,
+    "query_timeout_s": float,
+    "node_wait_s": float,
+    "show_progress": bool,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -312,28 +340,11 @@ class ServerSettings:
 
     def to_config(self) -> dict[str, Any]:
         """The settings as a Flower run config (the inverse of :meth:`from_config`)."""
-        return {
-            "job-toml": self.job_toml,
-            "run-dir": self.run_dir,
-            "resume": self.resume,
-            "round-timeout-s": self.round_timeout_s,
-            "query-timeout-s": self.query_timeout_s,
-            "node-wait-s": self.node_wait_s,
-            "show-progress": self.show_progress,
-        }
+        return {name.replace("_", "-"): getattr(self, name) for name in _SETTINGS_FIELDS}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ServerSettings:
-        what = "the Flower run config"
-        return cls(
-            job_toml=read_field(config, "job-toml", str, what),
-            run_dir=read_field(config, "run-dir", str, what),
-            resume=read_field(config, "resume", bool, what),
-            round_timeout_s=read_field(config, "round-timeout-s", float, what),
-            query_timeout_s=read_field(config, "query-timeout-s", float, what),
-            node_wait_s=read_field(config, "node-wait-s", float, what),
-            show_progress=read_field(config, "show-progress", bool, what),
-        )
+        return cls(**read_fields(config, _SETTINGS_FIELDS, "the Flower run config"))
 
 
 def job_record(content: RecordDict) -> ConfigRecord:
