@@ -33,9 +33,11 @@ devices compete for it in order of gain per second), and layer coverage, which t
 conservatively by giving every participant at least ``coverage_layers`` layers.
 
 Everything is vectorised over (candidate deadline, device) rows with NumPy; devices with
-identical profiles share one row unless the server link couples them. Costs come from
-:meth:`~legend.planner.costs.CostModel.table`, so the greedy sees exactly the cost model the
-integer program sees.
+identical profiles share one row unless the server link couples them. Without the server
+link, every row's greedy without a deadline is run once and recorded move by move; under a
+candidate deadline a row makes the same moves up to the first one that misses it, and goes
+on from there. Costs come from :meth:`~legend.planner.costs.CostModel.table`, so the greedy
+sees exactly the cost model the integer program sees.
 """
 
 from __future__ import annotations
@@ -304,6 +306,14 @@ class _Greedy:
         self.min_bytes = tc.bytes_const + _layer_sum(np.full(n, tc.bytes_coef[0]), self.start_depth)
         self.max_time = tc.time_const[profile_of] + _layer_sum(tc.time_coef[profile_of, -1], self.L)
         self.memory_ok = self.min_mem <= self.capacity * (1 + _REL_TOL)
+        # the same per unique row, for the runs resumed from the path without a deadline
+        ud = self.unique_devices
+        self.row_prof = profile_of[ud]
+        self.row_cap = self.capacity[ud] * (1 + _REL_TOL)
+        self.row_memory_ok = self.memory_ok[ud]
+        self.row_min_time = self.min_time[ud]
+        self.row_add_dt = tc.time_coef[self.row_prof, 0]
+        self.row_raise_dt = self.raise_dt[self.row_prof]
 
     # -- the greedy ---------------------------------------------------------------------
     def run(
@@ -471,7 +481,7 @@ class _Greedy:
         if mono:
             # the topmost layer of level k sits below every layer of the levels above it
             above = np.cumsum(levels[:, ::-1], axis=1)[:, ::-1]  # layers at level >= k
-            pos = L - 1 - above[:, 1:]
+            pos = np.ascontiguousarray(L - 1 - above[:, 1:])
             dt[:, :add] = self.raise_dt[prof]
             dm[:, :add] = self.raise_dm[None, :]
             if db is not None:
@@ -537,7 +547,7 @@ class _Greedy:
             ma = m[is_add]
             mr = m[~is_add]
             br = b[~is_add]
-            # (flat indices into the row-major working arrays)
+            # (flat indices into the working arrays, all C-contiguous)
             # deepen: the next layer below the block, at the lowest rank
             new_layer = L - 1 - depth[ma]
             depth[ma] += 1
@@ -731,8 +741,7 @@ class _Greedy:
         """Greedy of unique rows ``rows`` under ``limit``, from where their free paths stop
         fitting (rows that participate without a deadline)."""
         n = len(rows)
-        devices = self.unique_devices[rows]
-        participates = self.memory_ok[devices] & (self.min_time[devices] <= limit)
+        participates = self.row_memory_ok[rows] & (self.row_min_time[rows] <= limit)
         sub = np.flatnonzero(participates)
         u = rows[sub]
         lim = limit[sub]
@@ -749,8 +758,12 @@ class _Greedy:
             hi[act] = np.where(fits, hi[act], mid)
             act = act[lo[act] < hi[act]]
         at_j = lo * n_u + u
+        itemsize = path.levels.itemsize
         if self.monotone:
-            levels = path.levels.reshape(-1, self.K)[at_j].astype(np.int64)
+            # each row's levels as one element: one take instead of a gather of K values
+            whole = path.levels.reshape(-1, self.K).view(np.dtype((np.void, self.K * itemsize)))
+            levels = np.take(whole.reshape(-1), at_j).view(path.levels.dtype)
+            levels = levels.reshape(-1, self.K).astype(np.int64)
             depth = levels.sum(axis=1)
             at_level = levels[:, :-1] > 0
         else:
@@ -759,10 +772,9 @@ class _Greedy:
             at_level = np.zeros((len(u), self.K - 1), dtype=bool)
             for k in range(self.K - 1):
                 at_level[:, k] = (levels == k).any(axis=1)
-        dev = devices[sub]
         st = _State(
-            prof=self.profile_of[dev],
-            cap=self.capacity[dev] * (1 + _REL_TOL),
+            prof=self.row_prof[u],
+            cap=self.row_cap[u],
             limit=lim,
             weight=np.asarray(self.row_samples[u], dtype=np.float64),
             group=np.zeros(len(u), dtype=np.int64),
@@ -777,10 +789,10 @@ class _Greedy:
         tc = self.tables
         t_room = st.limit - st.time_s
         m_room = st.cap - st.mem
-        movable = (depth < self.L) & (tc.time_coef[st.prof, 0] <= t_room)
+        movable = (depth < self.L) & (self.row_add_dt[u] <= t_room)
         movable &= tc.mem_coef[0] <= m_room
         if self.K > 1:
-            raise_fits = at_level & (self.raise_dt[st.prof] <= t_room[:, None])
+            raise_fits = at_level & (self.row_raise_dt[u] <= t_room[:, None])
             raise_fits &= self.raise_dm[None, :] <= m_room[:, None]
             movable |= raise_fits.any(axis=1)
         self._simulate(st, None, None, sub, np.flatnonzero(movable))
@@ -864,8 +876,12 @@ class _Greedy:
         rows = self._rows_for(np.asarray([deadline], dtype=np.float64), ranks=True)
         assert rows.rank_index is not None
         L = self.L
-        # one configuration per distinct rank pattern, shared by the rows that have it
-        patterns, inverse = np.unique(rows.rank_index, axis=0, return_inverse=True)
+        # one configuration per distinct rank pattern, shared by the rows that have it (rows
+        # compared as bytes: much faster than np.unique over rows)
+        small = np.ascontiguousarray(rows.rank_index.astype(np.int8 if self.K < 128 else np.int16))
+        as_bytes = small.view(np.dtype((np.void, small.itemsize * L))).reshape(-1)
+        _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
+        patterns = rows.rank_index[first]
         per_pattern: list[Configuration] = []
         for pattern in patterns:
             d = int((pattern >= 0).sum())
