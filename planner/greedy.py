@@ -242,26 +242,33 @@ class _Greedy:
         self.server_bps = None if opts.server_mbps is None else opts.server_mbps * 1e6 / 8
 
         # Distinct cost profiles: the cost model sees speed, links and local steps only.
-        keys: dict[tuple[float, float, float, int], int] = {}
-        profile_of = np.empty(len(fleet), dtype=np.int64)
-        representative_index: list[int] = []
-        for i, device in enumerate(fleet.devices):
-            key = (
-                device.tflops,
-                device.uplink_mbps,
-                device.downlink_mbps,
-                problem.job.steps_for(device),
-            )
-            if key not in keys:
-                keys[key] = len(representative_index)
-                representative_index.append(i)
-            profile_of[i] = keys[key]
+        # Profiles are numbered in the order of their first device.
+        devices = fleet.devices
+        n = len(devices)
+        keys = [
+            np.fromiter((d.tflops for d in devices), np.float64, n),
+            np.fromiter((d.uplink_mbps for d in devices), np.float64, n),
+            np.fromiter((d.downlink_mbps for d in devices), np.float64, n),
+            np.fromiter((problem.job.steps_for(d) for d in devices), np.float64, n),
+        ]
+        order = np.lexsort(keys[::-1])  # stable: the first device of a profile comes first
+        same = np.ones(max(n - 1, 0), dtype=bool)  # as the device before it in that order
+        for key in keys:
+            sorted_key = key[order]
+            same &= sorted_key[1:] == sorted_key[:-1]
+        starts = np.concatenate([np.ones(min(n, 1), dtype=bool), ~same])
+        firsts = order[starts]
+        number = np.empty(len(firsts), dtype=np.int64)
+        number[np.argsort(firsts)] = np.arange(len(firsts))
+        profile_of = np.empty(n, dtype=np.int64)
+        profile_of[order] = number[np.cumsum(starts) - 1]
+        representative_index = np.sort(firsts)
         # Costs from the cost model's affine coefficients (checked against it), vectorised:
         # every layer costs the same, and each coefficient is affine in the rank.
         from legend.planner.catalog import fleet_costs, shared_costs
 
         fc = fleet_costs(problem)
-        reps = np.asarray(representative_index, dtype=np.int64)
+        reps = representative_index
         (m0, m1, m2), (b0, b1) = shared_costs(problem)
         r = self.ranks.astype(np.float64)
         self.tables = tc = _Tables(
