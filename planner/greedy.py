@@ -33,9 +33,11 @@ devices compete for it in order of gain per second), and layer coverage, which t
 conservatively by giving every participant at least ``coverage_layers`` layers.
 
 Everything is vectorised over (candidate deadline, device) rows with NumPy; devices with
-identical profiles share one row unless the server link couples them. Costs come from
-:meth:`~legend.planner.costs.CostModel.table`, so the greedy sees exactly the cost model the
-integer program sees.
+identical profiles share one row unless the server link couples them. Without the server
+link, every row's greedy without a deadline is run once and recorded move by move; under a
+candidate deadline a row makes the same moves up to the first one that misses it, and goes
+on from there. Costs come from :meth:`~legend.planner.costs.CostModel.table`, so the greedy
+sees exactly the cost model the integer program sees.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from numpy.typing import NDArray
 
 from legend.planner.diagnose import blocked_devices, fleet_reasons
 from legend.planner.errors import InfeasibleError, PlannerInputError
-from legend.planner.profiles import DeviceProfile
 from legend.planner.types import (
     RATIO_OBJECTIVES,
     Configuration,
@@ -84,49 +85,127 @@ def _version() -> str:
         return "legend"
 
 
+def _utility_tables(problem: PlanningProblem) -> tuple[FloatArray, FloatArray]:
+    """Utility per sample of the greedy's moves: ``w_l * g(r)`` for every layer and rank.
+
+    Returns the gain of adding layer ``l`` at the lowest rank of the grid (``[layer]``) and
+    of raising it from rank index ``k`` to ``k + 1`` (``[layer, k]``). The only place the
+    greedy reads the layer weights ``w_l`` and the rank gain ``g``.
+    """
+    w = np.asarray(problem.layer_weights, dtype=np.float64)
+    g = np.asarray(problem.rank_gains, dtype=np.float64)
+    return w * g[0], w[:, None] * np.diff(g)[None, :]
+
+
+def _layer_sum(per_layer: FloatArray, layers: int) -> FloatArray:
+    """Per row, the sum of ``layers`` layers that each cost ``per_layer`` (summed as NumPy
+    sums a row of a ``[row, layer]`` table)."""
+    return np.repeat(per_layer[:, None], layers, axis=1).sum(axis=1)
+
+
+def _least_limit(time_s: FloatArray, dt: FloatArray) -> FloatArray:
+    """The smallest limit ``x`` under which a move of ``dt`` from ``time_s`` fits, i.e. the
+    smallest float with ``dt <= x - time_s`` (as the greedy computes it: the room first)."""
+    x = time_s + dt
+    short = np.flatnonzero(~(dt <= x - time_s))
+    x[short] = np.nextafter(x[short], np.inf)
+    # Where time_s <= x <= 2 time_s, x - time_s is exact (Sterbenz), so the rounded sum, or
+    # the float above it, is the least; elsewhere search float by float.
+    rest = np.flatnonzero(~((time_s <= x) & (x <= 2.0 * time_s)))
+    if rest.size:
+        t, d = time_s[rest], dt[rest]
+        y = x[rest]
+        up = ~(d <= y - t)
+        while up.any():
+            y[up] = np.nextafter(y[up], np.inf)
+            up = ~(d <= y - t)
+        while True:
+            below = np.nextafter(y, -np.inf)
+            fits = d <= below - t
+            if not fits.any():
+                break
+            y = np.where(fits, below, y)
+        x[rest] = y
+    return x
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Tables:
-    """Linear cost coefficients of every distinct profile, as arrays.
+    """Linear cost coefficients per distinct profile and rank of the grid.
 
-    ``*_coef`` arrays are ``[profile, layer, rank index]``; ``*_const`` are ``[profile]``.
-    ``bytes_*`` count both directions (what the server's link carries).
+    Every layer costs the same, so a coefficient is one per rank: ``time_coef`` is
+    ``[profile, rank index]``; memory and bytes do not depend on the device (``mem_coef``
+    and ``bytes_coef`` are ``[rank index]``). ``bytes_*`` count both directions (what the
+    server's link carries).
     """
 
     time_const: FloatArray
     time_coef: FloatArray
-    mem_const: FloatArray
+    mem_const: float
     mem_coef: FloatArray
-    bytes_const: FloatArray
+    bytes_const: float
     bytes_coef: FloatArray
 
 
 @dataclass(frozen=True, kw_only=True)
 class _Rows:
-    """The result of greedy runs, one row per (deadline, device)."""
+    """The result of greedy runs, one row per (deadline, device).
+
+    ``rank_index`` (``[row, layer]``, -1 where the layer carries no LoRA) is left out
+    (``None``) where only the totals are asked for.
+    """
 
     depth: IntArray
-    rank_index: IntArray  # [row, layer], -1 where the layer carries no LoRA
+    rank_index: IntArray | None
     time_s: FloatArray
     utility: FloatArray
-    nbytes: FloatArray
+    nbytes: FloatArray | None
     participates: NDArray[np.bool_]
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Start:
-    """Rows at their minimal configuration (arrays are updated in place by the run)."""
+@dataclass(kw_only=True)
+class _State:
+    """Participating rows of a run: fixed inputs and the state the moves update in place.
+
+    ``levels`` is the rank state: with monotone ranks the number of layers at each rank
+    level (``[row, K]``), otherwise each layer's rank index (``[row, L]``, -1 outside the
+    block).
+    """
 
     prof: IntArray
     cap: FloatArray
     limit: FloatArray
     weight: FloatArray
-    participates: NDArray[np.bool_]
-    depth: IntArray
+    group: IntArray
     time_s: FloatArray
     mem: FloatArray
     nbytes: FloatArray
     utility: FloatArray
-    link: tuple[FloatArray, FloatArray] | None
+    depth: IntArray
+    levels: IntArray
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Path:
+    """Every row's greedy without a deadline, move by move (``[step, unique row]``).
+
+    ``time_s``, ``mem`` and ``utility`` are the state after ``step`` moves, for ``step`` up
+    to the row's number of ``moves``; ``reach[s]`` is the smallest limit under which the
+    moves ``0..s`` all fit. The rank state: with monotone ranks ``levels[step, row]``
+    (layers per rank level), otherwise ``rank_step[row, layer, k]``, the move that brought
+    the layer to rank index ``k`` (-1: from the start, the dtype's maximum: never).
+    """
+
+    moves: IntArray
+    time_s: FloatArray
+    mem: FloatArray
+    utility: FloatArray
+    reach: FloatArray
+    levels: NDArray[np.integer]
+    rank_step: NDArray[np.int16]
+
+
+_NEVER = np.iinfo(np.int16).max
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,14 +223,16 @@ class _Greedy:
 
     def __init__(self, problem: PlanningProblem) -> None:
         self.problem = problem
-        self._free_rows: _Rows | None = None
+        self._free_rows: tuple[_Rows, _Path | None] | None = None
         opts = problem.options
         fleet = problem.fleet
         spec = problem.spec
         self.L = spec.num_layers
         self.ranks = np.asarray(problem.job.ranks, dtype=np.int64)
         self.K = len(self.ranks)
-        self.monotone = opts.monotone_ranks
+        # With monotone ranks (and more than one rank) the rank state is one count per rank
+        # level; otherwise one rank index per layer (see _State).
+        self.monotone = opts.monotone_ranks and self.K > 1
         coverage_depth = (
             min(opts.coverage_layers, self.L)
             if opts.coverage_layers > 0 and opts.coverage_share > 0
@@ -161,41 +242,43 @@ class _Greedy:
         self.server_bps = None if opts.server_mbps is None else opts.server_mbps * 1e6 / 8
 
         # Distinct cost profiles: the cost model sees speed, links and local steps only.
-        keys: dict[tuple[float, float, float, int], int] = {}
-        profile_of = np.empty(len(fleet), dtype=np.int64)
-        representatives: list[DeviceProfile] = []
-        representative_index: list[int] = []
-        for i, device in enumerate(fleet.devices):
-            key = (
-                device.tflops,
-                device.uplink_mbps,
-                device.downlink_mbps,
-                problem.job.steps_for(device),
-            )
-            if key not in keys:
-                keys[key] = len(representatives)
-                representatives.append(device)
-                representative_index.append(i)
-            profile_of[i] = keys[key]
+        # Profiles are numbered in the order of their first device.
+        devices = fleet.devices
+        n = len(devices)
+        keys = [
+            np.fromiter((d.tflops for d in devices), np.float64, n),
+            np.fromiter((d.uplink_mbps for d in devices), np.float64, n),
+            np.fromiter((d.downlink_mbps for d in devices), np.float64, n),
+            np.fromiter((problem.job.steps_for(d) for d in devices), np.float64, n),
+        ]
+        order = np.lexsort(keys[::-1])  # stable: the first device of a profile comes first
+        same = np.ones(max(n - 1, 0), dtype=bool)  # as the device before it in that order
+        for key in keys:
+            sorted_key = key[order]
+            same &= sorted_key[1:] == sorted_key[:-1]
+        starts = np.concatenate([np.ones(min(n, 1), dtype=bool), ~same])
+        firsts = order[starts]
+        number = np.empty(len(firsts), dtype=np.int64)
+        number[np.argsort(firsts)] = np.arange(len(firsts))
+        profile_of = np.empty(n, dtype=np.int64)
+        profile_of[order] = number[np.cumsum(starts) - 1]
+        representative_index = np.sort(firsts)
         # Costs from the cost model's affine coefficients (checked against it), vectorised:
         # every layer costs the same, and each coefficient is affine in the rank.
         from legend.planner.catalog import fleet_costs, shared_costs
 
         fc = fleet_costs(problem)
-        reps = np.asarray(representative_index, dtype=np.int64)
+        reps = representative_index
         (m0, m1, m2), (b0, b1) = shared_costs(problem)
         r = self.ranks.astype(np.float64)
-        L = spec.num_layers
-        n_p = len(reps)
-        time_coef = fc.time_per_layer[reps, None] + fc.time_per_rank[reps, None] * r[None, :]
-        self.tables = _Tables(
+        self.tables = tc = _Tables(
             time_const=fc.time_const[reps],
-            time_coef=np.broadcast_to(time_coef[:, None, :], (n_p, L, len(r))).copy(),
-            mem_const=np.full(n_p, m0),
-            mem_coef=np.broadcast_to((m1 + m2 * r)[None, None, :], (n_p, L, len(r))).copy(),
+            time_coef=fc.time_per_layer[reps, None] + fc.time_per_rank[reps, None] * r[None, :],
+            mem_const=m0,
+            mem_coef=m1 + m2 * r,
             # Both directions cross the server's link: download of the slice, upload.
-            bytes_const=np.full(n_p, 2.0 * b0),
-            bytes_coef=np.broadcast_to((2.0 * b1 * r)[None, None, :], (n_p, L, len(r))).copy(),
+            bytes_const=2.0 * b0,
+            bytes_coef=2.0 * b1 * r,
         )
         self.profile_of = profile_of
         self.capacity = np.array([d.memory_bytes for d in fleet.devices])
@@ -217,273 +300,117 @@ class _Greedy:
         self.row_samples = np.bincount(self.row_of_device, weights=self.samples, minlength=n_unique)
         self.row_counts = np.bincount(self.row_of_device, minlength=n_unique).astype(np.float64)
 
-        w = np.asarray(problem.layer_weights, dtype=np.float64)
-        g = np.asarray(problem.rank_gains, dtype=np.float64)
-        self.add_gain = w * g[0]  # [layer]: utility per sample of adding layer at rank 0
-        self.raise_gain = w[:, None] * np.diff(g)[None, :]  # [layer, k]: k -> k+1
-        tc = self.tables
-        self.raise_dt = np.diff(tc.time_coef, axis=2)  # [profile, layer, k]
-        self.raise_dm = np.diff(tc.mem_coef, axis=2)
-        self.raise_db = np.diff(tc.bytes_coef, axis=2)
+        self.add_gain, self.raise_gain = _utility_tables(problem)
+        self.raise_dt = np.diff(tc.time_coef, axis=1)  # [profile, k]: k -> k+1
+        self.raise_dm = np.diff(tc.mem_coef)  # [k]
+        self.raise_db = np.diff(tc.bytes_coef)
 
         # Minimal configuration (start_depth top layers at the lowest rank) and maximal one.
-        top = slice(self.L - self.start_depth, self.L)
-        dev_prof = profile_of
-        self.min_time = tc.time_const[dev_prof] + tc.time_coef[dev_prof, top, 0].sum(axis=1)
-        self.min_mem = tc.mem_const[dev_prof] + tc.mem_coef[dev_prof, top, 0].sum(axis=1)
-        self.min_bytes = tc.bytes_const[dev_prof] + tc.bytes_coef[dev_prof, top, 0].sum(axis=1)
-        self.max_time = tc.time_const[dev_prof] + tc.time_coef[dev_prof, :, -1].sum(axis=1)
+        n = len(fleet)
+        per_layer_min = tc.time_coef[profile_of, 0]
+        self.min_time = tc.time_const[profile_of] + _layer_sum(per_layer_min, self.start_depth)
+        self.min_mem = tc.mem_const + _layer_sum(np.full(n, tc.mem_coef[0]), self.start_depth)
+        self.min_bytes = tc.bytes_const + _layer_sum(np.full(n, tc.bytes_coef[0]), self.start_depth)
+        self.max_time = tc.time_const[profile_of] + _layer_sum(tc.time_coef[profile_of, -1], self.L)
         self.memory_ok = self.min_mem <= self.capacity * (1 + _REL_TOL)
+        # the same per unique row, for the runs resumed from the path without a deadline
+        ud = self.unique_devices
+        self.row_prof = profile_of[ud]
+        self.row_cap = self.capacity[ud] * (1 + _REL_TOL)
+        self.row_memory_ok = self.memory_ok[ud]
+        self.row_min_time = self.min_time[ud]
+        self.row_add_dt = tc.time_coef[self.row_prof, 0]
+        self.row_raise_dt = self.raise_dt[self.row_prof]
 
     # -- the greedy ---------------------------------------------------------------------
-    def _start_state(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Start:
-        """Every row at its minimal configuration, and the server link's state per group."""
+    def run(
+        self,
+        deadlines: FloatArray,
+        rows_of: IntArray,
+        groups: IntArray,
+        *,
+        ranks: bool = True,
+        record: bool = False,
+    ) -> tuple[_Rows, _Path | None]:
+        """Greedy for each row ``r``: greedy row ``rows_of[r]`` under deadline ``deadlines[r]``.
+
+        Rows whose minimal configuration misses the deadline or memory do not participate.
+        ``groups[r]`` names the candidate a row belongs to (rows of one group share the
+        server link's byte budget). Utilities are per sample of the row's devices. With
+        ``record`` (rows ``0..n-1`` of the unique rows, no server link) the path of every
+        row comes back too.
+        """
         L = self.L
+        n_rows = len(rows_of)
         devices = self.unique_devices[rows_of]
         limit = deadlines * (1 + _REL_TOL) + 1e-12
         participates = self.memory_ok[devices] & (self.min_time[devices] <= limit)
         time_s = np.where(participates, self.min_time[devices], 0.0)
         nbytes = np.where(participates, self.min_bytes[devices], 0.0)
-        top = slice(L - self.start_depth, L)
         # C7 state per group: bytes through the server's link and the slowest participant's
         # time; a move must keep ``used <= server_bps * slowest``.
         link: tuple[FloatArray, FloatArray] | None = None
         if self.server_bps is not None:
-            n_groups = int(groups.max()) + 1 if len(rows_of) else 0
+            n_groups = int(groups.max()) + 1 if n_rows else 0
             used: FloatArray = np.bincount(groups, weights=nbytes, minlength=n_groups).astype(
                 np.float64
             )
             slowest = np.zeros(n_groups)
             np.maximum.at(slowest, groups, time_s)
             link = (used, slowest)
-        return _Start(
-            prof=self.profile_of[devices],
-            cap=self.capacity[devices] * (1 + _REL_TOL),
-            limit=limit,
-            weight=np.asarray(self.row_samples[rows_of], dtype=np.float64),
-            participates=participates,
-            depth=np.where(participates, self.start_depth, 0).astype(np.int64),
-            time_s=time_s,
-            mem=np.where(participates, self.min_mem[devices], 0.0),
-            nbytes=nbytes,
-            utility=np.where(participates, self.add_gain[top].sum(), 0.0),
-            link=link,
-        )
-
-    def run(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Rows:
-        """Greedy for each row ``r``: greedy row ``rows_of[r]`` under deadline ``deadlines[r]``.
-
-        Rows whose minimal configuration misses the deadline or memory do not participate.
-        ``groups[r]`` names the candidate a row belongs to (rows of one group share the
-        server link's byte budget). Utilities are per sample of the row's devices.
-        """
-        if self.monotone and self.K > 1:
-            return self._run_monotone(deadlines, rows_of, groups)
-        return self._run_layers(deadlines, rows_of, groups)
-
-    def _run_monotone(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Rows:
-        """:meth:`run` with ranks non-decreasing toward the output, in counts per rank level.
-
-        With ranks non-decreasing toward the output, the layers at one rank level form a
-        block, and only the topmost layer of each level may be raised (any other would pass
-        the layer above it). Every layer costs the same, so the raise moves are one per
-        level: the same moves, gains and ties as :meth:`_run_layers` (the lowest layer wins a
-        tie), in ``K`` columns instead of ``L``.
-        """
-        tc = self.tables
-        L, K = self.L, self.K
-        n_rows = len(rows_of)
-        st = self._start_state(deadlines, rows_of, groups)
-        prof, cap, limit, weight = st.prof, st.cap, st.limit, st.weight
-        participates, depth, link = st.participates, st.depth, st.link
-        time_s, mem, nbytes, utility = st.time_s, st.mem, st.nbytes, st.utility
-        counts = np.zeros((n_rows, K), dtype=np.int64)
-        counts[:, 0] = depth
-
-        # per profile and level: the cost of adding a layer (level 0) and of one raise
-        add_dt = tc.time_coef[:, 0, 0]
-        add_dm = tc.mem_coef[:, 0, 0]
-        add_db = tc.bytes_coef[:, 0, 0]
-        r_dt = self.raise_dt[:, 0, :]  # [profile, level]
-        r_dm = self.raise_dm[:, 0, :]
-        r_db = self.raise_db[:, 0, :]
-        levels = np.arange(K - 1)
-        active = np.flatnonzero(participates)
-        while active.size:
-            n = active.size
-            a_prof = prof[active]
-            d = depth[active]
-            c = counts[active]
-            t_room = limit[active] - time_s[active]
-            m_room = cap[active] - mem[active]
-            if link is not None:
-                g_a = groups[active]
-                used_a, slow_a = link[0][g_a], link[1][g_a]
-                t_a = time_s[active]
-            new_layer = np.maximum(L - 1 - d, 0)
-            dt_a, dm_a, db_a = add_dt[a_prof], add_dm[a_prof], add_db[a_prof]
-            ok_a = (d < L) & (dt_a <= t_room) & (dm_a <= m_room)
-            if link is not None:
-                ok_a &= used_a + db_a <= self._link_cap(np.maximum(slow_a, t_a + dt_a))
-            rate_a = np.where(ok_a, self.add_gain[new_layer] / np.maximum(dt_a, 1e-300), -np.inf)
-            # the topmost layer of level k sits below every layer of the levels above it
-            above = np.cumsum(c[:, ::-1], axis=1)[:, ::-1]  # layers at level >= k
-            pos = L - 1 - (above[:, 1:])  # [n, K-1]: top layer of level k, k < K-1
-            pos = np.clip(pos, 0, L - 1)
-            dt_r = r_dt[a_prof]
-            dm_r = r_dm[a_prof]
-            ok_r = (c[:, :-1] > 0) & (dt_r <= t_room[:, None]) & (dm_r <= m_room[:, None])
-            db_r = r_db[a_prof]
-            if link is not None:
-                ok_r &= used_a[:, None] + db_r <= self._link_cap(
-                    np.maximum(slow_a[:, None], t_a[:, None] + dt_r)
-                )
-            gain_r = self.raise_gain[pos, levels[None, :]]
-            rate_r = np.where(ok_r, gain_r / np.maximum(dt_r, 1e-300), -np.inf)
-            arange_n = np.arange(n)
-            best_k = np.argmax(rate_r, axis=1)
-            best_r = rate_r[arange_n, best_k]
-            use_add = rate_a > best_r
-            ratio = np.where(use_add, rate_a, best_r)
-            mdt = np.where(use_add, dt_a, dt_r[arange_n, best_k])
-            mdm = np.where(use_add, dm_a, dm_r[arange_n, best_k])
-            mdb = np.where(use_add, db_a, db_r[arange_n, best_k])
-            mdu = np.where(use_add, self.add_gain[new_layer], gain_r[arange_n, best_k])
-            has_move = np.isfinite(ratio)
-            if link is not None:
-                has_move = self._server_accept(
-                    active, has_move, ratio * weight[active], mdb, time_s[active] + mdt, groups,
-                    link,
-                )  # fmt: skip
-            if not has_move.any():
-                break
-            rows = active[has_move]
-            add = use_add[has_move]
-            add_rows = rows[add]
-            counts[add_rows, 0] += 1
-            depth[add_rows] += 1
-            raise_rows = rows[~add]
-            k_raise = best_k[has_move][~add]
-            counts[raise_rows, k_raise] -= 1
-            counts[raise_rows, k_raise + 1] += 1
-            time_s[rows] += mdt[has_move]
-            mem[rows] += mdm[has_move]
-            nbytes[rows] += mdb[has_move]
-            utility[rows] += mdu[has_move]
-            active = rows
-        # rank index per layer: from the bottom of the block, counts[0] layers at level 0, ...
-        bounds = (L - depth)[:, None] + np.cumsum(counts, axis=1)  # end of each level's block
-        layer = np.arange(L)[None, None, :]
-        rank_index = (layer >= bounds[:, :, None]).sum(axis=1)
-        rank_index = np.where(np.arange(L)[None, :] >= (L - depth)[:, None], rank_index, -1)
-        return _Rows(
+        rows = np.flatnonzero(participates)
+        dev = devices[rows]
+        n = len(rows)
+        depth = np.full(n, self.start_depth, dtype=np.int64)
+        if self.monotone:
+            levels = np.zeros((n, self.K), dtype=np.int64)
+            levels[:, 0] = self.start_depth
+        else:
+            levels = np.full((n, L), -1, dtype=np.int64)
+            levels[:, L - self.start_depth :] = 0
+        st = _State(
+            prof=self.profile_of[dev],
+            cap=self.capacity[dev] * (1 + _REL_TOL),
+            limit=limit[rows],
+            weight=np.asarray(self.row_samples[rows_of[rows]], dtype=np.float64),
+            group=groups[rows],
+            time_s=time_s[rows],
+            mem=self.min_mem[dev],
+            nbytes=nbytes[rows],
+            utility=np.full(n, self.add_gain[L - self.start_depth :].sum()),
             depth=depth,
-            rank_index=rank_index.astype(np.int64),
-            time_s=time_s,
-            utility=utility,
-            nbytes=nbytes,
-            participates=participates,
+            levels=levels,
         )
+        path = None
+        if record:
+            path = self._new_path(n_rows, rows, st)
+        self._simulate(st, link, path, rows)
+        return self._scatter(n_rows, rows, st, participates, ranks=ranks), path
 
-    def _run_layers(self, deadlines: FloatArray, rows_of: IntArray, groups: IntArray) -> _Rows:
-        """:meth:`run` over every layer (free ranks, or a one-rank grid)."""
-        tc = self.tables
-        L, K = self.L, self.K
-        n_rows = len(rows_of)
-        st = self._start_state(deadlines, rows_of, groups)
-        prof, cap, limit, weight = st.prof, st.cap, st.limit, st.weight
-        participates, depth, link = st.participates, st.depth, st.link
-        time_s, mem, nbytes, utility = st.time_s, st.mem, st.nbytes, st.utility
-        rank_index = np.full((n_rows, L), -1, dtype=np.int64)
-        rank_index[participates, L - self.start_depth :] = 0
-
-        # Flat views: one 1-D ``take`` per move kind is much faster than 3-D fancy indexing.
-        kr = max(K - 1, 1)
-        add_dt = tc.time_coef[:, :, 0].reshape(-1)
-        add_dm = tc.mem_coef[:, :, 0].reshape(-1)
-        add_db = tc.bytes_coef[:, :, 0].reshape(-1)
-        r_dt = self.raise_dt.reshape(-1)
-        r_dm = self.raise_dm.reshape(-1)
-        r_db = self.raise_db.reshape(-1)
-        r_du = self.raise_gain.reshape(-1)
-        layer_idx = np.arange(L)
-
-        active = np.flatnonzero(participates)
-        while active.size:
-            n = active.size
-            a_prof = prof[active]
-            d = depth[active]
-            t_room = limit[active] - time_s[active]
-            m_room = cap[active] - mem[active]
-            if link is not None:
-                g_a = groups[active]
-                used_a, slow_a = link[0][g_a], link[1][g_a]
-                t_a = time_s[active]
-            # Deepen: the layer just below the block, at the lowest rank.
-            new_layer = np.maximum(L - 1 - d, 0)
-            fa = a_prof * L + new_layer
-            dt_a, dm_a, db_a = add_dt[fa], add_dm[fa], add_db[fa]
-            ok_a = (d < L) & (dt_a <= t_room) & (dm_a <= m_room)
-            if link is not None:
-                ok_a &= used_a + db_a <= self._link_cap(np.maximum(slow_a, t_a + dt_a))
-            rate_a = np.where(ok_a, self.add_gain[new_layer] / np.maximum(dt_a, 1e-300), -np.inf)
-            # Raise: one layer to the next rank of the grid.
-            arange_n = np.arange(n)
-            if K > 1:
-                ki = rank_index[active]
-                can = (ki >= 0) & (ki < K - 1)
-                if self.monotone and L > 1:
-                    above = np.concatenate([ki[:, 1:], np.full((n, 1), K - 1)], axis=1)
-                    can &= ki + 1 <= above
-                kk = np.clip(ki, 0, K - 2)
-                fl = layer_idx[None, :] * kr + kk
-                fr = a_prof[:, None] * (L * kr) + fl
-                dt_r = r_dt[fr]
-                dm_r = r_dm[fr]
-                ok_r = can & (dt_r <= t_room[:, None]) & (dm_r <= m_room[:, None])
-                db_r = r_db[fr]
-                if link is not None:
-                    ok_r &= used_a[:, None] + db_r <= self._link_cap(
-                        np.maximum(slow_a[:, None], t_a[:, None] + dt_r)
-                    )
-                rate_r = np.where(ok_r, r_du[fl] / np.maximum(dt_r, 1e-300), -np.inf)
-                best_l = np.argmax(rate_r, axis=1)
-                best_r = rate_r[arange_n, best_l]
-                use_add = rate_a > best_r
-                ratio = np.where(use_add, rate_a, best_r)
-                mdt = np.where(use_add, dt_a, dt_r[arange_n, best_l])
-                mdm = np.where(use_add, dm_a, dm_r[arange_n, best_l])
-                mdb = np.where(use_add, db_a, db_r[arange_n, best_l])
-                mdu = np.where(use_add, self.add_gain[new_layer], r_du[fl[arange_n, best_l]])
-            else:
-                best_l = np.zeros(n, dtype=np.int64)
-                use_add = np.ones(n, dtype=bool)
-                ratio, mdt, mdm, mdb = rate_a, dt_a, dm_a, db_a
-                mdu = self.add_gain[new_layer]
-            has_move = np.isfinite(ratio)
-            if link is not None:
-                has_move = self._server_accept(
-                    active,
-                    has_move,
-                    ratio * weight[active],
-                    mdb,
-                    time_s[active] + mdt,
-                    groups,
-                    link,
-                )
-            if not has_move.any():
-                break
-            rows = active[has_move]
-            add = use_add[has_move]
-            add_rows = rows[add]
-            rank_index[add_rows, L - 1 - depth[add_rows]] = 0
-            depth[add_rows] += 1
-            rank_index[rows[~add], best_l[has_move][~add]] += 1
-            time_s[rows] += mdt[has_move]
-            mem[rows] += mdm[has_move]
-            nbytes[rows] += mdb[has_move]
-            utility[rows] += mdu[has_move]
-            active = rows
+    def _scatter(
+        self,
+        n_rows: int,
+        rows: IntArray,
+        st: _State,
+        participates: NDArray[np.bool_],
+        *,
+        ranks: bool,
+    ) -> _Rows:
+        """Results of the participating ``rows`` of ``st`` spread over all ``n_rows`` rows."""
+        depth = np.zeros(n_rows, dtype=np.int64)
+        depth[rows] = st.depth
+        time_s = np.zeros(n_rows)
+        time_s[rows] = st.time_s
+        utility = np.zeros(n_rows)
+        utility[rows] = st.utility
+        nbytes = None
+        if self.server_bps is not None:
+            nbytes = np.zeros(n_rows)
+            nbytes[rows] = st.nbytes
+        rank_index = None
+        if ranks:
+            rank_index = np.full((n_rows, self.L), -1, dtype=np.int64)
+            rank_index[rows] = self._rank_index(st.depth, st.levels)
         return _Rows(
             depth=depth,
             rank_index=rank_index,
@@ -493,18 +420,281 @@ class _Greedy:
             participates=participates,
         )
 
+    def _rank_index(self, depth: IntArray, levels: IntArray) -> IntArray:
+        """Each layer's rank index (-1 outside the block) from the rank state."""
+        if not self.monotone:
+            return levels
+        # from the bottom of the block: levels[0] layers at level 0, levels[1] at level 1, ...
+        L = self.L
+        bounds = (L - depth)[:, None] + np.cumsum(levels, axis=1)  # end of each level's block
+        layer = np.arange(L)[None, None, :]
+        rank_index = (layer >= bounds[:, :, None]).sum(axis=1)
+        rank_index = np.where(np.arange(L)[None, :] >= (L - depth)[:, None], rank_index, -1)
+        return rank_index.astype(np.int64)
+
+    def _simulate(
+        self,
+        st: _State,
+        link: tuple[FloatArray, FloatArray] | None,
+        path: _Path | None,
+        path_rows: IntArray,
+        rows: IntArray | None = None,
+    ) -> None:
+        """The greedy's moves on every row of ``st`` until none fits.
+
+        Per row, the moves are columns: the raises (with monotone ranks one per rank level,
+        since only the topmost layer of a level may be raised and every layer costs the same;
+        otherwise one per layer), then *deepen*. Each step takes, per row, the column with
+        the best utility gain per second among those that fit: ``argmax`` takes the first
+        best, so the lowest level or layer wins a tie and a raise beats deepen at equal gain
+        per second. A move changes one or two columns of its row, so only those are updated.
+        A row without a move is done. ``path`` (indexed by ``path_rows[row]``) records every
+        step. ``rows``: only these rows of ``st`` (default: all).
+        """
+        L, K = self.L, self.K
+        mono = self.monotone
+        n_raise = 0 if K == 1 else (K - 1 if mono else L)
+        C = n_raise + 1
+        add = C - 1
+        at = np.arange(len(st.time_s)) if rows is None else rows  # rows of ``st`` worked on
+        n = len(at)
+        if n == 0:
+            return
+        tc = self.tables
+        prof, cap, limit, weight, group = (
+            st.prof[at],
+            st.cap[at],
+            st.limit[at],
+            st.weight[at],
+            st.group[at],
+        )
+        time_s, mem, nbytes = st.time_s[at], st.mem[at], st.nbytes[at]
+        utility, depth, levels = st.utility[at], st.depth[at], st.levels[at]
+        timed = not np.isinf(limit).all()
+
+        # Per column: the move's time, memory and bytes, its gain and gain per second
+        # (-inf where the move is not open: no layer left to add, or at the top rank).
+        dt = np.empty((n, C))
+        dm = np.empty((n, C))
+        db = np.empty((n, C)) if link is not None else None
+        gain = np.empty((n, C))
+        dt[:, add] = tc.time_coef[prof, 0]
+        dm[:, add] = tc.mem_coef[0]
+        gain[:, add] = self.add_gain[np.maximum(L - 1 - depth, 0)]
+        if db is not None:
+            db[:, add] = tc.bytes_coef[0]
+        pos = np.zeros((n, 0), dtype=np.int64)
+        open_r = np.zeros((n, 0), dtype=bool)
+        if mono:
+            # the topmost layer of level k sits below every layer of the levels above it
+            above = np.cumsum(levels[:, ::-1], axis=1)[:, ::-1]  # layers at level >= k
+            pos = np.ascontiguousarray(L - 1 - above[:, 1:])
+            dt[:, :add] = self.raise_dt[prof]
+            dm[:, :add] = self.raise_dm[None, :]
+            if db is not None:
+                db[:, :add] = self.raise_db[None, :]
+            gain[:, :add] = self.raise_gain[np.clip(pos, 0, L - 1), np.arange(K - 1)[None, :]]
+            open_r = levels[:, :-1] > 0
+        elif n_raise:
+            kk = np.clip(levels, 0, K - 2)
+            dt[:, :add] = self.raise_dt[prof[:, None], kk]
+            dm[:, :add] = self.raise_dm[kk]
+            if db is not None:
+                db[:, :add] = self.raise_db[kk]
+            gain[:, :add] = self.raise_gain[np.arange(L)[None, :], kk]
+            open_r = (levels >= 0) & (levels < K - 1)
+        rate = gain / np.maximum(dt, 1e-300)
+        rate[:, :add][~open_r] = -np.inf
+        rate[depth >= L, add] = -np.inf
+
+        def rerate(f: IntArray, is_open: NDArray[np.bool_] | bool = True) -> None:
+            """Gain per second of flat columns ``f`` from their gain and time."""
+            r = gain.reshape(-1)[f] / np.maximum(dt.reshape(-1)[f], 1e-300)
+            rate.reshape(-1)[f] = np.where(is_open, r, -np.inf)
+
+        n_alive = n
+        step = 0
+        while True:
+            fits = dm <= (cap - mem)[:, None]
+            if timed:
+                fits &= dt <= (limit - time_s)[:, None]
+            if link is not None:
+                assert db is not None
+                fits &= link[0][group][:, None] + db <= self._link_cap(
+                    np.maximum(link[1][group][:, None], time_s[:, None] + dt)
+                )
+            r = np.where(fits, rate, -np.inf)
+            best = r.argmax(axis=1)
+            flat = np.arange(len(best)) * C + best
+            ratio = r.reshape(-1)[flat]
+            has = np.isfinite(ratio)
+            if link is not None:
+                assert db is not None
+                has = self._server_accept(
+                    has,
+                    ratio * weight,
+                    db.reshape(-1)[flat],
+                    time_s + dt.reshape(-1)[flat],
+                    group,
+                    link,
+                )
+            m = np.flatnonzero(has)
+            if m.size == 0:
+                break
+            fm = flat[m]
+            b = best[m]
+            mdt = dt.reshape(-1)[fm]
+            t_before = time_s[m]
+            time_s[m] = t_before + mdt
+            mem[m] += dm.reshape(-1)[fm]
+            utility[m] += gain.reshape(-1)[fm]
+            if db is not None:
+                nbytes[m] += db.reshape(-1)[fm]
+            is_add = b == add
+            ma = m[is_add]
+            mr = m[~is_add]
+            br = b[~is_add]
+            # (flat indices into the working arrays, all C-contiguous)
+            # deepen: the next layer below the block, at the lowest rank
+            new_layer = L - 1 - depth[ma]
+            depth[ma] += 1
+            fa = ma * C + add
+            gain.reshape(-1)[fa] = self.add_gain[np.maximum(new_layer - 1, 0)]
+            rerate(fa, new_layer > 0)
+            fr = mr * C + br
+            if mono:
+                lv = levels.reshape(-1)
+                lv[ma * K] += 1
+                rerate(ma * C)  # level 0 has a layer to raise
+                # raise the topmost layer of level k: level k's top moves one layer down
+                fk = mr * K + br
+                fp = mr * (K - 1) + br
+                raised_layer = pos.reshape(-1)[fp]
+                pos.reshape(-1)[fp] = raised_layer - 1
+                left = lv[fk] - 1
+                lv[fk] = left
+                lv[fk + 1] += 1
+                raised_to = br + 1
+                gain.reshape(-1)[fr] = self.raise_gain[np.maximum(raised_layer - 1, 0), br]
+                rerate(fr, left > 0)
+                up = br + 1 < add
+                rerate(fr[up] + 1)  # level k + 1 has a layer to raise
+            else:
+                raised_layer = br
+                levels.reshape(-1)[ma * L + new_layer] = 0
+                if n_raise:
+                    fn = ma * C + new_layer
+                    dt.reshape(-1)[fn] = self.raise_dt[prof[ma], 0]
+                    dm.reshape(-1)[fn] = self.raise_dm[0]
+                    if db is not None:
+                        db.reshape(-1)[fn] = self.raise_db[0]
+                    gain.reshape(-1)[fn] = self.raise_gain[new_layer, 0]
+                    rerate(fn)
+                    fl = mr * L + br
+                    raised_to = levels.reshape(-1)[fl] + 1
+                    levels.reshape(-1)[fl] = raised_to
+                    kk = np.minimum(raised_to, K - 2)
+                    dt.reshape(-1)[fr] = self.raise_dt[prof[mr], kk]
+                    dm.reshape(-1)[fr] = self.raise_dm[kk]
+                    if db is not None:
+                        db.reshape(-1)[fr] = self.raise_db[kk]
+                    gain.reshape(-1)[fr] = self.raise_gain[br, kk]
+                    rerate(fr, raised_to < K - 1)
+            if path is not None:
+                u = path_rows[at[m]]
+                path.time_s[step + 1][u] = time_s[m]
+                path.mem[step + 1][u] = mem[m]
+                path.utility[step + 1][u] = utility[m]
+                path.moves[u] = step + 1
+                reach = _least_limit(t_before, mdt)
+                if step:
+                    reach = np.maximum(path.reach[step - 1][u], reach)
+                path.reach[step][u] = reach
+                if mono:
+                    path.levels[step + 1][u] = levels[m]
+                else:
+                    path.rank_step[u[is_add], new_layer, 0] = step
+                    if n_raise:
+                        path.rank_step[u[~is_add], raised_layer, raised_to] = step
+            step += 1
+            if m.size < n_alive:
+                # Rows without a move are done (with a server link they may not move again).
+                rate[~has] = -np.inf
+                n_alive = m.size
+                if 4 * n_alive < 3 * len(has):
+                    done = np.flatnonzero(~has)
+                    self._hand_back(st, at[done], done, time_s, mem, nbytes, utility, depth, levels)
+                    at, prof, cap, limit, weight, group = (
+                        at[m], prof[m], cap[m], limit[m], weight[m], group[m]
+                    )  # fmt: skip
+                    time_s, mem, nbytes, utility = time_s[m], mem[m], nbytes[m], utility[m]
+                    depth, levels, pos = depth[m], levels[m], pos[m]
+                    dt, dm, gain, rate = dt[m], dm[m], gain[m], rate[m]
+                    if db is not None:
+                        db = db[m]
+        self._hand_back(st, at, slice(None), time_s, mem, nbytes, utility, depth, levels)
+
+    @staticmethod
+    def _hand_back(
+        st: _State,
+        at: IntArray,
+        local: IntArray | slice,
+        time_s: FloatArray,
+        mem: FloatArray,
+        nbytes: FloatArray,
+        utility: FloatArray,
+        depth: IntArray,
+        levels: IntArray,
+    ) -> None:
+        """Write the state of the working rows ``local`` back to rows ``at`` of ``st``."""
+        st.time_s[at] = time_s[local]
+        st.mem[at] = mem[local]
+        st.nbytes[at] = nbytes[local]
+        st.utility[at] = utility[local]
+        st.depth[at] = depth[local]
+        st.levels[at] = levels[local]
+
+    def _new_path(self, n_rows: int, rows: IntArray, st: _State) -> _Path:
+        """An empty path for ``n_rows`` rows, of which ``rows`` start from ``st``."""
+        L, K = self.L, self.K
+        most = (L - self.start_depth) + L * (K - 1)  # moves a row can make at most
+        # Entries past a row's last move are never read; filled all at once (much faster
+        # than the moves writing to fresh memory a row at a time).
+        time_s = np.full((most + 1, n_rows), 0.0)
+        mem = np.full((most + 1, n_rows), 0.0)
+        utility = np.full((most + 1, n_rows), 0.0)
+        time_s[0, rows] = st.time_s
+        mem[0, rows] = st.mem
+        utility[0, rows] = st.utility
+        if self.monotone:
+            levels = np.full((most + 1, n_rows, K), 0, dtype=np.int8 if L < 128 else np.int16)
+            levels[0, rows] = st.levels
+            rank_step = np.zeros((0, L, K), dtype=np.int16)
+        else:
+            levels = np.zeros((0, 0, K), dtype=np.int8)
+            rank_step = np.full((n_rows, L, K), _NEVER, dtype=np.int16)
+            rank_step[rows, L - self.start_depth :, 0] = -1
+        return _Path(
+            moves=np.zeros(n_rows, dtype=np.int64),
+            time_s=time_s,
+            mem=mem,
+            utility=utility,
+            reach=np.full((most, n_rows), np.inf),
+            levels=levels,
+            rank_step=rank_step,
+        )
+
     def _link_cap(self, slowest_s: FloatArray) -> FloatArray:
         assert self.server_bps is not None
         return self.server_bps * slowest_s * (1 + _REL_TOL)
 
     def _server_accept(
         self,
-        active: IntArray,
         has_move: NDArray[np.bool_],
         gain_rate: FloatArray,
         nbytes: FloatArray,
         new_time_s: FloatArray,
-        groups: IntArray,
+        group: IntArray,
         link: tuple[FloatArray, FloatArray],
     ) -> NDArray[np.bool_]:
         """Accept proposed moves per group in order of gain per second, up to the first that
@@ -513,7 +703,7 @@ class _Greedy:
         if idx.size == 0:
             return has_move
         used, slowest = link
-        g = groups[active[idx]]
+        g = group[idx]
         order = np.lexsort((-gain_rate[idx], g))
         gs, bs, ts = g[order], nbytes[idx][order], new_time_s[idx][order]
         starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
@@ -536,55 +726,126 @@ class _Greedy:
         return accepted
 
     # -- evaluation of candidate deadlines ------------------------------------------------
-    def _free(self) -> _Rows:
-        """The greedy of every row without a deadline (computed once).
+    def _free(self) -> tuple[_Rows, _Path]:
+        """The greedy of every row without a deadline, and its path (computed once).
 
-        A row whose path without a deadline ends within a deadline ``T`` makes exactly the
-        same moves under ``T``: every move it took fits, and the moves that fit under ``T``
-        are a subset of those without a deadline, so the best one is the same at each step.
-        Only rows whose free path ends after ``T`` are run again for ``T``.
+        Under a deadline ``T`` a row makes the same moves as without one as long as they
+        fit: the moves that fit under ``T`` are a subset of those without a deadline, so
+        while the best one fits it is still the best. A row whose path without a deadline
+        ends within ``T`` ends there; any other one goes on from the first move of its path
+        that misses ``T`` (:meth:`_resume`).
         """
         if self._free_rows is None:
             n_u = len(self.unique_devices)
             self._free_rows = self.run(
-                np.full(n_u, np.inf), np.arange(n_u), np.zeros(n_u, dtype=np.int64)
+                np.full(n_u, np.inf), np.arange(n_u), np.zeros(n_u, dtype=np.int64), record=True
             )
-        return self._free_rows
+        rows, path = self._free_rows
+        assert path is not None
+        return rows, path
 
-    def _rows_for(self, deadlines: FloatArray) -> _Rows:
+    def _resume(self, path: _Path, limit: FloatArray, rows: IntArray, ranks: bool) -> _Rows:
+        """Greedy of unique rows ``rows`` under ``limit``, from where their free paths stop
+        fitting (rows that participate without a deadline)."""
+        n = len(rows)
+        participates = self.row_memory_ok[rows] & (self.row_min_time[rows] <= limit)
+        sub = np.flatnonzero(participates)
+        u = rows[sub]
+        lim = limit[sub]
+        # j: how many moves of the free path fit (``reach`` grows along the path).
+        n_u = path.moves.size
+        reach = path.reach.reshape(-1)
+        lo = np.zeros(len(u), dtype=np.int64)
+        hi = path.moves[u]
+        act = np.flatnonzero(lo < hi)
+        while act.size:
+            mid = (lo[act] + hi[act]) >> 1
+            fits = reach[mid * n_u + u[act]] <= lim[act]
+            lo[act] = np.where(fits, mid + 1, lo[act])
+            hi[act] = np.where(fits, hi[act], mid)
+            act = act[lo[act] < hi[act]]
+        at_j = lo * n_u + u
+        itemsize = path.levels.itemsize
+        if self.monotone:
+            # each row's levels as one element: one take instead of a gather of K values
+            whole = path.levels.reshape(-1, self.K).view(np.dtype((np.void, self.K * itemsize)))
+            levels = np.take(whole.reshape(-1), at_j).view(path.levels.dtype)
+            levels = levels.reshape(-1, self.K).astype(np.int64)
+            depth = levels.sum(axis=1)
+            at_level = levels[:, :-1] > 0
+        else:
+            levels = (path.rank_step[u] < lo[:, None, None]).sum(axis=2) - 1
+            depth = (levels >= 0).sum(axis=1)
+            at_level = np.zeros((len(u), self.K - 1), dtype=bool)
+            for k in range(self.K - 1):
+                at_level[:, k] = (levels == k).any(axis=1)
+        st = _State(
+            prof=self.row_prof[u],
+            cap=self.row_cap[u],
+            limit=lim,
+            weight=np.asarray(self.row_samples[u], dtype=np.float64),
+            group=np.zeros(len(u), dtype=np.int64),
+            time_s=path.time_s.reshape(-1)[at_j],
+            mem=path.mem.reshape(-1)[at_j],
+            nbytes=np.zeros(len(u)),
+            utility=path.utility.reshape(-1)[at_j],
+            depth=depth,
+            levels=levels,
+        )
+        # Most rows have no move left that fits: only the others go on.
+        tc = self.tables
+        t_room = st.limit - st.time_s
+        m_room = st.cap - st.mem
+        movable = (depth < self.L) & (self.row_add_dt[u] <= t_room)
+        movable &= tc.mem_coef[0] <= m_room
+        if self.K > 1:
+            raise_fits = at_level & (self.row_raise_dt[u] <= t_room[:, None])
+            raise_fits &= self.raise_dm[None, :] <= m_room[:, None]
+            movable |= raise_fits.any(axis=1)
+        self._simulate(st, None, None, sub, np.flatnonzero(movable))
+        return self._scatter(n, sub, st, participates, ranks=ranks)
+
+    def _rows_for(self, deadlines: FloatArray, *, ranks: bool = False) -> _Rows:
         """Row results for each deadline (``len(deadlines) x n_u`` rows, candidate-major)."""
         n_u = len(self.unique_devices)
         c = len(deadlines)
         if self.server_bps is not None:
             # the server link couples every row of a candidate: run them all
-            return self.run(
-                np.repeat(deadlines, n_u), np.tile(np.arange(n_u), c), np.repeat(np.arange(c), n_u)
+            rows, _ = self.run(
+                np.repeat(deadlines, n_u),
+                np.tile(np.arange(n_u), c),
+                np.repeat(np.arange(c), n_u),
+                ranks=ranks,
             )
-        free = self._free()
+            return rows
+        free, path = self._free()
         limit = deadlines * (1 + _REL_TOL) + 1e-12
         again = free.participates[None, :] & (free.time_s[None, :] > limit[:, None])
         cand, row = np.nonzero(again)
         depth = np.tile(free.depth, c)
-        rank_index = np.tile(free.rank_index, (c, 1))
         time_s = np.tile(free.time_s, c)
         utility = np.tile(free.utility, c)
-        nbytes = np.tile(free.nbytes, c)
         participates = np.tile(free.participates, c)
+        rank_index = None
+        if ranks:
+            assert free.rank_index is not None
+            rank_index = np.tile(free.rank_index, (c, 1))
         if cand.size:
-            sim = self.run(deadlines[cand], row, cand)
+            sim = self._resume(path, limit[cand], row, ranks)
             flat = cand * n_u + row
             depth[flat] = sim.depth
-            rank_index[flat] = sim.rank_index
             time_s[flat] = sim.time_s
             utility[flat] = sim.utility
-            nbytes[flat] = sim.nbytes
             participates[flat] = sim.participates
+            if rank_index is not None:
+                assert sim.rank_index is not None
+                rank_index[flat] = sim.rank_index
         return _Rows(
             depth=depth,
             rank_index=rank_index,
             time_s=time_s,
             utility=utility,
-            nbytes=nbytes,
+            nbytes=None,
             participates=participates,
         )
 
@@ -609,6 +870,7 @@ class _Greedy:
                 ok &= part.all(axis=1)
             if self.server_bps is not None:
                 # C7 against the real round time, the slowest participant's.
+                assert rows.nbytes is not None
                 total = rows.nbytes.reshape(c, n_u) @ self.row_counts
                 ok &= total <= self.server_bps * times * (1 + 1e-7)
             utilities[start : start + c] = util
@@ -618,18 +880,25 @@ class _Greedy:
 
     def configurations(self, deadline: float) -> tuple[tuple[Configuration, ...], _Rows]:
         """Every device's configuration (fleet order) under ``deadline``, and the row results."""
-        n_u = len(self.unique_devices)
-        rows = self._rows_for(np.asarray([deadline], dtype=np.float64))
-        per_row: list[Configuration] = []
-        for row in range(n_u):
-            d = int(rows.depth[row])
+        rows = self._rows_for(np.asarray([deadline], dtype=np.float64), ranks=True)
+        assert rows.rank_index is not None
+        L = self.L
+        # one configuration per distinct rank pattern, shared by the rows that have it (rows
+        # compared as bytes: much faster than np.unique over rows)
+        small = np.ascontiguousarray(rows.rank_index.astype(np.int8 if self.K < 128 else np.int16))
+        as_bytes = small.view(np.dtype((np.void, small.itemsize * L))).reshape(-1)
+        _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
+        patterns = rows.rank_index[first]
+        per_pattern: list[Configuration] = []
+        for pattern in patterns:
+            d = int((pattern >= 0).sum())
             if d == 0:
-                per_row.append(((), ()))
+                per_pattern.append(((), ()))
                 continue
-            layers = tuple(range(self.L - d, self.L))
-            ranks = tuple(int(self.ranks[k]) for k in rows.rank_index[row, self.L - d :])
-            per_row.append((layers, ranks))
-        return tuple(per_row[row] for row in self.row_of_device), rows
+            ranks = tuple(int(self.ranks[k]) for k in pattern[L - d :])
+            per_pattern.append((tuple(range(L - d, L)), ranks))
+        pick = inverse.reshape(-1)[self.row_of_device]
+        return tuple(per_pattern[i] for i in pick.tolist()), rows
 
 
 def larger_configurations(

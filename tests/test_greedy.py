@@ -6,6 +6,7 @@ import itertools
 import math
 import time
 
+import numpy as np
 import pytest
 from strategies import TINY, tiny_job
 
@@ -14,6 +15,7 @@ import legend.planner.greedy  # noqa: F401  (registers "greedy")
 from legend.models.spec import get_model_spec
 from legend.planner.api import PlannerOptions, PlanningProblem, plan_round
 from legend.planner.errors import InfeasibleError, PlannerInputError
+from legend.planner.greedy import _REL_TOL, _Greedy, _least_limit
 from legend.planner.plan import Plan, validate_plan
 from legend.planner.profiles import DeviceProfile, Fleet, JobParams
 
@@ -230,3 +232,52 @@ def test_shared_rows_give_the_same_configuration_as_planning_alone() -> None:
             plan.devices[index].layers,
             plan.devices[index].ranks,
         )
+
+
+@pytest.mark.parametrize("monotone", [True, False])
+def test_deadline_runs_resumed_from_the_free_path_match_runs_from_the_start(
+    monotone: bool,
+) -> None:
+    """Under a deadline the greedy resumes the path without a deadline of each row that path
+    overruns, where it stops fitting; that gives, bit for bit, what running the row from its
+    minimal configuration gives, also for deadlines right at (and a float off) where a move
+    starts to fit."""
+    rng = np.random.default_rng(7)
+    devs = tuple(
+        device(
+            f"d{i}",
+            tflops=float(rng.choice([0.005, 0.02, 0.1, 0.5, 1.0])),
+            memory_gb=float(rng.uniform(0.02, 0.06)),  # memory binds for some
+            uplink_mbps=float(rng.choice([1.0, 5.0, 50.0])),
+        )
+        for i in range(40)
+    )
+    options = PlannerOptions(solver="greedy", monotone_ranks=monotone, allow_dropping=True)
+    g = _Greedy(PlanningProblem.create(Fleet(devices=devs), TINY, JOB, options))
+    free, path = g._free()
+    reach = path.reach[np.isfinite(path.reach)]
+    at = (rng.choice(reach, 40) - 1e-12) / (1 + _REL_TOL)  # limit of the deadline ~ reach
+    spread = np.linspace(g.min_time.min(), g.max_time.max(), 20)
+    deadlines = np.sort(np.concatenate([spread, at, np.nextafter(at, 0.0), np.nextafter(at, 1e9)]))
+    resumed = g._rows_for(deadlines, ranks=True)
+    n_u, c = len(g.unique_devices), len(deadlines)
+    fresh, _ = g.run(
+        np.repeat(deadlines, n_u), np.tile(np.arange(n_u), c), np.zeros(n_u * c, dtype=np.int64)
+    )
+    # rows whose path without a deadline ends within the deadline keep that path
+    limit = np.repeat(deadlines * (1 + _REL_TOL) + 1e-12, n_u)
+    again = np.tile(free.participates, c) & (np.tile(free.time_s, c) > limit)
+    assert 0 < fresh.participates[again].sum() < again.sum()
+    for name in ("participates", "depth", "rank_index", "time_s", "utility"):
+        got, want = getattr(resumed, name)[again], getattr(fresh, name)[again]
+        np.testing.assert_array_equal(got, want, name)
+
+
+def test_least_limit_is_the_smallest_limit_a_move_fits_under() -> None:
+    rng = np.random.default_rng(11)
+    t = np.concatenate([rng.uniform(0.0, 10.0, 5000), [0.0, 1e-300, 3.0, 1e300]])
+    dt = np.concatenate([rng.uniform(0.0, 1.0, 2500), rng.uniform(5.0, 1e6, 2500)])
+    dt = np.concatenate([dt, [0.5, 0.0, 1e-20, 1e300]])
+    x = _least_limit(t, dt)
+    assert np.all(dt <= x - t)
+    assert not np.any(dt <= np.nextafter(x, -np.inf) - t)
