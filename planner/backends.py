@@ -206,7 +206,9 @@ def _solve_pulp_cbc_once(milp: MILP, limits: SolveLimits) -> MilpResult:
 
     prob, variables = _build_pulp(milp)
     if milp.start is not None:
-        for var, value in zip(variables, milp.start, strict=True):
+        # PuLP refuses a start outside the bounds; rounding can leave one a hair outside
+        start = np.clip(milp.start, milp.lower, milp.upper)
+        for var, value in zip(variables, start, strict=True):
             var.setInitialValue(float(value))
     fd, log_path = tempfile.mkstemp(prefix="legend-cbc-", suffix=".log")
     os.close(fd)

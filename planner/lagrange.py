@@ -199,6 +199,13 @@ def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -
             t_link = 2.0 * float(cat.bytes_one_way.max()) * len(fc) / (opts.server_mbps * MB / 8)
         t_far = max(t_lo, t_cols, t_link) * (1 + 1e-9)
     fl = _Fleet(cat, fc, t_far, scale)
+    if fl.times.shape[1] == 0:
+        from legend.planner.diagnose import blocked_devices
+
+        raise InfeasibleError(
+            f"no plan: no device finishes any configuration within {t_far:.6g} s",
+            tuple(str(b) for b in blocked_devices(problem, deadline)),
+        )
     ymax = _y_box(rows, fl, u)
 
     def evaluate(y: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> _Eval:

@@ -289,3 +289,17 @@ def test_time_limit_before_the_first_solve_keeps_the_warm_start() -> None:
     assert validate_plan(plan, FLEET, TINY, tiny_job(), server_mbps=20.0) == []
     free = plan_round(FLEET, TINY, tiny_job())
     assert [d.ranks for d in plan.devices] == [d.ranks for d in free.devices]
+
+
+def test_lagrangian_without_any_column_within_the_deadline_is_infeasible() -> None:
+    """No device finishes anything within the deadline: a clear InfeasibleError, not a
+    crash of the bound's arrays."""
+    options = PlannerOptions(
+        solver="lagrangian",
+        objective="deadline",
+        deadline_s=1e-9,
+        server_mbps=20.0,
+        allow_dropping=True,
+    )
+    with pytest.raises(InfeasibleError, match="no plan"):
+        plan_round(FLEET, TINY, tiny_job(), options)
