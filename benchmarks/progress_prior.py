@@ -40,39 +40,35 @@ PRIORS = REPO_ROOT / "models" / "progress_priors.json"
 
 
 def build_config(args: argparse.Namespace, seed: int) -> Any:
-    from legend.federation.job import (
-        DataSection,
-        FederationSection,
-        JobConfig,
-        JobSection,
-        PlannerSection,
-        TrainSection,
-    )
+    """A ``uniform`` job at the largest rank: every device trains every layer at it."""
+    from legend.federation.job import JobConfig, JobSection
 
-    return JobConfig(
-        job=JobSection(
-            name=f"progress-prior-s{seed}",
-            model=args.model,
-            fleet=str(Path(args.fleet).resolve()),
-            method="uniform",
-            rounds=args.rounds,
-            seed=seed,
-            devices_per_round=args.devices_per_round,
-        ),
-        train=TrainSection(
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            local_steps=args.local_steps,
-            learning_rate=args.learning_rate,
+    job = JobSection(
+        name=f"progress-prior-s{seed}",
+        model=args.model,
+        fleet=str(Path(args.fleet).resolve()),
+        method="uniform",
+        rounds=args.rounds,
+        seed=seed,
+        devices_per_round=args.devices_per_round,
+    )
+    recipe = {
+        key: getattr(args, key)
+        for key in ("batch_size", "seq_len", "local_steps", "learning_rate", "threads")
+    }
+    return (
+        JobConfig(job=job)
+        .override(
+            "train",
             target_modules="qv",
             ranks=tuple(args.ranks),
             uniform_rank=max(args.ranks),
-            threads=args.threads,
             optimizer=args.optimizer,
-        ),
-        data=DataSection(dataset=args.dataset, max_test=16, alpha=args.alpha),
-        planner=PlannerSection(calibration="none"),
-        federation=FederationSection(server_optimizer="none"),
+            **recipe,
+        )
+        .override("data", dataset=args.dataset, max_test=16, alpha=args.alpha)
+        .override("planner", calibration="none")
+        .override("federation", server_optimizer="none")
     )
 
 

@@ -261,18 +261,42 @@ def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -
         upper, lower = upper[order], lower[order]
         best_y, best = _kelley(evaluate, upper, lower, ymax, rows, clock_end, y0=best_y, tol=1e-6)
     plan_choice, value, round_time = _best_plan(problem, cat, fc, fl, rows, best_y, best.top)
-    bound = best.bound
-    gap = max(0.0, bound - value) / value if value > 0 else None
-    status = "OPTIMAL" if gap is not None and gap <= opts.mip_gap else "FEASIBLE"
-    return SolverOutcome(
-        configurations=tuple(cat.configuration(int(j)) for j in plan_choice),
-        status=status,
+    return bounded_outcome(
+        cat,
+        plan_choice,
         solver="lagrangian",
+        value=value,
+        bound=best.bound,
+        scale=scale,
+        round_time=round_time,
+        mip_gap=opts.mip_gap,
+    )
+
+
+def bounded_outcome(
+    cat: Catalogue,
+    choice: np.ndarray,
+    *,
+    solver: str,
+    value: float,
+    bound: float,
+    scale: float,
+    round_time: float,
+    mip_gap: float,
+) -> SolverOutcome:
+    """The outcome of a plan of objective ``value`` with a proven ``bound`` (both in units
+    of ``scale``): its gap, and ``OPTIMAL`` when that is within ``mip_gap``."""
+    finite = math.isfinite(bound)
+    gap = max(0.0, bound - value) / value if value > 0 and finite else None
+    return SolverOutcome(
+        configurations=tuple(cat.configuration(int(j)) for j in choice),
+        status="OPTIMAL" if gap is not None and gap <= mip_gap else "FEASIBLE",
+        solver=solver,
         solver_version="legend",
         mip_gap=gap,
         objective_value=value * scale,
         deadline_s=round_time,
-        objective_bound=bound * scale,
+        objective_bound=max(bound, value) * scale if finite else None,
     )
 
 

@@ -62,6 +62,7 @@ import numpy as np
 from legend.planner.catalog import Catalogue, FleetCosts
 from legend.planner.errors import InfeasibleError
 from legend.planner.formulation import CongestedLink, congested_links
+from legend.planner.lagrange import bounded_outcome
 from legend.planner.types import PlanningProblem, SolverOutcome
 
 __all__ = ["applies", "solve_link_lagrangian"]
@@ -850,20 +851,15 @@ class _Solver:
     def _outcome(
         self, choice: np.ndarray, util: float, round_time: float, bound: float
     ) -> SolverOutcome:
-        opts = self.opts
-        value = self._objective(util, round_time)
-        gap = max(0.0, bound - value) / value if value > 0 and math.isfinite(bound) else None
-        status = "OPTIMAL" if gap is not None and gap <= opts.mip_gap else "FEASIBLE"
-        scale = self.model.scale
-        return SolverOutcome(
-            configurations=tuple(self.cat.configuration(int(j)) for j in choice),
-            status=status,
+        return bounded_outcome(
+            self.cat,
+            choice,
             solver="link-lagrangian",
-            solver_version="legend",
-            mip_gap=gap,
-            objective_value=value * scale,
-            deadline_s=round_time,
-            objective_bound=max(bound, value) * scale if math.isfinite(bound) else None,
+            value=self._objective(util, round_time),
+            bound=bound,
+            scale=self.model.scale,
+            round_time=round_time,
+            mip_gap=self.opts.mip_gap,
         )
 
 

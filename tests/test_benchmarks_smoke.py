@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import json
 import os
 import subprocess
 import sys
@@ -186,3 +187,23 @@ def test_planner_quality_smoke(tmp_path: Path) -> None:
         # The exact planner's objective bounds the greedy's (up to its proven gap).
         assert 0 < ratio <= 1 + gap + 1e-6
         assert float(r["ip_time_s"]) > 0 and float(r["greedy_time_s"]) > 0
+
+
+@pytest.mark.slow
+def test_progress_prior_smoke() -> None:
+    """The prior's measurement runs end to end (tiny random model) and prints an entry of
+    the stored format: gains of mean 1 per layer, a non-decreasing response ending at 1."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "progress_prior.py"), "--smoke"],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    entry = json.loads(proc.stdout[proc.stdout.index("{") :])["tiny-bert"]
+    gains = entry["layer_gains"]
+    assert len(gains) == 4 and sum(gains) / 4 == pytest.approx(1.0, abs=1e-3)
+    response = [entry["rank_response"][r] for r in ("2", "4", "8")]
+    assert response == sorted(response) and response[-1] == pytest.approx(1.0)

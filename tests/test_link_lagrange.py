@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import device
 
 from legend.models.spec import get_model_spec
 from legend.planner import linklagrange
 from legend.planner.api import PlannerOptions, PlanningProblem, make_plan, plan_round
 from legend.planner.catalog import build_catalogue, fleet_costs
 from legend.planner.plan import validate_plan
-from legend.planner.profiles import DeviceProfile, Fleet, JobParams
+from legend.planner.profiles import Fleet, JobParams
 from legend.planner.topology import Topology
 
 SPEC = get_model_spec("all-MiniLM-L6-v2")
@@ -21,16 +22,10 @@ JOB = JobParams(ranks=(2, 4, 8))
 
 
 def _setup(profiles, groups, share):
+    keys = ("tflops", "uplink_mbps", "downlink_mbps", "num_samples")
     devices = tuple(
-        DeviceProfile(
-            device_id=f"d{i}",
-            tflops=tf,
-            memory_gb=8.0,
-            uplink_mbps=up,
-            downlink_mbps=down,
-            num_samples=n,
-        )
-        for i, (tf, up, down, n) in enumerate(profiles)
+        device(f"d{i}", memory_gb=8.0, **dict(zip(keys, row, strict=True)))
+        for i, row in enumerate(profiles)
     )
     fleet = Fleet(devices=devices)
     nodes, links = [], []
