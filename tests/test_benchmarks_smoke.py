@@ -7,8 +7,8 @@ BERT or small fleets; the assertions check the outputs' shape and ranges, not th
 from __future__ import annotations
 
 import importlib
-import math
 import json
+import math
 import os
 import subprocess
 import sys
