@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from legend.planner.catalog import Catalogue, FleetCosts
+from legend.planner.catalog import CHUNK_CELLS, Catalogue, FleetCosts
 from legend.planner.errors import InfeasibleError
 from legend.planner.types import PlanningProblem, objective_value
 
@@ -296,6 +296,52 @@ def _priced(problem: PlanningProblem, cat: Catalogue) -> tuple[np.ndarray, float
     return opts.seconds_per_mb * 2.0 * cat.bytes_one_way / 1e6, opts.server_overhead_s
 
 
+def _device_chunks(idx: np.ndarray, width: int) -> list[np.ndarray]:
+    """``idx`` cut into pieces of at most ``CHUNK_CELLS / width`` devices."""
+    size = max(1, CHUNK_CELLS // max(width, 1))
+    return [idx[i : i + size] for i in range(0, len(idx), size)]
+
+
+def _priced_best(
+    cat: Catalogue, fc: FleetCosts, beta: np.ndarray, lam: float, round_time_s: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per device the column maximising ``n_i u_j - lam beta_j`` among those that fit its
+    memory and finish within ``round_time_s`` (ties: the faster), and that value; ``-1``
+    and ``-inf`` where nothing fits.
+
+    Within one depth the columns that fit are a prefix of the depth's list (sorted by rank
+    sum, so by time and memory), found by binary search; the best of the prefix is then an
+    argmax over at most that depth's columns, never a device-by-catalogue time matrix.
+    """
+    n = len(fc)
+    out = np.full(n, -1, dtype=np.int64)
+    best_v = np.full(n, -np.inf)
+    best_t = np.full(n, np.inf)
+    u = cat.utility_per_sample
+    for d, cols in cat.by_depth():
+        k = _depth_caps(cat, fc, d, cols, round_time_s)
+        value = u[cols]
+        price = lam * beta[cols]
+        position = np.arange(len(cols))
+        for rows in _device_chunks(np.flatnonzero(k > 0), len(cols)):
+            v = fc.samples[rows, None] * value[None, :] - price[None, :]
+            v[position[None, :] >= k[rows, None]] = -np.inf
+            a = np.argmax(v, axis=1)  # the first maximum: the smallest rank sum, the fastest
+            va = v[np.arange(len(rows)), a]
+            j = cols[a]
+            t = fc.time_const[rows] + fc.time_per_layer[rows] * d
+            t = t + fc.time_per_rank[rows] * cat.rank_sum[j]
+            tol = 1e-12 * np.maximum(1.0, np.abs(va))
+            old = best_v[rows]
+            with np.errstate(invalid="ignore"):
+                tie = np.abs(va - old) <= tol
+            better = (va > old + tol) | (tie & (t < best_t[rows]))
+            out[rows] = np.where(better, j, out[rows])
+            best_v[rows] = np.where(better, va, old)
+            best_t[rows] = np.where(better, t, best_t[rows])
+    return out, best_v
+
+
 def _priced_choice(
     cat: Catalogue,
     fc: FleetCosts,
@@ -304,23 +350,10 @@ def _priced_choice(
     round_time_s: float,
     dropping: bool,
 ) -> np.ndarray:
-    """Per device the column maximising ``n_i u_j - lam beta_j`` among those that fit its
-    memory and finish within ``round_time_s`` (ties: the faster); ``-1`` sits out."""
-    out = np.full(len(fc), -1, dtype=np.int64)
-    for rows in fc.chunks(len(cat)):
-        t = fc.times(rows, cat)
-        ok = fc.fits(rows, cat) & (t <= round_time_s * (1 + _TIME_TOL))
-        v = fc.samples[rows, None] * cat.utility_per_sample[None, :] - lam * beta[None, :]
-        v = np.where(ok, v, -np.inf)
-        best = v.max(axis=1)
-        tol = 1e-12 * np.maximum(1.0, np.abs(np.where(np.isfinite(best), best, 0.0)))
-        near = v >= (best - tol)[:, None]
-        j = np.argmin(np.where(near, t, np.inf), axis=1)
-        pick = np.where(np.isfinite(best), j, -1)
-        if dropping:
-            pick = np.where(best > 0, pick, -1)
-        out[rows] = pick
-    return out
+    """:func:`_priced_best`'s columns; with dropping a device whose best is not positive
+    sits out (``-1``)."""
+    choice, value = _priced_best(cat, fc, beta, lam, round_time_s)
+    return np.where(value > 0, choice, -1) if dropping else choice
 
 
 def _plan_ratio(
@@ -371,40 +404,51 @@ def _priced_best_time(
     d_val: list[np.ndarray] = []
     d_p: list[np.ndarray] = []
     d_b: list[np.ndarray] = []
-    by_depth = cat.by_depth()
-    for rows in fc.chunks(len(cat)):
-        n = fc.samples[rows]
-        t_all = fc.times(rows, cat)
-        v_all = n[:, None] * u[None, :] - lam * beta[None, :]
-        v_all = np.where(fc.fits(rows, cat) & (t_all <= t_hi * (1 + _TIME_TOL)), v_all, -np.inf)
-        early = t_all <= t_lb * (1 + _TIME_TOL)
-        v_early = np.where(early, v_all, -np.inf)
-        base_col = np.argmax(v_early, axis=1)
-        base = v_early[np.arange(len(base_col)), base_col]
-        if dropping:
-            out = ~(base > 0)
-            base = np.where(out, 0.0, base)
-            base_col = np.where(out, -1, base_col)
-        has = base_col >= 0
-        base_p += float(n[has] @ u[base_col[has]])
-        base_b += float(beta[base_col[has]].sum())
-        dev_parts, col_parts = [], []
-        for _d, cols in by_depth:
+    base_col, base = _priced_best(cat, fc, beta, lam, t_lb)
+    if dropping:
+        out = ~(base > 0)
+        base = np.where(out, 0.0, base)
+        base_col = np.where(out, -1, base_col)
+    has = base_col >= 0
+    base_p += float(fc.samples[has] @ u[base_col[has]])
+    base_b += float(beta[base_col[has]].sum())
+    dev_parts, col_parts, t_parts, v_parts = [], [], [], []
+    for d, cols in cat.by_depth():
+        # the columns a device reaches between t_lb and t_hi: a window of the depth's list
+        k_lo = _depth_caps(cat, fc, d, cols, t_lb)
+        k_hi = _depth_caps(cat, fc, d, cols, t_hi)
+        value = u[cols]
+        price = lam * beta[cols]
+        position = np.arange(len(cols))
+        for rows in _device_chunks(np.flatnonzero(k_hi > k_lo), len(cols)):
+            v = fc.samples[rows, None] * value[None, :] - price[None, :]
+            outside = (position[None, :] < k_lo[rows, None]) | (
+                position[None, :] >= k_hi[rows, None]
+            )
+            v[outside] = -np.inf
             # along a depth, times grow with the rank sum for every device: a column can
             # raise the device's best only if it beats every faster column of its depth
-            v = np.where(early[:, cols], -np.inf, v_all[:, cols])
             before = np.maximum.accumulate(
-                np.concatenate([base[:, None], v[:, :-1]], axis=1), axis=1
+                np.concatenate([base[rows, None], v[:, :-1]], axis=1), axis=1
             )
             r, k = np.nonzero(v > before)
-            dev_parts.append(r)
-            col_parts.append(cols[k])
+            if not len(r):
+                continue
+            dev = rows[r]
+            j = cols[k]
+            dev_parts.append(dev)
+            col_parts.append(j)
+            t_parts.append(
+                fc.time_const[dev]
+                + fc.time_per_layer[dev] * d
+                + fc.time_per_rank[dev] * cat.rank_sum[j]
+            )
+            v_parts.append(v[r, k])
+    if dev_parts:
         dev = np.concatenate(dev_parts)
-        if not len(dev):
-            continue
         col = np.concatenate(col_parts)
-        tt = t_all[dev, col]
-        vv = v_all[dev, col]
+        tt = np.concatenate(t_parts)
+        vv = np.concatenate(v_parts)
         order = np.lexsort((-vv, tt, dev))
         dev, tt, vv, col = dev[order], tt[order], vv[order], col[order]
         # running maximum per device in time order, from its base: offset the devices'
@@ -426,7 +470,7 @@ def _priced_best_time(
         b_old = np.where(old >= 0, beta[np.maximum(old, 0)], 0.0)
         times.append(tt)
         d_val.append(inc)
-        d_p.append(n[dev] * (u[col] - u_old))
+        d_p.append(fc.samples[dev] * (u[col] - u_old))
         d_b.append(beta[col] - b_old)
     if times:
         tt = np.concatenate(times)
