@@ -293,7 +293,8 @@ def test_whatif_sweeps_with_the_exact_planner():
         deadline_points=4,
         models=(MINILM, "llama-2-7b"),
     )
-    options = PlannerOptions(solver="pulp-highs", time_limit_s=20)
+    # objective rate: a doubled fleet of the same devices keeps every configuration
+    options = PlannerOptions(objective="rate", solver="pulp-highs", time_limit_s=20)
     result = run_whatif(fleet, spec, JobParams(), options, settings)
     base = result.baseline
     bw = result.bandwidth.set_index("bandwidth_scale")

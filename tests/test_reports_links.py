@@ -32,7 +32,7 @@ LINKS_ONLY = {"bandwidth_scales": (), "fleet_scales": (), "deadline_points": 0, 
 def ap30() -> tuple[Plan, Fleet, Topology]:
     fleet = load_fleet(FLEET)
     topology = load_topology(TOPOLOGY, fleet)
-    plan = plan_round(fleet, SPEC, JobParams(), PlannerOptions(), topology=topology)
+    plan = plan_round(fleet, SPEC, JobParams(), PlannerOptions(objective="rate"), topology=topology)
     return plan, fleet, topology
 
 
@@ -72,7 +72,9 @@ def test_plan_report_link_table_is_the_plans_load(ap30):
 
 def test_backhaul_binds_by_replanning_and_on_the_clock(ap30):
     plan, fleet, topology = ap30
-    replanner = Replanner(fleet=fleet, spec=SPEC, job=JobParams(), options=PlannerOptions())
+    replanner = Replanner(
+        fleet=fleet, spec=SPEC, job=JobParams(), options=PlannerOptions(objective="rate")
+    )
     assert replanner.reference(plan, topology) is plan  # planned with this topology
     verdict = binding_links(plan, topology, fleet, replanner)
     assert verdict.rule == "re-plan" and verdict.names(topology) == [BACKHAUL]
@@ -86,7 +88,9 @@ def test_backhaul_binds_by_replanning_and_on_the_clock(ap30):
 def test_doubling_the_backhaul_whatif(ap30):
     plan, fleet, topology = ap30
     settings = WhatIfSettings(**LINKS_ONLY, double_links=(BACKHAUL, "phone-01--ap-1"))
-    result = run_whatif(fleet, SPEC, JobParams(), PlannerOptions(), settings, topology=topology)
+    result = run_whatif(
+        fleet, SPEC, JobParams(), PlannerOptions(objective="rate"), settings, topology=topology
+    )
     rows = result.links.set_index("scenario")
     base, wide, phone = (rows.loc[s] for s in ("baseline", f"x2 {BACKHAUL}", "x2 phone-01--ap-1"))
     assert base["round_time_s"] == pytest.approx(plan.round_time_s)

@@ -240,7 +240,7 @@ def test_ap30_prediction_met_by_fair_sharing_clock() -> None:
     problem = PlanningProblem.create(fleet, SPEC, JobParams())
     out = {}
     for name, t in (("blind", None), ("aware", topo)):
-        plan = plan_round(fleet, SPEC, JobParams(), PlannerOptions(), topology=t)
+        plan = plan_round(fleet, SPEC, JobParams(), PlannerOptions(objective="rate"), topology=t)
         ev = [problem.costs.evaluate(fleet[d.device_id], d.layers, d.ranks) for d in plan.devices]
         sim = max(
             simulate_round(
