@@ -51,6 +51,7 @@ from legend.federation.memory import (
     MemorySample,
     fit_memory_bound,
     measure_peak_memory,
+    measurement_noise,
 )
 from legend.models.errors import LegendError
 from legend.models.paths import check_output_file, writing
@@ -307,7 +308,8 @@ def run_calibration(
         ``"cpu"`` or a torch device such as ``"cuda"``.
     memory
         Also measure peak training memory (every measured depth and rank, one fresh
-        process each) and fit the memory coefficients.
+        process each, and three of them a second time for the measurement noise) and fit
+        the memory coefficients.
     memory_steps
         Training steps per memory measurement (the peak stops growing after the second,
         when the AdamW moments exist).
@@ -369,7 +371,8 @@ def run_calibration(
     configs = [(d, r) for d in depth_list for r in rank_list]
     passes = max(1, min(passes, repeats))
     memory_configs = [(d, r) for d in depth_list for r in rank_list] if memory else []
-    total = len(configs) * passes + 1 + len(memory_configs)
+    repeat_at = sorted({0, len(memory_configs) // 2, len(memory_configs) - 1}) if memory else []
+    total = len(configs) * passes + 1 + len(memory_configs) + len(repeat_at)
     with torch.random.fork_rng(devices=None if cuda else []):
         torch.manual_seed(seed)
         base = load_base_model(model, num_labels=spec.num_labels, seed=seed).to(torch_device)
@@ -435,9 +438,10 @@ def run_calibration(
     memory_fields: dict[str, Any] = {}
     memory_samples: tuple[MemorySample, ...] = ()
     if memory_configs:
-        peaks: list[float] = []
-        for depth, rank in memory_configs:
-            peaks += measure_peak_memory(
+
+        def peak_of(depth: int, rank: int, what: str) -> float:
+            nonlocal done
+            (peak,) = measure_peak_memory(
                 model,
                 [(tuple(range(L - depth, L)), (rank,) * depth)],
                 batch_size=batch_size,
@@ -449,9 +453,18 @@ def run_calibration(
             )
             done += 1
             if progress is not None:
-                progress(done, total, f"memory, depth {depth}, rank {rank}")
+                progress(done, total, f"{what}, depth {depth}, rank {rank}")
+            return peak
+
+        peaks = [peak_of(d, r, "memory") for d, r in memory_configs]
+        # The smallest, a middle and the largest configuration once more, in fresh
+        # processes: how much one configuration's peak moves between processes.
+        again = [peak_of(*memory_configs[k], "memory again") for k in repeat_at]
+        noise = measurement_noise([peaks[k] for k in repeat_at], again)
+        for k, peak in zip(repeat_at, again, strict=True):
+            peaks[k] = max(peaks[k], peak)
         points = [(d, d * r, m) for (d, r), m in zip(memory_configs, peaks, strict=True)]
-        fit = fit_memory_bound(points)
+        fit = fit_memory_bound(points, noise=noise)
         memory_samples = tuple(
             MemorySample(depth=d, rank=r, peak_bytes=m, predicted_bytes=fit.predict(d, s))
             for (d, r), (_, s, m) in zip(memory_configs, points, strict=True)
@@ -683,6 +696,11 @@ def calibrate_command(
             ("memory_static_bytes", f"{cal.memory_static_bytes / 1e6:.1f} MB"),
             ("memory_per_layer_bytes", f"{cal.memory_per_layer_bytes / 1e6:.2f} MB"),
             ("memory_per_rank_bytes", f"{cal.memory_per_rank_bytes / 1e3:.1f} kB"),
+            (
+                "memory_headroom_bytes",
+                f"{(cal.memory_headroom_bytes or 0.0) / 1e6:.1f} MB (in static: leave-one-out "
+                "allowance plus the noise between processes)",
+            ),
         ]
         out_console.print(_coefficient_table(f"memory: {cal.memory_method}", coefficients))
     with writing(path, "--out"):

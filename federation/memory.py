@@ -26,14 +26,21 @@ The fit
     configurations by exactly these two numbers) as the tightest affine **upper bound** of
     the measurements: a linear program minimising the total over-prediction subject to
     predicting no measurement low, with non-negative coefficients, then raised by a
-    leave-one-out headroom for the configurations that were not measured. Memory is a hard
-    constraint (C6), so the fit errs high rather than through the middle.
+    leave-one-out headroom for the configurations that were not measured, and by the
+    measurement noise: a few configurations are measured twice, in separate fresh
+    processes, and the largest difference between the two peaks is added as well (the same
+    configuration differs by several MB, sometimes 10% and more, between processes, because
+    the C heap is laid out differently each time; a bound fitted through neighbours that
+    happened to measure low would otherwise be exceeded by a configuration that measures
+    high). Memory is a hard constraint (C6), so the fit errs high rather than through the
+    middle.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,6 +57,7 @@ __all__ = [
     "MemorySample",
     "fit_memory_bound",
     "measure_peak_memory",
+    "measurement_noise",
 ]
 
 MEMORY_METHOD = (
@@ -82,12 +90,14 @@ class MemorySample:
 @dataclass(frozen=True, kw_only=True)
 class MemoryFit:
     """``memory = static + depth * per_layer + rank_sum * per_rank``; ``static`` includes
-    ``headroom``, the leave-one-out allowance for configurations that were not measured."""
+    ``headroom``: the leave-one-out allowance for configurations that were not measured
+    plus ``noise``, the largest difference between two measurements of one configuration."""
 
     static: float
     per_layer: float
     per_rank: float
     headroom: float
+    noise: float = 0.0
 
     def predict(self, depth: int, rank_sum: int) -> float:
         return self.static + depth * self.per_layer + rank_sum * self.per_rank
@@ -118,9 +128,9 @@ def _upper_bound(samples: Sequence[tuple[int, int, float]]) -> tuple[float, floa
     return static + max(0.0, shortfall), per_layer, per_rank
 
 
-def fit_memory_bound(samples: Sequence[tuple[int, int, float]]) -> MemoryFit:
+def fit_memory_bound(samples: Sequence[tuple[int, int, float]], *, noise: float = 0.0) -> MemoryFit:
     """The tightest affine upper bound ``static + depth * per_layer + rank_sum * per_rank``,
-    raised by a leave-one-out headroom.
+    raised by a leave-one-out headroom and by the measurement ``noise``.
 
     ``samples`` are ``(depth, rank sum, measured bytes)``. The bound minimises the summed
     over-prediction subject to every prediction being at least its measurement, with all
@@ -133,7 +143,15 @@ def fit_memory_bound(samples: Sequence[tuple[int, int, float]]) -> MemoryFit:
     This is the jackknife form of a conformal bound: for a configuration whose peak is
     exchangeable with the ``n`` measured ones, the bound holds with probability at least
     ``n / (n + 1)``; more measured configurations give a safer bound.
+
+    The jackknife sees each configuration once, so it cannot tell a neighbourhood that
+    measured low by chance. ``noise`` (bytes, ``>= 0``: the largest difference between two
+    fresh measurements of one configuration, see :func:`measurement_noise`) is added on top:
+    the peaks the bound passes through may each be up to that much below what the same
+    configurations reach in another process.
     """
+    if not math.isfinite(noise) or noise < 0:
+        raise FederationInputError(f"`noise` must be a finite number >= 0, got {noise!r}")
     if len(samples) < 3:
         raise FederationInputError(f"the fit needs at least three samples, got {len(samples)}")
     static, per_layer, per_rank = _upper_bound(samples)
@@ -142,9 +160,25 @@ def fit_memory_bound(samples: Sequence[tuple[int, int, float]]) -> MemoryFit:
         for i, (d, s, m) in enumerate(samples):
             c, a, b = _upper_bound([x for j, x in enumerate(samples) if j != i])
             headroom = max(headroom, m - (c + d * a + s * b))
+    headroom += noise
     return MemoryFit(
-        static=static + headroom, per_layer=per_layer, per_rank=per_rank, headroom=headroom
+        static=static + headroom,
+        per_layer=per_layer,
+        per_rank=per_rank,
+        headroom=headroom,
+        noise=noise,
     )
+
+
+def measurement_noise(first: Sequence[float], second: Sequence[float]) -> float:
+    """The largest difference between two measurements of the same configurations
+    (``first[k]`` and ``second[k]`` measured in separate fresh processes)."""
+    if len(first) != len(second) or not first:
+        raise FederationInputError(
+            "measurement noise needs the same configurations measured twice, got "
+            f"{len(first)} and {len(second)} measurements"
+        )
+    return max(abs(float(a) - float(b)) for a, b in zip(first, second, strict=True))
 
 
 def measure_peak_memory(

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from legend.federation.memory import fit_memory_bound, measure_peak_memory
+from legend.federation.memory import fit_memory_bound, measure_peak_memory, measurement_noise
 from legend.models.spec import get_model_spec
 from legend.planner.costs import Calibration, CostModel
 from legend.planner.errors import PlannerInputError
@@ -57,6 +57,34 @@ def test_fit_recovers_an_affine_model_and_bounds_noisy_measurements() -> None:
     # Tight: without the headroom the bound touches at least one measurement.
     assert min(over) == pytest.approx(fit.headroom, abs=1e3)
     assert min(fit.static, fit.per_layer, fit.per_rank) >= 0
+
+
+def test_measurement_noise_raises_the_bound_by_the_largest_repeat_difference() -> None:
+    """Neighbours that measured low by chance: the jackknife alone cannot see it, the repeat
+    difference can. The bound of a configuration measured high in another process holds."""
+    exact = [(d, d * r, 100e6 + d * 40e6 + d * r * 30e3) for d in (1, 2, 4, 6) for r in (2, 16)]
+    noise = measurement_noise([150e6, 300e6], [158e6, 297e6])
+    assert noise == pytest.approx(8e6)
+    plain, raised = fit_memory_bound(exact), fit_memory_bound(exact, noise=noise)
+    assert raised.noise == noise
+    assert raised.headroom == pytest.approx(plain.headroom + noise)
+    assert raised.static == pytest.approx(plain.static + noise)
+    # Depth 3 was not measured; in another process it peaks 7 MB above the affine truth.
+    truth = 100e6 + 3 * 40e6 + 48 * 30e3
+    assert plain.predict(3, 48) < truth + 7e6 <= raised.predict(3, 48)
+
+
+def test_measurement_noise_and_fit_refuse_bad_input() -> None:
+    from legend.federation.errors import FederationInputError
+
+    with pytest.raises(FederationInputError, match="measured twice"):
+        measurement_noise([1e6, 2e6], [1e6])
+    with pytest.raises(FederationInputError, match="measured twice"):
+        measurement_noise([], [])
+    samples = [(1, 2, 1e6), (2, 4, 2e6), (4, 8, 4e6)]
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(FederationInputError, match="`noise`"):
+            fit_memory_bound(samples, noise=bad)
 
 
 def test_fit_needs_three_samples() -> None:
@@ -173,6 +201,8 @@ def test_planned_minilm_configuration_trains_within_device_memory() -> None:
     )
     cal = result.calibration
     assert cal.has_memory and len(cal.memory_samples) == 12
+    # Three configurations were measured twice; their difference is in the headroom.
+    assert cal.memory_headroom_bytes is not None and cal.memory_headroom_bytes > 0
     assert all(s.predicted_bytes >= s.peak_bytes for s in result.memory_samples)
     spec = get_model_spec("all-MiniLM-L6-v2", target_modules="qv")
     job = JobParams(batch_size=batch, seq_len=seq, local_steps=1, ranks=(2, 4, 8, 16))
