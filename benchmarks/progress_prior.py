@@ -7,9 +7,10 @@ measures that prior the way a run would see it: a few federated rounds in which 
 device trains *every* layer at the *largest* rank of the grid (so each layer's update and
 every rank's share of it are observed), on the model's default data with the
 time-to-accuracy benchmark's local recipe, over several seeds. Per round it reads the
-devices' updates with :meth:`ProgressModel.signals` (per-layer update energy at full-rank
-equivalent; per-rank share of the update's singular-value energy), normalises the layer
-energies to mean 1, and averages over rounds and seeds.
+devices' replies with :meth:`ProgressModel.signals` (per layer the first-order training-loss
+decrease the devices measured, at full-rank equivalent; per rank the share of the update's
+singular-value energy), normalises the layer gains to mean 1, and averages over rounds and
+seeds.
 
 Prints the prior, its spread over seeds, and with ``--write`` stores it in
 ``models/progress_priors.json`` (the entry for the model is replaced; other entries are
@@ -73,7 +74,8 @@ def build_config(args: argparse.Namespace, seed: int) -> Any:
 
 
 def measure_seed(args: argparse.Namespace, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per round ``(layer energies normalised to mean 1, rank shares)`` of one seed."""
+    """Per round ``(layer gains normalised to mean 1, rank shares)`` of one seed: the gains
+    from the devices' measured loss decreases (the run's own rule)."""
     from legend.federation.adapters import ClientUpdate, init_global
     from legend.federation.core import ClientCore, ServerCore
     from legend.federation.runner import prepare
@@ -96,13 +98,19 @@ def measure_seed(args: argparse.Namespace, seed: int) -> tuple[np.ndarray, np.nd
             client.train(ins, p.fleet[ins.device_id], p.device_data[ins.device_id])
             for ins in server.instructions(t, plan)
         ]
-        updates = [
-            ClientUpdate(device_id=r.device_id, num_samples=r.num_samples, state=r.state)
+        full = [
+            r
             for r in replies
             if r.state is not None and max(dp for dp in plan.device(r.device_id).ranks) == r_max
         ]
-        signals = server.progress_model.signals(server.global_state, updates)
-        e = np.asarray(signals.layer_energy)
+        updates = [
+            ClientUpdate(device_id=r.device_id, num_samples=r.num_samples, state=r.state)
+            for r in full
+        ]
+        signals = server.progress_model.signals(
+            server.global_state, updates, [r.layer_decrease for r in full]
+        )
+        e = np.asarray(signals.layer_measure)
         energies.append(e / np.nanmean(e))
         shares.append(np.asarray(signals.rank_share))
         server.finish_round(t, plan, replies)

@@ -527,6 +527,23 @@ class AdapterHost:
                 raise FederationError(f"unexpected adapter weight `{name}`")
         return AdapterState(factors={k: (a, b) for k, (a, b) in factors.items()}, head=head)
 
+    def layer_parameters(self) -> dict[int, list[torch.nn.Parameter]]:
+        """The installed adapter's trainable LoRA factors, by model layer (call inside
+        :meth:`activate`; the head is in no layer)."""
+        if self._peft is None:
+            raise FederationError("no adapter is installed; call inside activate()")
+        suffix = f".{ADAPTER_NAME}.weight"
+        out: dict[int, list[torch.nn.Parameter]] = {}
+        for name, parameter in self._peft.named_parameters():
+            if not parameter.requires_grad or not name.endswith(suffix):
+                continue
+            bare = name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+            match = _LORA_KEY.match(bare[: -len(suffix)] + ".weight")
+            key = None if match is None else self._key_of.get(match.group("module"))
+            if key is not None:
+                out.setdefault(key[0], []).append(parameter)
+        return out
+
     def _global_plan(self, state: AdapterState, device_id: str) -> DevicePlan:
         layer_ranks = state.layer_ranks()
         if not layer_ranks:

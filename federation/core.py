@@ -127,6 +127,9 @@ class ClientReply:
     upload_bytes: float
     memory_bytes: float
     dropped: bool = False
+    # per model layer, the first-order training-loss decrease per local step that the
+    # layer's adapter bought (NaN for layers the device did not train; empty if not measured)
+    layer_decrease: tuple[float, ...] = ()
 
     @property
     def sim_time_s(self) -> float:
@@ -312,6 +315,7 @@ class ServerCore:
         """
         f = self.cfg.federation
         accepted: list[ClientUpdate] = []
+        decreases: list[tuple[float, ...]] = []
         rejected: dict[str, str] = {}
         by_id = {r.device_id: r for r in replies}
         dropped = set(missing) | {r.device_id for r in replies if r.dropped}
@@ -351,12 +355,15 @@ class ServerCore:
                     device_id=reply.device_id, num_samples=reply.num_samples, state=reply.state
                 )
             )
+            decreases.append(reply.layer_decrease)
         for device_id in sorted(dropped):
             log.warning("round %d: device %s dropped out", round_index, device_id)
         predicted = self.predicted_progress(plan)
         if accepted:
             # what the updates say of layers and ranks, against the slices they started from
-            self.progress_model.observe(self.progress_model.signals(self.global_state, accepted))
+            self.progress_model.observe(
+                self.progress_model.signals(self.global_state, accepted, decreases)
+            )
         rule = AGGREGATORS[self.cfg.aggregation]
         if accepted:
             self.global_state, self.optimizer_state = self.server_optimizer.step(
@@ -585,7 +592,7 @@ class ClientCore:
         batches: Any,
     ) -> ClientReply:
         """Train one round. ``batches`` is a :class:`~legend.federation.training.DeviceData`."""
-        from legend.federation.training import train_steps
+        from legend.federation.training import LayerDecrease, train_steps
 
         ins = instruction
         dp = DevicePlan(device_id=ins.device_id, layers=ins.layers, ranks=ins.ranks)
@@ -611,6 +618,7 @@ class ClientCore:
             )
         start = time.perf_counter()
         with self.host.activate(dp, ins.init_state, freeze_a=ins.freeze_a) as model:
+            decrease = LayerDecrease(self.host.layer_parameters())
             loss = train_steps(
                 model,
                 batches,
@@ -621,6 +629,7 @@ class ClientCore:
                 loss=ins.loss,
                 optimizer=ins.optimizer,
                 seed=ins.seed,
+                decrease=decrease,
             )
             state = self.host.extract()
         host_time = time.perf_counter() - start
@@ -640,6 +649,7 @@ class ClientCore:
             download_bytes=cost.download_bytes,
             upload_bytes=cost.upload_bytes,
             memory_bytes=cost.memory_bytes,
+            layer_decrease=decrease.per_layer(self.costs.spec.num_layers),
         )
 
 

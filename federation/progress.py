@@ -19,9 +19,14 @@ rank response ``phi``
     ``phi(r) = c(r)`` for every rank of the grid (an update at a smaller rank ``R`` gives
     ``phi(r) / phi(R)`` for ``r <= R``).
 layer gains ``g``
-    The energy ``||dW||_F^2`` (summed over the layer's modules) of each device's update,
-    divided by ``phi`` at the rank it trained (its full-rank equivalent), averaged over the
-    devices that trained the layer and normalised to mean 1 over the layers.
+    Each device measures, while it trains, the first-order decrease of its training loss
+    that each layer's adapter bought: ``<g_t, theta_t - theta_{t+1}>`` over the layer's LoRA
+    factors, per step (``lr ||g_l||^2`` under SGD; :class:`~legend.federation.training.\
+LayerDecrease`). Divided by ``phi`` at the rank the device trained (its full-rank
+    equivalent), averaged over the devices that trained the layer and normalised to mean 1
+    over the layers, it is the round's gain estimate. Where no device reported it (replies
+    of an older node), the energy ``||dW||_F^2`` of the returned updates stands in, the same
+    way divided by ``phi``.
 validation
     The server evaluates the global model on a validation split it holds out of the training
     data (never the test split); the drop of its loss each round is compared with the
@@ -71,12 +76,20 @@ def update_spectrum(a: np.ndarray, b: np.ndarray, a0: np.ndarray, b0: np.ndarray
 
 @dataclass(frozen=True, kw_only=True)
 class RoundSignals:
-    """What one round's updates said: per layer the mean full-rank-equivalent energy (NaN
-    where no device trained it) and per grid rank the energy share (NaN where unobserved)."""
+    """What one round's updates said: per layer the mean full-rank-equivalent energy and
+    first-order loss decrease (NaN where no device trained or reported it) and per grid rank
+    the energy share (NaN where unobserved)."""
 
     layer_energy: tuple[float, ...]
     rank_share: tuple[float, ...]
     devices: int
+    layer_decrease: tuple[float, ...] = ()
+
+    @property
+    def layer_measure(self) -> tuple[float, ...]:
+        """What the layer gains are fitted from: the measured loss decreases where the
+        devices reported them, otherwise the update energies."""
+        return self.layer_decrease or self.layer_energy
 
 
 class ProgressModel:
@@ -153,17 +166,29 @@ class ProgressModel:
         return total / samples if samples else 0.0
 
     # -- what a round says -----------------------------------------------------------------
-    def signals(self, global_before: AdapterState, updates: Sequence[ClientUpdate]) -> RoundSignals:
+    def signals(
+        self,
+        global_before: AdapterState,
+        updates: Sequence[ClientUpdate],
+        decreases: Sequence[Sequence[float]] | None = None,
+    ) -> RoundSignals:
         """Per-layer energies and per-rank energy shares of ``updates`` against the slices
-        of ``global_before`` they were trained from."""
+        of ``global_before`` they were trained from, and the per-layer loss decreases the
+        devices measured (``decreases[k]`` of ``updates[k]``, one value per model layer)."""
         L = self.spec.num_layers
         r_max = max(self.ranks)
         energy_sum = np.zeros(L)
         energy_count = np.zeros(L)
+        decrease_sum = np.zeros(L)
+        decrease_count = np.zeros(L)
+        if decreases is not None and len(decreases) != len(updates):
+            raise ValueError(
+                f"{len(decreases)} loss decreases for {len(updates)} updates; give one per update"
+            )
         share_sum = np.zeros(len(self.ranks))
         share_weight = np.zeros(len(self.ranks))
         phi = dict(zip(self.ranks, self.rank_response, strict=True))
-        for update in updates:
+        for index, update in enumerate(updates):
             per_layer: dict[int, float] = {}
             rank_of: dict[int, int] = {}
             spectra: list[np.ndarray] = []
@@ -180,24 +205,34 @@ class ProgressModel:
                         # energy a rank-rk adapter can hold (at most the first rk values)
                         share_sum[k] += float(cum[min(rk, len(cum)) - 1]) * float(s @ s)
                         share_weight[k] += float(s @ s)
+            measured = decreases[index] if decreases is not None else ()
             for layer, e in per_layer.items():
                 r = rank_of[layer]
-                response = phi.get(r, r / r_max)
-                energy_sum[layer] += e / max(response, 1e-6)
+                response = max(phi.get(r, r / r_max), 1e-6)
+                energy_sum[layer] += e / response
                 energy_count[layer] += 1
+                d = float(measured[layer]) if layer < len(measured) else math.nan
+                if math.isfinite(d):
+                    decrease_sum[layer] += d / response
+                    decrease_count[layer] += 1
         with np.errstate(invalid="ignore", divide="ignore"):
             energy = np.where(energy_count > 0, energy_sum / np.maximum(energy_count, 1), np.nan)
+            decrease = np.where(
+                decrease_count > 0, decrease_sum / np.maximum(decrease_count, 1), np.nan
+            )
             share = np.where(share_weight > 0, share_sum / np.maximum(share_weight, _EPS), np.nan)
         return RoundSignals(
             layer_energy=tuple(float(v) for v in energy),
             rank_share=tuple(float(v) for v in share),
             devices=len(updates),
+            layer_decrease=tuple(float(v) for v in decrease) if decrease_count.any() else (),
         )
 
     def observe(self, signals: RoundSignals) -> None:
         """Fold one round's signals into the estimate (moving average, see the module)."""
         w = self.smoothing if self.rounds_observed > 0 else 0.0
-        energy = np.asarray(signals.layer_energy)
+        # the measured loss decreases where the devices reported them, else the energies
+        energy = np.asarray(signals.layer_measure, dtype=np.float64)
         seen = np.isfinite(energy) & (energy > 0)
         if seen.any():
             # measured gains, scaled so the layers seen keep their current mean

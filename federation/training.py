@@ -7,7 +7,7 @@ view of its partition's indices, so no device copies or re-tokenizes anything.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from legend.federation.job import LOSSES, OPTIMIZERS
 __all__ = [
     "LOSSES",
     "DeviceData",
+    "LayerDecrease",
     "TokenizedSplit",
     "evaluate",
     "label_log_prior",
@@ -81,6 +82,58 @@ def tokenize(
     )
 
 
+class LayerDecrease:
+    """The first-order decrease of the training loss that each layer's adapter bought.
+
+    A step moves the parameters from ``theta`` to ``theta'`` while the gradient is ``g``;
+    to first order the loss falls by ``<g, theta - theta'>``, and that inner product splits
+    exactly over the parameters, so each layer's share is the inner product over its own
+    LoRA factors (``lr * ||g_l||^2`` for plain SGD; any optimizer's step counts as taken).
+    Summed over the local steps and divided by their number, it is what the device's
+    configuration contributed to its training progress, layer by layer: the signal the
+    progress model (:mod:`legend.federation.progress`) fits the layer gains from.
+
+    ``layer_params`` maps a model layer to its trainable LoRA factors
+    (:meth:`legend.federation.apply.AdapterHost.layer_parameters`).
+    """
+
+    def __init__(self, layer_params: Mapping[int, Sequence[torch.nn.Parameter]]) -> None:
+        self.layer_params = {int(k): list(v) for k, v in layer_params.items() if v}
+        self.total = dict.fromkeys(self.layer_params, 0.0)
+        self.steps = 0
+        self._before: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def before_step(self) -> None:
+        """Keep each factor and its gradient (call after ``backward``, before the step)."""
+        self._before = {
+            layer: [
+                (p.detach().clone(), p.grad.detach().clone()) for p in params if p.grad is not None
+            ]
+            for layer, params in self.layer_params.items()
+        }
+
+    def after_step(self) -> None:
+        """Add each layer's ``<g, theta - theta'>`` of the step just taken."""
+        for layer, params in self.layer_params.items():
+            kept = self._before.get(layer, [])
+            with_grad = [p for p in params if p.grad is not None]
+            total = 0.0
+            for p, (theta, grad) in zip(with_grad, kept, strict=True):
+                total += float(torch.sum(grad * (theta - p.detach())))
+            self.total[layer] += total
+        self._before = {}
+        self.steps += 1
+
+    def per_layer(self, num_layers: int) -> tuple[float, ...]:
+        """Mean decrease per step of every model layer (NaN where nothing was trained or no
+        step was taken)."""
+        out = [math.nan] * num_layers
+        if self.steps:
+            for layer, total in self.total.items():
+                out[layer] = total / self.steps
+        return tuple(out)
+
+
 def train_steps(
     model: torch.nn.Module,
     data: DeviceData,
@@ -92,11 +145,14 @@ def train_steps(
     seed: Sequence[int],
     loss: str = "cross-entropy",
     optimizer: str = "adamw",
+    decrease: LayerDecrease | None = None,
 ) -> float:
     """Run ``steps`` optimizer steps on batches drawn (seeded) from the device's data.
 
-    Returns the mean training loss. Only parameters that require grad are optimised (the
-    planned LoRA factors and the head); a fresh optimizer every round, as in FedAvg.
+    Returns the mean training loss; ``decrease``, when given, records every step's
+    first-order loss decrease per layer (:class:`LayerDecrease`). Only parameters that
+    require grad are optimised (the planned LoRA factors and the head); a fresh optimizer
+    every round, as in FedAvg.
 
     ``loss`` is ``"cross-entropy"`` or ``"logit-adjusted"``: cross-entropy of the logits
     plus ``log pi`` of the device's own label distribution ``pi`` (add-one smoothed), the
@@ -135,6 +191,7 @@ def train_steps(
             log_prior=label_log_prior(data, _num_labels(model)).to(device)
             if loss == "logit-adjusted"
             else None,
+            decrease=decrease,
         )
     model.eval()
     return float(np.mean(losses)) if losses else math.nan
@@ -149,6 +206,7 @@ def _train_loop(
     steps: int,
     batch_size: int,
     log_prior: torch.Tensor | None = None,
+    decrease: LayerDecrease | None = None,
 ) -> list[float]:
     model.train()
     losses: list[float] = []
@@ -173,7 +231,11 @@ def _train_loop(
             losses.append(math.nan)
             break
         loss.backward()
+        if decrease is not None:
+            decrease.before_step()
         optimizer.step()
+        if decrease is not None:
+            decrease.after_step()
         losses.append(float(loss.detach()))
     return losses
 

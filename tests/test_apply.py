@@ -255,6 +255,28 @@ def test_freeze_a_trains_b_only(bert: torch.nn.Module) -> None:
         assert not np.array_equal(b, init.factors[key][1])
 
 
+def test_layer_parameters_are_the_trainable_factors_by_layer(bert: torch.nn.Module) -> None:
+    host = _host(bert, "tiny-bert", "qv")
+    plan = _plan((1, 3), (2, 4))
+    init = slice_for(
+        init_global(host.spec, 4, host.initial_head(), seed=0), plan.layers, plan.ranks
+    )
+    for freeze_a, per_layer in ((False, 4), (True, 2)):  # q and v: A and B, or B only
+        with host.activate(plan, init, freeze_a=freeze_a) as model:
+            groups = host.layer_parameters()
+            assert sorted(groups) == [1, 3]
+            assert all(len(params) == per_layer for params in groups.values())
+            assert all(p.requires_grad for params in groups.values() for p in params)
+            ids = {id(p) for params in groups.values() for p in params}
+            lora = {id(p) for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}
+            assert ids == lora  # every trainable factor, in its own layer, and nothing else
+            ranks = {1: 2, 3: 4}
+            for layer, params in groups.items():
+                assert all(ranks[layer] in tuple(p.shape) for p in params)
+    with pytest.raises(FederationError, match="activate"):
+        host.layer_parameters()
+
+
 def test_frozen_head_when_the_job_says_so(bert: torch.nn.Module) -> None:
     host = _host(bert, "tiny-bert", "qv", train_head=False)
     plan = _plan((3,), (2,))

@@ -145,6 +145,7 @@ def _reply(round: int, device_id: str, state: AdapterState | None) -> ClientRepl
         upload_bytes=567.0,
         memory_bytes=1e8,
         dropped=state is None,
+        layer_decrease=() if state is None else (0.25, math.nan, 0.0, 1e-7),
     )
 
 
@@ -158,6 +159,8 @@ def test_reply_round_trip_keeps_observations(with_state):
         assert back.state is not None and back.state.equals(state)
     for name in ("num_samples", "steps", "dropped", "sim_compute_s", "upload_bytes"):
         assert getattr(back, name) == getattr(reply, name)
+    # the per-layer loss decreases travel, NaN (an untrained layer) included
+    np.testing.assert_array_equal(back.layer_decrease, reply.layer_decrease)
     assert math.isnan(back.train_loss) == math.isnan(reply.train_loss)
 
 

@@ -159,3 +159,27 @@ def test_rank_gains_are_validated_against_the_grid() -> None:
         PlanningProblem.create(_fleet(), TINY, tiny_job(RANKS), PlannerOptions(rank_gains=(1.0,)))
     with pytest.raises(PlannerInputError, match="no progress prior"):
         PlanningProblem.create(_fleet(), TINY, tiny_job(RANKS), PlannerOptions(rank_gains="prior"))
+
+
+def test_measured_loss_decreases_set_the_layer_gains() -> None:
+    """Where devices report their per-layer loss decreases, the gains follow those (divided
+    by the rank response), not the update energies."""
+    start = _global()
+    model = ProgressModel(TINY, RANKS, smoothing=0.0)
+    L = TINY.num_layers
+    # equal energy on layers 2 and 3, but layer 3 bought four times the loss decrease
+    update = _update(start, {2: 1.0, 3: 1.0}, directions=1)
+    decrease = [float("nan")] * L
+    decrease[2], decrease[3] = 0.01, 0.04
+    signals = model.signals(start, [update], [tuple(decrease)])
+    assert signals.layer_energy[2] == pytest.approx(signals.layer_energy[3], rel=1e-6)
+    assert signals.layer_decrease[3] == pytest.approx(4 * signals.layer_decrease[2])
+    assert np.isnan(signals.layer_decrease[0])
+    model.observe(signals)
+    assert model.layer_gains[3] == pytest.approx(4 * model.layer_gains[2])
+    # without reports the energies stand in
+    plain = ProgressModel(TINY, RANKS, smoothing=0.0)
+    plain.observe(plain.signals(start, [update]))
+    assert plain.layer_gains[3] == pytest.approx(plain.layer_gains[2], rel=1e-6)
+    with pytest.raises(ValueError, match="one per update"):
+        model.signals(start, [update], [])

@@ -272,3 +272,34 @@ def test_bad_job_files_exit_2_with_the_key(text, needle, tmp_path, capsys):
     assert needle in err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_devices_report_the_loss_decrease_of_the_layers_they_trained(tiny_cfg, prepared, tmp_path):
+    """Each reply carries, per model layer, the first-order training-loss decrease its
+    adapter bought (positive under the tiny job's SGD), NaN for layers it did not train;
+    the round's progress-model signals carry them."""
+    from legend.federation.core import ClientCore
+    from legend.federation.runner import RunSession
+    from legend.federation.session import prepare_run_dir
+
+    out = tmp_path / "run"
+    prepare_run_dir(tiny_cfg, out, False)
+    session = RunSession(tiny_cfg, out, resume=False, prepared=prepared)
+    p = session.prepared
+    client = ClientCore(p.host, session.server.costs)
+    plan, instructions = session.start_round(1)
+    L = p.spec.num_layers
+    replies = []
+    for ins in instructions:
+        reply = client.train(ins, p.fleet[ins.device_id], p.device_data[ins.device_id])
+        replies.append(reply)
+        assert len(reply.layer_decrease) == L
+        for layer in range(L):
+            value = reply.layer_decrease[layer]
+            if layer in ins.layers:
+                assert math.isfinite(value) and value > 0, (ins.device_id, layer, value)
+            else:
+                assert math.isnan(value)
+    assert any(ins.layers for ins in instructions)
+    session.complete_round(1, plan, replies)
+    assert session.server.progress_model.rounds_observed == 1

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from legend.federation.training import DeviceData, TokenizedSplit, label_log_prior, train_steps
+from legend.federation.training import (
+    DeviceData,
+    LayerDecrease,
+    TokenizedSplit,
+    label_log_prior,
+    train_steps,
+)
 from legend.models.loaders import load_base_model
 
 
@@ -108,3 +114,62 @@ def test_unknown_loss_is_refused() -> None:
             seed=(0,),
             loss="focal",
         )
+
+
+# -- the per-layer first-order loss decrease ----------------------------------------------
+
+
+def test_layer_decrease_is_the_first_order_loss_decrease_split_by_layer() -> None:
+    """Plain SGD on a quadratic: each layer's share is ``lr ||g_l||^2`` exactly, and at a
+    small rate the shares add up to the loss decrease actually observed."""
+    torch.manual_seed(0)
+    w0, w1 = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 2))
+    target0, target1 = torch.randn(5), torch.randn(3, 2)
+
+    def loss() -> torch.Tensor:
+        return ((w0 - target0) ** 2).sum() + 3.0 * ((w1 - target1) ** 2).sum()
+
+    lr = 1e-4
+    opt = torch.optim.SGD([w0, w1], lr=lr)
+    record = LayerDecrease({4: [w0], 6: [w1]})
+    before = float(loss().detach())
+    opt.zero_grad()
+    loss().backward()
+    want = {4: lr * float(w0.grad.pow(2).sum()), 6: lr * float(w1.grad.pow(2).sum())}
+    record.before_step()
+    opt.step()
+    record.after_step()
+    got = record.per_layer(8)
+    assert got[4] == pytest.approx(want[4], rel=1e-5)
+    assert got[6] == pytest.approx(want[6], rel=1e-5)
+    assert all(math.isnan(got[k]) for k in (0, 1, 2, 3, 5, 7))  # untrained layers
+    observed = before - float(loss().detach())
+    assert observed == pytest.approx(got[4] + got[6], rel=1e-2)
+    # no step taken: nothing measured
+    assert all(math.isnan(v) for v in LayerDecrease({0: [w0]}).per_layer(2))
+
+
+def test_train_steps_records_the_decrease_of_every_trained_layer() -> None:
+    labels = [i % 2 for i in range(32)]
+    model = _model()
+    groups: dict[int, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if "layer" in parts:
+            groups.setdefault(int(parts[parts.index("layer") + 1]), []).append(p)
+    record = LayerDecrease({k: v for k, v in groups.items() if k >= 1})
+    train_steps(
+        model,
+        DeviceData(split=_split(labels), indices=np.arange(32)),
+        steps=3,
+        batch_size=8,
+        learning_rate=0.1,
+        weight_decay=0.0,
+        seed=(0,),
+        optimizer="sgd",
+        decrease=record,
+    )
+    got = record.per_layer(len(groups))
+    assert record.steps == 3
+    assert math.isnan(got[0])
+    assert all(v > 0 and math.isfinite(v) for v in got[1:])  # SGD always steps downhill

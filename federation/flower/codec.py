@@ -243,6 +243,8 @@ def reply_to_record(reply: ClientReply, extra: Mapping[str, Any] | None = None) 
     }
     for name in _REPLY_FLOATS:
         config[name.replace("_", "-")] = float(getattr(reply, name))
+    if reply.layer_decrease:
+        config["layer-decrease"] = [float(v) for v in reply.layer_decrease]
     config.update(extra or {})
     records: dict[str, Any] = {REPLY: ConfigRecord(config)}
     if reply.state is not None:
@@ -263,7 +265,10 @@ def reply_from_record(content: RecordDict) -> ClientReply:
             raise FlowerInputError(f"train reply announces an update but has no `{UPDATE}`")
         state = state_from_arrays(content.array_records[UPDATE])
     kinds = {**_REPLY_FIELDS, **dict.fromkeys(_REPLY_FLOATS, float)}
-    return ClientReply(state=state, **read_fields(c, kinds, what))
+    decrease = read_field(c, "layer-decrease", list, what) if "layer-decrease" in c else []
+    if not all(isinstance(v, float) for v in decrease):
+        raise FlowerInputError(f"{what}: `layer-decrease` must be a list of floats")
+    return ClientReply(state=state, layer_decrease=tuple(decrease), **read_fields(c, kinds, what))
 
 
 # -- the job as a message payload ----------------------------------------------------------
