@@ -320,14 +320,15 @@ def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -
             or time.perf_counter() > clock_end
         ):
             break
-        if plan.value > lam * (1 + 1e-6):
-            lam = plan.value  # a Dinkelbach step
-            continue
-        # the bound is loose where coarse intervals remain: refine those
+        # a Dinkelbach step where the plan's ratio rose by more than a quarter of the gap
+        # asked for, and the fine grid where coarse intervals keep the bound loose
+        step = plan.value > lam * (1 + max(opts.mip_gap / 4, 1e-9))
         wide = upper > lower * _GRID_RATIO * (1 + 1e-9)
         loose = wide & (best.values > plan.value * (1 + opts.mip_gap / 2))
-        if not loose.any():
+        if not step and not loose.any():
             break
+        if step:
+            lam = plan.value
         upper, lower = _refine(upper, lower, loose)
     assert plan is not None
     return bounded_outcome(
