@@ -27,6 +27,17 @@ for a multiple-choice program equals its LP relaxation.
   decrease with ``T``), so ``max_k L(y, T_{k+1}) / T_k`` bounds the best rate; for a fixed
   ``y`` every ``L(y, T_k)`` comes from one pass over the fleet (each device's priced
   front, binned onto the grid).
+- ``progress``: the denominator ``T + c + sum_i beta_{j_i}`` (``c`` the server's overhead,
+  ``beta_j`` the price of column ``j``'s bytes in seconds) depends on the choice. For a
+  ratio ``lambda >= 0`` price every column's bytes at ``lambda beta_j`` (one more fixed
+  multiplier) and let ``G_k`` be the bound above of the values ``n_i u_j - lambda beta_j``
+  at ``T_{k+1}``. A plan of round time ``T`` in ``[T_k, T_{k+1}]`` with progress ``P`` and
+  priced bytes ``B`` has ``P - lambda B <= G_k``, so its ratio is at most
+  ``(G_k + lambda B) / (T_k + c + B) <= max(lambda, G_k / (T_k + c))`` (a mediant):
+  ``max(lambda, max_k G_k / (T_k + c))`` bounds the best ratio for every ``lambda``. It is
+  tightest at the optimum's ratio, so ``lambda`` follows the best plan found (Dinkelbach
+  steps), first on the coarse grid, then on the fine one, where coarse intervals whose
+  bound still exceeds the plan by more than half of ``mip_gap`` are refined as well.
 
 The multipliers minimise the bound by Kelley's cutting planes (a convex function of ``y``
 of a few dimensions). Plans come from the priced choice at the best ``y`` and the most
@@ -48,7 +59,7 @@ import numpy as np
 
 from legend.planner.catalog import Catalogue, FleetCosts
 from legend.planner.errors import InfeasibleError
-from legend.planner.sweep import fastest_times
+from legend.planner.sweep import fastest_times, priced_columns
 from legend.planner.types import PlanningProblem, SolverOutcome
 
 __all__ = ["applies", "solve_lagrangian"]
@@ -56,15 +67,17 @@ __all__ = ["applies", "solve_lagrangian"]
 MB = 1e6
 _GRID_RATIO = 1.0 + 1e-4  # consecutive round times of the fine grid
 _MAX_CUTS = 60
+_DINKELBACH_STEPS = 8  # ``progress``: steps of the ratio that prices the bytes, coarse grid
+_REFINE_STEPS = 12  # ``progress``: Dinkelbach steps and refinements on the fine grid
 
 
 def applies(problem: PlanningProblem) -> bool:
     """Whether the coupling rows are only fleet-wide ones (no shared links of a topology)
-    and the objective is ``rate`` or ``deadline``."""
+    and the objective is ``progress``, ``rate`` or ``deadline``."""
     topo = problem.topology
     if topo is not None and topo.congested(problem.fleet):
         return False
-    return problem.options.objective in ("rate", "deadline")
+    return problem.options.objective in ("progress", "rate", "deadline")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,11 +149,12 @@ class _Fleet:
         self.n = n
         self.samples = fc.samples / scale
 
-    def priced(self, rows: _Rows, u: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """``c_ij(y) = n_i u_j - sum_r y_r a_r,ij`` over each device's time-ordered columns
-        (``-inf`` beyond its columns)."""
+    def priced(self, rows: _Rows, u: np.ndarray, y: np.ndarray, cost: np.ndarray) -> np.ndarray:
+        """``c_ij(y) = n_i u_j - cost_j - sum_r y_r a_r,ij`` over each device's time-ordered
+        columns (``-inf`` beyond its columns); ``cost`` is the price of each column's bytes
+        under ``progress`` (zero otherwise)."""
         alpha = u - (y[rows.by_samples] @ rows.coef[rows.by_samples])
-        beta = -(y[~rows.by_samples] @ rows.coef[~rows.by_samples])
+        beta = -cost - (y[~rows.by_samples] @ rows.coef[~rows.by_samples])
         c = np.append(alpha, -np.inf)[self.order]
         c *= self.samples[:, None]
         c += np.append(beta, 0.0)[self.order]
@@ -152,6 +166,7 @@ class _Eval:
     bound: float
     grad: np.ndarray
     top: np.ndarray  # round times (interval upper ends) by decreasing bound
+    values: np.ndarray  # the bound of every interval
 
 
 def _choice(fl: _Fleet, c: np.ndarray, t: float, dropping: bool) -> np.ndarray:
@@ -176,6 +191,22 @@ def _usage(rows: _Rows, fl: _Fleet, choice: np.ndarray) -> np.ndarray:
     return use.sum(axis=1)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Priced:
+    """What ``progress`` adds to a plan's round time: per column the price of its bytes in
+    seconds (``beta``), and the server's overhead; zero for the other objectives."""
+
+    beta: np.ndarray
+    overhead: float
+
+    @classmethod
+    def of(cls, problem: PlanningProblem, cat: Catalogue) -> _Priced:
+        if problem.options.objective != "progress":
+            return cls(beta=np.zeros(len(cat)), overhead=0.0)
+        beta, overhead = priced_columns(problem, cat)
+        return cls(beta=beta, overhead=overhead)
+
+
 def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> SolverOutcome:
     """Plan ``problem`` (fleet-wide coupling rows only; see the module docstring)."""
     opts = problem.options
@@ -184,6 +215,8 @@ def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -
     rows = _rows(problem, cat)
     u = cat.utility_per_sample
     deadline = float(opts.deadline_s) if opts.objective == "deadline" else None
+    progress = opts.objective == "progress"
+    priced = _Priced.of(problem, cat)
     fastest = fastest_times(cat, fc)
     able = np.isfinite(fastest)
     if not able.any():
@@ -208,34 +241,43 @@ def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -
         )
     ymax = _y_box(rows, fl, u)
 
-    def evaluate(y: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> _Eval:
-        """The bound over the round-time intervals ``[lower, upper]`` (``upper`` sorted)."""
-        c = fl.priced(rows, u, y)
-        run = np.maximum.accumulate(c, axis=1)
-        if dropping:
-            np.maximum(run, 0.0, out=run)
-        inc = np.empty_like(run)
-        np.subtract(run[:, 1:], run[:, :-1], out=inc[:, 1:])
-        # a device's first column counts in full, even when its priced value is negative
-        # (with dropping, against sitting out at 0)
-        inc[:, 0] = run[:, 0]
-        rises = inc > 0
-        if not dropping:
-            rises[:, 0] = np.isfinite(run[:, 0])
-        b = np.searchsorted(upper, fl.times[rises] * (1 - 1e-12), side="left")
-        within = b < len(upper)
-        g = np.cumsum(np.bincount(b[within], weights=inc[rises][within], minlength=len(upper)))
-        if not dropping:
-            # below the slowest device's first column no plan exists
-            g = np.where(upper >= t_lo * (1 - 1e-12), g, -np.inf)
-        rhs = y @ rows.rhs(upper)
-        values = g + rhs if deadline is not None else (g + rhs) / lower
-        order = np.argsort(-values, kind="stable")
-        k = int(order[0])
-        ch = _choice(fl, c, float(upper[k]), dropping)
-        denom = 1.0 if deadline is not None else float(lower[k])
-        grad = (rows.rhs(float(upper[k]))[:, 0] - _usage(rows, fl, ch)) / denom
-        return _Eval(bound=float(values[k]), grad=grad, top=upper[order[:8]])
+    def evaluator(lam: float):  # type: ignore[no-untyped-def]
+        """The bound over round-time intervals ``[lower, upper]`` (``upper`` sorted), with
+        the bytes priced at the ratio ``lam`` (``progress``; 0 otherwise)."""
+        cost = lam * priced.beta
+
+        def evaluate(y: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> _Eval:
+            c = fl.priced(rows, u, y, cost)
+            run = np.maximum.accumulate(c, axis=1)
+            if dropping:
+                np.maximum(run, 0.0, out=run)
+            inc = np.empty_like(run)
+            np.subtract(run[:, 1:], run[:, :-1], out=inc[:, 1:])
+            # a device's first column counts in full, even when its priced value is
+            # negative (with dropping, against sitting out at 0)
+            inc[:, 0] = run[:, 0]
+            rises = inc > 0
+            if not dropping:
+                rises[:, 0] = np.isfinite(run[:, 0])
+            b = np.searchsorted(upper, fl.times[rises] * (1 - 1e-12), side="left")
+            within = b < len(upper)
+            g = np.cumsum(np.bincount(b[within], weights=inc[rises][within], minlength=len(upper)))
+            if not dropping:
+                # below the slowest device's first column no plan exists
+                g = np.where(upper >= t_lo * (1 - 1e-12), g, -np.inf)
+            rhs = y @ rows.rhs(upper)
+            denoms = np.ones(len(upper)) if deadline is not None else lower + priced.overhead
+            values = (g + rhs) / denoms
+            order = np.argsort(-values, kind="stable")
+            k = int(order[0])
+            ch = _choice(fl, c, float(upper[k]), dropping)
+            grad = (rows.rhs(float(upper[k]))[:, 0] - _usage(rows, fl, ch)) / float(denoms[k])
+            return _Eval(bound=float(values[k]), grad=grad, top=upper[order[:8]], values=values)
+
+        return evaluate
+
+    def plan_at(lam: float, y: np.ndarray, top: np.ndarray) -> _Plan:
+        return _best_plan(problem, cat, fc, fl, rows, y, top, priced, lam)
 
     clock_end = time.perf_counter() + opts.time_limit_s
     if deadline is not None:
@@ -245,30 +287,58 @@ def solve_lagrangian(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -
         lower = np.concatenate(([upper[0]], upper[:-1]))
     # the coarse pass only finds the promising round times and a starting price
     coarse_tol = 1e-6 if deadline is not None else 1e-3
-    best_y, best = _kelley(evaluate, upper, lower, ymax, rows, clock_end, tol=coarse_tol)
+    lam = 0.0
+    best_y, best = _kelley(evaluator(lam), upper, lower, ymax, rows, clock_end, tol=coarse_tol)
+    plan: _Plan | None = None
+    if progress:
+        # Dinkelbach on the coarse grid: price the bytes at the best plan's ratio
+        plan = plan_at(lam, best_y, best.top)
+        for _ in range(_DINKELBACH_STEPS):
+            if plan.value <= lam * (1 + 1e-4) or time.perf_counter() > clock_end:
+                break
+            lam = plan.value
+            best_y, best = _kelley(
+                evaluator(lam), upper, lower, ymax, rows, clock_end, y0=best_y, tol=coarse_tol
+            )
+            plan = max(plan, plan_at(lam, best_y, best.top), key=lambda p: p.value)
     if deadline is None:
         # refine the most promising coarse intervals on a fine grid; keep the coarse
         # bound elsewhere, so that the bound holds over every round time
-        keep = np.isin(upper, best.top[:4])
-        parts_u, parts_l = [upper[~keep]], [lower[~keep]]
-        for k in np.flatnonzero(keep):
-            fine = _geometric(lower[k], upper[k], _GRID_RATIO)
-            parts_u.append(fine)
-            parts_l.append(np.concatenate(([fine[0]], fine[:-1])))
-        upper = np.concatenate(parts_u)
-        lower = np.concatenate(parts_l)
-        order = np.argsort(upper, kind="stable")
-        upper, lower = upper[order], lower[order]
-        best_y, best = _kelley(evaluate, upper, lower, ymax, rows, clock_end, y0=best_y, tol=1e-6)
-    plan_choice, value, round_time = _best_plan(problem, cat, fc, fl, rows, best_y, best.top)
+        upper, lower = _refine(upper, lower, np.isin(upper, best.top[:4]))
+    for _ in range(_REFINE_STEPS if progress else 1):
+        if deadline is None:
+            best_y, best = _kelley(
+                evaluator(lam), upper, lower, ymax, rows, clock_end, y0=best_y, tol=1e-6
+            )
+        cand = plan_at(lam, best_y, best.top)
+        plan = cand if plan is None else max(plan, cand, key=lambda p: p.value)
+        # every plan's ratio is at most max(lam, bound) (see the module docstring)
+        bound = max(lam, best.bound)
+        if (
+            not progress
+            or bound - plan.value <= opts.mip_gap * plan.value
+            or time.perf_counter() > clock_end
+        ):
+            break
+        # a Dinkelbach step where the plan's ratio rose by more than a quarter of the gap
+        # asked for, and the fine grid where coarse intervals keep the bound loose
+        step = plan.value > lam * (1 + max(opts.mip_gap / 4, 1e-9))
+        wide = upper > lower * _GRID_RATIO * (1 + 1e-9)
+        loose = wide & (best.values > plan.value * (1 + opts.mip_gap / 2))
+        if not step and not loose.any():
+            break
+        if step:
+            lam = plan.value
+        upper, lower = _refine(upper, lower, loose)
+    assert plan is not None
     return bounded_outcome(
         cat,
-        plan_choice,
+        plan.choice,
         solver="lagrangian",
-        value=value,
-        bound=best.bound,
+        value=plan.value,
+        bound=bound,
         scale=scale,
-        round_time=round_time,
+        round_time=plan.round_time,
         mip_gap=opts.mip_gap,
     )
 
@@ -305,6 +375,19 @@ def _geometric(lo: float, hi: float, ratio: float) -> np.ndarray:
         return np.asarray([lo])
     n = math.ceil(math.log(hi / lo) / math.log(ratio))
     return lo * ratio ** np.arange(n + 1)
+
+
+def _refine(upper: np.ndarray, lower: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The intervals ``[lower, upper]`` with those in ``which`` cut on the fine grid."""
+    parts_u, parts_l = [upper[~which]], [lower[~which]]
+    for k in np.flatnonzero(which):
+        fine = _geometric(lower[k], upper[k], _GRID_RATIO)
+        parts_u.append(fine)
+        parts_l.append(np.concatenate(([fine[0]], fine[:-1])))
+    upper = np.concatenate(parts_u)
+    lower = np.concatenate(parts_l)
+    order = np.argsort(upper, kind="stable")
+    return upper[order], lower[order]
 
 
 def _slowest_fit(cat: Catalogue, fc: FleetCosts) -> np.ndarray:
@@ -369,21 +452,29 @@ def _kelley(evaluate, upper, lower, ymax, rows, clock_end, y0=None, tol=1e-6):  
     return best_y, best
 
 
-def _best_plan(problem, cat, fc, fl, rows, y, candidates):  # type: ignore[no-untyped-def]
-    """The best repaired plan over candidate round times: (choice, value, round time)."""
+@dataclass(frozen=True, kw_only=True)
+class _Plan:
+    choice: np.ndarray
+    value: float  # the objective, in units of the mean number of samples
+    round_time: float
+
+
+def _best_plan(problem, cat, fc, fl, rows, y, candidates, priced, lam):  # type: ignore[no-untyped-def]
+    """The best repaired plan over candidate round times, each device taking its best column
+    at the prices ``y`` and (``progress``) its bytes priced at the ratio ``lam``."""
     opts = problem.options
     dropping = opts.allow_dropping
     u = cat.utility_per_sample
-    c = fl.priced(rows, u, y)
-    best: tuple[np.ndarray, float, float] | None = None
+    c = fl.priced(rows, u, y, lam * priced.beta)
+    best: _Plan | None = None
     for t in np.unique(candidates):
         choice = _choice(fl, c, float(t), dropping)
         choice = _repair(problem, cat, fl, rows, c, choice, float(t))
         if choice is None:
             continue
-        value, round_time = _value(problem, cat, fc, fl, choice)
-        if best is None or value > best[1]:
-            best = (choice, value, round_time)
+        value, round_time = _value(problem, cat, fc, fl, choice, priced)
+        if best is None or value > best.value:
+            best = _Plan(choice=choice, value=value, round_time=round_time)
     if best is None:
         raise InfeasibleError(
             "no plan found that meets the server link, coverage and participant rows together"
@@ -391,7 +482,7 @@ def _best_plan(problem, cat, fc, fl, rows, y, candidates):  # type: ignore[no-un
     return best
 
 
-def _value(problem, cat, fc, fl, choice):  # type: ignore[no-untyped-def]
+def _value(problem, cat, fc, fl, choice, priced):  # type: ignore[no-untyped-def]
     opts = problem.options
     part = choice >= 0
     safe = np.maximum(choice, 0)
@@ -403,7 +494,8 @@ def _value(problem, cat, fc, fl, choice):  # type: ignore[no-untyped-def]
         round_time = max(round_time, moved / (opts.server_mbps * MB / 8))
     if opts.objective == "deadline":
         return util, round_time
-    return (util / round_time if round_time > 0 else 0.0), round_time
+    denominator = round_time + priced.overhead + float(priced.beta[safe][part].sum())
+    return (util / denominator if denominator > 0 else 0.0), round_time
 
 
 def _repair(problem, cat, fl, rows, c, choice, t):  # type: ignore[no-untyped-def]

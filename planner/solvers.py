@@ -86,7 +86,8 @@ def solve_problem(problem: PlanningProblem, solver: str) -> SolverOutcome:
         if solver == "lagrangian" and not lagrange.applies(problem):
             raise PlannerInputError(
                 "solver 'lagrangian' plans fleet-wide coupling rows (server link, coverage, "
-                "participants) for objectives rate and deadline; use 'auto' or a MILP backend"
+                "participants) for objectives progress, rate and deadline; use 'auto' or a "
+                "MILP backend"
             )
         if solver == "lagrangian" or (
             lagrange.applies(problem) and len(problem.fleet) > LAGRANGIAN_MIN_DEVICES

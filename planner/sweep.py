@@ -51,6 +51,7 @@ __all__ = [
     "best_columns",
     "coupling_rows",
     "fastest_times",
+    "priced_columns",
     "separable",
     "sweep",
 ]
@@ -290,8 +291,9 @@ def _result(
 PROGRESS_MAX_STEPS = 100
 
 
-def _priced(problem: PlanningProblem, cat: Catalogue) -> tuple[np.ndarray, float]:
-    """Per column the price of its bytes in seconds (both ways), and the server overhead."""
+def priced_columns(problem: PlanningProblem, cat: Catalogue) -> tuple[np.ndarray, float]:
+    """Per column the price of its bytes in seconds (both ways), and the server overhead:
+    what ``progress`` adds to a plan's round time."""
     opts = problem.options
     return opts.seconds_per_mb * 2.0 * cat.bytes_one_way / 1e6, opts.server_overhead_s
 
@@ -499,7 +501,7 @@ def _priced_best_time(
 def _progress(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts, t_lb: float) -> SweepResult:
     """The ``progress`` objective by Dinkelbach's method over exact sweeps."""
     dropping = problem.options.allow_dropping
-    beta, overhead = _priced(problem, cat)
+    beta, overhead = priced_columns(problem, cat)
     _, top = best_columns(cat, fc, math.inf)
     p_max = float(np.where(np.isfinite(top), top, 0.0) @ fc.samples)
     # Start from the best plan at the round time of the unpriced rate optimum (Dinkelbach

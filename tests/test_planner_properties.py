@@ -12,6 +12,7 @@ import math
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from ip_oracle import close, solve_exhaustively
 from strategies import TINY, device, fleets, objectives, rank_grids, tiny_job, violations
 
 from legend.planner.api import (
@@ -112,6 +113,12 @@ def test_every_plan_meets_the_optional_constraints(instance, solver: str, extra)
     told, plan = _told_outcome(fleet, job, options, solver)
     if not told or plan is None:
         return  # the constraints admit no plan (checked against the oracle elsewhere)
+    _assert_rows_hold(plan, fleet, job, options)
+
+
+def _assert_rows_hold(plan: Plan, fleet: Fleet, job: JobParams, options: PlannerOptions) -> None:
+    """``plan`` meets every row ``options`` sets: :func:`validate_plan`'s, the participant
+    minimum and coverage."""
     assert violations(plan, fleet, job, options) == []
     participants = [d for d in plan.devices if d.participates]
     assert len(participants) >= max(1, options.min_participants)
@@ -346,7 +353,7 @@ def test_nobody_able_to_train_is_explained_not_a_crash(backend: str) -> None:
 @given(
     instance=instances(max_size=4),
     extra=constraint_options(),
-    objective=st.sampled_from(["rate", "deadline"]),
+    objective=st.sampled_from(["progress", "rate", "deadline"]),
 )
 def test_lagrangian_bound_holds_and_plan_is_within_its_gap(instance, extra, objective) -> None:  # type: ignore[no-untyped-def]
     """The Lagrangian planner's bound is never below the true optimum (the oracle), its plan
@@ -367,12 +374,60 @@ def test_lagrangian_bound_holds_and_plan_is_within_its_gap(instance, extra, obje
         # the repair may fail to find a plan on a tiny, tight instance; never a wrong one
         return
     assert plan.solver == "lagrangian"
+    _assert_bounded(plan, exact.objective_value)
+    assert violations(plan, fleet, job, options) == []
+
+
+def _assert_bounded(plan: Plan, optimum: float) -> None:
+    """A maximising plan is never above ``optimum``, its proven bound never below, and its
+    reported gap relates the two."""
     assert plan.objective_bound is not None
-    assert plan.objective_value <= exact.objective_value * (1 + 1e-6)
-    assert plan.objective_bound >= exact.objective_value * (1 - 1e-6)
+    assert plan.objective_value <= optimum * (1 + 1e-6)
+    assert plan.objective_bound >= optimum * (1 - 1e-6)
     if plan.mip_gap is not None:
         assert plan.objective_value * (1 + plan.mip_gap) >= plan.objective_bound * (1 - 1e-6)
-    assert violations(plan, fleet, job, options) == []
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    instance=instances(max_size=4),
+    extra=constraint_options(),
+    seconds_per_mb=st.sampled_from([0.0, 0.008, 0.5, 5.0, 50.0, 500.0]),
+    overhead=st.sampled_from([0.0, 0.01, 0.1]),
+)
+def test_lagrangian_progress_agrees_with_the_oracles_and_the_milp(  # type: ignore[no-untyped-def]
+    instance, extra, seconds_per_mb: float, overhead: float
+) -> None:
+    """Under ``progress`` with coupling rows (server link, coverage, participants) and the
+    bytes priced, the Lagrangian planner's bound is never below the optimum both oracles
+    enumerate, its plan never above it and meets every row, and the MILP on HiGHS and on
+    PuLP finds the same optimum within its own proven gap."""
+    fleet, job, _objective, _slack = instance
+    extra = {**extra, "min_participants": min(extra["min_participants"], len(fleet))}
+    options = PlannerOptions(
+        objective="progress",
+        seconds_per_mb=seconds_per_mb,
+        server_overhead_s=overhead,
+        **extra,  # type: ignore[arg-type]
+    )
+    exact = _outcome(fleet, job, options, "brute-force")
+    truth = solve_exhaustively(PlanningProblem.create(fleet, TINY, job, options))
+    if exact is None:
+        assert truth is None
+        assert _outcome(fleet, job, options, "lagrangian") is None
+        return
+    assert truth is not None and close(truth.objective, exact.objective_value, 1e-9)
+    for backend in ("highs", "pulp-highs"):
+        milp = _outcome(fleet, job, options, backend)
+        assert milp is not None and milp.status in ("OPTIMAL", "FEASIBLE")
+        assert milp.objective_value <= truth.objective * (1 + 1e-6)
+        assert milp.objective_value >= truth.objective * (1 - tolerance(milp))
+    plan = _outcome(fleet, job, options, "lagrangian")
+    if plan is None:
+        return  # the repair may fail to find a plan on a tiny, tight instance; never a wrong one
+    assert plan.solver == "lagrangian"
+    _assert_bounded(plan, truth.objective)
+    _assert_rows_hold(plan, fleet, job, options)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

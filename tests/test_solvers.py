@@ -303,3 +303,46 @@ def test_lagrangian_without_any_column_within_the_deadline_is_infeasible() -> No
     )
     with pytest.raises(InfeasibleError, match="no plan"):
         plan_round(FLEET, TINY, tiny_job(), options)
+
+
+def test_auto_plans_a_large_coupled_progress_fleet_with_a_proven_gap() -> None:
+    """Past LAGRANGIAN_MIN_DEVICES, ``auto`` plans coupled ``progress`` programs with the
+    Lagrangian planner: a plan that meets every row, with a proven bound that the MILP's
+    plan does not exceed and that is not below the MILP's bound by more than its gap."""
+    import numpy as np
+
+    from legend.planner.solvers import LAGRANGIAN_MIN_DEVICES
+
+    rng = np.random.default_rng(3)
+    fleet = Fleet(
+        devices=tuple(
+            device(
+                f"d{i}",
+                tflops=float(rng.uniform(0.005, 0.05)),
+                uplink_mbps=float(rng.uniform(0.5, 5.0)),
+                downlink_mbps=float(rng.uniform(2.0, 20.0)),
+                num_samples=int(rng.integers(10, 100)),
+            )
+            for i in range(LAGRANGIAN_MIN_DEVICES + 10)
+        )
+    )
+    job = tiny_job()
+    options = PlannerOptions(
+        objective="progress",
+        seconds_per_mb=0.5,
+        server_overhead_s=0.05,
+        server_mbps=20.0,
+        coverage_layers=2,
+        coverage_share=0.5,
+    )
+    plan = plan_round(fleet, TINY, job, options)
+    milp = plan_round(fleet, TINY, job, options.with_(solver="highs"))
+    assert plan.solver == "lagrangian" and plan.objective_bound is not None
+    assert plan.mip_gap is not None and plan.mip_gap <= 1e-3
+    assert validate_plan(plan, fleet, TINY, job, server_mbps=20.0) == []
+    pairs = list(zip(fleet.devices, plan.devices, strict=True))
+    covered = sum(d.num_samples for d, p in pairs if p.depth >= 2)
+    assert covered >= 0.5 * sum(d.num_samples for d in fleet.devices) * (1 - 1e-9)
+    assert milp.objective_value <= plan.objective_bound * (1 + 1e-9)
+    assert milp.objective_bound is not None
+    assert plan.objective_value <= milp.objective_bound * (1 + 1e-9)
