@@ -4,12 +4,13 @@ The planner's ``progress`` objective starts every run from a prior stored with t
 preset (``models/progress_priors.json``, :mod:`legend.models.priors`); a run then
 re-estimates it from its own updates (:mod:`legend.federation.progress`). This script
 measures that prior the way a run would see it: a few federated rounds in which every
-device trains *every* layer at the *largest* rank of the grid (so each layer's update and
-every rank's share of it are observed), on the model's default data with the
-time-to-accuracy benchmark's local recipe, over several seeds. Per round it reads the
-devices' replies with :meth:`ProgressModel.signals` (per layer the first-order training-loss
-decrease the devices measured, at full-rank equivalent; per rank the share of the update's
-singular-value energy), normalises the layer gains to mean 1, and averages over rounds and
+device trains *every* layer, on the model's default data with the time-to-accuracy
+benchmark's local recipe, over several seeds. Per round it reads the
+devices' replies with :meth:`ProgressModel.signals`: per layer the first-order training-loss
+decrease the devices measured (at full-rank equivalent), per rank the decrease a layer
+trained at that rank buys relative to the largest rank (every device trains every layer,
+the ranks of the grid in turn across devices and layers, so ranks are told apart from
+devices and layers). It normalises the layer gains to mean 1 and averages over rounds and
 seeds.
 
 Prints the prior, its spread over seeds, and with ``--write`` stores it in
@@ -24,6 +25,7 @@ kept; the file is written atomically).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -41,7 +43,7 @@ PRIORS = REPO_ROOT / "models" / "progress_priors.json"
 
 
 def build_config(args: argparse.Namespace, seed: int) -> Any:
-    """A ``uniform`` job at the largest rank: every device trains every layer at it."""
+    """A ``uniform`` job (every device trains every layer); the ranks are set per round."""
     from legend.federation.job import JobConfig, JobSection
 
     job = JobSection(
@@ -92,27 +94,36 @@ def measure_seed(args: argparse.Namespace, seed: int) -> tuple[np.ndarray, np.nd
     )
     client = ClientCore(p.host, server.costs)
     energies, shares = [], []
+    grid = tuple(cfg.train.ranks)
     for t in range(1, cfg.job.rounds + 1):
         plan = server.plan(t, server.select(t))
+        # every layer, the ranks of the grid in turn across devices and layers, so that a
+        # rank's effect is seen within each device and within each layer
+        plan = dataclasses.replace(
+            plan,
+            devices=tuple(
+                dataclasses.replace(
+                    dp,
+                    ranks=tuple(grid[(k + j) % len(grid)] for j in range(len(dp.layers))),
+                )
+                for k, dp in enumerate(plan.devices)
+            ),
+        )
         replies = [
             client.train(ins, p.fleet[ins.device_id], p.device_data[ins.device_id])
             for ins in server.instructions(t, plan)
         ]
-        full = [
-            r
-            for r in replies
-            if r.state is not None and max(dp for dp in plan.device(r.device_id).ranks) == r_max
-        ]
+        trained = [r for r in replies if r.state is not None]
         updates = [
             ClientUpdate(device_id=r.device_id, num_samples=r.num_samples, state=r.state)
-            for r in full
+            for r in trained
         ]
         signals = server.progress_model.signals(
-            server.global_state, updates, [r.layer_decrease for r in full]
+            server.global_state, updates, [r.layer_decrease for r in trained]
         )
         e = np.asarray(signals.layer_measure)
         energies.append(e / np.nanmean(e))
-        shares.append(np.asarray(signals.rank_share))
+        shares.append(np.asarray(signals.rank_decrease or signals.rank_share))
         server.finish_round(t, plan, replies)
     return np.asarray(energies), np.asarray(shares)
 
@@ -173,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             f"benchmarks/progress_prior.py --model {args.model} (seeds "
             f"{' '.join(map(str, args.seeds))}, {args.rounds} rounds, {args.devices_per_round} "
             f"devices, {args.dataset}, alpha {args.alpha}, {args.local_steps} local steps of "
-            f"{args.optimizer} lr {args.learning_rate}, every layer at rank {max(args.ranks)})"
+            f"{args.optimizer} lr {args.learning_rate}, every layer, the ranks of the grid in turn)"
         ),
     }
     if args.write:

@@ -12,12 +12,13 @@ estimates ``g`` and ``phi`` from the run itself, every round, from the updates t
 return (docs/planner.md, "The progress model", gives the reasoning):
 
 rank response ``phi``
-    A device's update of layer ``l`` is ``dW = B A - B0 A0`` (its trained factors minus the
-    slice it received). Its singular values ``s_1 >= s_2 >= ...`` say how the update's energy
-    spreads over directions: ``c(r) = sum_{k<=r} s_k^2 / sum_k s_k^2`` is the share a rank-``r``
-    adapter can hold. Updates of devices that trained at the largest rank of the grid give
-    ``phi(r) = c(r)`` for every rank of the grid (an update at a smaller rank ``R`` gives
-    ``phi(r) / phi(R)`` for ``r <= R``).
+    What a layer's adapter buys at rank ``r`` relative to the largest rank: the devices'
+    per-layer loss decreases (below), fitted as ``log d = device + layer + log phi(r)`` by
+    least squares (:func:`rank_ratios`), so that ranks are compared within a device and
+    within a layer. With the LoRA scale held constant a higher rank takes larger steps,
+    so this is not the shape of the update. Where no device reported decreases, the shape
+    stands in: the singular values ``s_k`` of ``dW = B A - B0 A0`` of updates trained at
+    the largest rank give ``phi(r) = sum_{k<=r} s_k^2 / sum_k s_k^2``.
 layer gains ``g``
     Each device measures, while it trains, the first-order decrease of its training loss
     that each layer's adapter bought: ``<g_t, theta_t - theta_{t+1}>`` over the layer's LoRA
@@ -54,7 +55,7 @@ from legend.federation.adapters import AdapterState, ClientUpdate
 from legend.models.priors import ProgressPrior, progress_prior
 from legend.models.spec import ModelSpec
 
-__all__ = ["ProgressModel", "RoundSignals", "update_spectrum"]
+__all__ = ["ProgressModel", "RoundSignals", "rank_ratios", "update_spectrum"]
 
 # weight of the previous estimate in the exponential moving average of every round
 DEFAULT_SMOOTHING = 0.5
@@ -84,12 +85,59 @@ class RoundSignals:
     rank_share: tuple[float, ...]
     devices: int
     layer_decrease: tuple[float, ...] = ()
+    # per grid rank, the loss decrease a layer trained at that rank bought relative to the
+    # largest rank seen (NaN where unseen; empty when the round cannot tell ranks apart)
+    rank_decrease: tuple[float, ...] = ()
 
     @property
     def layer_measure(self) -> tuple[float, ...]:
         """What the layer gains are fitted from: the measured loss decreases where the
         devices reported them, otherwise the update energies."""
         return self.layer_decrease or self.layer_energy
+
+
+def rank_ratios(
+    records: Sequence[tuple[int, int, int, float]], ranks: Sequence[int]
+) -> tuple[float, ...]:
+    """Per grid rank, the loss decrease a layer's adapter buys at that rank relative to the
+    largest rank observed, from ``(device, layer, rank, decrease)`` records.
+
+    ``log decrease = device effect + layer effect + rank effect + noise`` is fitted by least
+    squares (devices differ in data, samples and learning rate; layers in what they can
+    learn), so a rank's effect is read from contrasts within a device and a layer. Returns
+    NaN for ranks not observed, and ``()`` when fewer than two ranks were observed or the
+    records cannot separate ranks from devices and layers (a plan whose ranks go with its
+    layers, the same on every device).
+    """
+    seen_ranks = sorted({r for _, _, r, _ in records})
+    if len(seen_ranks) < 2:
+        return ()
+    devices = sorted({i for i, _, _, _ in records})
+    layers = sorted({ly for _, ly, _, _ in records})
+    dev_col = {i: k for k, i in enumerate(devices)}
+    layer_col = {ly: len(devices) + k for k, ly in enumerate(layers[1:])}
+    rank_col = {r: len(devices) + len(layers) - 1 + k for k, r in enumerate(seen_ranks[:-1])}
+    x = np.zeros((len(records), len(devices) + len(layers) - 1 + len(seen_ranks) - 1))
+    y = np.empty(len(records))
+    for row, (i, ly, r, d) in enumerate(records):
+        x[row, dev_col[i]] = 1.0
+        if ly in layer_col:
+            x[row, layer_col[ly]] = 1.0
+        if r in rank_col:
+            x[row, rank_col[r]] = 1.0
+        y[row] = math.log(d)
+    if np.linalg.matrix_rank(x) < x.shape[1]:
+        return ()
+    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+    out = []
+    for r in ranks:
+        if r == seen_ranks[-1]:
+            out.append(1.0)
+        elif r in rank_col:
+            out.append(float(math.exp(beta[rank_col[r]])))
+        else:
+            out.append(math.nan)
+    return tuple(out)
 
 
 class ProgressModel:
@@ -188,6 +236,7 @@ class ProgressModel:
         share_sum = np.zeros(len(self.ranks))
         share_weight = np.zeros(len(self.ranks))
         phi = dict(zip(self.ranks, self.rank_response, strict=True))
+        records: list[tuple[int, int, int, float]] = []
         for index, update in enumerate(updates):
             per_layer: dict[int, float] = {}
             rank_of: dict[int, int] = {}
@@ -215,6 +264,8 @@ class ProgressModel:
                 if math.isfinite(d):
                     decrease_sum[layer] += d / response
                     decrease_count[layer] += 1
+                    if d > 0:
+                        records.append((index, layer, r, d))
         with np.errstate(invalid="ignore", divide="ignore"):
             energy = np.where(energy_count > 0, energy_sum / np.maximum(energy_count, 1), np.nan)
             decrease = np.where(
@@ -226,6 +277,7 @@ class ProgressModel:
             rank_share=tuple(float(v) for v in share),
             devices=len(updates),
             layer_decrease=tuple(float(v) for v in decrease) if decrease_count.any() else (),
+            rank_decrease=rank_ratios(records, self.ranks),
         )
 
     def observe(self, signals: RoundSignals) -> None:
@@ -241,7 +293,13 @@ class ProgressModel:
             measured = energy[seen] * scale
             self.layer_gains[seen] = w * current + (1 - w) * measured
             self.layer_gains /= max(float(self.layer_gains.mean()), _EPS)
-        share = np.asarray(signals.rank_share)
+        if signals.rank_decrease:
+            # relative to the largest rank seen, anchored at its current response
+            ratio = np.asarray(signals.rank_decrease, dtype=np.float64)
+            top = int(np.flatnonzero(np.isfinite(ratio))[-1])
+            share = ratio * self.rank_response[top]
+        else:
+            share = np.asarray(signals.rank_share, dtype=np.float64)
         known = np.isfinite(share)
         if known.any():
             self.rank_response[known] = w * self.rank_response[known] + (1 - w) * share[known]

@@ -10,7 +10,7 @@ import pytest
 from strategies import TINY, tiny_job
 
 from legend.federation.adapters import AdapterState, ClientUpdate, init_global
-from legend.federation.progress import ProgressModel, update_spectrum
+from legend.federation.progress import ProgressModel, RoundSignals, rank_ratios, update_spectrum
 from legend.models.errors import ModelInputError
 from legend.models.priors import interpolate_response, progress_prior
 from legend.planner.api import PlannerOptions, PlanningProblem, plan_round
@@ -183,3 +183,40 @@ def test_measured_loss_decreases_set_the_layer_gains() -> None:
     assert plain.layer_gains[3] == pytest.approx(plain.layer_gains[2], rel=1e-6)
     with pytest.raises(ValueError, match="one per update"):
         model.signals(start, [update], [])
+
+
+def test_rank_ratios_separate_ranks_from_devices_and_layers() -> None:
+    """Decreases built as device x layer x rank effects with noise: the fit recovers the
+    rank effects relative to the largest rank seen, whatever the devices and layers add."""
+    rng = np.random.default_rng(3)
+    true = {2: 0.2, 4: 0.45, 8: 1.0}
+    records = []
+    for device in range(6):
+        scale = rng.uniform(0.5, 5.0)
+        for layer in range(4):
+            r = (2, 4, 8)[(device + layer) % 3]
+            d = scale * (layer + 1) * true[r] * float(np.exp(rng.normal(0, 0.02)))
+            records.append((device, layer, r, d))
+    got = rank_ratios(records, (2, 4, 8, 16))
+    assert got[:3] == pytest.approx((0.2, 0.45, 1.0), rel=0.05)
+    assert np.isnan(got[3])  # rank 16 was not trained
+    # ranks that go with layers on every device cannot be told apart from the layers
+    tied = [(dev, ly, 2 if ly < 2 else 4, 1.0 + ly) for dev in range(3) for ly in range(4)]
+    assert rank_ratios(tied, (2, 4, 8)) == ()
+    assert rank_ratios(records[:1], (2, 4, 8)) == ()  # one rank: nothing to compare
+
+
+def test_measured_rank_decreases_replace_the_spectral_shares() -> None:
+    model = ProgressModel(TINY, RANKS, smoothing=0.0)
+    before = model.rank_response.copy()
+    L = TINY.num_layers
+    model.observe(
+        RoundSignals(
+            layer_energy=(1.0,) * L,
+            rank_share=(0.99, 1.0, 1.0),
+            devices=3,
+            rank_decrease=(0.25, 0.5, 1.0),
+        )
+    )
+    # anchored at the current response of the largest rank seen (rank 8)
+    assert model.rank_response == pytest.approx(np.array([0.25, 0.5, 1.0]) * before[-1])
