@@ -37,7 +37,10 @@ by a bracketing cutting-plane search, all links at once. Devices on no shared li
 - O1 ``deadline``: ``sum_e min_p h_e(p, deadline)`` (plus the unlinked devices) bounds the
   optimum.
 - O3 ``rate``: ``V(T)`` does not decrease with ``T``, so on ``[T_k, T_{k+1}]``
-  ``V(T) / T <= V^ub(T_{k+1}) / T_k``. The intervals start on a geometric grid between a
+  ``V(T) / T <= V^ub(T_{k+1}) / T_k``. Tighter, since ``h_e(p, T) - p T`` does not
+  decrease with ``T`` either and the priced link time ``p T`` is most of ``h_e``:
+  ``V(T) / T <= (F(T_{k+1}) + sum_e (h_e(p_e, T_{k+1}) - p_e T_{k+1})) / T_k + sum_e p_e``
+  (``F`` the unlinked devices). The intervals start on a geometric grid between a
   proven lower bound of the round time and ``U_max / rho`` (no plan slower than that beats
   the best rate ``rho`` found); the interval of highest bound is refined (another price step
   at its end, or a split) until the bound is within the gap or the time limit is reached.
@@ -681,6 +684,18 @@ class _Solver:
             b += prices.bound
         return b
 
+    def _rate_bound(self, lo: float, hi: float, prices: _Prices | None) -> float:
+        """A bound of ``V(T) / T`` on ``[lo, hi]``: ``h_e(p, T) - p T`` does not decrease
+        with ``T``, so ``V(T) <= F(hi) + sum_e (h_e(p_e, hi) - p_e hi) + T sum_e p_e``."""
+        fixed = self.free.value(hi) if self.free is not None else 0.0
+        slope = 0.0
+        if prices is not None:
+            fixed += float((prices.best - prices.p_best * hi).sum())
+            slope = float(prices.p_best.sum())
+        if not fixed > -math.inf:
+            return -math.inf
+        return fixed / (lo if fixed >= 0 else hi) + slope
+
     def solve(self) -> SolverOutcome:
         model, opts = self.model, self.opts
         deadline = float(opts.deadline_s) if opts.objective == "deadline" else None
@@ -785,11 +800,14 @@ class _Solver:
         def push(lo: float, hi: float, exact: bool, cap: float = math.inf) -> None:
             # V does not decrease with T: a bound of V at a later time also holds
             if exact:
-                b = min(cap, self._bound_at(hi, prices_at(hi)))
+                pr = prices_at(hi)
+                b = min(cap, self._bound_at(hi, pr))
+                r = min(b / lo, self._rate_bound(lo, hi, pr))
             else:
                 b = min(cap, self.nolink.value(hi))
-            if b > -math.inf:
-                heapq.heappush(heap, (-b / lo, lo, hi, exact or linked is None, b))
+                r = b / lo
+            if b > -math.inf and r > -math.inf:
+                heapq.heappush(heap, (-r, lo, hi, exact or linked is None, b))
 
         # intervals [lo, hi] of round times; beyond ``cap`` no plan beats U_max / cap
         grid = _geometric(t_lo, t_far, 1.01)

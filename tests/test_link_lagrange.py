@@ -192,6 +192,13 @@ def test_link_bounds_match_a_plain_loop(profiles, share, stretch, prices):
     p = np.asarray(prices[: linked.E]) * float(model.u.max()) / max(linked.kappa.max(), 1e-12)
     ev, pos = linked.evaluate(t, p, choice=True)
     plain = _plain_h(linked, t, p)
+    # what the rate bound on an interval of round times rests on: h_e(p, T) - p T does
+    # not decrease with T
+    later, _ = linked.evaluate(t * 1.07, p)
+    fin = np.isfinite(ev.h)
+    assert (
+        later.h[fin] - p[fin] * t * 1.07 >= (ev.h - p * t)[fin] - 1e-9 * np.abs(ev.h[fin])
+    ).all()
     assert np.allclose(ev.h, plain, rtol=1e-9, atol=1e-9 * np.abs(plain).max(initial=1.0))
     assert pos is not None
     for e in range(linked.E):
