@@ -150,6 +150,14 @@ class _Model:
         self.single_own = np.asarray(
             [float(_own_uncongested(fc, cl, cl.devices)[0]) for cl in single]
         )
+        # every congested link's members, flat: (link, device, own free-direction s/byte)
+        every = (*shared, *single)
+        self.member_link = np.repeat(np.arange(len(every)), [len(cl.devices) for cl in every])
+        self.member_dev = np.concatenate([cl.devices for cl in every] or [np.zeros(0, int)])
+        self.member_own = np.concatenate(
+            [_own_uncongested(fc, cl, cl.devices) for cl in every] or [np.zeros(0)]
+        )
+        self.link_spb = np.asarray([cl.s_per_byte for cl in every])
         self.bytes_mb = cat.bytes_one_way / MB
         self.u = cat.utility_per_sample
         self.v_scale = fc.samples / self.scale
@@ -602,20 +610,32 @@ class _Solver:
         assert linked is not None
         E = linked.E
         pos = pos.copy()
-        active = np.ones(E, dtype=bool)
         lim = t * (1 + _TOL)
+        every = np.arange(len(pos))
+        link, kappa = linked.link, linked.kappa
+
+        def current(table: np.ndarray, empty: float) -> np.ndarray:
+            return np.where(pos >= 0, table[every, np.maximum(pos, 0)], empty)
+
+        # the upgrades worth a look: more value, within T on their own and with the link
+        # carrying only their bytes (the others' bytes only add)
+        values, own, o = linked.V, linked.TAU, linked.OO
+        cand = (
+            (values > current(values, -np.inf)[:, None])
+            & (own <= lim)
+            & (o + kappa[link, None] * linked.BB <= lim)
+        )
+        er, ek = np.nonzero(cand)  # by row, rows by link
+        eo, eb, ev, el = linked.OO[er, ek], linked.BB[er, ek], linked.V[er, ek], link[er]
+        active = np.ones(E, dtype=bool)
         for _ in range(2 * int(linked.count.max(initial=1)) + 4):
             if time.perf_counter() > self.clock_end:
                 break
-            rows = np.flatnonzero(active[linked.link])
-            if not len(rows):
+            sel = np.flatnonzero(active[el])
+            if not len(sel):
                 break
-            link = linked.link[rows]
-            p = pos[rows]
-            safe = np.maximum(p, 0)
-            cur_o = np.where(p >= 0, linked.OO[rows, safe], -np.inf)
-            cur_b = np.where(p >= 0, linked.BB[rows, safe], 0.0)
-            cur_v = np.where(p >= 0, linked.V[rows, safe], -np.inf)
+            cur_o, cur_b = current(linked.OO, -np.inf), current(linked.BB, 0.0)
+            cur_v = current(linked.V, -np.inf)
             load = np.bincount(link, weights=cur_b, minlength=E)
             first = np.full(E, -np.inf)
             np.maximum.at(first, link, cur_o)
@@ -624,27 +644,22 @@ class _Solver:
             second = np.full(E, -np.inf)
             np.maximum.at(second, link, np.where(is_top, -np.inf, cur_o))
             other_o = np.where(is_top & (tops[link] < 1.5), second[link], first[link])
-            OO, BB, V = linked.OO[rows], linked.BB[rows], linked.V[rows]
-            kb = linked.kappa[link]
-            span = np.maximum(OO, other_o[:, None]) + kb[:, None] * (
-                (load[link] - cur_b)[:, None] + BB
-            )
-            ok = (span <= lim) & (linked.TAU[rows] <= lim)
-            gain = np.where(ok, V - cur_v[:, None], -np.inf)
-            k = gain.argmax(axis=1)
-            g = gain[np.arange(len(rows)), k]
-            good = g > 1e-12 * np.maximum(1.0, np.abs(np.where(np.isfinite(cur_v), cur_v, 0.0)))
+            r, lk = er[sel], el[sel]
+            span = np.maximum(eo[sel], other_o[r]) + kappa[lk] * (load[lk] - cur_b[r] + eb[sel])
+            gain = np.where(span <= lim, ev[sel] - cur_v[r], -np.inf)
+            floor = 1e-12 * np.maximum(1.0, np.abs(np.where(np.isfinite(cur_v), cur_v, 0.0)))
+            good = gain > floor[r]
             best = np.full(E, -np.inf)
-            np.maximum.at(best, link, np.where(good, g, -np.inf))
-            winner = good & (g >= best[link])
+            np.maximum.at(best, lk[good], gain[good])
+            # per link the first device, and its first column, of the largest gain
+            win = np.flatnonzero(good & (gain >= best[lk]))
             active[:] = False
-            if not winner.any():
+            if not len(win):
                 break
-            order = np.flatnonzero(winner)
-            lk, first_idx = np.unique(link[order], return_index=True)
-            pick = order[first_idx]
-            pos[rows[pick]] = k[pick]
-            active[lk] = True
+            links, at = np.unique(lk[win], return_index=True)
+            pick = sel[win[at]]
+            pos[er[pick]] = ek[pick]
+            active[links] = True
         return pos
 
     def _value(self, choice: np.ndarray) -> tuple[float, float]:
@@ -661,13 +676,14 @@ class _Solver:
         comp = fc.compute_const + fc.compute_per_layer * d + fc.compute_per_rank * s
         nbytes = cat.bytes_one_way[safe]
         round_time = float(t[part].max())
-        for cl in (*model.shared, *model.single):
-            idx = cl.devices[part[cl.devices]]
-            if not len(idx):
-                continue
-            load = cl.s_per_byte * float(nbytes[idx].sum())
-            o = comp[idx] + nbytes[idx] * _own_uncongested(fc, cl, idx)
-            round_time = max(round_time, float(o.max()) + load)
+        on = part[model.member_dev]
+        dev, link = model.member_dev[on], model.member_link[on]
+        if len(dev):
+            nl = len(model.link_spb)
+            load = model.link_spb * np.bincount(link, weights=nbytes[dev], minlength=nl)
+            top = np.full(nl, -np.inf)
+            np.maximum.at(top, link, comp[dev] + nbytes[dev] * model.member_own[on])
+            round_time = max(round_time, float((top + load).max()))
         return util, round_time
 
     def _objective(self, util: float, round_time: float) -> float:
