@@ -28,15 +28,19 @@ devices again, while ``D`` is kept exact:
         \max_{j:\ \tau_{ij} \le T,\ o_{ij} \le D} (v_{ij} - p_e \kappa_e B_j) + p_e (T - D) \Big].
 
 Each device's best priced column as a function of ``D`` is a running maximum over its
-columns in order of ``o``; merging a link's devices in that order gives ``h_e`` in one pass
-over the fleet's columns. ``h_e`` is convex in ``p_e`` with subgradient
-``T - D* - kappa_e sum B*``: each link's price is found by a bracketing cutting-plane
-search, all links at once. Devices on no shared link add ``max_{tau_ij <= T} v_ij``.
+columns in order of ``o``; merging the points where it rises (about one column in ten),
+every link's devices at once in order of ``o``, gives ``h_e`` in one pass. ``h_e`` is
+convex in ``p_e`` with subgradient ``T - D* - kappa_e sum B*``: each link's price is found
+by a bracketing cutting-plane search, all links at once. Devices on no shared link add
+``max_{tau_ij <= T} v_ij``.
 
 - O1 ``deadline``: ``sum_e min_p h_e(p, deadline)`` (plus the unlinked devices) bounds the
   optimum.
 - O3 ``rate``: ``V(T)`` does not decrease with ``T``, so on ``[T_k, T_{k+1}]``
-  ``V(T) / T <= V^ub(T_{k+1}) / T_k``. The intervals start on a geometric grid between a
+  ``V(T) / T <= V^ub(T_{k+1}) / T_k``. Tighter, since ``h_e(p, T) - p T`` does not
+  decrease with ``T`` either and the priced link time ``p T`` is most of ``h_e``:
+  ``V(T) / T <= (F(T_{k+1}) + sum_e (h_e(p_e, T_{k+1}) - p_e T_{k+1})) / T_k + sum_e p_e``
+  (``F`` the unlinked devices). The intervals start on a geometric grid between a
   proven lower bound of the round time and ``U_max / rho`` (no plan slower than that beats
   the best rate ``rho`` found); the interval of highest bound is refined (another price step
   at its end, or a split) until the bound is within the gap or the time limit is reached.
@@ -146,6 +150,14 @@ class _Model:
         self.single_own = np.asarray(
             [float(_own_uncongested(fc, cl, cl.devices)[0]) for cl in single]
         )
+        # every congested link's members, flat: (link, device, own free-direction s/byte)
+        every = (*shared, *single)
+        self.member_link = np.repeat(np.arange(len(every)), [len(cl.devices) for cl in every])
+        self.member_dev = np.concatenate([cl.devices for cl in every] or [np.zeros(0, int)])
+        self.member_own = np.concatenate(
+            [_own_uncongested(fc, cl, cl.devices) for cl in every] or [np.zeros(0)]
+        )
+        self.link_spb = np.asarray([cl.s_per_byte for cl in every])
         self.bytes_mb = cat.bytes_one_way / MB
         self.u = cat.utility_per_sample
         self.v_scale = fc.samples / self.scale
@@ -321,7 +333,6 @@ class _Linked:
         self.Vd = self.V[dyn, :wd]
         self.link_d = link[dyn]
         self.count_d = np.bincount(self.link_d, minlength=E)
-        self.idx = np.arange(wd)
         # static rows: best value per rank-sum level
         st = np.flatnonzero(static)
         self.st = st
@@ -341,24 +352,16 @@ class _Linked:
         J[(r * nl + lv)[hit]] = k[hit]
         self.Fs = F.reshape(len(st), nl)
         self.Js = J.reshape(len(st), nl)
-        # merge each link's dynamic entries by o
-        W = wd
+        # every dynamic entry's place in the order (link, o): only the entries where a
+        # device's best priced column rises are merged, kept in this order
         flat_o = self.Od.ravel()
-        flat_link = np.repeat(self.link_d, W)
         ids = np.flatnonzero(np.isfinite(flat_o))
-        top = float(flat_o[ids].max(initial=0.0)) * 1.001 + 1e-300
-        perm = ids[np.argsort(flat_link[ids] + flat_o[ids] / top, kind="stable")]
-        self.perm = perm
-        self.o_m = flat_o[perm]
-        self.link_m = flat_link[perm]
-        starts = np.searchsorted(self.link_m, np.arange(E))
-        self.seg_start = starts
-        self.seg_len = np.diff(np.append(starts, len(perm)))
-        self.seg_rep = np.repeat(np.arange(E), self.seg_len)
-        # evaluate a link's bound only at the last of entries with equal o
-        last = np.ones(len(perm), dtype=bool)
-        last[:-1] = (self.link_m[1:] != self.link_m[:-1]) | (self.o_m[1:] > self.o_m[:-1])
-        self.last = last
+        perm = ids[np.lexsort((flat_o[ids], np.repeat(self.link_d, wd)[ids]))]
+        rank = np.full(len(flat_o), -1, dtype=np.int64)
+        rank[perm] = np.arange(len(perm))
+        self.rank = rank
+        self.mark = np.zeros(len(perm), dtype=bool)  # scratch of evaluate
+        self.where = np.zeros(len(perm), dtype=np.int64)
 
     def _static(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         q = (p * self.kappa)[self.link_s]
@@ -376,48 +379,71 @@ class _Linked:
         sv, sb, sk = self._static(p)
         s_val = np.bincount(self.link_s, weights=sv, minlength=E)
         s_b = np.bincount(self.link_s, weights=sb, minlength=E)
+        wd = self.Od.shape[1]
         q = (p * self.kappa)[self.link_d]
         w = self.Vd - q[:, None] * self.BBd
-        w = np.where(self.TAUd <= t * (1 + _TOL), w, -np.inf)
+        np.putmask(w, self.TAUd > t * (1 + _TOL), -np.inf)
         run = np.maximum.accumulate(w, axis=1)
-        prev = np.empty_like(run)
-        prev[:, 0] = -np.inf
-        prev[:, 1:] = run[:, :-1]
-        start = np.isfinite(run) & ~np.isfinite(prev)
-        rise = start | (run > prev)
-        inc = np.where(start, run, np.where(rise, run - prev, 0.0))
-        pos = np.maximum.accumulate(np.where(rise, self.idx[None, :], -1), axis=1)
-        b_run = np.where(pos >= 0, np.take_along_axis(self.BBd, np.maximum(pos, 0), axis=1), 0.0)
-        db = np.empty_like(b_run)
-        db[:, 0] = b_run[:, 0]
-        db[:, 1:] = b_run[:, 1:] - b_run[:, :-1]
-        perm = self.perm
-        cum = _seg_cumsum(inc.ravel()[perm], self.seg_start, self.seg_len)
-        cb = _seg_cumsum(db.ravel()[perm], self.seg_start, self.seg_len)
-        cnt = _seg_cumsum(start.ravel()[perm].astype(np.int64), self.seg_start, self.seg_len)
-        lm = self.link_m
-        g = cum + s_val[lm] + p[lm] * (t - self.o_m)
-        valid = self.last & (cnt == self.count_d[lm]) & (self.o_m <= t * (1 + _TOL))
+        rise = np.empty(run.shape, dtype=bool)
+        np.greater(run[:, 0], -np.inf, out=rise[:, 0])
+        np.greater(run[:, 1:], run[:, :-1], out=rise[:, 1:])
+        # the rises, row by row in order of o: a device's best priced column up to there
+        fi = np.flatnonzero(rise)
+        if not len(fi):
+            inf = np.full(E, -np.inf)
+            none = np.full(len(self.rows), -1, dtype=np.int64)
+            return _Eval(h=inf, slack=inf, d_star=np.full(E, np.inf)), none if choice else None
+        row = fi // wd
+        rv = run.ravel()[fi]
+        rb = self.BBd.ravel()[fi]
+        first = np.ones(len(fi), dtype=bool)
+        first[1:] = row[1:] != row[:-1]
+        inc = rv.copy()
+        inc[1:] -= np.where(first[1:], 0.0, rv[:-1])
+        db = rb.copy()
+        db[1:] -= np.where(first[1:], 0.0, rb[:-1])
+        # ... merged per link in order of o
+        mark, where = self.mark, self.where
+        rk = self.rank[fi]
+        mark[rk] = True
+        where[rk] = np.arange(len(fi))
+        order = where[np.flatnonzero(mark)]
+        mark[rk] = False
+        lm = self.link_d[row[order]]
+        o_m = self.Od.ravel()[fi[order]]
+        seg_len = np.bincount(lm, minlength=E)
+        seg_start = np.cumsum(seg_len) - seg_len
+        cum = _seg_cumsum(inc[order], seg_start, seg_len)
+        cb = _seg_cumsum(db[order], seg_start, seg_len)
+        cnt = _seg_cumsum(first[order].astype(np.int64), seg_start, seg_len)
+        # a link's bound only at the last of entries with equal o
+        last = np.ones(len(lm), dtype=bool)
+        last[:-1] = (lm[1:] != lm[:-1]) | (o_m[1:] > o_m[:-1])
+        g = cum + s_val[lm] + p[lm] * (t - o_m)
+        valid = last & (cnt == self.count_d[lm]) & (o_m <= t * (1 + _TOL))
         g = np.where(valid, g, -np.inf)
         h = np.full(E, -np.inf)
-        nz = self.seg_len > 0
-        h[nz] = np.maximum.reduceat(g, self.seg_start[nz])
-        hr = h[self.seg_rep]
+        nz = seg_len > 0
+        h[nz] = np.maximum.reduceat(g, seg_start[nz])
+        hr = np.repeat(h, seg_len)
         hit = valid & (g >= hr - 1e-12 * np.abs(hr))
         big = len(g)
         k = np.full(E, big)
-        k[nz] = np.minimum.reduceat(np.where(hit, np.arange(big), big), self.seg_start[nz])
+        k[nz] = np.minimum.reduceat(np.where(hit, np.arange(big), big), seg_start[nz])
         ok = k < big
         kk = np.minimum(k, big - 1)
-        d_star = np.where(ok, self.o_m[kk], np.inf)
+        d_star = np.where(ok, o_m[kk], np.inf)
         slack = np.where(ok, (t - d_star) - self.kappa * (cb[kk] + s_b), -np.inf)
         ev = _Eval(h=h, slack=slack, d_star=d_star)
         if not choice:
             return ev, None
+        # per row its last rise within D*: the best priced column there
         out = np.full(len(self.rows), -1, dtype=np.int64)
-        within = self.Od <= d_star[self.link_d][:, None] * (1 + _TOL)
-        n_in = within.sum(axis=1)
-        best = np.take_along_axis(pos, np.maximum(n_in - 1, 0)[:, None], axis=1)[:, 0]
+        within = self.Od.ravel()[fi] <= d_star[self.link_d[row]] * (1 + _TOL)
+        n_dyn = len(self.dyn)
+        n_in = np.bincount(row, weights=within, minlength=n_dyn).astype(np.int64)
+        row_start = np.searchsorted(row, np.arange(n_dyn))
+        best = fi[np.clip(row_start + n_in - 1, 0, len(fi) - 1)] % wd
         out[self.dyn] = np.where((n_in > 0) & ok[self.link_d], best, -1)
         out[self.st] = np.where(ok[self.link_s], self.Js[np.arange(len(sk)), sk], -1)
         return ev, out
@@ -584,20 +610,32 @@ class _Solver:
         assert linked is not None
         E = linked.E
         pos = pos.copy()
-        active = np.ones(E, dtype=bool)
         lim = t * (1 + _TOL)
+        every = np.arange(len(pos))
+        link, kappa = linked.link, linked.kappa
+
+        def current(table: np.ndarray, empty: float) -> np.ndarray:
+            return np.where(pos >= 0, table[every, np.maximum(pos, 0)], empty)
+
+        # the upgrades worth a look: more value, within T on their own and with the link
+        # carrying only their bytes (the others' bytes only add)
+        values, own, o = linked.V, linked.TAU, linked.OO
+        cand = (
+            (values > current(values, -np.inf)[:, None])
+            & (own <= lim)
+            & (o + kappa[link, None] * linked.BB <= lim)
+        )
+        er, ek = np.nonzero(cand)  # by row, rows by link
+        eo, eb, ev, el = linked.OO[er, ek], linked.BB[er, ek], linked.V[er, ek], link[er]
+        active = np.ones(E, dtype=bool)
         for _ in range(2 * int(linked.count.max(initial=1)) + 4):
             if time.perf_counter() > self.clock_end:
                 break
-            rows = np.flatnonzero(active[linked.link])
-            if not len(rows):
+            sel = np.flatnonzero(active[el])
+            if not len(sel):
                 break
-            link = linked.link[rows]
-            p = pos[rows]
-            safe = np.maximum(p, 0)
-            cur_o = np.where(p >= 0, linked.OO[rows, safe], -np.inf)
-            cur_b = np.where(p >= 0, linked.BB[rows, safe], 0.0)
-            cur_v = np.where(p >= 0, linked.V[rows, safe], -np.inf)
+            cur_o, cur_b = current(linked.OO, -np.inf), current(linked.BB, 0.0)
+            cur_v = current(linked.V, -np.inf)
             load = np.bincount(link, weights=cur_b, minlength=E)
             first = np.full(E, -np.inf)
             np.maximum.at(first, link, cur_o)
@@ -606,27 +644,22 @@ class _Solver:
             second = np.full(E, -np.inf)
             np.maximum.at(second, link, np.where(is_top, -np.inf, cur_o))
             other_o = np.where(is_top & (tops[link] < 1.5), second[link], first[link])
-            OO, BB, V = linked.OO[rows], linked.BB[rows], linked.V[rows]
-            kb = linked.kappa[link]
-            span = np.maximum(OO, other_o[:, None]) + kb[:, None] * (
-                (load[link] - cur_b)[:, None] + BB
-            )
-            ok = (span <= lim) & (linked.TAU[rows] <= lim)
-            gain = np.where(ok, V - cur_v[:, None], -np.inf)
-            k = gain.argmax(axis=1)
-            g = gain[np.arange(len(rows)), k]
-            good = g > 1e-12 * np.maximum(1.0, np.abs(np.where(np.isfinite(cur_v), cur_v, 0.0)))
+            r, lk = er[sel], el[sel]
+            span = np.maximum(eo[sel], other_o[r]) + kappa[lk] * (load[lk] - cur_b[r] + eb[sel])
+            gain = np.where(span <= lim, ev[sel] - cur_v[r], -np.inf)
+            floor = 1e-12 * np.maximum(1.0, np.abs(np.where(np.isfinite(cur_v), cur_v, 0.0)))
+            good = gain > floor[r]
             best = np.full(E, -np.inf)
-            np.maximum.at(best, link, np.where(good, g, -np.inf))
-            winner = good & (g >= best[link])
+            np.maximum.at(best, lk[good], gain[good])
+            # per link the first device, and its first column, of the largest gain
+            win = np.flatnonzero(good & (gain >= best[lk]))
             active[:] = False
-            if not winner.any():
+            if not len(win):
                 break
-            order = np.flatnonzero(winner)
-            lk, first_idx = np.unique(link[order], return_index=True)
-            pick = order[first_idx]
-            pos[rows[pick]] = k[pick]
-            active[lk] = True
+            links, at = np.unique(lk[win], return_index=True)
+            pick = sel[win[at]]
+            pos[er[pick]] = ek[pick]
+            active[links] = True
         return pos
 
     def _value(self, choice: np.ndarray) -> tuple[float, float]:
@@ -643,13 +676,14 @@ class _Solver:
         comp = fc.compute_const + fc.compute_per_layer * d + fc.compute_per_rank * s
         nbytes = cat.bytes_one_way[safe]
         round_time = float(t[part].max())
-        for cl in (*model.shared, *model.single):
-            idx = cl.devices[part[cl.devices]]
-            if not len(idx):
-                continue
-            load = cl.s_per_byte * float(nbytes[idx].sum())
-            o = comp[idx] + nbytes[idx] * _own_uncongested(fc, cl, idx)
-            round_time = max(round_time, float(o.max()) + load)
+        on = part[model.member_dev]
+        dev, link = model.member_dev[on], model.member_link[on]
+        if len(dev):
+            nl = len(model.link_spb)
+            load = model.link_spb * np.bincount(link, weights=nbytes[dev], minlength=nl)
+            top = np.full(nl, -np.inf)
+            np.maximum.at(top, link, comp[dev] + nbytes[dev] * model.member_own[on])
+            round_time = max(round_time, float((top + load).max()))
         return util, round_time
 
     def _objective(self, util: float, round_time: float) -> float:
@@ -665,6 +699,18 @@ class _Solver:
         if prices is not None:
             b += prices.bound
         return b
+
+    def _rate_bound(self, lo: float, hi: float, prices: _Prices | None) -> float:
+        """A bound of ``V(T) / T`` on ``[lo, hi]``: ``h_e(p, T) - p T`` does not decrease
+        with ``T``, so ``V(T) <= F(hi) + sum_e (h_e(p_e, hi) - p_e hi) + T sum_e p_e``."""
+        fixed = self.free.value(hi) if self.free is not None else 0.0
+        slope = 0.0
+        if prices is not None:
+            fixed += float((prices.best - prices.p_best * hi).sum())
+            slope = float(prices.p_best.sum())
+        if not fixed > -math.inf:
+            return -math.inf
+        return fixed / (lo if fixed >= 0 else hi) + slope
 
     def solve(self) -> SolverOutcome:
         model, opts = self.model, self.opts
@@ -770,11 +816,14 @@ class _Solver:
         def push(lo: float, hi: float, exact: bool, cap: float = math.inf) -> None:
             # V does not decrease with T: a bound of V at a later time also holds
             if exact:
-                b = min(cap, self._bound_at(hi, prices_at(hi)))
+                pr = prices_at(hi)
+                b = min(cap, self._bound_at(hi, pr))
+                r = min(b / lo, self._rate_bound(lo, hi, pr))
             else:
                 b = min(cap, self.nolink.value(hi))
-            if b > -math.inf:
-                heapq.heappush(heap, (-b / lo, lo, hi, exact or linked is None, b))
+                r = b / lo
+            if b > -math.inf and r > -math.inf:
+                heapq.heappush(heap, (-r, lo, hi, exact or linked is None, b))
 
         # intervals [lo, hi] of round times; beyond ``cap`` no plan beats U_max / cap
         grid = _geometric(t_lo, t_far, 1.01)

@@ -4,6 +4,9 @@ of it, and its plans pass validate_plan with the round time the plan reports."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -96,9 +99,9 @@ def test_three_links_deadline_matches_the_milp():
     _compare(fleet, topo, "deadline", deadline=free.round_time_s * 0.95)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.lists(
+def _profiles(most: int):
+    """Devices as (tflops, uplink Mbit/s, downlink Mbit/s, samples)."""
+    return st.lists(
         st.tuples(
             st.sampled_from([0.3, 1.0, 4.0]),
             st.sampled_from([10.0, 40.0, 150.0]),
@@ -106,8 +109,13 @@ def test_three_links_deadline_matches_the_milp():
             st.integers(100, 800),
         ),
         min_size=4,
-        max_size=5,
-    ),
+        max_size=most,
+    )
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    _profiles(5),
     st.sampled_from([0.25, 0.5]),
 )
 def test_random_small_topologies_rate(profiles, share):
@@ -132,3 +140,77 @@ def test_not_applicable_with_coverage_or_min_time():
     ):
         problem = PlanningProblem.create(fleet, SPEC, JOB, opts, topology=topo)
         assert not linklagrange.applies(problem)
+
+
+def _plain_h(linked, t, p):
+    """``h_e(p_e, t)`` per link by a plain loop over the candidate ``D`` of each link."""
+    out = []
+    for e in range(linked.E):
+        rows = [r for r in range(len(linked.rows)) if linked.link[r] == e]
+        q = p[e] * linked.kappa[e]
+        cands = sorted({float(o) for r in rows for o in linked.OO[r] if o <= t * (1 + 1e-12)})
+        best = -math.inf
+        for d in cands:
+            total = p[e] * (t - d)
+            for r in rows:
+                vals = [
+                    linked.V[r, k] - q * linked.BB[r, k]
+                    for k in range(linked.W)
+                    if linked.OO[r, k] <= d and linked.TAU[r, k] <= t * (1 + 1e-12)
+                ]
+                total += max(vals, default=-math.inf)
+            best = max(best, total)
+        out.append(best)
+    return np.asarray(out)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    _profiles(7),
+    st.sampled_from([0.25, 0.5]),
+    st.floats(1.0, 1.6),
+    st.lists(st.floats(0.0, 3.0), min_size=3, max_size=3),
+)
+def test_link_bounds_match_a_plain_loop(profiles, share, stretch, prices):
+    """The merged evaluation of every link's ``h_e`` (only the rises of each device's best
+    priced column, merged per link by ``o``) equals the plain maximum over ``D``, and the
+    chosen columns reach it."""
+    third = len(profiles) // 3
+    groups = [list(range(third + 1)), list(range(third + 1, len(profiles)))]
+    fleet, topo = _setup(profiles, groups, share)
+    problem = PlanningProblem.create(
+        fleet, SPEC, JOB, PlannerOptions(objective="rate"), topology=topo
+    )
+    solver = linklagrange._Solver(problem, build_catalogue(problem), fleet_costs(problem))
+    model = solver.model
+    linked = linklagrange._Linked(model, solver._slowest_bound())
+    solver.linked, solver.free = linked, None
+    t_lo = solver._t_lo()
+    linked.prepare(t_lo)
+    t = t_lo * stretch
+    # prices around the value per second of link time
+    p = np.asarray(prices[: linked.E]) * float(model.u.max()) / max(linked.kappa.max(), 1e-12)
+    ev, pos = linked.evaluate(t, p, choice=True)
+    plain = _plain_h(linked, t, p)
+    # what the rate bound on an interval of round times rests on: h_e(p, T) - p T does
+    # not decrease with T
+    later, _ = linked.evaluate(t * 1.07, p)
+    fin = np.isfinite(ev.h)
+    assert (
+        later.h[fin] - p[fin] * t * 1.07 >= (ev.h - p * t)[fin] - 1e-9 * np.abs(ev.h[fin])
+    ).all()
+    assert np.allclose(ev.h, plain, rtol=1e-9, atol=1e-9 * np.abs(plain).max(initial=1.0))
+    assert pos is not None
+    for e in range(linked.E):
+        if not np.isfinite(ev.h[e]):
+            continue
+        rows = np.flatnonzero(linked.link == e)
+        q = p[e] * linked.kappa[e]
+        assert (pos[rows] >= 0).all()
+        o = linked.OO[rows, pos[rows]]
+        assert (o <= ev.d_star[e] * (1 + 1e-12)).all()
+        assert (linked.TAU[rows, pos[rows]] <= t * (1 + 1e-12)).all()
+        got = (linked.V[rows, pos[rows]] - q * linked.BB[rows, pos[rows]]).sum()
+        assert got + p[e] * (t - ev.d_star[e]) == pytest.approx(ev.h[e], rel=1e-9)
+        b = linked.BB[rows, pos[rows]].sum()
+        assert ev.slack[e] == pytest.approx(t - ev.d_star[e] - linked.kappa[e] * b, rel=1e-9)
