@@ -327,13 +327,9 @@ def test_auto_plans_a_large_coupled_progress_fleet_with_a_proven_gap() -> None:
         )
     )
     job = tiny_job()
+    rows = {"server_mbps": 20.0, "coverage_layers": 2, "coverage_share": 0.5}
     options = PlannerOptions(
-        objective="progress",
-        seconds_per_mb=0.5,
-        server_overhead_s=0.05,
-        server_mbps=20.0,
-        coverage_layers=2,
-        coverage_share=0.5,
+        objective="progress", seconds_per_mb=0.5, server_overhead_s=0.05, **rows
     )
     plan = plan_round(fleet, TINY, job, options)
     milp = plan_round(fleet, TINY, job, options.with_(solver="highs"))
