@@ -21,7 +21,9 @@ Cases (``--cases``; the default is all of them):
 ``ap-10k``
     bert-base-uncased, 1,000 access points with 10 devices each; each access point's
     uplink and downlink carry 40% of what its devices could send together (so every one
-    is congested), written as a topology file. The greedy does not model topologies.
+    is congested), written as a topology file. The greedy does not model topologies: it
+    plans blind to the shared links, and its objective is evaluated on the round time the
+    shared links then imply (the same round time the exact plan is held to; ``rate`` only).
 ``classes-10k``
     bert-base-uncased, 10,000 devices drawn from 8 device types (repeated profiles).
 
@@ -213,14 +215,32 @@ def inner(argv: list[str]) -> int:
         coverage_layers=2 if a.coverage else 0,
         coverage_share=0.5 if a.coverage else 0.0,
     )
+    # The greedy cannot see shared links: it plans blind and is judged on the true round time.
+    blind = topo is not None and a.solver == "greedy"
     start = time.perf_counter()
     try:
-        plan = plan_round(fleet, spec, job, options, topology=topo)
+        plan = plan_round(fleet, spec, job, options, topology=None if blind else topo)
     except PlannerError as exc:
         print(json.dumps({"error": f"{type(exc).__name__}: {str(exc)[:300]}"}))
         return 0
     plan_s = time.perf_counter() - start
-    valid = not validate_plan(plan, fleet, spec, job, server_mbps=a.server_mbps, topology=topo)
+    valid = not validate_plan(
+        plan, fleet, spec, job, server_mbps=a.server_mbps, topology=None if blind else topo
+    )
+    objective, round_time = plan.objective_value, plan.round_time_s
+    if blind:
+        from legend.planner.costs import CostModel
+        from legend.planner.topology import predicted_round_time
+
+        configurations = {dp.device_id: (dp.layers, dp.ranks) for dp in plan.devices}
+        assert topo is not None
+        round_time = predicted_round_time(topo, fleet, CostModel(spec, job), configurations)
+        # rate = utility / round time; other objectives are not re-evaluated here
+        objective = (
+            objective * plan.round_time_s / round_time
+            if a.objective == "rate" and objective is not None and round_time > 0
+            else None
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(
         json.dumps(
@@ -228,9 +248,9 @@ def inner(argv: list[str]) -> int:
                 "path": plan.solver,
                 "status": plan.status,
                 "gap": plan.mip_gap,
-                "objective": plan.objective_value,
+                "objective": objective,
                 "bound": plan.objective_bound,
-                "round_time_s": plan.round_time_s,
+                "round_time_s": round_time,
                 "plan_s": plan_s,
                 "peak_bytes": peak,
                 "valid": valid,
@@ -327,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             path = topology_file(distinct_fleet(devices, 0), aps, Path(tmp.name) / "topo.toml")
             extra += ["--topology", str(path)]
         runs = {"exact": [run_case(case, devices, "auto", args, extra) for _ in range(repeats)]}
-        if not args.no_greedy and not case.access_points:
+        if not args.no_greedy:
             runs["greedy"] = [run_case(case, devices, "greedy", args, extra)]
         if tmp is not None:
             tmp.cleanup()
@@ -347,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             wall = f"{statistics.median(walls):.2f} ({min(walls):.2f}-{max(walls):.2f})"
             peak = max(x["peak_bytes"] for x in good) / 2**20
-            gap = None if r["gap"] is None else 100 * r["gap"]
+            gap = "-" if r["gap"] is None else f"{100 * r['gap']:.4f}%"
             print(
                 f"| {name} | {devices:,} | {method} | {r['path']} | {r['status']} "
-                f"| {fmt(gap, '.4f')}% | {wall} | {peak:,.0f} MiB | {fmt(ratio, '.4f')} "
+                f"| {gap} | {wall} | {peak:,.0f} MiB | {fmt(ratio, '.4f')} "
                 f"| {'yes' if all(x['valid'] for x in good) else 'NO'} |",
                 flush=True,
             )
