@@ -240,14 +240,12 @@ class ProgressModel:
         for index, update in enumerate(updates):
             per_layer: dict[int, float] = {}
             rank_of: dict[int, int] = {}
-            spectra: list[np.ndarray] = []
             for (layer, module), (a, b) in update.state.factors.items():
                 a_full, b_full = global_before.factors[(layer, module)]
                 r = a.shape[0]
                 s = update_spectrum(a, b, a_full[:r], b_full[:, :r])
                 per_layer[layer] = per_layer.get(layer, 0.0) + float(s @ s)
                 rank_of[layer] = r
-                spectra.append(s)
                 if r == r_max and s @ s > _EPS:
                     cum = np.cumsum(s * s) / float(s @ s)
                     for k, rk in enumerate(self.ranks):

@@ -101,27 +101,27 @@ class LayerDecrease:
         self.layer_params = {int(k): list(v) for k, v in layer_params.items() if v}
         self.total = dict.fromkeys(self.layer_params, 0.0)
         self.steps = 0
-        self._before: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # (layer, factor, its value, its gradient) before the step being taken
+        self._before: list[tuple[int, torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
 
     def before_step(self) -> None:
         """Keep each factor and its gradient (call after ``backward``, before the step)."""
-        self._before = {
-            layer: [
-                (p.detach().clone(), p.grad.detach().clone()) for p in params if p.grad is not None
-            ]
+        self._before = [
+            (layer, p, p.detach().clone(), p.grad.detach().clone())
             for layer, params in self.layer_params.items()
-        }
+            for p in params
+            if p.grad is not None
+        ]
 
     def after_step(self) -> None:
         """Add each layer's ``<g, theta - theta'>`` of the step just taken."""
-        for layer, params in self.layer_params.items():
-            kept = self._before.get(layer, [])
-            with_grad = [p for p in params if p.grad is not None]
-            total = 0.0
-            for p, (theta, grad) in zip(with_grad, kept, strict=True):
-                total += float(torch.sum(grad * (theta - p.detach())))
-            self.total[layer] += total
-        self._before = {}
+        step: dict[int, torch.Tensor] = {}
+        for layer, p, theta, grad in self._before:
+            part = torch.sum(grad * (theta - p.detach()))
+            step[layer] = part if layer not in step else step[layer] + part
+        for layer, value in step.items():  # one read of the device per layer
+            self.total[layer] += float(value)
+        self._before = []
         self.steps += 1
 
     def per_layer(self, num_layers: int) -> tuple[float, ...]:
