@@ -407,3 +407,10 @@ def test_strategy_runs_the_pending_rounds_with_flowers_own_loop(tiny_job):
     assert [[r["round"] for r in round_rows] for round_rows in rows] == [[3], [4]]
     assert rows[0][0]["pid"] == 7 and rows[0][0]["device_id"] == "phone-1"
     assert sorted(result.train_metrics_clientapp) == [1, 2]
+
+
+def test_reply_with_bad_layer_decrease_is_refused():
+    reply = _reply(2, "jetson-1", _state(np.random.default_rng(2), {0: 8}))
+    record = reply_to_record(reply, {"layer-decrease": ["0.1", "0.2"]})
+    with pytest.raises(FlowerInputError, match="`layer-decrease`.*list of floats"):
+        reply_from_record(record)

@@ -267,7 +267,10 @@ def reply_from_record(content: RecordDict) -> ClientReply:
     kinds = {**_REPLY_FIELDS, **dict.fromkeys(_REPLY_FLOATS, float)}
     decrease = read_field(c, "layer-decrease", list, what) if "layer-decrease" in c else []
     if not all(isinstance(v, float) for v in decrease):
-        raise FlowerInputError(f"{what}: `layer-decrease` must be a list of floats")
+        raise FlowerInputError(
+            f"{what}: `layer-decrease` = {decrease!r} must be a list of floats, one per model "
+            "layer; install the same legend version on the server and every node"
+        )
     return ClientReply(state=state, layer_decrease=tuple(decrease), **read_fields(c, kinds, what))
 
 
