@@ -412,5 +412,5 @@ def test_strategy_runs_the_pending_rounds_with_flowers_own_loop(tiny_job):
 def test_reply_with_bad_layer_decrease_is_refused():
     reply = _reply(2, "jetson-1", _state(np.random.default_rng(2), {0: 8}))
     record = reply_to_record(reply, {"layer-decrease": ["0.1", "0.2"]})
-    with pytest.raises(FlowerInputError, match="`layer-decrease`.*list of floats"):
+    with pytest.raises(FlowerInputError, match=r"`layer-decrease`.*list of floats"):
         reply_from_record(record)
