@@ -12,13 +12,21 @@ estimates ``g`` and ``phi`` from the run itself, every round, from the updates t
 return (docs/planner.md, "The progress model", gives the reasoning):
 
 rank response ``phi``
-    What a layer's adapter buys at rank ``r`` relative to the largest rank: the devices'
-    per-layer loss decreases (below), fitted as ``log d = device + layer + log phi(r)`` by
-    least squares (:func:`rank_ratios`), so that ranks are compared within a device and
-    within a layer. With the LoRA scale held constant a higher rank takes larger steps,
-    so this is not the shape of the update. Where no device reported decreases, the shape
-    stands in: the singular values ``s_k`` of ``dW = B A - B0 A0`` of updates trained at
-    the largest rank give ``phi(r) = sum_{k<=r} s_k^2 / sum_k s_k^2``.
+    What a layer's adapter buys at rank ``r`` relative to the largest rank of the grid: the
+    devices' per-layer loss decreases (below) follow ``log d = device + layer + log phi(r)
+    + noise``, so ranks are compared within a device and within a layer. A round's records
+    give evidence on ``log phi`` (:func:`rank_evidence`: the normal equations of the rank
+    effects once the device and layer effects are projected out, scaled by the fit's noise
+    variance), which is weak where a plan ties ranks to layers and absent for ranks nobody
+    trained. The estimate is the posterior mean of a Gaussian prior centred on the measured
+    prior (standard deviation ``rank_prior_sd`` in ``log phi``) and the evidence of the
+    rounds so far, older rounds discounted by ``smoothing`` each round; so a rank no longer
+    planned drifts back to the prior instead of keeping a noisy value, and a poorly
+    identified round moves ``phi`` little. With the LoRA scale held constant a higher rank
+    takes larger steps, so this is not the shape of the update. Where no device reported
+    decreases, the shape stands in: the singular values ``s_k`` of ``dW = B A - B0 A0`` of
+    updates trained at the largest rank give ``phi(r) = sum_{k<=r} s_k^2 / sum_k s_k^2``,
+    entered as evidence of one record per rank.
 layer gains ``g``
     Each device measures, while it trains, the first-order decrease of its training loss
     that each layer's adapter bought: ``<g_t, theta_t - theta_{t+1}>`` over the layer's LoRA
@@ -36,8 +44,9 @@ validation
     the prediction can be checked (``legend report run``).
 
 Before the first round the model is the *measured* prior stored with the model preset
-(:mod:`legend.models.priors`); each round's estimate enters by an exponential moving
-average of weight ``1 - smoothing``. Layers no device trained keep their previous gain.
+(:mod:`legend.models.priors`); each round's layer gains enter by an exponential moving
+average of weight ``1 - smoothing``, its rank evidence as described above. Layers no device
+trained keep their previous gain.
 Everything is deterministic given the updates, and the state round-trips through the run's
 checkpoint (:meth:`ProgressModel.to_dict`), so a resumed run plans as an uninterrupted one.
 """
@@ -55,10 +64,18 @@ from legend.federation.adapters import AdapterState, ClientUpdate
 from legend.models.priors import ProgressPrior, progress_prior
 from legend.models.spec import ModelSpec
 
-__all__ = ["ProgressModel", "RoundSignals", "rank_ratios", "update_spectrum"]
+__all__ = ["ProgressModel", "RoundSignals", "rank_evidence", "rank_ratios", "update_spectrum"]
 
 # weight of the previous estimate in the exponential moving average of every round
 DEFAULT_SMOOTHING = 0.5
+# standard deviation of the prior on log phi(r) (a factor of about 1.65 either way)
+DEFAULT_RANK_PRIOR_SD = 0.5
+# the noise of log decreases assumed before a round's residuals say otherwise, and how many
+# records' worth that assumption counts (the residual variance is shrunk towards it)
+_NOISE_SD = 0.5
+_NOISE_WEIGHT = 2.0
+# evidence of the spectral fallback: one record of this noise per rank
+_SHARE_SD = 0.5
 _EPS = 1e-30
 
 
@@ -88,6 +105,9 @@ class RoundSignals:
     # per grid rank, the loss decrease a layer trained at that rank bought relative to the
     # largest rank seen (NaN where unseen; empty when the round cannot tell ranks apart)
     rank_decrease: tuple[float, ...] = ()
+    # the round's evidence on log phi of the grid ranks but the largest (rank_evidence)
+    rank_information: tuple[tuple[float, ...], ...] = ()
+    rank_score: tuple[float, ...] = ()
 
     @property
     def layer_measure(self) -> tuple[float, ...]:
@@ -140,6 +160,54 @@ def rank_ratios(
     return tuple(out)
 
 
+def rank_evidence(
+    records: Sequence[tuple[int, int, int, float]], ranks: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """What ``(device, layer, rank, decrease)`` records say of ``log phi`` at the grid ranks
+    but the largest (which is 1): the information matrix ``I`` and score ``h`` of the rank
+    effects in ``log decrease = device + layer + log phi(rank) + noise``.
+
+    The device and layer effects are projected out (so only contrasts within a device and
+    within a layer count) and the rest scaled by the noise variance, estimated from the
+    fit's residuals shrunk towards ``_NOISE_SD``: the least-squares estimate is ``I^-1 h``
+    where ``I`` is invertible, and a Gaussian prior of mean ``m`` and precision ``P`` has the
+    posterior mean ``(P + I)^-1 (P m + h)`` whatever the plan left unidentified (ranks tied
+    to layers, ranks nobody trained: zero rows). Records of ranks off the grid and of
+    non-positive decreases are ignored.
+    """
+    k = len(ranks) - 1
+    info, score = np.zeros((k, k)), np.zeros(k)
+    col = {int(r): j for j, r in enumerate(ranks[:-1])}
+    rows = [(i, ly, int(r), d) for i, ly, r, d in records if int(r) in ranks and d > 0]
+    if k == 0 or len({r for _, _, r, _ in rows}) < 2:
+        return info, score
+    devices = sorted({i for i, _, _, _ in rows})
+    layers = sorted({ly for _, ly, _, _ in rows})
+    dev_col = {i: j for j, i in enumerate(devices)}
+    layer_col = {ly: len(devices) + j for j, ly in enumerate(layers[1:])}
+    nuisance = np.zeros((len(rows), len(devices) + len(layers) - 1))
+    x = np.zeros((len(rows), k))
+    y = np.empty(len(rows))
+    for row, (i, ly, r, d) in enumerate(rows):
+        nuisance[row, dev_col[i]] = 1.0
+        if ly in layer_col:
+            nuisance[row, layer_col[ly]] = 1.0
+        if r in col:
+            x[row, col[r]] = 1.0
+        y[row] = math.log(d)
+    # residuals of the rank columns and of y on the device and layer effects
+    both = np.column_stack([x, y])
+    coef, *_ = np.linalg.lstsq(nuisance, both, rcond=None)
+    resid = both - nuisance @ coef
+    x_perp, y_perp = resid[:, :k], resid[:, k]
+    x_perp[np.abs(x_perp) < 1e-9] = 0.0  # round-off of columns the effects explain fully
+    beta, *_ = np.linalg.lstsq(x_perp, y_perp, rcond=None)
+    rss = float(np.sum((y_perp - x_perp @ beta) ** 2))
+    dof = len(rows) - np.linalg.matrix_rank(np.column_stack([nuisance, x]))
+    variance = (rss + _NOISE_WEIGHT * _NOISE_SD**2) / (max(dof, 0) + _NOISE_WEIGHT)
+    return x_perp.T @ x_perp / variance, x_perp.T @ y_perp / variance
+
+
 class ProgressModel:
     """Layer gains and rank response of a run (see the module docstring).
 
@@ -155,7 +223,10 @@ class ProgressModel:
         starts from ``g_l = 1`` and ``phi(r) = r / r_max`` until the first round's updates
         replace them, and says so in :attr:`source`.
     smoothing
-        Weight of the previous estimate in each round's average (0: only the last round).
+        Weight of the previous estimate in each round's average of the layer gains, and of
+        the previous rounds' rank evidence (0: only the last round).
+    rank_prior_sd
+        Standard deviation of the prior on ``log phi(r)`` (see the module docstring).
     """
 
     def __init__(
@@ -165,9 +236,13 @@ class ProgressModel:
         *,
         prior: ProgressPrior | None = None,
         smoothing: float = DEFAULT_SMOOTHING,
+        rank_prior_sd: float = DEFAULT_RANK_PRIOR_SD,
     ) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"`smoothing` must be in [0, 1), got {smoothing!r}")
+        if not (math.isfinite(rank_prior_sd) and rank_prior_sd > 0):
+            raise ValueError(f"`rank_prior_sd` must be > 0, got {rank_prior_sd!r}")
+        self.rank_prior_sd = float(rank_prior_sd)
         self.spec = spec
         self.ranks = tuple(int(r) for r in ranks)
         self.smoothing = smoothing
@@ -180,6 +255,13 @@ class ProgressModel:
             self.layer_gains = np.ones(spec.num_layers)
             self.rank_response = np.asarray(self.ranks, dtype=np.float64) / max(self.ranks)
             self.source = "no stored prior: uniform gains, linear response"
+        # relative to the largest rank of the grid, whose response is 1
+        self.rank_response = self.rank_response / self.rank_response[-1]
+        # prior mean of log phi at the grid ranks but the largest, and the rounds' evidence
+        self.rank_prior_log = np.log(np.maximum(self.rank_response[:-1], 1e-6))
+        k = len(self.ranks) - 1
+        self.rank_information = np.zeros((k, k))
+        self.rank_score = np.zeros(k)
         self.rounds_observed = 0
         self.loss_per_progress: float | None = None
 
@@ -264,6 +346,7 @@ class ProgressModel:
                     decrease_count[layer] += 1
                     if d > 0:
                         records.append((index, layer, r, d))
+        info, score = rank_evidence(records, self.ranks)
         with np.errstate(invalid="ignore", divide="ignore"):
             energy = np.where(energy_count > 0, energy_sum / np.maximum(energy_count, 1), np.nan)
             decrease = np.where(
@@ -276,6 +359,9 @@ class ProgressModel:
             devices=len(updates),
             layer_decrease=tuple(float(v) for v in decrease) if decrease_count.any() else (),
             rank_decrease=rank_ratios(records, self.ranks),
+            # no reported decreases: empty, and the spectral shares stand in
+            rank_information=tuple(tuple(float(v) for v in row) for row in info) if records else (),
+            rank_score=tuple(float(v) for v in score) if records else (),
         )
 
     def observe(self, signals: RoundSignals) -> None:
@@ -291,21 +377,44 @@ class ProgressModel:
             measured = energy[seen] * scale
             self.layer_gains[seen] = w * current + (1 - w) * measured
             self.layer_gains /= max(float(self.layer_gains.mean()), _EPS)
-        if signals.rank_decrease:
-            # relative to the largest rank seen, anchored at its current response
-            ratio = np.asarray(signals.rank_decrease, dtype=np.float64)
-            top = int(np.flatnonzero(np.isfinite(ratio))[-1])
-            share = ratio * self.rank_response[top]
-        else:
-            share = np.asarray(signals.rank_share, dtype=np.float64)
-        known = np.isfinite(share)
-        if known.any():
-            self.rank_response[known] = w * self.rank_response[known] + (1 - w) * share[known]
-            self.rank_response = np.maximum.accumulate(np.clip(self.rank_response, 1e-6, 1.0))
-        if seen.any() or known.any():
+        info, score = self._rank_evidence_of(signals)
+        self.rank_information = self.smoothing * self.rank_information + info
+        self.rank_score = self.smoothing * self.rank_score + score
+        self._refresh_response()
+        if seen.any() or info.any():
             self.rounds_observed += 1
             if not self.source.endswith("+ run"):
                 self.source = f"{self.source} + run"
+
+    def _rank_evidence_of(self, signals: RoundSignals) -> tuple[np.ndarray, np.ndarray]:
+        """The round's evidence on log phi: the measured decreases' where given, else the
+        spectral shares' (one record of noise ``_SHARE_SD`` per rank seen)."""
+        k = len(self.ranks) - 1
+        if signals.rank_information:
+            info = np.asarray(signals.rank_information, dtype=np.float64).reshape(k, k)
+            return info, np.asarray(signals.rank_score, dtype=np.float64)
+        info, score = np.zeros((k, k)), np.zeros(k)
+        share = np.asarray(signals.rank_share, dtype=np.float64)
+        if len(share) == len(self.ranks) and math.isfinite(share[-1]) and share[-1] > 0:
+            for j in range(k):
+                if math.isfinite(share[j]) and share[j] > 0:
+                    info[j, j] = 1.0 / _SHARE_SD**2
+                    score[j] = math.log(share[j] / share[-1]) / _SHARE_SD**2
+        return info, score
+
+    def _refresh_response(self) -> None:
+        """``rank_response``: the posterior mean of log phi (prior and evidence), made
+        non-decreasing and at most 1 (the largest rank's)."""
+        k = len(self.ranks) - 1
+        if k == 0:
+            return
+        precision = np.eye(k) / self.rank_prior_sd**2
+        mean = np.linalg.solve(
+            precision + self.rank_information,
+            precision @ self.rank_prior_log + self.rank_score,
+        )
+        phi = np.append(np.exp(mean), 1.0)
+        self.rank_response = np.clip(np.maximum.accumulate(phi), 1e-6, 1.0)
 
     def observe_validation(self, loss_drop: float, predicted: float) -> None:
         """Fold one round's validation-loss drop per unit of predicted progress."""
@@ -329,6 +438,10 @@ class ProgressModel:
             "loss_per_progress": self.loss_per_progress,
             "source": self.source,
             "smoothing": self.smoothing,
+            "rank_prior_sd": self.rank_prior_sd,
+            "rank_prior_log": [float(v) for v in self.rank_prior_log],
+            "rank_information": [[float(v) for v in row] for row in self.rank_information],
+            "rank_score": [float(v) for v in self.rank_score],
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -346,3 +459,23 @@ class ProgressModel:
         lpp = state.get("loss_per_progress")
         self.loss_per_progress = None if lpp is None else float(lpp)
         self.source = str(state.get("source", self.source))
+        k = len(self.ranks) - 1
+        if "rank_information" in state:
+            self.rank_prior_sd = float(state.get("rank_prior_sd", self.rank_prior_sd))
+            self.rank_prior_log = np.asarray(state["rank_prior_log"], dtype=np.float64)
+            self.rank_information = np.asarray(state["rank_information"], dtype=np.float64)
+            self.rank_score = np.asarray(state["rank_score"], dtype=np.float64)
+            if (
+                self.rank_prior_log.shape != (k,)
+                or self.rank_information.shape != (k, k)
+                or self.rank_score.shape != (k,)
+            ):
+                raise ValueError(
+                    "the progress model's rank evidence does not match the ranks of the job"
+                )
+        else:
+            # a checkpoint of an earlier version: its response becomes the prior
+            top = max(float(self.rank_response[-1]), 1e-6)
+            self.rank_response = self.rank_response / top
+            self.rank_prior_log = np.log(np.maximum(self.rank_response[:-1], 1e-6))
+            self.rank_information, self.rank_score = np.zeros((k, k)), np.zeros(k)

@@ -10,7 +10,13 @@ import pytest
 from strategies import TINY, tiny_job
 
 from legend.federation.adapters import AdapterState, ClientUpdate, init_global
-from legend.federation.progress import ProgressModel, RoundSignals, rank_ratios, update_spectrum
+from legend.federation.progress import (
+    ProgressModel,
+    RoundSignals,
+    rank_evidence,
+    rank_ratios,
+    update_spectrum,
+)
 from legend.models.errors import ModelInputError
 from legend.models.priors import interpolate_response, progress_prior
 from legend.planner.api import PlannerOptions, PlanningProblem, plan_round
@@ -53,14 +59,24 @@ def test_update_spectrum_is_the_svd_of_the_difference() -> None:
     assert np.allclose(update_spectrum(a, b, a0, b0), want, rtol=1e-9, atol=1e-9)
 
 
-def test_rank_response_is_the_share_of_the_update_energy() -> None:
+def test_spectral_shares_enter_as_evidence_against_the_prior() -> None:
+    """Without reported decreases the update's energy shares stand in: one record per rank,
+    weighed against the prior (here ``r / 8``) like any evidence."""
     start = _global()
     model = ProgressModel(TINY, RANKS, smoothing=0.0)
+    assert model.rank_response == pytest.approx((0.25, 0.5, 1.0))
     # energy spread evenly over 4 directions: rank 2 holds half, rank 4 and 8 all of it
     signals = model.signals(start, [_update(start, {3: 1.0}, directions=4)])
     assert signals.rank_share == pytest.approx((0.5, 1.0, 1.0), abs=1e-4)
+    assert signals.rank_information == ()  # no decreases were reported
     model.observe(signals)
-    assert model.planner_changes()["rank_gains"] == pytest.approx((0.5, 1.0, 1.0), abs=1e-4)
+    # equal weights (prior sd = share sd = 0.5 in log phi): the geometric means
+    want = (np.sqrt(0.25 * 0.5), np.sqrt(0.5 * 1.0), 1.0)
+    assert model.planner_changes()["rank_gains"] == pytest.approx(want, abs=1e-3)
+    # a weak prior leaves the shares
+    loose = ProgressModel(TINY, RANKS, smoothing=0.0, rank_prior_sd=100.0)
+    loose.observe(signals)
+    assert loose.rank_response == pytest.approx((0.5, 1.0, 1.0), abs=1e-3)
 
 
 def test_layer_gains_follow_the_update_energy() -> None:
@@ -81,19 +97,31 @@ def test_layer_gains_follow_the_update_energy() -> None:
 
 def test_moving_average_and_checkpoint_round_trip() -> None:
     start = _global()
-    model = ProgressModel(TINY, RANKS, smoothing=0.5)
+    model = ProgressModel(TINY, RANKS, smoothing=0.5, rank_prior_sd=100.0)
     model.observe(model.signals(start, [_update(start, {3: 1.0}, directions=1)]))
     model.observe(model.signals(start, [_update(start, {3: 1.0}, directions=4)]))
-    # one round said phi(2) = 1, the next 0.5: the average of the two
-    assert model.rank_response[0] == pytest.approx(0.75, abs=1e-3)
+    # one round said phi(2) = 1, the next 0.5 (weight 0.5 on the first): the weighted
+    # geometric mean 2^(-1/1.5)
+    assert model.rank_response[0] == pytest.approx(2 ** (-1 / 1.5), abs=1e-3)
     model.observe_validation(0.2, 0.1)
     model.observe_validation(0.4, 0.1)
     assert model.loss_per_progress == pytest.approx(3.0)
     again = ProgressModel(TINY, RANKS, smoothing=0.5)
     again.restore(model.to_dict())
     assert again.to_dict() == model.to_dict()
+    assert again.rank_response == pytest.approx(model.rank_response)
     with pytest.raises(ValueError, match="does not match"):
         ProgressModel(TINY, (2, 4), smoothing=0.5).restore(model.to_dict())
+    # a checkpoint of an earlier version (no rank evidence): its response becomes the prior
+    old = {
+        k: v
+        for k, v in model.to_dict().items()
+        if not k.startswith("rank_") or k == "rank_response"
+    }
+    older = ProgressModel(TINY, RANKS)
+    older.restore(old)
+    assert older.rank_response == pytest.approx(model.rank_response)
+    assert not older.rank_information.any()
 
 
 def test_prediction_is_per_sample_and_grows_with_rank_and_depth() -> None:
@@ -206,17 +234,75 @@ def test_rank_ratios_separate_ranks_from_devices_and_layers() -> None:
     assert rank_ratios(records[:1], (2, 4, 8)) == ()  # one rank: nothing to compare
 
 
+def _records(
+    true: dict[int, float], *, devices: int = 8, noise: float = 0.02, seed: int = 3
+) -> list[tuple[int, int, int, float]]:
+    """Decreases as device x layer x rank effects with log-normal noise, the ranks of
+    ``true`` cycled across devices and layers (every contrast identified)."""
+    rng = np.random.default_rng(seed)
+    grid = sorted(true)
+    out = []
+    for device in range(devices):
+        scale = rng.uniform(0.5, 5.0)
+        for layer in range(4):
+            r = grid[(device + layer) % len(grid)]
+            d = scale * (layer + 1) * true[r] * float(np.exp(rng.normal(0, noise)))
+            out.append((device, layer, r, d))
+    return out
+
+
+def test_rank_evidence_is_the_least_squares_fit_where_identified() -> None:
+    true = {2: 0.2, 4: 0.45, 8: 1.0}
+    info, score = rank_evidence(_records(true), RANKS)
+    assert np.exp(np.linalg.solve(info, score)) == pytest.approx((0.2, 0.45), rel=0.03)
+    # ranks tied to layers on every device: no evidence at all
+    tied = [(dev, ly, 2 if ly < 2 else 8, 1.0 + ly) for dev in range(3) for ly in range(4)]
+    info, score = rank_evidence(tied, RANKS)
+    assert not info.any() and not score.any()
+    # a rank nobody trained has a zero row: the prior decides it
+    info, _ = rank_evidence(_records({4: 0.45, 8: 1.0}), RANKS)
+    assert not info[0].any() and info[1, 1] > 0
+
+
 def test_measured_rank_decreases_replace_the_spectral_shares() -> None:
     model = ProgressModel(TINY, RANKS, smoothing=0.0)
-    before = model.rank_response.copy()
+    info, score = rank_evidence(_records({2: 0.2, 4: 0.45, 8: 1.0}), RANKS)
     L = TINY.num_layers
     model.observe(
         RoundSignals(
             layer_energy=(1.0,) * L,
             rank_share=(0.99, 1.0, 1.0),
-            devices=3,
-            rank_decrease=(0.25, 0.5, 1.0),
+            devices=8,
+            rank_information=tuple(tuple(row) for row in info),
+            rank_score=tuple(score),
         )
     )
-    # anchored at the current response of the largest rank seen (rank 8)
-    assert model.rank_response == pytest.approx(np.array([0.25, 0.5, 1.0]) * before[-1])
+    # precise evidence outweighs the prior (r / 8) and the shares are not used
+    assert model.rank_response == pytest.approx((0.2, 0.45, 1.0), rel=0.03)
+
+
+def test_a_rank_no_longer_trained_returns_to_the_prior() -> None:
+    """Evidence fades by ``smoothing`` a round: once a plan stops training the largest
+    rank, the contrasts against it fade and the prior takes them back, instead of a noisy
+    round's value staying for good (a plan that then never tries the rank again)."""
+    model = ProgressModel(TINY, RANKS, smoothing=0.5)
+    flat = rank_evidence(_records({2: 1.0, 4: 1.0, 8: 1.0}), RANKS)
+    model.observe(_signals(*flat))
+    assert model.rank_response == pytest.approx((1.0, 1.0, 1.0), abs=0.05)
+    # later rounds train ranks 2 and 4 only, rank 4 twice as good as rank 2
+    later = rank_evidence(_records({2: 0.5, 4: 1.0}), RANKS)
+    for _ in range(12):
+        model.observe(_signals(*later))
+    # the contrast seen is followed, the one no longer seen is the prior's again (r / 8)
+    assert model.rank_response[0] / model.rank_response[1] == pytest.approx(0.5, rel=0.05)
+    assert model.rank_response[1] == pytest.approx(0.5, rel=0.05)
+
+
+def _signals(info: np.ndarray, score: np.ndarray) -> RoundSignals:
+    return RoundSignals(
+        layer_energy=(float("nan"),) * TINY.num_layers,
+        rank_share=(float("nan"),) * len(RANKS),
+        devices=1,
+        rank_information=tuple(tuple(float(v) for v in row) for row in info),
+        rank_score=tuple(float(v) for v in score),
+    )
