@@ -116,6 +116,30 @@ class RoundSignals:
         return self.layer_decrease or self.layer_energy
 
 
+def _design(
+    records: Sequence[tuple[int, int, int, float]], rank_order: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The regression of ``log decrease`` on ``(device, layer, rank, decrease)`` records: the
+    device and layer indicators (the first layer as the reference), one indicator per rank
+    of ``rank_order`` (ranks not in it are the reference), and ``log decrease``."""
+    devices = sorted({i for i, _, _, _ in records})
+    layers = sorted({ly for _, ly, _, _ in records})
+    dev_col = {i: k for k, i in enumerate(devices)}
+    layer_col = {ly: len(devices) + k for k, ly in enumerate(layers[1:])}
+    rank_col = {r: k for k, r in enumerate(rank_order)}
+    nuisance = np.zeros((len(records), len(devices) + len(layers) - 1))
+    x = np.zeros((len(records), len(rank_order)))
+    y = np.empty(len(records))
+    for row, (i, ly, r, d) in enumerate(records):
+        nuisance[row, dev_col[i]] = 1.0
+        if ly in layer_col:
+            nuisance[row, layer_col[ly]] = 1.0
+        if r in rank_col:
+            x[row, rank_col[r]] = 1.0
+        y[row] = math.log(d)
+    return nuisance, x, y
+
+
 def rank_ratios(
     records: Sequence[tuple[int, int, int, float]], ranks: Sequence[int]
 ) -> tuple[float, ...]:
@@ -132,23 +156,12 @@ def rank_ratios(
     seen_ranks = sorted({r for _, _, r, _ in records})
     if len(seen_ranks) < 2:
         return ()
-    devices = sorted({i for i, _, _, _ in records})
-    layers = sorted({ly for _, ly, _, _ in records})
-    dev_col = {i: k for k, i in enumerate(devices)}
-    layer_col = {ly: len(devices) + k for k, ly in enumerate(layers[1:])}
-    rank_col = {r: len(devices) + len(layers) - 1 + k for k, r in enumerate(seen_ranks[:-1])}
-    x = np.zeros((len(records), len(devices) + len(layers) - 1 + len(seen_ranks) - 1))
-    y = np.empty(len(records))
-    for row, (i, ly, r, d) in enumerate(records):
-        x[row, dev_col[i]] = 1.0
-        if ly in layer_col:
-            x[row, layer_col[ly]] = 1.0
-        if r in rank_col:
-            x[row, rank_col[r]] = 1.0
-        y[row] = math.log(d)
+    nuisance, indicators, y = _design(records, seen_ranks[:-1])
+    x = np.column_stack([nuisance, indicators])
     if np.linalg.matrix_rank(x) < x.shape[1]:
         return ()
     beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+    rank_col = {r: nuisance.shape[1] + k for k, r in enumerate(seen_ranks[:-1])}
     out = []
     for r in ranks:
         if r == seen_ranks[-1]:
@@ -177,24 +190,10 @@ def rank_evidence(
     """
     k = len(ranks) - 1
     info, score = np.zeros((k, k)), np.zeros(k)
-    col = {int(r): j for j, r in enumerate(ranks[:-1])}
     rows = [(i, ly, int(r), d) for i, ly, r, d in records if int(r) in ranks and d > 0]
     if k == 0 or len({r for _, _, r, _ in rows}) < 2:
         return info, score
-    devices = sorted({i for i, _, _, _ in rows})
-    layers = sorted({ly for _, ly, _, _ in rows})
-    dev_col = {i: j for j, i in enumerate(devices)}
-    layer_col = {ly: len(devices) + j for j, ly in enumerate(layers[1:])}
-    nuisance = np.zeros((len(rows), len(devices) + len(layers) - 1))
-    x = np.zeros((len(rows), k))
-    y = np.empty(len(rows))
-    for row, (i, ly, r, d) in enumerate(rows):
-        nuisance[row, dev_col[i]] = 1.0
-        if ly in layer_col:
-            nuisance[row, layer_col[ly]] = 1.0
-        if r in col:
-            x[row, col[r]] = 1.0
-        y[row] = math.log(d)
+    nuisance, x, y = _design(rows, [int(r) for r in ranks[:-1]])
     # residuals of the rank columns and of y on the device and layer effects
     both = np.column_stack([x, y])
     coef, *_ = np.linalg.lstsq(nuisance, both, rcond=None)
