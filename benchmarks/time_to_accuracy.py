@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -135,6 +136,8 @@ RUN_COLUMNS = (
     "round_time_mean_s",
     "server_time_mean_s",
     "waiting_mean_s",
+    "progress_vs_val_corr",
+    "progress_vs_test_corr",
     "host_time_s",
 )
 SUMMARY_COLUMNS = (
@@ -154,6 +157,8 @@ SUMMARY_COLUMNS = (
     "round_time_mean_s",
     "server_time_mean_s",
     "waiting_mean_s",
+    "progress_vs_val_corr",
+    "progress_vs_test_corr",
     "host_time_s",
 )
 
@@ -284,6 +289,27 @@ def _num(value: Any) -> float:
         return math.nan
 
 
+def progress_correlations(rounds: Sequence[Mapping[str, str]]) -> tuple[float, float]:
+    """How well the plans' predicted progress per sample tracked learning, round by round:
+    Pearson's correlation with the drop of the server's validation loss (what the progress
+    model sees) and with the drop of the test loss (2,000 sentences, less noisy; measured
+    only to check the model, never fed to it). NaN with fewer than 3 usable rounds."""
+    predicted = [_num(r.get("predicted_progress")) for r in rounds]
+    val_drop = [_num(r.get("val_loss_drop")) for r in rounds]
+    test = [_num(r.get("test_loss")) for r in rounds]
+    test_drop = [math.nan] + [b - a for a, b in zip(test[1:], test[:-1], strict=True)]
+    return _corr(predicted, val_drop), _corr(predicted, test_drop)
+
+
+def _corr(xs: Sequence[float], ys: Sequence[float]) -> float:
+    pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x + y)]
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    # a series constant up to round-off (uniform plans the same every round) says nothing
+    if len(pairs) < 3 or any(max(v) - min(v) <= 1e-6 * max(map(abs, v)) for v in (xs, ys)):
+        return math.nan
+    return statistics.correlation(xs, ys)
+
+
 def _mean(values: Sequence[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
@@ -337,6 +363,8 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     "waiting_mean_s": float(
                         sum(_num(r["waiting_mean_s"]) for r in rounds) / len(rounds)
                     ),
+                    "progress_vs_val_corr": progress_correlations(rounds)[0],
+                    "progress_vs_test_corr": progress_correlations(rounds)[1],
                     "host_time_s": _num(last["host_clock_s"]),
                 }
             )
@@ -388,6 +416,10 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list
                 "round_time_mean_s": spread(r["round_time_mean_s"] for r in mine).fmt(".1f"),
                 "server_time_mean_s": spread(r["server_time_mean_s"] for r in mine).fmt(".2f"),
                 "waiting_mean_s": spread(r["waiting_mean_s"] for r in mine).fmt(".1f"),
+                "progress_vs_val_corr": spread(r["progress_vs_val_corr"] for r in mine).fmt(".2f"),
+                "progress_vs_test_corr": spread(r["progress_vs_test_corr"] for r in mine).fmt(
+                    ".2f"
+                ),
                 "host_time_s": spread(r["host_time_s"] for r in mine).fmt(".0f"),
             }
         )
@@ -652,7 +684,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"to a target: at the first round whose {args.window}-round moving average reaches "
         f"it. Target accuracy {args.target}; common target: per seed, the lowest accuracy "
         "among the methods. Late gain: the last window's mean minus the window before it "
-        "(points). Times are **simulated device seconds** (cost model); host time is this "
+        "(points). Correlations: per run, over its rounds, of the plan's predicted progress "
+        "per sample with the drop of the server's validation loss and of the test loss. "
+        "Times are **simulated device seconds** (cost model); host time is this "
         f"machine's wall clock. This invocation took {wall:.0f} host seconds (finished runs "
         "are reused)."
     )
@@ -673,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "round_time_mean_s": "sim. round (s)",
             "server_time_mean_s": "of which server (s)",
             "waiting_mean_s": "sim. waiting (s)",
+            "progress_vs_val_corr": "corr. predicted progress / val. loss drop",
+            "progress_vs_test_corr": "corr. predicted progress / test loss drop",
             "host_time_s": "host time (s)",
         },
     )

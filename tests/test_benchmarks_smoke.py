@@ -97,6 +97,25 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
         assert float(r["common_target"]) <= float(r["accuracy"]) + 1e-12
 
 
+def test_progress_correlations_of_a_run() -> None:
+    """Per run, how the plans' predicted progress tracked the validation and test loss
+    drops; a constant prediction (uniform plans) or too few rounds says nothing."""
+    tta = bench_module("time_to_accuracy")
+    test_loss = [0.70, 0.60, 0.58, 0.40, 0.39]  # drops (from round 2) 0.10, 0.02, 0.18, 0.01
+    predicted = [1.0, 5.0, 1.0, 9.0, 0.5]
+    rounds = [
+        {"predicted_progress": str(p), "val_loss_drop": str(-p), "test_loss": str(t)}
+        for p, t in zip(predicted, test_loss, strict=True)
+    ]
+    val, test = tta.progress_correlations(rounds)
+    assert val == pytest.approx(-1.0)
+    # the drop of round t (its loss below round t-1's) goes with round t's plan: 0.02 x
+    assert test == pytest.approx(1.0)
+    flat = [dict(r, predicted_progress="5.9718") for r in rounds]
+    assert all(math.isnan(v) for v in tta.progress_correlations(flat))
+    assert all(math.isnan(v) for v in tta.progress_correlations(rounds[:3]))
+
+
 def test_time_to_accuracy_recipe() -> None:
     """The moving-average target and the last-rounds accuracy of the benchmark recipe."""
     tta = bench_module("time_to_accuracy")
