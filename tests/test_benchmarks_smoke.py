@@ -113,7 +113,7 @@ def test_progress_correlations_of_a_run() -> None:
     assert test == pytest.approx(1.0)
     flat = [dict(r, predicted_progress="5.9718") for r in rounds]
     assert all(math.isnan(v) for v in tta.progress_correlations(flat))
-    assert all(math.isnan(v) for v in tta.progress_correlations(rounds[:3]))
+    assert all(math.isnan(v) for v in tta.progress_correlations(rounds[:2]))
 
 
 def test_time_to_accuracy_recipe() -> None:
