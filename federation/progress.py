@@ -8,34 +8,35 @@ top layers ``l`` at ranks ``r_l`` by
     p_i = n_i \sum_l g_l \, \phi(r_l),
 
 ``n_i`` its samples, ``g_l`` a gain per layer and ``\phi`` a response per rank. This module
-estimates ``g`` and ``phi`` from the run itself, every round, from the updates the devices
-return (docs/planner.md, "The progress model", gives the reasoning):
+estimates ``g`` and ``phi`` from the run itself, every round, from what the devices return
+(docs/planner.md, "The progress model", gives the reasoning and the evidence):
 
-rank response ``phi``
-    What a layer's adapter buys at rank ``r`` relative to the largest rank of the grid: the
-    devices' per-layer loss decreases (below) follow ``log d = device + layer + log phi(r)
-    + noise``, so ranks are compared within a device and within a layer. A round's records
-    give evidence on ``log phi`` (:func:`rank_evidence`: the normal equations of the rank
-    effects once the device and layer effects are projected out, scaled by the fit's noise
-    variance), which is weak where a plan ties ranks to layers and absent for ranks nobody
-    trained. The estimate is the posterior mean of a Gaussian prior centred on the measured
-    prior (standard deviation ``rank_prior_sd`` in ``log phi``) and the evidence of the
-    rounds so far, older rounds discounted by ``smoothing`` each round; so a rank no longer
-    planned drifts back to the prior instead of keeping a noisy value, and a poorly
-    identified round moves ``phi`` little. With the LoRA scale held constant a higher rank
-    takes larger steps, so this is not the shape of the update. Where no device reported
-    decreases, the shape stands in: the singular values ``s_k`` of ``dW = B A - B0 A0`` of
-    updates trained at the largest rank give ``phi(r) = sum_{k<=r} s_k^2 / sum_k s_k^2``,
-    entered as evidence of one record per rank.
-layer gains ``g``
+the measurement
     Each device measures, while it trains, the first-order decrease of its training loss
     that each layer's adapter bought: ``<g_t, theta_t - theta_{t+1}>`` over the layer's LoRA
     factors, per step (``lr ||g_l||^2`` under SGD; :class:`~legend.federation.training.\
-LayerDecrease`). Divided by ``phi`` at the rank the device trained (its full-rank
-    equivalent), averaged over the devices that trained the layer and normalised to mean 1
-    over the layers, it is the round's gain estimate. Where no device reported it (replies
-    of an older node), the energy ``||dW||_F^2`` of the returned updates stands in, the same
-    way divided by ``phi``.
+LayerDecrease`), and sends it with its update.
+the model of a measurement
+    ``log d_il = a_i + log g_l + log phi(r_il) + noise``: a device effect ``a_i`` (devices
+    differ in data, samples and learning rate by orders of magnitude), the layer's gain and
+    the response of the rank it was trained at. With the LoRA scale held constant a higher
+    rank takes larger steps, so ``phi`` is not the shape of the update.
+the estimate
+    A round's records give evidence on ``theta = (log g_l / g_last, log phi(r) / phi(r_max))``
+    (:func:`decrease_evidence`: the normal equations once each device's mean is taken out,
+    scaled by the fit's noise variance). It is weak where a plan ties ranks to layers and
+    absent for layers and ranks nobody trained, and since only contrasts within a device
+    count, which devices a plan gives deep or high-rank adapters does not bias it. The
+    model is the posterior mean of a Gaussian prior centred on the measured prior (standard
+    deviation ``prior_sd`` in ``theta``) and the evidence of the rounds so far, older
+    rounds' discounted by ``smoothing`` a round: a poorly identified round moves it little,
+    and a layer or rank the plans stop training drifts back to the prior instead of keeping
+    one noisy round's value (which a plan would then never test again).
+fallback
+    Replies without decreases (a node of an older version) leave the update energies
+    ``||dW||_F^2`` of ``dW = B A - B0 A0`` per layer (divided by ``phi`` at the trained rank)
+    and, of updates trained at the largest rank, the share of the singular-value energy
+    within the top ``r`` directions per rank; each enters as one observation.
 validation
     The server evaluates the global model on a validation split it holds out of the training
     data (never the test split); the drop of its loss each round is compared with the
@@ -44,11 +45,9 @@ validation
     the prediction can be checked (``legend report run``).
 
 Before the first round the model is the *measured* prior stored with the model preset
-(:mod:`legend.models.priors`); each round's layer gains enter by an exponential moving
-average of weight ``1 - smoothing``, its rank evidence as described above. Layers no device
-trained keep their previous gain.
-Everything is deterministic given the updates, and the state round-trips through the run's
-checkpoint (:meth:`ProgressModel.to_dict`), so a resumed run plans as an uninterrupted one.
+(:mod:`legend.models.priors`). Everything is deterministic given the updates, and the state
+(prior, evidence) round-trips through the run's checkpoint (:meth:`ProgressModel.to_dict`),
+so a resumed run plans as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -64,12 +63,18 @@ from legend.federation.adapters import AdapterState, ClientUpdate
 from legend.models.priors import ProgressPrior, progress_prior
 from legend.models.spec import ModelSpec
 
-__all__ = ["ProgressModel", "RoundSignals", "rank_evidence", "rank_ratios", "update_spectrum"]
+__all__ = [
+    "ProgressModel",
+    "RoundSignals",
+    "decrease_evidence",
+    "rank_ratios",
+    "update_spectrum",
+]
 
 # weight of the previous estimate in the exponential moving average of every round
 DEFAULT_SMOOTHING = 0.5
-# standard deviation of the prior on log phi(r) (a factor of about 1.65 either way)
-DEFAULT_RANK_PRIOR_SD = 0.5
+# standard deviation of the prior on log g and log phi (a factor of about 1.65 either way)
+DEFAULT_PRIOR_SD = 0.5
 # the noise of log decreases assumed before a round's residuals say otherwise, and how many
 # records' worth that assumption counts (the residual variance is shrunk towards it)
 _NOISE_SD = 0.5
@@ -105,9 +110,10 @@ class RoundSignals:
     # per grid rank, the loss decrease a layer trained at that rank bought relative to the
     # largest rank seen (NaN where unseen; empty when the round cannot tell ranks apart)
     rank_decrease: tuple[float, ...] = ()
-    # the round's evidence on log phi of the grid ranks but the largest (rank_evidence)
-    rank_information: tuple[tuple[float, ...], ...] = ()
-    rank_score: tuple[float, ...] = ()
+    # the round's evidence on the model's parameters (decrease_evidence); empty where no
+    # device reported decreases
+    information: tuple[tuple[float, ...], ...] = ()
+    score: tuple[float, ...] = ()
 
     @property
     def layer_measure(self) -> tuple[float, ...]:
@@ -173,36 +179,57 @@ def rank_ratios(
     return tuple(out)
 
 
-def rank_evidence(
-    records: Sequence[tuple[int, int, int, float]], ranks: Sequence[int]
+def decrease_evidence(
+    records: Sequence[tuple[int, int, int, float]], ranks: Sequence[int], num_layers: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """What ``(device, layer, rank, decrease)`` records say of ``log phi`` at the grid ranks
-    but the largest (which is 1): the information matrix ``I`` and score ``h`` of the rank
-    effects in ``log decrease = device + layer + log phi(rank) + noise``.
+    """What ``(device, layer, rank, decrease)`` records say of the progress model's
+    parameters ``theta``: ``log g_l`` of the layers but the last (relative to it), then
+    ``log phi(r)`` of the grid ranks but the largest (relative to it), in
+    ``log decrease = device + log g_layer + log phi(rank) + noise``.
 
-    The device and layer effects are projected out (so only contrasts within a device and
-    within a layer count) and the rest scaled by the noise variance, estimated from the
-    fit's residuals shrunk towards ``_NOISE_SD``: the least-squares estimate is ``I^-1 h``
-    where ``I`` is invertible, and a Gaussian prior of mean ``m`` and precision ``P`` has the
+    Returns the information matrix ``I`` and score ``h``: each device's mean is taken out
+    (so only contrasts within a device count: devices differ in data, samples and learning
+    rate by orders of magnitude, and which devices train which layers is the plan's choice,
+    not chance), and the rest is divided by the noise variance, estimated from the fit's
+    residuals shrunk towards ``_NOISE_SD``. The least-squares estimate is ``I^-1 h`` where
+    ``I`` is invertible; a Gaussian prior of mean ``m`` and precision ``P`` has the
     posterior mean ``(P + I)^-1 (P m + h)`` whatever the plan left unidentified (ranks tied
-    to layers, ranks nobody trained: zero rows). Records of ranks off the grid and of
-    non-positive decreases are ignored.
+    to layers on every device, a layer or rank nobody trained, one-layer devices: zero
+    rows). Records of other ranks or layers and of non-positive decreases are ignored.
     """
-    k = len(ranks) - 1
-    info, score = np.zeros((k, k)), np.zeros(k)
-    rows = [(i, ly, int(r), d) for i, ly, r, d in records if int(r) in ranks and d > 0]
-    if k == 0 or len({r for _, _, r, _ in rows}) < 2:
+    top = num_layers - 1
+    rank_col = {int(r): top + j for j, r in enumerate(ranks[:-1])}
+    n = top + len(rank_col)
+    info, score = np.zeros((n, n)), np.zeros(n)
+    rows = [
+        (i, ly, int(r), d)
+        for i, ly, r, d in records
+        if int(r) in ranks and 0 <= ly < num_layers and d > 0
+    ]
+    if not rows:
         return info, score
-    nuisance, x, y = _design(rows, [int(r) for r in ranks[:-1]])
-    # residuals of the rank columns and of y on the device and layer effects
+    x = np.zeros((len(rows), n))
+    y = np.empty(len(rows))
+    device = np.empty(len(rows), dtype=np.int64)
+    index = {i: k for k, i in enumerate(sorted({i for i, _, _, _ in rows}))}
+    for row, (i, ly, r, d) in enumerate(rows):
+        if ly < top:
+            x[row, ly] = 1.0
+        if r in rank_col:
+            x[row, rank_col[r]] = 1.0
+        y[row] = math.log(d)
+        device[row] = index[i]
+    # take each device's mean out (the projection off the device effects)
     both = np.column_stack([x, y])
-    coef, *_ = np.linalg.lstsq(nuisance, both, rcond=None)
-    resid = both - nuisance @ coef
-    x_perp, y_perp = resid[:, :k], resid[:, k]
-    x_perp[np.abs(x_perp) < 1e-9] = 0.0  # round-off of columns the effects explain fully
+    counts = np.bincount(device, minlength=len(index)).astype(np.float64)
+    means = np.zeros((len(index), n + 1))
+    np.add.at(means, device, both)
+    resid = both - (means / counts[:, None])[device]
+    x_perp, y_perp = resid[:, :n], resid[:, n]
+    x_perp[np.abs(x_perp) < 1e-9] = 0.0  # round-off of columns the devices explain fully
     beta, *_ = np.linalg.lstsq(x_perp, y_perp, rcond=None)
     rss = float(np.sum((y_perp - x_perp @ beta) ** 2))
-    dof = len(rows) - np.linalg.matrix_rank(np.column_stack([nuisance, x]))
+    dof = len(rows) - len(index) - int(np.linalg.matrix_rank(x_perp)) if x_perp.any() else 0
     variance = (rss + _NOISE_WEIGHT * _NOISE_SD**2) / (max(dof, 0) + _NOISE_WEIGHT)
     return x_perp.T @ x_perp / variance, x_perp.T @ y_perp / variance
 
@@ -222,10 +249,9 @@ class ProgressModel:
         starts from ``g_l = 1`` and ``phi(r) = r / r_max`` until the first round's updates
         replace them, and says so in :attr:`source`.
     smoothing
-        Weight of the previous estimate in each round's average of the layer gains, and of
-        the previous rounds' rank evidence (0: only the last round).
-    rank_prior_sd
-        Standard deviation of the prior on ``log phi(r)`` (see the module docstring).
+        Weight of the previous rounds' evidence, each round (0: only the last round).
+    prior_sd
+        Standard deviation of the prior on ``log g`` and ``log phi`` (module docstring).
     """
 
     def __init__(
@@ -235,34 +261,39 @@ class ProgressModel:
         *,
         prior: ProgressPrior | None = None,
         smoothing: float = DEFAULT_SMOOTHING,
-        rank_prior_sd: float = DEFAULT_RANK_PRIOR_SD,
+        prior_sd: float = DEFAULT_PRIOR_SD,
     ) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"`smoothing` must be in [0, 1), got {smoothing!r}")
-        if not (math.isfinite(rank_prior_sd) and rank_prior_sd > 0):
-            raise ValueError(f"`rank_prior_sd` must be > 0, got {rank_prior_sd!r}")
-        self.rank_prior_sd = float(rank_prior_sd)
+        if not (math.isfinite(prior_sd) and prior_sd > 0):
+            raise ValueError(f"`prior_sd` must be > 0, got {prior_sd!r}")
+        self.prior_sd = float(prior_sd)
         self.spec = spec
         self.ranks = tuple(int(r) for r in ranks)
         self.smoothing = smoothing
         prior = prior if prior is not None else progress_prior(spec.name, spec.num_layers)
         if prior is not None:
-            self.layer_gains = np.asarray(prior.layer_gains, dtype=np.float64)
-            self.rank_response = np.asarray(prior.response_at(self.ranks), dtype=np.float64)
+            gains = np.asarray(prior.layer_gains, dtype=np.float64)
+            response = np.asarray(prior.response_at(self.ranks), dtype=np.float64)
             self.source = f"prior ({prior.model})"
         else:
-            self.layer_gains = np.ones(spec.num_layers)
-            self.rank_response = np.asarray(self.ranks, dtype=np.float64) / max(self.ranks)
+            gains = np.ones(spec.num_layers)
+            response = np.asarray(self.ranks, dtype=np.float64) / max(self.ranks)
             self.source = "no stored prior: uniform gains, linear response"
-        # relative to the largest rank of the grid, whose response is 1
-        self.rank_response = self.rank_response / self.rank_response[-1]
-        # prior mean of log phi at the grid ranks but the largest, and the rounds' evidence
-        self.rank_prior_log = np.log(np.maximum(self.rank_response[:-1], 1e-6))
-        k = len(self.ranks) - 1
-        self.rank_information = np.zeros((k, k))
-        self.rank_score = np.zeros(k)
+        self._set_prior(gains, response)
         self.rounds_observed = 0
         self.loss_per_progress: float | None = None
+
+    def _set_prior(self, gains: np.ndarray, response: np.ndarray) -> None:
+        """Centre the prior on ``gains`` and ``response`` and forget all evidence."""
+        # log g relative to the last layer (gains of 0 held at a thousandth of the largest)
+        g = np.maximum(gains, 1e-3 * max(float(gains.max()), _EPS))
+        phi = np.maximum(response, 1e-6)
+        self.prior_log = np.concatenate([np.log(g[:-1] / g[-1]), np.log(phi[:-1] / phi[-1])])
+        n = len(self.prior_log)
+        self.information = np.zeros((n, n))
+        self.score = np.zeros(n)
+        self._refresh()
 
     # -- what the planner reads ---------------------------------------------------------
     def planner_changes(self) -> dict[str, Any]:
@@ -345,7 +376,7 @@ class ProgressModel:
                     decrease_count[layer] += 1
                     if d > 0:
                         records.append((index, layer, r, d))
-        info, score = rank_evidence(records, self.ranks)
+        info, score = decrease_evidence(records, self.ranks, L)
         with np.errstate(invalid="ignore", divide="ignore"):
             energy = np.where(energy_count > 0, energy_sum / np.maximum(energy_count, 1), np.nan)
             decrease = np.where(
@@ -359,60 +390,54 @@ class ProgressModel:
             layer_decrease=tuple(float(v) for v in decrease) if decrease_count.any() else (),
             rank_decrease=rank_ratios(records, self.ranks),
             # no reported decreases: empty, and the spectral shares stand in
-            rank_information=tuple(tuple(float(v) for v in row) for row in info) if records else (),
-            rank_score=tuple(float(v) for v in score) if records else (),
+            information=tuple(tuple(float(v) for v in row) for row in info) if records else (),
+            score=tuple(float(v) for v in score) if records else (),
         )
 
     def observe(self, signals: RoundSignals) -> None:
-        """Fold one round's signals into the estimate (moving average, see the module)."""
-        w = self.smoothing if self.rounds_observed > 0 else 0.0
-        # the measured loss decreases where the devices reported them, else the energies
-        energy = np.asarray(signals.layer_measure, dtype=np.float64)
-        seen = np.isfinite(energy) & (energy > 0)
-        if seen.any():
-            # measured gains, scaled so the layers seen keep their current mean
-            current = self.layer_gains[seen]
-            scale = float(current.mean()) / float(energy[seen].mean())
-            measured = energy[seen] * scale
-            self.layer_gains[seen] = w * current + (1 - w) * measured
-            self.layer_gains /= max(float(self.layer_gains.mean()), _EPS)
-        info, score = self._rank_evidence_of(signals)
-        self.rank_information = self.smoothing * self.rank_information + info
-        self.rank_score = self.smoothing * self.rank_score + score
-        self._refresh_response()
-        if seen.any() or info.any():
+        """Fold one round's evidence in (older rounds' discounted by ``smoothing``)."""
+        info, score = self._evidence_of(signals)
+        self.information = self.smoothing * self.information + info
+        self.score = self.smoothing * self.score + score
+        self._refresh()
+        if info.any():
             self.rounds_observed += 1
             if not self.source.endswith("+ run"):
                 self.source = f"{self.source} + run"
 
-    def _rank_evidence_of(self, signals: RoundSignals) -> tuple[np.ndarray, np.ndarray]:
-        """The round's evidence on log phi: the measured decreases' where given, else the
-        spectral shares' (one record of noise ``_SHARE_SD`` per rank seen)."""
-        k = len(self.ranks) - 1
-        if signals.rank_information:
-            info = np.asarray(signals.rank_information, dtype=np.float64).reshape(k, k)
-            return info, np.asarray(signals.rank_score, dtype=np.float64)
-        info, score = np.zeros((k, k)), np.zeros(k)
-        share = np.asarray(signals.rank_share, dtype=np.float64)
-        if len(share) == len(self.ranks) and math.isfinite(share[-1]) and share[-1] > 0:
-            for j in range(k):
-                if math.isfinite(share[j]) and share[j] > 0:
-                    info[j, j] = 1.0 / _SHARE_SD**2
-                    score[j] = math.log(share[j] / share[-1]) / _SHARE_SD**2
+    def _evidence_of(self, signals: RoundSignals) -> tuple[np.ndarray, np.ndarray]:
+        """The round's evidence: the measured decreases' where devices reported them, else
+        the update energies (per layer, against the last layer) and the spectral shares
+        (per rank, against the largest), each a single observation of noise ``_SHARE_SD``."""
+        top = self.spec.num_layers - 1
+        n = len(self.prior_log)
+        if signals.information:
+            info = np.asarray(signals.information, dtype=np.float64).reshape(n, n)
+            return info, np.asarray(signals.score, dtype=np.float64)
+        info, score = np.zeros((n, n)), np.zeros(n)
+        for offset, values in ((0, signals.layer_energy), (top, signals.rank_share)):
+            v = np.asarray(values, dtype=np.float64)
+            if not len(v) or not (math.isfinite(v[-1]) and v[-1] > 0):
+                continue
+            for j in range(len(v) - 1):
+                if math.isfinite(v[j]) and v[j] > 0:
+                    info[offset + j, offset + j] = 1.0 / _SHARE_SD**2
+                    score[offset + j] = math.log(v[j] / v[-1]) / _SHARE_SD**2
         return info, score
 
-    def _refresh_response(self) -> None:
-        """``rank_response``: the posterior mean of log phi (prior and evidence), made
-        non-decreasing and at most 1 (the largest rank's)."""
-        k = len(self.ranks) - 1
-        if k == 0:
-            return
-        precision = np.eye(k) / self.rank_prior_sd**2
-        mean = np.linalg.solve(
-            precision + self.rank_information,
-            precision @ self.rank_prior_log + self.rank_score,
+    def _refresh(self) -> None:
+        """``layer_gains`` and ``rank_response`` from the posterior mean of ``theta`` (prior
+        and evidence): gains normalised to mean 1, the response non-decreasing and 1 at the
+        largest rank."""
+        n = len(self.prior_log)
+        top = self.spec.num_layers - 1
+        precision = np.eye(n) / self.prior_sd**2
+        theta = np.linalg.solve(
+            precision + self.information, precision @ self.prior_log + self.score
         )
-        phi = np.append(np.exp(mean), 1.0)
+        gains = np.append(np.exp(theta[:top]), 1.0)
+        self.layer_gains = gains / gains.mean()
+        phi = np.append(np.exp(theta[top:]), 1.0)
         self.rank_response = np.clip(np.maximum.accumulate(phi), 1e-6, 1.0)
 
     def observe_validation(self, loss_drop: float, predicted: float) -> None:
@@ -437,10 +462,10 @@ class ProgressModel:
             "loss_per_progress": self.loss_per_progress,
             "source": self.source,
             "smoothing": self.smoothing,
-            "rank_prior_sd": self.rank_prior_sd,
-            "rank_prior_log": [float(v) for v in self.rank_prior_log],
-            "rank_information": [[float(v) for v in row] for row in self.rank_information],
-            "rank_score": [float(v) for v in self.rank_score],
+            "prior_sd": self.prior_sd,
+            "prior_log": [float(v) for v in self.prior_log],
+            "information": [[float(v) for v in row] for row in self.information],
+            "score": [float(v) for v in self.score],
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -452,29 +477,22 @@ class ProgressModel:
             raise ValueError(
                 "the progress model's state does not match the model's layers or the ranks"
             )
-        self.layer_gains = np.asarray(gains)
-        self.rank_response = np.asarray([response[r] for r in self.ranks])
         self.rounds_observed = int(state["rounds_observed"])
         lpp = state.get("loss_per_progress")
         self.loss_per_progress = None if lpp is None else float(lpp)
         self.source = str(state.get("source", self.source))
-        k = len(self.ranks) - 1
-        if "rank_information" in state:
-            self.rank_prior_sd = float(state.get("rank_prior_sd", self.rank_prior_sd))
-            self.rank_prior_log = np.asarray(state["rank_prior_log"], dtype=np.float64)
-            self.rank_information = np.asarray(state["rank_information"], dtype=np.float64)
-            self.rank_score = np.asarray(state["rank_score"], dtype=np.float64)
-            if (
-                self.rank_prior_log.shape != (k,)
-                or self.rank_information.shape != (k, k)
-                or self.rank_score.shape != (k,)
-            ):
-                raise ValueError(
-                    "the progress model's rank evidence does not match the ranks of the job"
-                )
-        else:
-            # a checkpoint of an earlier version: its response becomes the prior
-            top = max(float(self.rank_response[-1]), 1e-6)
-            self.rank_response = self.rank_response / top
-            self.rank_prior_log = np.log(np.maximum(self.rank_response[:-1], 1e-6))
-            self.rank_information, self.rank_score = np.zeros((k, k)), np.zeros(k)
+        if "information" not in state:
+            # a checkpoint of an earlier version: its estimate becomes the prior
+            self._set_prior(np.asarray(gains), np.asarray([response[r] for r in self.ranks]))
+            return
+        n = len(self.prior_log)
+        prior_log = np.asarray(state["prior_log"], dtype=np.float64)
+        information = np.asarray(state["information"], dtype=np.float64)
+        score = np.asarray(state["score"], dtype=np.float64)
+        if prior_log.shape != (n,) or information.shape != (n, n) or score.shape != (n,):
+            raise ValueError("the progress model's evidence does not match the layers or ranks")
+        if not all(np.isfinite(a).all() for a in (prior_log, information, score)):
+            raise ValueError("the progress model's evidence holds non-finite numbers")
+        self.prior_sd = float(state.get("prior_sd", self.prior_sd))
+        self.prior_log, self.information, self.score = prior_log, information, score
+        self._refresh()

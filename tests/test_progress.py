@@ -13,7 +13,7 @@ from legend.federation.adapters import AdapterState, ClientUpdate, init_global
 from legend.federation.progress import (
     ProgressModel,
     RoundSignals,
-    rank_evidence,
+    decrease_evidence,
     rank_ratios,
     update_spectrum,
 )
@@ -68,20 +68,21 @@ def test_spectral_shares_enter_as_evidence_against_the_prior() -> None:
     # energy spread evenly over 4 directions: rank 2 holds half, rank 4 and 8 all of it
     signals = model.signals(start, [_update(start, {3: 1.0}, directions=4)])
     assert signals.rank_share == pytest.approx((0.5, 1.0, 1.0), abs=1e-4)
-    assert signals.rank_information == ()  # no decreases were reported
+    assert signals.information == ()  # no decreases were reported
     model.observe(signals)
     # equal weights (prior sd = share sd = 0.5 in log phi): the geometric means
     want = (np.sqrt(0.25 * 0.5), np.sqrt(0.5 * 1.0), 1.0)
     assert model.planner_changes()["rank_gains"] == pytest.approx(want, abs=1e-3)
     # a weak prior leaves the shares
-    loose = ProgressModel(TINY, RANKS, smoothing=0.0, rank_prior_sd=100.0)
+    loose = ProgressModel(TINY, RANKS, smoothing=0.0, prior_sd=100.0)
     loose.observe(signals)
     assert loose.rank_response == pytest.approx((0.5, 1.0, 1.0), abs=1e-3)
 
 
 def test_layer_gains_follow_the_update_energy() -> None:
+    """Without reported decreases (weak prior, so the observation shows)."""
     start = _global()
-    model = ProgressModel(TINY, RANKS, smoothing=0.0)
+    model = ProgressModel(TINY, RANKS, smoothing=0.0, prior_sd=100.0)
     # layer 3's update has twice the norm (4x the energy) of layer 2's; layers 0-1 untrained
     signals = model.signals(start, [_update(start, {2: 1.0, 3: 2.0}, directions=1)])
     assert np.isnan(signals.layer_energy[0]) and np.isnan(signals.layer_energy[1])
@@ -97,7 +98,7 @@ def test_layer_gains_follow_the_update_energy() -> None:
 
 def test_moving_average_and_checkpoint_round_trip() -> None:
     start = _global()
-    model = ProgressModel(TINY, RANKS, smoothing=0.5, rank_prior_sd=100.0)
+    model = ProgressModel(TINY, RANKS, smoothing=0.5, prior_sd=100.0)
     model.observe(model.signals(start, [_update(start, {3: 1.0}, directions=1)]))
     model.observe(model.signals(start, [_update(start, {3: 1.0}, directions=4)]))
     # one round said phi(2) = 1, the next 0.5 (weight 0.5 on the first): the weighted
@@ -112,16 +113,17 @@ def test_moving_average_and_checkpoint_round_trip() -> None:
     assert again.rank_response == pytest.approx(model.rank_response)
     with pytest.raises(ValueError, match="does not match"):
         ProgressModel(TINY, (2, 4), smoothing=0.5).restore(model.to_dict())
-    # a checkpoint of an earlier version (no rank evidence): its response becomes the prior
+    # a checkpoint of an earlier version (no evidence): its estimate becomes the prior
     old = {
         k: v
         for k, v in model.to_dict().items()
-        if not k.startswith("rank_") or k == "rank_response"
+        if k not in ("prior_sd", "prior_log", "information", "score")
     }
     older = ProgressModel(TINY, RANKS)
     older.restore(old)
     assert older.rank_response == pytest.approx(model.rank_response)
-    assert not older.rank_information.any()
+    assert older.layer_gains == pytest.approx(model.layer_gains)
+    assert not older.information.any()
 
 
 def test_prediction_is_per_sample_and_grows_with_rank_and_depth() -> None:
@@ -193,7 +195,7 @@ def test_measured_loss_decreases_set_the_layer_gains() -> None:
     """Where devices report their per-layer loss decreases, the gains follow those (divided
     by the rank response), not the update energies."""
     start = _global()
-    model = ProgressModel(TINY, RANKS, smoothing=0.0)
+    model = ProgressModel(TINY, RANKS, smoothing=0.0, prior_sd=100.0)
     L = TINY.num_layers
     # equal energy on layers 2 and 3, but layer 3 bought four times the loss decrease
     update = _update(start, {2: 1.0, 3: 1.0}, directions=1)
@@ -204,9 +206,9 @@ def test_measured_loss_decreases_set_the_layer_gains() -> None:
     assert signals.layer_decrease[3] == pytest.approx(4 * signals.layer_decrease[2])
     assert np.isnan(signals.layer_decrease[0])
     model.observe(signals)
-    assert model.layer_gains[3] == pytest.approx(4 * model.layer_gains[2])
+    assert model.layer_gains[3] == pytest.approx(4 * model.layer_gains[2], rel=1e-3)
     # without reports the energies stand in
-    plain = ProgressModel(TINY, RANKS, smoothing=0.0)
+    plain = ProgressModel(TINY, RANKS, smoothing=0.0, prior_sd=100.0)
     plain.observe(plain.signals(start, [update]))
     assert plain.layer_gains[3] == pytest.approx(plain.layer_gains[2], rel=1e-6)
     with pytest.raises(ValueError, match="one per update"):
@@ -251,46 +253,76 @@ def _records(
     return out
 
 
-def test_rank_evidence_is_the_least_squares_fit_where_identified() -> None:
+def test_decrease_evidence_is_the_least_squares_fit_where_identified() -> None:
     true = {2: 0.2, 4: 0.45, 8: 1.0}
-    info, score = rank_evidence(_records(true), RANKS)
-    assert np.exp(np.linalg.solve(info, score)) == pytest.approx((0.2, 0.45), rel=0.03)
-    # ranks tied to layers on every device: no evidence at all
+    L = TINY.num_layers
+    info, score = decrease_evidence(_records(true), RANKS, L)
+    theta = np.linalg.solve(info, score)
+    # layer effects (layer + 1) relative to the last layer, then the rank effects
+    want = [(ly + 1) / L for ly in range(L - 1)] + [0.2, 0.45]
+    assert np.exp(theta) == pytest.approx(want, rel=0.03)
+    # ranks tied to layers on every device: a layer's gain and its rank's response cannot
+    # be told apart (the information is singular)
     tied = [(dev, ly, 2 if ly < 2 else 8, 1.0 + ly) for dev in range(3) for ly in range(4)]
-    info, score = rank_evidence(tied, RANKS)
-    assert not info.any() and not score.any()
+    info, _ = decrease_evidence(tied, RANKS, L)
+    assert np.linalg.matrix_rank(info) < len(info)
     # a rank nobody trained has a zero row: the prior decides it
-    info, _ = rank_evidence(_records({4: 0.45, 8: 1.0}), RANKS)
-    assert not info[0].any() and info[1, 1] > 0
+    info, _ = decrease_evidence(_records({4: 0.45, 8: 1.0}), RANKS, L)
+    assert not info[L - 1].any() and info[L, L] > 0
+    # one-layer devices say nothing of layers or ranks
+    info, score = decrease_evidence([(d, 3, 2 + 2 * (d % 2), 1.0) for d in range(4)], RANKS, L)
+    assert not info.any() and not score.any()
+
+
+def test_which_devices_train_which_layers_does_not_bias_the_gains() -> None:
+    """Devices whose decreases are 1,000x larger train every layer, the others only the
+    last two (what a plan does with fast and slow devices): the per-layer mean of the
+    decreases overrates the lower layers twofold, the fit within devices does not."""
+    L = TINY.num_layers
+    gains = [0.1, 0.2, 1.0, 2.0]
+    records = []
+    for dev in range(8):
+        big = dev < 4
+        for ly in range(L) if big else (2, 3):
+            records.append((dev, ly, 8, (1000.0 if big else 1.0) * gains[ly]))
+    model = ProgressModel(TINY, RANKS, smoothing=0.0, prior_sd=100.0)
+    model.observe(_signals(*decrease_evidence(records, RANKS, L)))
+    want = np.asarray(gains) / np.mean(gains)
+    assert model.layer_gains == pytest.approx(want, rel=1e-3)
+    naive = [np.mean([d for _, ly, _, d in records if ly == k]) for k in range(L)]
+    assert naive[0] / naive[3] > 1.9 * gains[0] / gains[3]
 
 
 def test_measured_rank_decreases_replace_the_spectral_shares() -> None:
     model = ProgressModel(TINY, RANKS, smoothing=0.0)
-    info, score = rank_evidence(_records({2: 0.2, 4: 0.45, 8: 1.0}), RANKS)
     L = TINY.num_layers
+    info, score = decrease_evidence(_records({2: 0.2, 4: 0.45, 8: 1.0}), RANKS, L)
     model.observe(
         RoundSignals(
             layer_energy=(1.0,) * L,
             rank_share=(0.99, 1.0, 1.0),
             devices=8,
-            rank_information=tuple(tuple(row) for row in info),
-            rank_score=tuple(score),
+            information=tuple(tuple(row) for row in info),
+            score=tuple(score),
         )
     )
-    # precise evidence outweighs the prior (r / 8) and the shares are not used
+    # precise evidence outweighs the prior (r / 8, equal gains); shares and energies unused
     assert model.rank_response == pytest.approx((0.2, 0.45, 1.0), rel=0.03)
+    want = np.arange(1, L + 1) / np.mean(np.arange(1, L + 1))
+    assert model.layer_gains == pytest.approx(want, rel=0.03)
 
 
 def test_a_rank_no_longer_trained_returns_to_the_prior() -> None:
     """Evidence fades by ``smoothing`` a round: once a plan stops training the largest
     rank, the contrasts against it fade and the prior takes them back, instead of a noisy
     round's value staying for good (a plan that then never tries the rank again)."""
+    L = TINY.num_layers
     model = ProgressModel(TINY, RANKS, smoothing=0.5)
-    flat = rank_evidence(_records({2: 1.0, 4: 1.0, 8: 1.0}), RANKS)
+    flat = decrease_evidence(_records({2: 1.0, 4: 1.0, 8: 1.0}), RANKS, L)
     model.observe(_signals(*flat))
     assert model.rank_response == pytest.approx((1.0, 1.0, 1.0), abs=0.05)
     # later rounds train ranks 2 and 4 only, rank 4 twice as good as rank 2
-    later = rank_evidence(_records({2: 0.5, 4: 1.0}), RANKS)
+    later = decrease_evidence(_records({2: 0.5, 4: 1.0}), RANKS, L)
     for _ in range(12):
         model.observe(_signals(*later))
     # the contrast seen is followed, the one no longer seen is the prior's again (r / 8)
@@ -303,6 +335,6 @@ def _signals(info: np.ndarray, score: np.ndarray) -> RoundSignals:
         layer_energy=(float("nan"),) * TINY.num_layers,
         rank_share=(float("nan"),) * len(RANKS),
         devices=1,
-        rank_information=tuple(tuple(float(v) for v in row) for row in info),
-        rank_score=tuple(float(v) for v in score),
+        information=tuple(tuple(float(v) for v in row) for row in info),
+        score=tuple(float(v) for v in score),
     )
