@@ -95,6 +95,11 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
         assert r["time_to_common_s"] != ""
         assert 0 < float(r["time_to_common_s"]) <= float(r["sim_time_s"])
         assert float(r["common_target"]) <= float(r["accuracy"]) + 1e-12
+        if r["reached"] == "True":
+            # the device time leaves out the server's part of every round to the target
+            device, full = float(r["device_time_to_target_s"]), float(r["time_to_target_s"])
+            server = full - device
+            assert 0 < device <= full and server >= 0
 
 
 def test_progress_correlations_of_a_run() -> None:

@@ -165,6 +165,30 @@ def test_resumed_clock_uses_the_recorded_server_time(tiny_cfg, prepared, tmp_pat
     assert summary["sim_time_s"] == float(a[-1]["sim_clock_s"])
 
 
+def test_the_first_rounds_planning_time_is_the_fastest_of_its_repeats(
+    tiny_cfg, prepared, tmp_path, monkeypatch
+):
+    """A busy host only slows planning down: the server's planning time is the fastest of
+    PLAN_TIMING_REPEATS timed plans after an untimed one, so one slow solve does not stay
+    on every round of the simulated clock."""
+    from legend.federation import core, session
+
+    delays = iter([0.5, 0.4, 0.05, 0.3])  # untimed, then the three timed plans
+    real_plan = core.ServerCore.plan
+
+    def slow_plan(self, round_index, device_ids):
+        time.sleep(next(delays, 0.0))
+        return real_plan(self, round_index, device_ids)
+
+    monkeypatch.setattr(core.ServerCore, "plan", slow_plan)
+    assert session.PLAN_TIMING_REPEATS == 3
+    run_job(
+        tiny_cfg.override("job", rounds=1), tmp_path / "run", prepared=prepared, show_progress=False
+    )
+    server_time = float(csv_rows(tmp_path / "run" / "rounds.csv")[0]["server_time_s"])
+    assert 0.05 <= server_time < 0.3
+
+
 def test_a_resumed_checkpoint_is_verified(tiny_cfg, prepared, tmp_path):
     cfg = tiny_cfg.override("job", rounds=2)
     run_job(cfg, tmp_path / "run", prepared=prepared, show_progress=False, stop_after=1)
