@@ -139,6 +139,7 @@ RUN_COLUMNS = (
     "waiting_mean_s",
     "progress_vs_val_corr",
     "progress_vs_test_corr",
+    "contention_rows_vs_clock",
     "host_time_s",
 )
 SUMMARY_COLUMNS = (
@@ -162,6 +163,7 @@ SUMMARY_COLUMNS = (
     "waiting_mean_s",
     "progress_vs_val_corr",
     "progress_vs_test_corr",
+    "contention_rows_vs_clock",
     "host_time_s",
 )
 
@@ -304,6 +306,36 @@ def progress_correlations(rounds: Sequence[Mapping[str, str]]) -> tuple[float, f
     return _corr(predicted, val_drop), _corr(predicted, test_drop)
 
 
+def contention_rows_vs_clock(run_dir: Path, rounds: Sequence[Mapping[str, str]]) -> float:
+    """With a topology: the mean over rounds of the round time the exact planner's
+    contention rows give the run's plans (:func:`legend.planner.topology.\
+predicted_round_time`, every participant of a congested link waiting for all of its bytes)
+    over the devices' part of the simulated round (links shared max-min fairly). Above 1 the
+    rows overrate what the plans cost; NaN without a topology."""
+    from legend.federation.job import load_job
+    from legend.models.spec import get_model_spec
+    from legend.planner.costs import CostModel
+    from legend.planner.profiles import load_fleet
+    from legend.planner.topology import load_topology, predicted_round_time
+
+    cfg = load_job(run_dir / "config.toml")
+    if not cfg.job.topology:
+        return math.nan
+    fleet = load_fleet(cfg.job.fleet)
+    topology = load_topology(cfg.job.topology, fleet)
+    costs = CostModel(get_model_spec(cfg.job.model), cfg.job_params)
+    ratios = []
+    for row in rounds:
+        plan = json.loads((run_dir / "plans" / f"round_{int(row['round']):04d}.json").read_text())
+        configurations = {
+            d["device_id"]: (tuple(d["layers"]), tuple(d["ranks"])) for d in plan["devices"]
+        }
+        clock = _num(row["sim_time_s"]) - _num(row.get("server_time_s"))
+        if clock > 0:
+            ratios.append(predicted_round_time(topology, fleet, costs, configurations) / clock)
+    return _mean(ratios)
+
+
 def _corr(xs: Sequence[float], ys: Sequence[float]) -> float:
     pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x + y)]
     xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
@@ -374,6 +406,9 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     ),
                     "progress_vs_val_corr": progress_correlations(rounds)[0],
                     "progress_vs_test_corr": progress_correlations(rounds)[1],
+                    "contention_rows_vs_clock": contention_rows_vs_clock(
+                        out / f"seed{seed}" / method, rounds
+                    ),
                     "host_time_s": _num(last["host_clock_s"]),
                 }
             )
@@ -433,6 +468,9 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list
                 "waiting_mean_s": spread(r["waiting_mean_s"] for r in mine).fmt(".1f"),
                 "progress_vs_val_corr": spread(r["progress_vs_val_corr"] for r in mine).fmt(".2f"),
                 "progress_vs_test_corr": spread(r["progress_vs_test_corr"] for r in mine).fmt(
+                    ".2f"
+                ),
+                "contention_rows_vs_clock": spread(r["contention_rows_vs_clock"] for r in mine).fmt(
                     ".2f"
                 ),
                 "host_time_s": spread(r["host_time_s"] for r in mine).fmt(".0f"),
@@ -728,6 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "waiting_mean_s": "sim. waiting (s)",
             "progress_vs_val_corr": "corr. predicted progress / val. loss drop",
             "progress_vs_test_corr": "corr. predicted progress / test loss drop",
+            "contention_rows_vs_clock": "contention rows / simulated round",
             "host_time_s": "host time (s)",
         },
     )
