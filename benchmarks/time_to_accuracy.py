@@ -306,19 +306,18 @@ def progress_correlations(rounds: Sequence[Mapping[str, str]]) -> tuple[float, f
     return _corr(predicted, val_drop), _corr(predicted, test_drop)
 
 
-def contention_rows_vs_clock(run_dir: Path, rounds: Sequence[Mapping[str, str]]) -> float:
+def contention_rows_vs_clock(cfg: Any, run_dir: Path, rounds: Sequence[Mapping[str, str]]) -> float:
     """With a topology: the mean over rounds of the round time the exact planner's
     contention rows give the run's plans (:func:`legend.planner.topology.\
 predicted_round_time`, every participant of a congested link waiting for all of its bytes)
     over the devices' part of the simulated round (links shared max-min fairly). Above 1 the
-    rows overrate what the plans cost; NaN without a topology."""
-    from legend.federation.job import load_job
+    rows overrate what the plans cost; NaN without a topology. ``cfg`` is the run's job
+    (:func:`build_config`)."""
     from legend.models.spec import get_model_spec
     from legend.planner.costs import CostModel
     from legend.planner.profiles import load_fleet
     from legend.planner.topology import load_topology, predicted_round_time
 
-    cfg = load_job(run_dir / "config.toml")
     if not cfg.job.topology:
         return math.nan
     fleet = load_fleet(cfg.job.fleet)
@@ -407,7 +406,7 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     "progress_vs_val_corr": progress_correlations(rounds)[0],
                     "progress_vs_test_corr": progress_correlations(rounds)[1],
                     "contention_rows_vs_clock": contention_rows_vs_clock(
-                        out / f"seed{seed}" / method, rounds
+                        build_config(args, method, seed), out / f"seed{seed}" / method, rounds
                     ),
                     "host_time_s": _num(last["host_clock_s"]),
                 }

@@ -121,6 +121,37 @@ def test_progress_correlations_of_a_run() -> None:
     assert all(math.isnan(v) for v in tta.progress_correlations(rounds[:2]))
 
 
+def test_contention_rows_against_the_simulated_round(tmp_path) -> None:
+    """The check of the exact planner's contention rows reads each round's plan and the
+    devices' part of its simulated round (the server's part left out)."""
+    from legend.models.spec import get_model_spec
+    from legend.planner.costs import CostModel
+    from legend.planner.profiles import load_fleet
+    from legend.planner.topology import load_topology, predicted_round_time
+
+    tta = bench_module("time_to_accuracy")
+    cfg = tta.build_config(tta.parse_args(["--smoke"]), "greedy", 0)
+    assert math.isnan(tta.contention_rows_vs_clock(cfg, tmp_path, []))  # no topology
+    cfg = cfg.override(
+        "job",
+        fleet=str(ROOT / "examples" / "fleet_ap30.csv"),
+        topology=str(ROOT / "examples" / "topology_ap30.toml"),
+    )
+    fleet = load_fleet(cfg.job.fleet)
+    configurations = {d.device_id: ((3,), (8,)) for d in fleet.devices[:20]}
+    (tmp_path / "plans").mkdir()
+    plan = {"devices": [{"device_id": k, "layers": [3], "ranks": [8]} for k in configurations]}
+    (tmp_path / "plans" / "round_0001.json").write_text(json.dumps(plan))
+    rows = predicted_round_time(
+        load_topology(cfg.job.topology, fleet),
+        fleet,
+        CostModel(get_model_spec(cfg.job.model), cfg.job_params),
+        configurations,
+    )
+    round_row = {"round": "1", "sim_time_s": str(rows / 2 + 0.5), "server_time_s": "0.5"}
+    assert tta.contention_rows_vs_clock(cfg, tmp_path, [round_row]) == pytest.approx(2.0)
+
+
 def test_time_to_accuracy_recipe() -> None:
     """The moving-average target and the last-rounds accuracy of the benchmark recipe."""
     tta = bench_module("time_to_accuracy")
