@@ -131,6 +131,7 @@ RUN_COLUMNS = (
     "bytes_to_target",
     "common_target",
     "time_to_common_s",
+    "device_time_to_common_s",
     "bytes_to_common",
     "sim_time_s",
     "total_bytes",
@@ -155,6 +156,8 @@ SUMMARY_COLUMNS = (
     "bytes_saved_vs_uniform_pct",
     "time_to_common_s",
     "speedup_common_vs_uniform",
+    "device_speedup_common_vs_uniform",
+    "device_speedup_common_vs_greedy",
     "bytes_to_common_MB",
     "accuracy_pct",
     "late_gain_pts",
@@ -344,6 +347,13 @@ def _corr(xs: Sequence[float], ys: Sequence[float]) -> float:
     return statistics.correlation(xs, ys)
 
 
+def _device_clock(hit: Mapping[str, str] | None, rounds: Sequence[Mapping[str, str]]) -> float:
+    """The simulated clock at round ``hit`` without the server's part of the rounds."""
+    if hit is None:
+        return math.nan
+    return _num(hit["sim_clock_s"]) - int(hit["round"]) * _num(rounds[0].get("server_time_s"))
+
+
 def _mean(values: Sequence[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
@@ -388,13 +398,11 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     "time_to_target_s": _num(hit["sim_clock_s"]) if hit else math.nan,
                     # the same without the server's part (measured on this host, so it
                     # carries the host's load at the moment of measurement)
-                    "device_time_to_target_s": _num(hit["sim_clock_s"])
-                    - int(hit["round"]) * _num(rounds[0].get("server_time_s"))
-                    if hit
-                    else math.nan,
+                    "device_time_to_target_s": _device_clock(hit, rounds),
                     "bytes_to_target": _num(hit["cum_bytes"]) if hit else math.nan,
                     "common_target": common_target,
                     "time_to_common_s": _num(hit_common["sim_clock_s"]) if hit_common else math.nan,
+                    "device_time_to_common_s": _device_clock(hit_common, rounds),
                     "bytes_to_common": _num(hit_common["cum_bytes"]) if hit_common else math.nan,
                     "sim_time_s": _num(last["sim_clock_s"]),
                     "total_bytes": _num(last["cum_bytes"]),
@@ -458,6 +466,12 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list
                 "time_to_common_s": spread(r["time_to_common_s"] for r in mine).fmt(".0f"),
                 "speedup_common_vs_uniform": spread(
                     _ratios(rows, method, "uniform", "time_to_common_s")
+                ).fmt(".2f", unit="x"),
+                "device_speedup_common_vs_uniform": spread(
+                    _ratios(rows, method, "uniform", "device_time_to_common_s")
+                ).fmt(".2f", unit="x"),
+                "device_speedup_common_vs_greedy": spread(
+                    _ratios(rows, method, "greedy", "device_time_to_common_s")
                 ).fmt(".2f", unit="x"),
                 "bytes_to_common_MB": spread(r["bytes_to_common"] / 1e6 for r in mine).fmt(".1f"),
                 "accuracy_pct": spread(100 * r["accuracy"] for r in mine).fmt(".1f"),
@@ -757,6 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bytes_saved_vs_uniform_pct": "bytes saved vs uniform",
             "time_to_common_s": "sim. time to common target (s)",
             "speedup_common_vs_uniform": "speed-up vs uniform (common)",
+            "device_speedup_common_vs_uniform": "device-time speed-up vs uniform (common)",
+            "device_speedup_common_vs_greedy": "device-time speed-up vs greedy (common)",
             "bytes_to_common_MB": "MB to common target",
             "accuracy_pct": f"accuracy, last {args.window} rounds (%)",
             "late_gain_pts": "late gain (points)",
