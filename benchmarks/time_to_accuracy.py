@@ -440,6 +440,10 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list
     out = []
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
+
+        def speedup(base: str, key: str, method: str = method) -> str:
+            return spread(_ratios(rows, method, base, key)).fmt(".2f", unit="x")
+
         saved = [
             100.0 * (1.0 - 1.0 / x) for x in _ratios(rows, method, "uniform", "bytes_to_target")
         ]
@@ -449,30 +453,16 @@ def summarise(rows: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> list
                 "seeds": len(mine),
                 "reached": f"{sum(bool(r['reached']) for r in mine)}/{len(mine)}",
                 "time_to_target_s": spread(r["time_to_target_s"] for r in mine).fmt(".0f"),
-                "speedup_vs_uniform": spread(
-                    _ratios(rows, method, "uniform", "time_to_target_s")
-                ).fmt(".2f", unit="x"),
-                "speedup_vs_greedy": spread(
-                    _ratios(rows, method, "greedy", "time_to_target_s")
-                ).fmt(".2f", unit="x"),
-                "device_speedup_vs_uniform": spread(
-                    _ratios(rows, method, "uniform", "device_time_to_target_s")
-                ).fmt(".2f", unit="x"),
-                "device_speedup_vs_greedy": spread(
-                    _ratios(rows, method, "greedy", "device_time_to_target_s")
-                ).fmt(".2f", unit="x"),
+                "speedup_vs_uniform": speedup("uniform", "time_to_target_s"),
+                "speedup_vs_greedy": speedup("greedy", "time_to_target_s"),
+                "device_speedup_vs_uniform": speedup("uniform", "device_time_to_target_s"),
+                "device_speedup_vs_greedy": speedup("greedy", "device_time_to_target_s"),
                 "bytes_to_target_MB": spread(r["bytes_to_target"] / 1e6 for r in mine).fmt(".1f"),
                 "bytes_saved_vs_uniform_pct": spread(saved).fmt(".1f", unit="%"),
                 "time_to_common_s": spread(r["time_to_common_s"] for r in mine).fmt(".0f"),
-                "speedup_common_vs_uniform": spread(
-                    _ratios(rows, method, "uniform", "time_to_common_s")
-                ).fmt(".2f", unit="x"),
-                "device_speedup_common_vs_uniform": spread(
-                    _ratios(rows, method, "uniform", "device_time_to_common_s")
-                ).fmt(".2f", unit="x"),
-                "device_speedup_common_vs_greedy": spread(
-                    _ratios(rows, method, "greedy", "device_time_to_common_s")
-                ).fmt(".2f", unit="x"),
+                "speedup_common_vs_uniform": speedup("uniform", "time_to_common_s"),
+                "device_speedup_common_vs_uniform": speedup("uniform", "device_time_to_common_s"),
+                "device_speedup_common_vs_greedy": speedup("greedy", "device_time_to_common_s"),
                 "bytes_to_common_MB": spread(r["bytes_to_common"] / 1e6 for r in mine).fmt(".1f"),
                 "accuracy_pct": spread(100 * r["accuracy"] for r in mine).fmt(".1f"),
                 "late_gain_pts": spread(r["late_gain_pts"] for r in mine).fmt(".1f"),
