@@ -309,23 +309,39 @@ def progress_correlations(rounds: Sequence[Mapping[str, str]]) -> tuple[float, f
     return _corr(predicted, val_drop), _corr(predicted, test_drop)
 
 
-def contention_rows_vs_clock(cfg: Any, run_dir: Path, rounds: Sequence[Mapping[str, str]]) -> float:
+def contention_inputs(cfg: Any) -> tuple[Any, Any, Any] | None:
+    """What :func:`contention_rows_vs_clock` prices plans with: the job's topology, fleet and
+    analytic cost model (``cfg`` is a job of :func:`build_config`; ``None`` without a
+    topology). The same for every method and seed of a setting, so built once."""
+    from legend.models.spec import get_model_spec
+    from legend.planner.costs import CostModel
+    from legend.planner.profiles import load_fleet
+    from legend.planner.topology import load_topology
+
+    if not cfg.job.topology:
+        return None
+    fleet = load_fleet(cfg.job.fleet)
+    return (
+        load_topology(cfg.job.topology, fleet),
+        fleet,
+        CostModel(get_model_spec(cfg.job.model), cfg.job_params),
+    )
+
+
+def contention_rows_vs_clock(
+    inputs: tuple[Any, Any, Any] | None, run_dir: Path, rounds: Sequence[Mapping[str, str]]
+) -> float:
     """With a topology: the mean over rounds of the round time the exact planner's
     contention rows give the run's plans (:func:`legend.planner.topology.\
 predicted_round_time`, every participant of a congested link waiting for all of its bytes)
     over the devices' part of the simulated round (links shared max-min fairly). Above 1 the
-    rows overrate what the plans cost; NaN without a topology. ``cfg`` is the run's job
-    (:func:`build_config`)."""
-    from legend.models.spec import get_model_spec
-    from legend.planner.costs import CostModel
-    from legend.planner.profiles import load_fleet
-    from legend.planner.topology import load_topology, predicted_round_time
+    rows overrate what the plans cost; NaN without a topology (``inputs`` from
+    :func:`contention_inputs`)."""
+    from legend.planner.topology import predicted_round_time
 
-    if not cfg.job.topology:
+    if inputs is None:
         return math.nan
-    fleet = load_fleet(cfg.job.fleet)
-    topology = load_topology(cfg.job.topology, fleet)
-    costs = CostModel(get_model_spec(cfg.job.model), cfg.job_params)
+    topology, fleet, costs = inputs
     ratios = []
     for row in rounds:
         plan = json.loads((run_dir / "plans" / f"round_{int(row['round']):04d}.json").read_text())
@@ -363,6 +379,7 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     """One row per seed and method from the run directories."""
     window = args.window
     rows: list[dict[str, Any]] = []
+    contention = contention_inputs(build_config(args, args.methods[0], args.seeds[0]))
     for seed in args.seeds:
         per_method: dict[str, list[dict[str, str]]] = {}
         for method in args.methods:
@@ -379,6 +396,7 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             hit = first_reaching(rounds, args.target, window)
             hit_common = first_reaching(rounds, common_target, window)
             before = accs[-2 * window : -window] if len(accs) >= 2 * window else []
+            val_corr, test_corr = progress_correlations(rounds)
             rows.append(
                 {
                     "seed": seed,
@@ -411,10 +429,10 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     "waiting_mean_s": float(
                         sum(_num(r["waiting_mean_s"]) for r in rounds) / len(rounds)
                     ),
-                    "progress_vs_val_corr": progress_correlations(rounds)[0],
-                    "progress_vs_test_corr": progress_correlations(rounds)[1],
+                    "progress_vs_val_corr": val_corr,
+                    "progress_vs_test_corr": test_corr,
                     "contention_rows_vs_clock": contention_rows_vs_clock(
-                        build_config(args, method, seed), out / f"seed{seed}" / method, rounds
+                        contention, out / f"seed{seed}" / method, rounds
                     ),
                     "host_time_s": _num(last["host_clock_s"]),
                 }

@@ -122,61 +122,28 @@ class RoundSignals:
         return self.layer_decrease or self.layer_energy
 
 
-def _design(
-    records: Sequence[tuple[int, int, int, float]], rank_order: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The regression of ``log decrease`` on ``(device, layer, rank, decrease)`` records: the
-    device and layer indicators (the first layer as the reference), one indicator per rank
-    of ``rank_order`` (ranks not in it are the reference), and ``log decrease``."""
-    devices = sorted({i for i, _, _, _ in records})
-    layers = sorted({ly for _, ly, _, _ in records})
-    dev_col = {i: k for k, i in enumerate(devices)}
-    layer_col = {ly: len(devices) + k for k, ly in enumerate(layers[1:])}
-    rank_col = {r: k for k, r in enumerate(rank_order)}
-    nuisance = np.zeros((len(records), len(devices) + len(layers) - 1))
-    x = np.zeros((len(records), len(rank_order)))
-    y = np.empty(len(records))
-    for row, (i, ly, r, d) in enumerate(records):
-        nuisance[row, dev_col[i]] = 1.0
-        if ly in layer_col:
-            nuisance[row, layer_col[ly]] = 1.0
-        if r in rank_col:
-            x[row, rank_col[r]] = 1.0
-        y[row] = math.log(d)
-    return nuisance, x, y
-
-
 def rank_ratios(
     records: Sequence[tuple[int, int, int, float]], ranks: Sequence[int]
 ) -> tuple[float, ...]:
     """Per grid rank, the loss decrease a layer's adapter buys at that rank relative to the
-    largest rank observed, from ``(device, layer, rank, decrease)`` records.
-
-    ``log decrease = device effect + layer effect + rank effect + noise`` is fitted by least
-    squares (devices differ in data, samples and learning rate; layers in what they can
-    learn), so a rank's effect is read from contrasts within a device and a layer. Returns
-    NaN for ranks not observed, and ``()`` when fewer than two ranks were observed or the
-    records cannot separate ranks from devices and layers (a plan whose ranks go with its
-    layers, the same on every device).
+    largest rank observed, from ``(device, layer, rank, decrease)`` records: the
+    least-squares fit of :func:`decrease_evidence` over the layers and ranks the records
+    hold. Returns NaN for ranks not observed, and ``()`` when fewer than two ranks were
+    observed or the records cannot separate ranks from devices and layers (a plan whose
+    ranks go with its layers, the same on every device).
     """
-    seen_ranks = sorted({r for _, _, r, _ in records})
+    seen_ranks = sorted({int(r) for _, _, r, _ in records})
     if len(seen_ranks) < 2:
         return ()
-    nuisance, indicators, y = _design(records, seen_ranks[:-1])
-    x = np.column_stack([nuisance, indicators])
-    if np.linalg.matrix_rank(x) < x.shape[1]:
+    layers = {ly: k for k, ly in enumerate(sorted({ly for _, ly, _, _ in records}))}
+    info, score = decrease_evidence(
+        [(i, layers[ly], r, d) for i, ly, r, d in records], seen_ranks, len(layers)
+    )
+    if np.linalg.matrix_rank(info) < len(info):
         return ()
-    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
-    rank_col = {r: nuisance.shape[1] + k for k, r in enumerate(seen_ranks[:-1])}
-    out = []
-    for r in ranks:
-        if r == seen_ranks[-1]:
-            out.append(1.0)
-        elif r in rank_col:
-            out.append(float(math.exp(beta[rank_col[r]])))
-        else:
-            out.append(math.nan)
-    return tuple(out)
+    theta = np.linalg.solve(info, score)[len(layers) - 1 :]
+    ratio = dict(zip(seen_ranks, [*np.exp(theta), 1.0], strict=True))
+    return tuple(float(ratio.get(int(r), math.nan)) for r in ranks)
 
 
 def decrease_evidence(

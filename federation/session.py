@@ -1007,20 +1007,18 @@ class RunSession:
             # slow it down, and the clock must not depend on how busy it was).
             previous = self.server.last_plan
             self.server.plan(t, ids)
-            plan_time = math.inf
-            for _ in range(PLAN_TIMING_REPEATS):
-                self.server.last_plan = previous
-                started = time.perf_counter()
-                plan = self.server.plan(t, ids)
-                plan_time = min(plan_time, time.perf_counter() - started)
-            started = time.perf_counter()
-            instructions = self.server.instructions(t, plan)
-            self._server_time = plan_time + time.perf_counter() - started
+            repeats = PLAN_TIMING_REPEATS
         else:
+            previous, repeats = self.server.last_plan, 1
+        plan_time = math.inf
+        for _ in range(repeats):
+            self.server.last_plan = previous
             started = time.perf_counter()
             plan = self.server.plan(t, ids)
-            instructions = self.server.instructions(t, plan)
-            self._server_time = time.perf_counter() - started
+            plan_time = min(plan_time, time.perf_counter() - started)
+        started = time.perf_counter()
+        instructions = self.server.instructions(t, plan)
+        self._server_time = plan_time + time.perf_counter() - started
         plan.save(self.out / "plans" / f"round_{t:04d}.json")
         return plan, instructions
 

@@ -131,7 +131,8 @@ def test_contention_rows_against_the_simulated_round(tmp_path) -> None:
 
     tta = bench_module("time_to_accuracy")
     cfg = tta.build_config(tta.parse_args(["--smoke"]), "greedy", 0)
-    assert math.isnan(tta.contention_rows_vs_clock(cfg, tmp_path, []))  # no topology
+    assert tta.contention_inputs(cfg) is None  # no topology
+    assert math.isnan(tta.contention_rows_vs_clock(None, tmp_path, []))
     cfg = cfg.override(
         "job",
         fleet=str(ROOT / "examples" / "fleet_ap30.csv"),
@@ -149,7 +150,8 @@ def test_contention_rows_against_the_simulated_round(tmp_path) -> None:
         configurations,
     )
     round_row = {"round": "1", "sim_time_s": str(rows / 2 + 0.5), "server_time_s": "0.5"}
-    assert tta.contention_rows_vs_clock(cfg, tmp_path, [round_row]) == pytest.approx(2.0)
+    inputs = tta.contention_inputs(cfg)
+    assert tta.contention_rows_vs_clock(inputs, tmp_path, [round_row]) == pytest.approx(2.0)
 
 
 def test_time_to_accuracy_recipe() -> None:
