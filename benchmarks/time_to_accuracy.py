@@ -91,8 +91,9 @@ from common import (
 # seconds per MB); ``greedy`` is the LEGEND baseline on its fixed utility; the ablations
 # ``greedy-learned`` (the greedy's moves on the progress model) and ``exact-rate`` (the exact
 # planner on the fixed utility ``U / T``) separate what the model buys from what exactness
-# buys.
-METHODS: dict[str, dict[str, str]] = {
+# buys; ``exact-drop`` (the exact planner free to leave sampled devices out,
+# ``allow_dropping = true``) shows what choosing the participants would buy and cost.
+METHODS: dict[str, dict[str, Any]] = {
     "exact": {"method": "exact", "objective": "progress"},
     "greedy": {"method": "greedy", "objective": "progress"},
     "greedy-learned": {"method": "greedy-learned", "objective": "progress"},
@@ -102,6 +103,7 @@ METHODS: dict[str, dict[str, str]] = {
     "fedra": {"method": "fedra", "objective": "progress"},
     "depth-only": {"method": "depth-only", "objective": "progress"},
     "rank-only": {"method": "rank-only", "objective": "progress"},
+    "exact-drop": {"method": "exact", "objective": "progress", "allow_dropping": True},
 }
 # Ablations the benchmark is meant to run once the planner supports them (none pending).
 PENDING_METHODS: dict[str, str] = {}
@@ -219,6 +221,7 @@ def build_config(args: argparse.Namespace, method: str, seed: int) -> Any:
         planner=PlannerSection(
             solver=args.solver,
             objective=spec["objective"],
+            allow_dropping=bool(spec.get("allow_dropping", False)),
             time_limit_s=10.0,
             calibration="none",
         ),

@@ -142,6 +142,44 @@ _REJECTIONS_SHOWN = 5  # rejected updates named on the terminal per round (all i
 PLAN_TIMING_REPEATS = 3
 
 
+class _ServerTimer:
+    """Times a piece of the server's work for the simulated clock: the smaller of its wall
+    time and the CPU time it took (this process and its child processes, such as the HiGHS
+    worker of :mod:`legend.planner.backends`). On a busy host the wall time grows with the
+    other processes' load while the CPU time does not; work spread over several threads can
+    take more CPU time than wall time. The smaller of the two is what the work takes on an
+    idle host of this kind, up to that parallelism."""
+
+    seconds: float = 0.0
+
+    def __enter__(self) -> _ServerTimer:
+        self._wall = time.perf_counter()
+        self._cpu = _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._wall
+        end = _cpu_seconds()
+        # a child that ended within the window leaves its share out (an underestimate)
+        cpu = sum(v - self._cpu.get(pid, 0.0) for pid, v in end.items())
+        self.seconds = max(0.0, min(wall, cpu))
+
+
+def _cpu_seconds() -> dict[int, float]:
+    """CPU seconds (user and system) so far of this process and of each live child, by pid."""
+    import psutil
+
+    me = psutil.Process()
+    out = {me.pid: time.process_time()}
+    for child in me.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            continue
+        out[child.pid] = times.user + times.system
+    return out
+
+
 @dataclass(frozen=True)
 class RunResult:
     out_dir: Path
@@ -1013,12 +1051,12 @@ class RunSession:
         plan_time = math.inf
         for _ in range(repeats):
             self.server.last_plan = previous
-            started = time.perf_counter()
-            plan = self.server.plan(t, ids)
-            plan_time = min(plan_time, time.perf_counter() - started)
-        started = time.perf_counter()
-        instructions = self.server.instructions(t, plan)
-        self._server_time = plan_time + time.perf_counter() - started
+            with _ServerTimer() as timer:
+                plan = self.server.plan(t, ids)
+            plan_time = min(plan_time, timer.seconds)
+        with _ServerTimer() as timer:
+            instructions = self.server.instructions(t, plan)
+        self._server_time = plan_time + timer.seconds
         plan.save(self.out / "plans" / f"round_{t:04d}.json")
         return plan, instructions
 
@@ -1035,9 +1073,9 @@ class RunSession:
         from legend.federation.training import evaluate
 
         cfg, p, progress = self.cfg, self.prepared, self.progress
-        agg_start = time.perf_counter()
-        result = self.server.finish_round(t, plan, replies, missing=missing)
-        server_time = self._server_time + time.perf_counter() - agg_start
+        with _ServerTimer() as timer:
+            result = self.server.finish_round(t, plan, replies, missing=missing)
+        server_time = self._server_time + timer.seconds
         accuracy, test_loss = math.nan, math.nan
         if t % cfg.federation.eval_every == 0 or t == self.last_round:
             if status is not None:

@@ -25,6 +25,7 @@ METHODS = (
     "greedy",
     "greedy-learned",
     "exact-rate",
+    "exact-drop",
     "uniform",
     "hetlora",
     "fedra",

@@ -177,7 +177,7 @@ def test_the_first_rounds_planning_time_is_the_fastest_of_its_repeats(
     real_plan = core.ServerCore.plan
 
     def slow_plan(self, round_index, device_ids):
-        time.sleep(next(delays, 0.0))
+        _burn_cpu(next(delays, 0.0))
         return real_plan(self, round_index, device_ids)
 
     monkeypatch.setattr(core.ServerCore, "plan", slow_plan)
@@ -187,6 +187,58 @@ def test_the_first_rounds_planning_time_is_the_fastest_of_its_repeats(
     )
     server_time = float(csv_rows(tmp_path / "run" / "rounds.csv")[0]["server_time_s"])
     assert 0.05 <= server_time < 0.3
+
+
+def _burn_cpu(seconds: float) -> None:
+    """Keep this process busy for ``seconds`` of its own CPU time."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_the_server_time_leaves_out_waiting_for_a_busy_host(
+    tiny_cfg, prepared, tmp_path, monkeypatch
+):
+    """On a loaded host the server's work waits for the CPU: wall time passes that the
+    work does not use. The simulated clock counts the work (its CPU time), not the wait."""
+    from legend.federation import core
+
+    real_finish = core.ServerCore.finish_round
+
+    def waiting_finish(self, *args, **kwargs):
+        time.sleep(0.6)  # stands for the CPU taken by other processes
+        return real_finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(core.ServerCore, "finish_round", waiting_finish)
+    run_job(
+        tiny_cfg.override("job", rounds=1), tmp_path / "run", prepared=prepared, show_progress=False
+    )
+    server_time = float(csv_rows(tmp_path / "run" / "rounds.csv")[0]["server_time_s"])
+    assert 0.0 < server_time < 0.3
+
+
+def test_the_server_timer_counts_a_solver_worker_process():
+    """Work the server hands to a child process (the HiGHS worker) counts as server time."""
+    import subprocess
+    import sys
+
+    from legend.federation.session import _ServerTimer
+
+    burn = "import sys, time\nsys.stdin.read()\nend = time.process_time() + 0.3\n" + (
+        "while time.process_time() < end: pass\nprint('done', flush=True)\nsys.stdin = None\n"
+        "time.sleep(5)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        with _ServerTimer() as timer:
+            child.stdin.close()
+            assert child.stdout.readline().strip() == b"done"
+        assert 0.25 <= timer.seconds < 2.0
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_resumed_checkpoint_is_verified(tiny_cfg, prepared, tmp_path):
