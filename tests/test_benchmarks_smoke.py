@@ -26,6 +26,7 @@ METHODS = (
     "greedy-learned",
     "exact-rate",
     "exact-drop",
+    "exact-cover",
     "uniform",
     "hetlora",
     "fedra",
