@@ -92,9 +92,7 @@ from common import (
 # ``greedy-learned`` (the greedy's moves on the progress model) and ``exact-rate`` (the exact
 # planner on the fixed utility ``U / T``) separate what the model buys from what exactness
 # buys; ``exact-drop`` (the exact planner free to leave sampled devices out,
-# ``allow_dropping = true``) shows what choosing the participants would buy and cost, and
-# ``exact-cover`` the same with a floor: the devices that take part hold at least half of
-# the round's samples (coverage C8 on the output layer).
+# ``allow_dropping = true``) shows what choosing the participants would buy and cost.
 METHODS: dict[str, dict[str, Any]] = {
     "exact": {"method": "exact", "objective": "progress"},
     "greedy": {"method": "greedy", "objective": "progress"},
@@ -106,13 +104,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "depth-only": {"method": "depth-only", "objective": "progress"},
     "rank-only": {"method": "rank-only", "objective": "progress"},
     "exact-drop": {"method": "exact", "objective": "progress", "allow_dropping": True},
-    "exact-cover": {
-        "method": "exact",
-        "objective": "progress",
-        "allow_dropping": True,
-        "coverage_layers": 1,
-        "coverage_share": 0.5,
-    },
 }
 # Ablations the benchmark is meant to run once the planner supports them (none pending).
 PENDING_METHODS: dict[str, str] = {}
@@ -231,8 +222,6 @@ def build_config(args: argparse.Namespace, method: str, seed: int) -> Any:
             solver=args.solver,
             objective=spec["objective"],
             allow_dropping=bool(spec.get("allow_dropping", False)),
-            coverage_layers=int(spec.get("coverage_layers", 0)),
-            coverage_share=float(spec.get("coverage_share", 0.0)),
             time_limit_s=10.0,
             calibration="none",
         ),

@@ -26,7 +26,6 @@ METHODS = (
     "greedy-learned",
     "exact-rate",
     "exact-drop",
-    "exact-cover",
     "uniform",
     "hetlora",
     "fedra",
