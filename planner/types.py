@@ -123,7 +123,9 @@ class PlannerOptions:
         The round lasts at least as long as the link needs for the round's bytes.
     coverage_layers, coverage_share
         C8: each of the top ``coverage_layers`` layers is trained on at least
-        ``coverage_share`` of the round's samples (0 disables).
+        ``coverage_share`` of the round's samples (0 disables). The samples are the
+        participants'; every participant trains the output layer, so ``coverage_layers``
+        is 0 or at least 2.
     min_participants
         C9 (only meaningful with ``allow_dropping``).
     layer_weights
@@ -220,6 +222,13 @@ class PlannerOptions:
             )
         if self.coverage_layers < 0:
             raise PlannerInputError(f"`coverage_layers` must be >= 0, got {self.coverage_layers!r}")
+        if self.coverage_layers == 1 and self.coverage_share > 0:
+            raise PlannerInputError(
+                "`coverage_layers` = 1 constrains nothing: every participant trains the output "
+                "layer, and coverage counts the participants' samples; use 2 or more layers, "
+                "or 0 to switch coverage off (to keep more devices in a round with "
+                "`allow_dropping`, use `min_participants`)"
+            )
         if self.threads is not None and self.threads < 1:
             raise PlannerInputError(f"`threads` must be >= 1, got {self.threads!r}")
         if isinstance(self.layer_weights, str):

@@ -148,6 +148,10 @@ def test_bad_option_combinations_name_the_field() -> None:
         PlanningProblem.create(FLEET3, TINY, tiny_job((2, 128, 1024)))
     with pytest.raises(PlannerInputError, match="unknown solver"):
         PlannerOptions(solver="magic")
+    # coverage of the output layer alone is no constraint (every participant trains it)
+    with pytest.raises(PlannerInputError, match="`coverage_layers` = 1 constrains nothing"):
+        PlannerOptions(coverage_layers=1, coverage_share=0.5, allow_dropping=True)
+    assert PlannerOptions(coverage_layers=1, coverage_share=0.0).coverage_layers == 1
 
 
 # -- agreement with the exhaustive oracle --------------------------------------------------

@@ -67,7 +67,8 @@ def instances(draw: st.DrawFn, max_size: int = 3):  # type: ignore[no-untyped-de
 def constraint_options(draw: st.DrawFn) -> dict[str, object]:
     """The optional constraints: C3 minimum depth, C4, dropping with C9, C7 and C8."""
     dropping = draw(st.booleans())
-    coverage_layers = draw(st.integers(min_value=0, max_value=TINY.num_layers))
+    # 1 layer would constrain nothing (every participant trains the output layer): refused
+    coverage_layers = draw(st.sampled_from([0, *range(2, TINY.num_layers + 1)]))
     return {
         "monotone_ranks": draw(st.booleans()),
         "min_depth": draw(st.integers(min_value=1, max_value=2)),
