@@ -224,9 +224,14 @@ def test_the_server_timer_counts_a_solver_worker_process():
 
     from legend.federation.session import _ServerTimer
 
-    burn = "import sys, time\nsys.stdin.read()\nend = time.process_time() + 0.3\n" + (
-        "while time.process_time() < end: pass\nprint('done', flush=True)\nsys.stdin = None\n"
-        "time.sleep(5)"
+    # waits for its stdin to close, burns 0.3 s of CPU, reports, then stays alive (idle)
+    burn = (
+        "import sys, time\n"
+        "sys.stdin.read()\n"
+        "end = time.process_time() + 0.3\n"
+        "while time.process_time() < end: pass\n"
+        "print('done', flush=True)\n"
+        "time.sleep(5)\n"
     )
     child = subprocess.Popen(
         [sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE
