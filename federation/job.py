@@ -151,6 +151,7 @@ class PlannerSection:
     coverage_layers: int = PlannerOptions.coverage_layers
     coverage_share: float = PlannerOptions.coverage_share
     min_participants: int = PlannerOptions.min_participants
+    min_sample_share: float = PlannerOptions.min_sample_share
     layer_weights: str | tuple[float, ...] = PlannerOptions.layer_weights
     rank_gains: str | tuple[float, ...] = PlannerOptions.rank_gains
     seconds_per_mb: float = PlannerOptions.seconds_per_mb

@@ -17,7 +17,8 @@ Constraint semantics (the same as the integer program's, docs/planner.md):
   round's bytes in both directions (``T >= bytes / server_mbps``);
 - coverage: each of the top ``coverage_layers`` layers is trained on at least
   ``coverage_share`` of the participants' samples;
-- ``min_participants`` (with ``allow_dropping``), and at least one participant always.
+- ``min_participants`` and ``min_sample_share`` (with ``allow_dropping``), and at least one
+  participant always.
 
 Objectives: ``deadline`` maximises ``U``; ``rate`` maximises ``U / T``; ``min-time``
 minimises ``T`` subject to ``U >= floor`` (``utility_floor``, or ``utility_floor_share``
@@ -185,14 +186,20 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
     round_t = np.zeros(sizes)
     total_b = np.zeros(sizes)
     participants = np.zeros(sizes)
+    taking_part = np.zeros(sizes)  # the participants' samples
     for i in range(n):
         total_u = total_u + axis(utils[i], i)
         round_t = np.maximum(round_t, axis(times[i], i))
         total_b = total_b + axis(nbytes[i], i)
         participants = participants + axis((depths[i] > 0).astype(np.float64), i)
+        n_i = float(fleet.devices[i].num_samples)
+        taking_part = taking_part + axis(n_i * (depths[i] > 0).astype(np.float64), i)
 
     need = max(1, opts.min_participants if opts.allow_dropping else 0)
     feasible = participants >= need
+    if opts.allow_dropping and opts.min_sample_share > 0:
+        total = float(sum(d.num_samples for d in fleet.devices))
+        feasible &= taking_part >= opts.min_sample_share * total * (1 - 1e-9)
     if opts.server_mbps is not None:
         # C7: the round lasts at least as long as the server's link needs for its bytes
         round_t = np.maximum(round_t, total_b / (opts.server_mbps * 1e6 / 8))

@@ -181,6 +181,14 @@ def plan_command(
         int,
         typer.Option("--min-participants", help="With --allow-dropping: at least this many."),
     ] = 0,
+    min_sample_share: Annotated[
+        float,
+        typer.Option(
+            "--min-sample-share",
+            help="With --allow-dropping: the participants hold at least this share of the "
+            "fleet's samples (0-1).",
+        ),
+    ] = 0.0,
     utility_floor: Annotated[
         float | None,
         typer.Option("--utility-floor", help="min-time: absolute utility the plan must reach."),
@@ -260,6 +268,7 @@ def plan_command(
         allow_dropping=allow_dropping,
         server_mbps=server_mbps,
         min_participants=min_participants,
+        min_sample_share=min_sample_share,
         utility_floor=utility_floor,
         utility_floor_share=utility_floor_share,
     )

@@ -147,6 +147,16 @@ def fleet_reasons(
             f"min participants: only {len(able)} device(s) can run their smallest "
             f"configuration, {opts.min_participants} required"
         )
+    if opts.allow_dropping and opts.min_sample_share > 0:
+        total = sum(d.num_samples for d in devices)
+        held = sum(d.num_samples for d in able)
+        if held < opts.min_sample_share * total * (1 - 1e-9):
+            out.append(
+                f"min sample share: the devices that can run their smallest configuration "
+                f"hold {held / total:.1%} of the samples, min_sample_share requires "
+                f"{opts.min_sample_share:.1%}; lower min_sample_share"
+                + (" or relax the deadline" if deadline_s is not None else "")
+            )
     layers, ranks = smallest_configuration(problem)
     if opts.server_mbps is not None and deadline_s is not None:
         both_ways = sorted(2 * problem.costs.evaluate(d, layers, ranks).upload_bytes for d in able)
@@ -196,7 +206,7 @@ def explain_infeasibility(
     if not reasons:
         reasons.append(
             "the constraints together admit no plan, although each device can run its "
-            "smallest configuration: relax the deadline, server_mbps, coverage or "
-            "min_participants"
+            "smallest configuration: relax the deadline, server_mbps, coverage, "
+            "min_participants or min_sample_share"
         )
     return tuple(reasons)

@@ -33,6 +33,7 @@ Rows (names as in the code)::
     C7          sum_gj 2 B_j m[g,j] - s T <= 0                       server link, s bytes/s
     C8[r]       sum_gj n_g ([d_j >= r] - q [j not out]) m[g,j] >= 0  coverage, r = 2..D
     C9          sum_{g, j not out} m[g,j] >= P_min                   participants
+    C9s         sum_{g, j not out} n_g m[g,j] >= s_min sum_i n_i     participating samples
     C10b[e]     sum_{g on e, j} k_e B_j m[g,j] - L_e = 0             congested link e
     C10[e,g]    L_e + sum_j o_egj m[g,j] - T <= 0   (N_g = 1)        contention on e
     C10[e,g,j]  L_e + o_egj v[g,j] - T <= 0         (N_g > 1)
@@ -492,6 +493,12 @@ def formulate(
     if opts.allow_dropping and opts.min_participants > 0:
         ids = np.flatnonzero(part)
         rows.add("C9", ids, np.ones(len(ids)), float(opts.min_participants), np.inf)
+    if opts.allow_dropping and opts.min_sample_share > 0:
+        # C9s: the participants' samples (scaled like C8) reach the share of all samples
+        ids = np.flatnonzero(part)
+        n_unit = samples[units.groups.first][unit_of] / scale
+        need = opts.min_sample_share * float(samples.sum()) / scale
+        rows.add("C9s", ids, n_unit[ids], need * (1 - 1e-9), np.inf)
     if links:
         if not has_t:
             raise PlannerInputError("internal: shared-link rows need T as a variable")

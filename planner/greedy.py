@@ -26,8 +26,9 @@ when no move fits. The deadline depends on the objective:
     lower bound on the exact maximum when memory binds.
 
 Optional constraints: ``min_depth`` (the starting block), ``monotone_ranks``,
-``allow_dropping`` with ``min_participants`` (devices whose minimal configuration misses the
-deadline or memory sit the round out), ``server_mbps`` (the round's bytes in both
+``allow_dropping`` with ``min_participants`` and ``min_sample_share`` (devices whose minimal
+configuration misses the deadline or memory sit the round out; the deadline is raised until
+enough devices, holding enough samples, take part), ``server_mbps`` (the round's bytes in both
 directions must pass the server's link within the slowest participant's time; moves of all
 devices compete for it in order of gain per second), and layer coverage, which the greedy meets
 conservatively by giving every participant at least ``coverage_layers`` layers.
@@ -858,6 +859,7 @@ class _Greedy:
         valid = np.zeros(len(deadlines), dtype=bool)
         opts = self.problem.options
         need = max(1, opts.min_participants if opts.allow_dropping else 0)
+        need_samples = opts.min_sample_share * float(self.row_samples.sum()) * (1 - 1e-9)
         for start in range(0, len(deadlines), per_batch):
             chunk = deadlines[start : start + per_batch]
             c = len(chunk)
@@ -866,6 +868,9 @@ class _Greedy:
             util = rows.utility.reshape(c, n_u) @ self.row_samples
             times = np.where(part, rows.time_s.reshape(c, n_u), 0.0).max(axis=1)
             ok = part.astype(np.float64) @ self.row_counts >= need
+            if opts.allow_dropping and opts.min_sample_share > 0:
+                # C9s: the participants hold the share of the fleet's samples
+                ok &= part.astype(np.float64) @ self.row_samples >= need_samples
             if not opts.allow_dropping:
                 ok &= part.all(axis=1)
             if self.server_bps is not None:
@@ -970,6 +975,16 @@ def _candidates(greedy: _Greedy) -> FloatArray:
         if need > mins.size:
             return np.zeros(0)
         lower = float(np.sort(mins)[need - 1])
+        if opts.min_sample_share > 0:
+            # C9s: no deadline below the one at which enough samples can take part
+            samples = greedy.samples[usable]
+            order = np.argsort(mins, kind="stable")
+            held = np.cumsum(samples[order])
+            share = opts.min_sample_share * greedy.samples.sum() * (1 - 1e-9)
+            k = int(np.searchsorted(held, share))
+            if k >= len(order):
+                return np.zeros(0)
+            lower = max(lower, float(mins[order[k]]))
     else:
         lower = float(mins.max())
     upper = max(float(greedy.max_time[usable].max()), lower)

@@ -1,16 +1,16 @@
 r"""Fleet-wide coupling rows at scale: Lagrangian bounds over the round time, and plans.
 
 The rows that tie all devices together -- the server link (C7), coverage (C8) and the
-participant minimum (C9) -- are few, ``k <= 2 + D``. Price them with multipliers
-``y >= 0`` and the program separates again: at a round time ``T`` every device takes the
-column of the catalogue that maximises its *priced* value
+participant minimum in devices and in samples (C9, C9s) -- are few, ``k <= 3 + D``.
+Price them with multipliers ``y >= 0`` and the program separates again: at a round time
+``T`` every device takes the column of the catalogue that maximises its *priced* value
 
 .. math::
 
     c_{ij}(y) = n_i u_j - \sum_r y_r a_{r,ij}
 
 (``a_r`` the column's use of row ``r``: bytes both ways for C7, uncovered samples for C8,
-minus one participant for C9), and for every ``y``
+minus one participant for C9, minus the device's samples for C9s), and for every ``y``
 
 .. math::
 
@@ -116,6 +116,13 @@ def _rows(problem: PlanningProblem, cat: Catalogue) -> _Rows:
         coef.append(-np.ones(len(cat)))
         by_samples.append(False)
         const.append(-float(opts.min_participants))
+        per_s.append(0.0)
+    if opts.allow_dropping and opts.min_sample_share > 0:
+        names.append("C9s")
+        coef.append(-np.ones(len(cat)))
+        by_samples.append(True)
+        # in the scaled samples n_i / mean(n) the fleet's samples sum to its size
+        const.append(-opts.min_sample_share * len(problem.fleet) * (1 - 1e-9))
         per_s.append(0.0)
     return _Rows(
         names=tuple(names),

@@ -99,7 +99,7 @@ def applies(problem: PlanningProblem) -> bool:
         return False
     if opts.coverage_share > 0 and opts.coverage_layers > 1:
         return False
-    if opts.allow_dropping and opts.min_participants > 0:
+    if opts.allow_dropping and (opts.min_participants > 0 or opts.min_sample_share > 0):
         return False
     shared, _ = _shared(problem)
     if not shared:

@@ -80,6 +80,8 @@ def coupling_rows(problem: PlanningProblem) -> tuple[str, ...]:
         rows.append("C8 coverage")
     if opts.allow_dropping and opts.min_participants > 0:
         rows.append("C9 participants")
+    if opts.allow_dropping and opts.min_sample_share > 0:
+        rows.append("C9s participating samples")
     if problem.topology is not None and problem.topology.congested(problem.fleet):
         rows.append("C10 shared links")
     return tuple(rows)

@@ -128,6 +128,10 @@ class PlannerOptions:
         is 0 or at least 2.
     min_participants
         C9 (only meaningful with ``allow_dropping``).
+    min_sample_share
+        C9s (with ``allow_dropping`` only): the participants hold at least this share of
+        the samples of the devices being planned (the round's sampled devices in a run), so
+        that a round's update is not the average of a few devices' skewed data (0 disables).
     layer_weights
         ``w_l`` of the utility: ``"auto"`` (default: the model's measured prior under
         ``progress`` where one is stored, else ``"linear"``), ``"prior"``, ``"linear"``
@@ -165,6 +169,7 @@ class PlannerOptions:
     coverage_layers: int = 0
     coverage_share: float = 0.0
     min_participants: int = 0
+    min_sample_share: float = 0.0
     layer_weights: str | tuple[float, ...] = "auto"
     rank_gains: str | tuple[float, ...] = "auto"
     seconds_per_mb: float = DEFAULT_SECONDS_PER_MB
@@ -219,6 +224,16 @@ class PlannerOptions:
         if self.min_participants < 0:
             raise PlannerInputError(
                 f"`min_participants` must be >= 0, got {self.min_participants!r}"
+            )
+        if not (math.isfinite(self.min_sample_share) and 0 <= self.min_sample_share <= 1):
+            raise PlannerInputError(
+                f"`min_sample_share` must be in [0, 1], got {self.min_sample_share!r}"
+            )
+        if self.min_sample_share > 0 and not self.allow_dropping:
+            raise PlannerInputError(
+                f"`min_sample_share` = {self.min_sample_share!r} only applies with "
+                "`allow_dropping` = true (without it every device takes part); set "
+                "`allow_dropping` or leave `min_sample_share` at 0"
             )
         if self.coverage_layers < 0:
             raise PlannerInputError(f"`coverage_layers` must be >= 0, got {self.coverage_layers!r}")

@@ -94,6 +94,10 @@ def solve_exhaustively(
                 continue
         if len(participants) < opts.min_participants:
             continue
+        if opts.min_sample_share > 0:
+            held = sum(n for n, o in zip(samples, choice, strict=True) if o.depth > 0)
+            if held < opts.min_sample_share * sum(samples) * (1 - 1e-9):
+                continue
         u = sum(o.utility for o in choice)
         if opts.objective == "progress":
             # the denominator: round time, the server's overhead and the priced bytes

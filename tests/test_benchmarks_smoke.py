@@ -26,6 +26,8 @@ METHODS = (
     "greedy-learned",
     "exact-rate",
     "exact-drop",
+    "exact-drop75",
+    "greedy-drop75",
     "uniform",
     "hetlora",
     "fedra",

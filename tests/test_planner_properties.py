@@ -65,7 +65,7 @@ def instances(draw: st.DrawFn, max_size: int = 3):  # type: ignore[no-untyped-de
 
 @st.composite
 def constraint_options(draw: st.DrawFn) -> dict[str, object]:
-    """The optional constraints: C3 minimum depth, C4, dropping with C9, C7 and C8."""
+    """The optional constraints: C3 minimum depth, C4, dropping with C9 and C9s, C7 and C8."""
     dropping = draw(st.booleans())
     # 1 layer would constrain nothing (every participant trains the output layer): refused
     coverage_layers = draw(st.sampled_from([0, *range(2, TINY.num_layers + 1)]))
@@ -74,6 +74,7 @@ def constraint_options(draw: st.DrawFn) -> dict[str, object]:
         "min_depth": draw(st.integers(min_value=1, max_value=2)),
         "allow_dropping": dropping,
         "min_participants": draw(st.integers(min_value=0, max_value=2)) if dropping else 0,
+        "min_sample_share": draw(st.sampled_from([0.0, 0.5, 0.9])) if dropping else 0.0,
         "server_mbps": draw(st.sampled_from([None, None, 0.05, 0.2, 1.0, 5.0])),
         "coverage_layers": coverage_layers,
         "coverage_share": draw(st.sampled_from([0.0, 0.3, 0.8])) if coverage_layers else 0.0,
@@ -123,6 +124,10 @@ def _assert_rows_hold(plan: Plan, fleet: Fleet, job: JobParams, options: Planner
     assert violations(plan, fleet, job, options) == []
     participants = [d for d in plan.devices if d.participates]
     assert len(participants) >= max(1, options.min_participants)
+    if options.min_sample_share:
+        samples = {d.device_id: d.num_samples for d in fleet.devices}
+        held = sum(samples[d.device_id] for d in participants)
+        assert held >= options.min_sample_share * sum(samples.values()) * (1 - 1e-9)
     if options.coverage_layers and options.coverage_share:
         samples = {d.device_id: d.num_samples for d in fleet.devices}
         total = sum(samples[d.device_id] for d in participants)

@@ -339,6 +339,10 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
         ("[job]\nfleet='tiny_fleet.csv'\n[train]\nranks=[8,4]\n", "strictly increasing"),
         ("[job]\nfleet='tiny_fleet.csv'\n[train]\nloss='focal'\n", "`train.loss` = 'focal'"),
         ("[job\n", "not valid TOML"),
+        (
+            "[job]\nfleet='tiny_fleet.csv'\n[planner]\nmin_sample_share=0.8\n",
+            "`planner.min_sample_share` = 0.8 only applies with `allow_dropping` = true",
+        ),
     ],
 )
 def test_bad_job_files_exit_2_with_the_key(text, needle, tmp_path, capsys):

@@ -342,3 +342,52 @@ def test_auto_plans_a_large_coupled_progress_fleet_with_a_proven_gap() -> None:
     assert milp.objective_value <= plan.objective_bound * (1 + 1e-9)
     assert milp.objective_bound is not None
     assert plan.objective_value <= milp.objective_bound * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("solver", ["auto", "lagrangian", "pulp-cbc", "greedy", "brute-force"])
+def test_min_sample_share_keeps_the_data_rich_slow_device(solver: str) -> None:
+    """C9s: free to drop, every solver leaves the slow device (62.5% of the samples) out of
+    a rate-optimal round; asked for half of the samples, it must take it in."""
+    free = plan_round(
+        FLEET,
+        TINY,
+        tiny_job(),
+        PlannerOptions(objective="rate", allow_dropping=True, solver=solver),
+    )
+    assert not free.device("slow").participates
+    options = PlannerOptions(
+        objective="rate", allow_dropping=True, min_sample_share=0.5, solver=solver
+    )
+    plan = plan_round(FLEET, TINY, tiny_job(), options)
+    assert plan.device("slow").participates
+    held = sum(d.num_samples for d in FLEET.devices if plan.device(d.device_id).participates)
+    assert held >= 0.5 * sum(d.num_samples for d in FLEET.devices)
+    assert plan.round_time_s > free.round_time_s
+
+
+def test_min_sample_share_infeasibility_is_explained() -> None:
+    # with memory for nobody but 'fast' (25% of the samples), half cannot take part
+    fleet = Fleet(
+        devices=(
+            FLEET.devices[0],
+            device("slow", memory_gb=0.01, num_samples=300),
+            device("mid", memory_gb=0.01, num_samples=60),
+        )
+    )
+    options = PlannerOptions(allow_dropping=True, min_sample_share=0.5)
+    for solver in ("auto", "greedy"):
+        with pytest.raises(InfeasibleError, match=r"min sample share: .* hold 25\.0% of the"):
+            plan_round(fleet, TINY, tiny_job(), options.with_(solver=solver))
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"min_sample_share": 0.5}, "only applies with `allow_dropping` = true"),
+        ({"allow_dropping": True, "min_sample_share": 1.5}, r"must be in \[0, 1\], got 1\.5"),
+        ({"allow_dropping": True, "min_sample_share": float("nan")}, "must be in"),
+    ],
+)
+def test_min_sample_share_is_checked(fields: dict[str, object], match: str) -> None:
+    with pytest.raises(PlannerError, match=match):
+        PlannerOptions(**fields)  # type: ignore[arg-type]
