@@ -512,6 +512,22 @@ def _failed(why: str) -> MilpResult:
     return MilpResult.of("ERROR", why, f"highspy {_dist_version('highspy')}")
 
 
+# the thread count HiGHS's process-wide scheduler was started with ("unset": not yet)
+_scheduler_threads: int | None | str = "unset"
+
+
+def _use_threads(threads: int | None) -> None:
+    """HiGHS starts one scheduler per process with the first solve's thread count, and a
+    later solve that asks for another count fails (model status ``kNotset``); restart the
+    scheduler when the count changes."""
+    global _scheduler_threads
+    import highspy
+
+    if _scheduler_threads != "unset" and _scheduler_threads != threads:
+        highspy.Highs.resetGlobalScheduler(True)
+    _scheduler_threads = threads
+
+
 def _highs_here(milp: MILP, limits: SolveLimits) -> MilpResult:
     import highspy
 
@@ -524,6 +540,7 @@ def _highs_here(milp: MILP, limits: SolveLimits) -> MilpResult:
         h.setOptionValue("mip_abs_gap", float(limits.abs_gap))
     if limits.threads is not None:
         h.setOptionValue("threads", int(limits.threads))
+    _use_threads(limits.threads)
     a = milp.matrix.tocsc()
     lp = highspy.HighsLp()
     lp.num_col_ = milp.num_vars

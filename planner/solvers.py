@@ -5,7 +5,10 @@ r"""The exact planner: the sweep where devices are independent, the MILP where t
 - without coupling rows (:func:`~legend.planner.sweep.coupling_rows` empty) and with the
   solver ``auto`` or ``sweep``: the exact sweep (:mod:`legend.planner.sweep`), ``OPTIMAL``
   with gap 0 by construction;
-- with fleet-wide coupling rows only (C7, C8, C9) on more than
+- with the participation floors (C9, C9s) as the only coupling rows and the solver
+  ``auto``: the sweep with an exact covering program (:mod:`legend.planner.cover`), where
+  its table is small enough (``cover-sweep``);
+- with fleet-wide coupling rows only (C7, C8, C9, C9s) on more than
   :data:`LAGRANGIAN_MIN_DEVICES` devices and the solver ``auto``: Lagrangian bounds over
   the round time and repaired plans (:mod:`legend.planner.lagrange`), with a proven gap;
 - with a topology's shared links (C10) as the only coupling rows and a MILP too large to
@@ -17,8 +20,8 @@ r"""The exact planner: the sweep where devices are independent, the MILP where t
   columns (:mod:`legend.planner.formulation`), warm-started from the sweep's solution of
   the program without coupling rows when that solution also satisfies them.
 
-The plan's ``solver`` field says which path solved it (``sweep``, ``lagrangian``,
-``link-lagrangian`` or the backend's name).
+The plan's ``solver`` field says which path solved it (``sweep``, ``cover-sweep``,
+``lagrangian``, ``link-lagrangian`` or the backend's name).
 
 O3 (``rate``, ``max U / T``) by Dinkelbach
 ------------------------------------------
@@ -38,10 +41,12 @@ slower columns are left out of the program.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from legend.planner.catalog import Catalogue, FleetCosts, build_catalogue, fleet_costs
 from legend.planner.diagnose import blocked_devices, explain_infeasibility
 from legend.planner.errors import InfeasibleError, PlannerInputError
-from legend.planner.sweep import coupling_rows, sweep
+from legend.planner.sweep import SweepResult, coupling_rows, sweep
 from legend.planner.types import EXACT_BACKENDS, PlanningProblem, SolverOutcome
 
 __all__ = ["LAGRANGIAN_MIN_DEVICES", "solve_problem"]
@@ -75,6 +80,11 @@ def solve_problem(problem: PlanningProblem, solver: str) -> SolverOutcome:
     coupled = coupling_rows(problem)
     if solver in ("auto", "sweep") and not coupled:
         return _sweep_outcome(problem, cat, fc)
+    if solver == "auto":
+        from legend.planner import cover
+
+        if cover.applies(problem, cat):
+            return _sweep_outcome(problem, cat, fc, cover.solve_cover, "cover-sweep")
     if solver == "sweep":
         raise PlannerInputError(
             f"solver 'sweep' needs a program without coupling rows; active: {', '.join(coupled)}; "
@@ -109,9 +119,15 @@ def solve_problem(problem: PlanningProblem, solver: str) -> SolverOutcome:
     return solve_milp_problem(problem, cat, fc, backend)
 
 
-def _sweep_outcome(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> SolverOutcome:
+def _sweep_outcome(
+    problem: PlanningProblem,
+    cat: Catalogue,
+    fc: FleetCosts,
+    method: Callable[[PlanningProblem, Catalogue, FleetCosts], SweepResult] = sweep,
+    name: str = "sweep",
+) -> SolverOutcome:
     try:
-        res = sweep(problem, cat, fc)
+        res = method(problem, cat, fc)
     except InfeasibleError as exc:
         if exc.reasons:
             raise
@@ -122,7 +138,7 @@ def _sweep_outcome(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> 
     return SolverOutcome(
         configurations=tuple(cat.configuration(int(j)) for j in res.choice),
         status="OPTIMAL",
-        solver="sweep",
+        solver=name,
         solver_version="legend",
         mip_gap=0.0,
         objective_value=res.objective_value,

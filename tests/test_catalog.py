@@ -17,6 +17,7 @@ from strategies import TINY, tiny_job
 
 from legend.models.errors import InputError
 from legend.models.spec import get_model_spec
+from legend.planner import cover
 from legend.planner.api import PlannerOptions, PlanningProblem, plan_round, rank_gain
 from legend.planner.catalog import build_catalogue, fleet_costs, group_identical
 from legend.planner.errors import PlannerInputError
@@ -203,7 +204,10 @@ def test_class_program_agrees_with_per_device_program_and_sweep(case: str) -> No
     for p in plans[1:]:
         assert p.objective_value == pytest.approx(per_device.objective_value, rel=tol)
     problem = PlanningProblem.create(fleet, TINY, job, base)
-    assert auto.solver == ("sweep" if separable(problem) else "highs")
+    floors_only = cover.applies(problem, build_catalogue(problem))
+    assert auto.solver == (
+        "sweep" if separable(problem) else ("cover-sweep" if floors_only else "highs")
+    )
     for plan in plans:
         found = validate_plan(
             plan,
@@ -225,10 +229,12 @@ def test_coupling_rows_are_named() -> None:
     assert coupling_rows(PlanningProblem.create(fleet, TINY, tiny_job())) == ()
     opts = PlannerOptions(
         server_mbps=5.0, coverage_layers=2, coverage_share=0.5, allow_dropping=True,
-        min_participants=1,
+        min_participants=1, min_sample_share=0.5,
     )  # fmt: skip
     rows = coupling_rows(PlanningProblem.create(fleet, TINY, tiny_job(), opts))
-    assert rows == ("C7 server link", "C8 coverage", "C9 participants")
+    assert rows == (
+        "C7 server link", "C8 coverage", "C9 participants", "C9s participating samples"
+    )  # fmt: skip
     with pytest.raises(PlannerInputError, match="solver 'sweep' needs a program without"):
         plan_round(fleet, TINY, tiny_job(), opts.with_(solver="sweep"))
 

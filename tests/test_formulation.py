@@ -188,9 +188,12 @@ def test_matches_oracle(objective: str, option_set: str, solver: str) -> None:
     plan = plan_round(fleet, TINY, job, options)
     assert plan.status in ("OPTIMAL", "FEASIBLE")
     coupled = option_set in ("server-link", "coverage", "dropping")
-    assert plan.solver == (
-        "sweep" if solver == "auto" and not coupled else ("highs" if solver == "auto" else solver)
-    )
+    expected = solver
+    if solver == "auto":
+        # participation floors alone: the sweep with an exact cover (not under min-time)
+        floors = option_set == "dropping" and objective != "min-time"
+        expected = "cover-sweep" if floors else ("highs" if coupled else "sweep")
+    assert plan.solver == expected
     tol = max(plan.mip_gap or 0.0, 1e-6)
     assert close(plan.objective_value, truth.objective, tol), (plan.objective_value, truth)
     assert violations(plan, fleet, job, options) == []

@@ -391,3 +391,16 @@ def test_min_sample_share_infeasibility_is_explained() -> None:
 def test_min_sample_share_is_checked(fields: dict[str, object], match: str) -> None:
     with pytest.raises(PlannerError, match=match):
         PlannerOptions(**fields)  # type: ignore[arg-type]
+
+
+def test_highs_solves_after_the_thread_count_changes() -> None:
+    """HiGHS keeps one scheduler per process, sized by the first solve; a later solve with
+    another ``threads`` used to come back NOT_SOLVED (kNotset). Both the worker and the
+    in-process path must solve every time."""
+    from legend.planner.backends import SolveLimits, _highs_here
+
+    milp = program(PlanningProblem.create(FLEET, TINY, tiny_job(), PlannerOptions()), 0.05)
+    for threads in (None, 1, None, 2, 1):
+        assert solve_milp(milp, "highs", threads=threads).status == "OPTIMAL", threads
+        limits = SolveLimits(time_limit_s=30.0, mip_gap=1e-4, threads=threads)
+        assert _highs_here(milp, limits).status == "OPTIMAL", threads
