@@ -513,7 +513,7 @@ def _failed(why: str) -> MilpResult:
 
 
 # the thread count HiGHS's process-wide scheduler was started with ("unset": not yet)
-_scheduler_threads: int | None | str = "unset"
+_scheduler_threads: int | str | None = "unset"
 
 
 def _use_threads(threads: int | None) -> None:
