@@ -105,7 +105,8 @@ class PlannerOptions:
         that is ``None``, ``U >= utility_floor_share * U_max``.
     solver
         One of :data:`SOLVER_NAMES`. ``"auto"`` (default) runs the exact sweep when no
-        coupling row is active, Lagrangian bounds for fleet-wide coupling rows on large
+        coupling row is active (with an exact cover when the participation floors C9 and
+        C9s are the only ones), Lagrangian bounds for fleet-wide coupling rows on large
         fleets, and the catalogue MILP on HiGHS otherwise; ``"sweep"`` insists on the
         sweep, ``"lagrangian"`` on the Lagrangian planner; ``"highs"``, ``"pulp-highs"``,
         ``"pulp-cbc"`` and ``"cvxpy-highs"`` always solve the MILP; ``"greedy"`` is the LEGEND-style
