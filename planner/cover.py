@@ -33,7 +33,7 @@ import numpy as np
 
 from legend.planner.catalog import Catalogue, FleetCosts
 from legend.planner.errors import InfeasibleError
-from legend.planner.sweep import SweepResult, coupling_rows, priced_columns
+from legend.planner.sweep import SweepResult, _plan_ratio, coupling_rows, priced_columns
 from legend.planner.types import PlanningProblem, objective_value
 
 __all__ = ["MAX_CELLS", "applies", "solve_cover"]
@@ -250,19 +250,6 @@ def _plan_at(
     return np.where(keep, col[row], -1)
 
 
-def _ratio(
-    cat: Catalogue, fc: FleetCosts, beta: np.ndarray, overhead: float, choice: np.ndarray
-) -> tuple[float, float, float]:
-    used = choice >= 0
-    j = choice[used]
-    utility = float(cat.utility_per_sample[j] @ fc.samples[used])
-    t = fc.time_const[used] + fc.time_per_layer[used] * cat.depth[j]
-    t = t + fc.time_per_rank[used] * cat.rank_sum[j]
-    round_time = float(t.max()) if used.any() else 0.0
-    denominator = round_time + overhead + float(beta[j].sum())
-    return (utility / denominator if denominator > 0 else 0.0), utility, round_time
-
-
 def solve_cover(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> SweepResult:
     """Plan ``problem`` exactly (see the module docstring); only where :func:`applies`.
 
@@ -289,7 +276,7 @@ def solve_cover(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> Swe
         choice = _plan_at(vals, beta, 0.0, np.asarray([deadline]), samples, need_s, need_p)
         if choice is None:
             raise InfeasibleError("no plan meets the participation floors")
-        _, utility, round_time = _ratio(cat, fc, beta, 0.0, choice)
+        _, utility, round_time = _plan_ratio(cat, fc, beta, 0.0, choice)
         return SweepResult(
             choice=choice, round_time_s=round_time, utility=utility, objective_value=utility
         )
@@ -301,7 +288,7 @@ def solve_cover(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> Swe
         choice = _plan_at(vals, beta, lam, times, samples, need_s, need_p)
         if choice is None:
             raise InfeasibleError("no plan meets the participation floors")
-        ratio = _ratio(cat, fc, beta, overhead, choice)[0]
+        ratio = _plan_ratio(cat, fc, beta, overhead, choice)[0]
         if best is None or ratio > best[0]:
             best = (ratio, choice)
         if ratio <= lam * (1 + 1e-12):
@@ -309,7 +296,7 @@ def solve_cover(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> Swe
         lam = ratio
     assert best is not None
     ratio, choice = best
-    _, utility, round_time = _ratio(cat, fc, beta, overhead, choice)
+    _, utility, round_time = _plan_ratio(cat, fc, beta, overhead, choice)
     priced = overhead + float(beta[choice[choice >= 0]].sum())
     value = objective_value(opts.objective, utility, round_time, priced)
     return SweepResult(
