@@ -403,7 +403,8 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
         per_method: dict[str, list[dict[str, str]]] = {}
         for method in args.methods:
             run_dir = out / f"seed{seed}" / method
-            per_method[method] = read_csv(run_dir / "rounds.csv")
+            # a run longer than --rounds is read to --rounds: the same recipe at that length
+            per_method[method] = read_csv(run_dir / "rounds.csv")[: args.rounds]
         # A method's accuracy: the mean of its last `window` rounds.
         accuracy = {
             m: _mean([_num(r["accuracy"]) for r in rs[-window:]]) for m, rs in per_method.items()
@@ -645,7 +646,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="benchmark methods (METHODS in this script)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help=f"rounds per run (default {DEFAULT_ROUNDS})"
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"rounds per run (default {DEFAULT_ROUNDS}); longer finished runs are read to "
+        "this many rounds",
     )
     parser.add_argument(
         "--window", type=int, default=None, help="rounds averaged for accuracy and target"

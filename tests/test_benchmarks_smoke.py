@@ -103,6 +103,14 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
             device, full = float(r["device_time_to_target_s"]), float(r["time_to_target_s"])
             server = full - device
             assert 0 < device <= full and server >= 0
+    # the same runs read to 2 rounds: every row stops at round 2 and its clock with it
+    run_script("time_to_accuracy.py", out, "--collect-only", "--rounds", "2", "--window", "2")
+    cut = {r["method"]: r for r in csv_rows(out / "runs.csv")}
+    assert sorted(cut) == sorted(METHODS)
+    for r in runs:
+        short = cut[r["method"]]
+        assert int(short["rounds"]) == 2
+        assert 0 < float(short["sim_time_s"]) < float(r["sim_time_s"])
 
 
 def test_progress_correlations_of_a_run() -> None:
