@@ -772,6 +772,40 @@ def input_digests(cfg: JobConfig) -> dict[str, Any]:
     return digests
 
 
+def _job_digest_of_older_options(cfg: JobConfig, saved: Path) -> str | None:
+    """The job's digest as the legend that started the run at ``saved`` computed it.
+
+    A run records the digest of its job over the options its legend knew. An option added
+    since, left at its default, does not change the job; so the options its ``config.toml``
+    does not list are left out (keys whose value is ``None``, which TOML cannot write, stay
+    in). ``None`` where such an option is not at its default, or the file cannot be read:
+    the job has changed.
+    """
+    import dataclasses
+    import tomllib
+
+    try:
+        raw = tomllib.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    data = _comparable(cfg, paths=False)
+    for section, values in data.items():
+        listed = raw.get(section, {})
+        if not isinstance(listed, dict):
+            return None
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(getattr(cfg, section))
+            if f.default is not dataclasses.MISSING
+        }
+        for key in [k for k in values if k not in listed and values[k] is not None]:
+            if key not in defaults or values[key] != defaults[key]:
+                return None
+            del values[key]
+    job = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(job).hexdigest()
+
+
 def _changed_inputs(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     changed = []
     for key in ("job", "fleet", "topology", "dataset", "model", "calibration"):
@@ -828,6 +862,15 @@ def check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
             if not isinstance(recorded, dict):
                 raise RunDirError(f"cannot resume {out}: {recorded_path} is damaged")
             changed = _changed_inputs(recorded, input_digests(cfg))
+            job = recorded.get("job")
+            if (
+                changed
+                and changed[0].startswith("job")
+                and isinstance(job, dict)
+                and _job_digest_of_older_options(cfg, saved) == job.get("sha256")
+            ):
+                # started by an older legend: options added since are at their defaults
+                changed = changed[1:]
             if changed:
                 raise RunDirError(
                     f"cannot resume {out}: input changed since the run started: "

@@ -388,3 +388,37 @@ def test_devices_report_the_loss_decrease_of_the_layers_they_trained(tiny_cfg, p
     assert any(ins.layers for ins in instructions)
     session.complete_round(1, plan, replies)
     assert session.server.progress_model.rounds_observed == 1
+
+
+def test_a_run_started_by_an_older_legend_resumes(tiny_cfg, prepared, tmp_path):
+    """A run records its job's digest over the options its legend knew. An option added
+    since (here `planner.min_sample_share`, emulated as absent) at its default must not
+    block --resume; set to anything else, the job has changed and resume is refused."""
+    import hashlib
+
+    from legend.federation.session import RunDirError, _comparable
+
+    run = tmp_path / "old"
+    run_job(tiny_cfg, run, prepared=prepared, show_progress=False, stop_after=1)
+    config = run / "config.toml"
+    lines = config.read_text().splitlines()
+    assert any(line.startswith("min_sample_share") for line in lines)
+    config.write_text("\n".join(x for x in lines if not x.startswith("min_sample_share")) + "\n")
+    older = _comparable(tiny_cfg, paths=False)
+    del older["planner"]["min_sample_share"]
+    inputs = json.loads((run / "inputs.json").read_text())
+    digest = hashlib.sha256(json.dumps(older, sort_keys=True, default=str).encode()).hexdigest()
+    assert inputs["job"]["sha256"] != digest  # the digest the older legend wrote
+    inputs["job"]["sha256"] = digest
+    (run / "inputs.json").write_text(json.dumps(inputs))
+
+    changed = tiny_cfg.override("planner", allow_dropping=True, min_sample_share=0.5)
+    with pytest.raises(RunDirError, match=r"only job\.rounds may change"):
+        run_job(changed, run, prepared=prepared, show_progress=False, resume=True)
+    result = run_job(tiny_cfg, run, prepared=prepared, show_progress=False, resume=True)
+    assert [r["round"] for r in csv_rows(result.out_dir / "rounds.csv")] == ["1", "2"]
+    # a digest that matches neither the job nor its older form still stops the resume
+    inputs["job"]["sha256"] = "0" * 64
+    (run / "inputs.json").write_text(json.dumps(inputs))
+    with pytest.raises(RunDirError, match="input changed since the run started: job"):
+        run_job(tiny_cfg.override("job", rounds=3), run, prepared=prepared, resume=True)
