@@ -751,9 +751,8 @@ def _file_digest(path: str) -> dict[str, str]:
 def input_digests(cfg: JobConfig) -> dict[str, Any]:
     """SHA-256 of every input of a run: the job (less ``job.rounds``), the fleet, the
     topology, the data set and the model, as recorded in ``inputs.json``."""
-    job = json.dumps(_comparable(cfg, paths=False), sort_keys=True, default=str).encode()
     digests: dict[str, Any] = {
-        "job": {"path": cfg.source, "sha256": hashlib.sha256(job).hexdigest()},
+        "job": {"path": cfg.source, "sha256": _job_sha256(_comparable(cfg, paths=False))},
         "fleet": _file_digest(cfg.job.fleet),
     }
     if cfg.job.topology:
@@ -802,8 +801,12 @@ def _job_digest_of_older_options(cfg: JobConfig, saved: Path) -> str | None:
             if key not in defaults or values[key] != defaults[key]:
                 return None
             del values[key]
-    job = json.dumps(data, sort_keys=True, default=str).encode()
-    return hashlib.sha256(job).hexdigest()
+    return _job_sha256(data)
+
+
+def _job_sha256(data: Mapping[str, Any]) -> str:
+    """The digest ``inputs.json`` records of a job's comparable form."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _changed_inputs(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:

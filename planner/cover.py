@@ -33,7 +33,13 @@ import numpy as np
 
 from legend.planner.catalog import Catalogue, FleetCosts
 from legend.planner.errors import InfeasibleError
-from legend.planner.sweep import SweepResult, _plan_ratio, coupling_rows, priced_columns
+from legend.planner.sweep import (
+    PROGRESS_MAX_STEPS,
+    SweepResult,
+    _plan_ratio,
+    coupling_rows,
+    priced_columns,
+)
 from legend.planner.types import PlanningProblem, objective_value
 
 __all__ = ["MAX_CELLS", "applies", "solve_cover"]
@@ -43,8 +49,6 @@ __all__ = ["MAX_CELLS", "applies", "solve_cover"]
 MAX_CELLS = 5_000_000
 # candidate times per block of the table (bounds its memory)
 _BLOCK_CELLS = 500_000
-# Dinkelbach steps (each exact; a handful suffice in practice)
-MAX_STEPS = 100
 _ROWS = {"C9 participants", "C9s participating samples"}
 
 
@@ -98,20 +102,18 @@ class _Values:
         where = np.maximum.accumulate(np.where(rises, np.arange(vs.shape[1])[None, :], -1), axis=1)
         return run, where
 
-    def rise_times(self, beta: np.ndarray, lam: float) -> np.ndarray:
-        """The times at which some device's best priced value rises (its first fit included):
-        between two of them nothing changes, so the best round time is one of them."""
-        run, _ = self._running(beta, lam)
-        prev = np.concatenate([np.full((self.n, 1), -np.inf), run[:, :-1]], axis=1)
-        rise = (run > prev) & np.isfinite(self.t_sorted)
-        return np.unique(self.t_sorted[rise])
-
-    def best(
-        self, beta: np.ndarray, lam: float, times: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """At each of ``times`` (rows): per device its best priced value within that time
-        and the column (``-inf`` and ``-1`` where nothing fits)."""
+    def at(
+        self, beta: np.ndarray, lam: float, times: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The candidate round times (``times``, or by default those at which some device's
+        best priced value rises, its first fit included: between two of them nothing
+        changes, so the best round time is one of them), and at each (rows) per device its
+        best priced value within that time and the column (``-inf`` and ``-1`` where
+        nothing fits)."""
         run, where = self._running(beta, lam)
+        if times is None:
+            prev = np.concatenate([np.full((self.n, 1), -np.inf), run[:, :-1]], axis=1)
+            times = np.unique(self.t_sorted[(run > prev) & np.isfinite(self.t_sorted)])
         k = np.stack(
             [
                 np.searchsorted(self.t_sorted[i], times * (1 + 1e-12), side="right")
@@ -125,7 +127,7 @@ class _Values:
         a = np.where(has, run[dev, idx], -np.inf)
         pos = where[dev, idx]
         col = np.where(has & (pos >= 0), self.order[dev, np.maximum(pos, 0)], -1)
-        return a, col
+        return times, a, col
 
 
 def _shift(dp: np.ndarray, axis: int, m: int) -> np.ndarray:
@@ -230,15 +232,15 @@ def _plan_at(
     vals: _Values,
     beta: np.ndarray,
     lam: float,
-    times: np.ndarray,
+    times: np.ndarray | None,
     samples: np.ndarray,
     need_s: int,
     need_p: int,
 ) -> np.ndarray | None:
     """The plan (per device a column, ``-1``: out) that maximises its priced value meeting
-    the floors minus ``lam`` times its round time, over the candidate ``times``; ``None``
-    when no candidate time admits a plan."""
-    a, col = vals.best(beta, lam, times)
+    the floors minus ``lam`` times its round time, over the candidate times (``times``, or
+    :meth:`_Values.at`'s); ``None`` when no candidate time admits a plan."""
+    times, a, col = vals.at(beta, lam, times)
     value, pos, cost, miss_p, miss_s = _evaluate(a, samples, need_s, need_p)
     score = value - lam * times
     if not np.isfinite(score).any():
@@ -283,9 +285,8 @@ def solve_cover(problem: PlanningProblem, cat: Catalogue, fc: FleetCosts) -> Swe
     vals = _Values(cat, fc, math.inf)
     lam = 0.0
     best: tuple[float, np.ndarray] | None = None
-    for _ in range(MAX_STEPS):
-        times = vals.rise_times(beta, lam)
-        choice = _plan_at(vals, beta, lam, times, samples, need_s, need_p)
+    for _ in range(PROGRESS_MAX_STEPS):
+        choice = _plan_at(vals, beta, lam, None, samples, need_s, need_p)
         if choice is None:
             raise InfeasibleError("no plan meets the participation floors")
         ratio = _plan_ratio(cat, fc, beta, overhead, choice)[0]

@@ -242,8 +242,8 @@ class PlannerOptions:
             raise PlannerInputError(
                 "`coverage_layers` = 1 constrains nothing: every participant trains the output "
                 "layer, and coverage counts the participants' samples; use 2 or more layers, "
-                "or 0 to switch coverage off (to keep more devices in a round with "
-                "`allow_dropping`, use `min_participants`)"
+                "or 0 to switch coverage off (to keep more of the round's samples with "
+                "`allow_dropping`, use `min_sample_share`; more devices, `min_participants`)"
             )
         if self.threads is not None and self.threads < 1:
             raise PlannerInputError(f"`threads` must be >= 1, got {self.threads!r}")
