@@ -45,7 +45,7 @@ from legend.federation.aggregation import AGGREGATORS
 from legend.federation.job import JobConfig
 from legend.federation.methods import plan_for_method, with_estimates
 from legend.federation.progress import ProgressModel
-from legend.federation.server_opt import OptimizerState, ServerOptimizer
+from legend.federation.server_opt import OptimizerState, ServerOptimizer, trained_slots
 from legend.models.spec import ModelSpec
 from legend.planner.costs import Calibration, CostModel
 from legend.planner.plan import DevicePlan, Plan
@@ -197,6 +197,7 @@ class ServerCore:
             beta1=f.server_beta1,
             beta2=f.server_beta2,
             tau=f.server_tau,
+            lazy=f.server_lazy,
         )
         self.optimizer_state = optimizer_state
         self.topology = topology
@@ -367,7 +368,10 @@ class ServerCore:
         rule = AGGREGATORS[self.cfg.aggregation]
         if accepted:
             self.global_state, self.optimizer_state = self.server_optimizer.step(
-                self.global_state, rule(self.global_state, accepted), self.optimizer_state
+                self.global_state,
+                rule(self.global_state, accepted),
+                self.optimizer_state,
+                trained=trained_slots(accepted),
             )
         else:
             log.warning("round %d: no valid update; the global adapter is unchanged", round_index)

@@ -185,6 +185,8 @@ class FederationSection:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
+    # step only the layers and rank slots the round trained (lazy FedOpt; docs/federation.md)
+    server_lazy: bool = True
 
 
 _SECTIONS: dict[str, type] = {

@@ -19,8 +19,19 @@ device's update proportional to what it learned, and server Adam restores the pe
 scale invariance once, on the average. ``tau`` bounds the step of parameters whose
 pseudo-gradients are tiny.
 
-Every parameter of the state (LoRA factors at ``r_max`` and the head) is stepped, slots that
-nobody trained included (their ``delta`` is zero and their momentum decays), as in FedOpt.
+Which parameters move (``lazy``). With heterogeneous plans a round trains only some layers
+and rank slots: a slot beyond every participant's rank, a layer below every participant's
+depth. FedOpt as published steps every parameter every round, so a slot nobody trained keeps
+moving on its momentum (its ``delta`` is zero). Under Adam that is not a decay but an
+amplifier: a slot trained once after quiet rounds has ``|m_hat| ~ sqrt(v_hat)``, a full
+``lr`` step in the sign of its delta, and then keeps stepping at ``lr * 0.9^k / 0.995^k``,
+about ten such steps in all, from a single round's evidence. With ``lazy = True`` (the
+default) the optimizer steps only what the round trained (:func:`trained_slots` of the
+accepted updates) and leaves the rest, values and moments, as they are; Adam's bias
+correction counts, per parameter, the rounds that trained it (as sparse or "lazy" Adam
+does for embeddings). When every participant trains every slot (uniform plans) both
+variants are the same optimizer. ``lazy = False`` is the published, dense FedOpt.
+
 The optimizer's state is an :class:`OptimizerState`, checkpointed with every round so that a
 resumed run equals an uninterrupted one.
 """
@@ -29,22 +40,27 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from legend.federation.adapters import AdapterState, Key
+from legend.federation.adapters import AdapterState, ClientUpdate, Key
 from legend.federation.errors import FederationInputError
 from legend.federation.job import SERVER_OPTIMIZERS
 
 __all__ = [
+    "MOMENTS",
     "SERVER_OPTIMIZERS",
     "OptimizerState",
     "ServerOptimizer",
     "ServerOptimizerError",
+    "trained_slots",
 ]
+
+# the arrays an OptimizerState may hold, each a state shaped like the global adapter
+MOMENTS = ("m", "v", "count")
 
 
 class ServerOptimizerError(FederationInputError):
@@ -53,17 +69,20 @@ class ServerOptimizerError(FederationInputError):
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerState:
-    """Moments of a server optimizer: ``m`` (and ``v`` for Adam) shaped like the global state."""
+    """Moments of a server optimizer, shaped like the global state: ``m``, for Adam ``v``,
+    and for lazy Adam ``count``, the rounds that trained each parameter (``None``: every
+    parameter every round, as in checkpoints of the dense optimizer)."""
 
     step: int
     m: AdapterState | None = None
     v: AdapterState | None = None
+    count: AdapterState | None = None
 
     def save(self, directory: str | os.PathLike[str], stem: str) -> dict[str, object]:
         """Write the moments next to a checkpoint; returns the JSON entry that names them."""
         directory = Path(directory)
         entry: dict[str, object] = {"step": self.step}
-        for name in ("m", "v"):
+        for name in MOMENTS:
             moment: AdapterState | None = getattr(self, name)
             if moment is not None:
                 path = directory / f"{stem}_{name}.npz"
@@ -81,7 +100,7 @@ class OptimizerState:
         directory = Path(directory)
         moments = {
             name: AdapterState.from_npz(directory / str(entry[name]))
-            for name in ("m", "v")
+            for name in MOMENTS
             if entry.get(name)
         }
         return cls(step=int(entry["step"]), **moments)
@@ -111,6 +130,29 @@ def _zip(fn: Callable[..., Array], x: AdapterState, *others: AdapterState | None
     )
 
 
+def trained_slots(updates: Iterable[ClientUpdate]) -> dict[Key, int]:
+    """Per ``(layer, module)``, the largest rank any of ``updates`` trained it at: the rank
+    slots ``0 .. r - 1`` of that module moved this round (a module nobody trained is absent)."""
+    out: dict[Key, int] = {}
+    for update in updates:
+        for key, (a, _) in update.state.factors.items():
+            out[key] = max(out.get(key, 0), int(a.shape[0]))
+    return out
+
+
+def _mask(like: AdapterState, trained: Mapping[Key, int]) -> AdapterState:
+    """1.0 on the parameters of ``like`` the round trained, else 0.0: rows ``:r`` of ``A``,
+    columns ``:r`` of ``B`` for ``r = trained[key]``, and the head (every reply carries it)."""
+    factors = {}
+    for key, (a, b) in like.factors.items():
+        r = trained.get(key, 0)
+        ma, mb = np.zeros(a.shape), np.zeros(b.shape)
+        ma[:r, :] = 1.0
+        mb[:, :r] = 1.0
+        factors[key] = (ma, mb)
+    return AdapterState(factors=factors, head={k: np.ones(v.shape) for k, v in like.head.items()})
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServerOptimizer:
     """How the server moves the global state toward each round's aggregate.
@@ -125,6 +167,9 @@ class ServerOptimizer:
         Momentum and (Adam) second-moment decay, in ``[0, 1)``.
     tau
         Adam's adaptivity floor, ``> 0``.
+    lazy
+        Step only the parameters the round trained, and count Adam's bias correction per
+        parameter (module docstring); ``False`` steps every parameter every round.
     """
 
     kind: str = "none"
@@ -132,6 +177,7 @@ class ServerOptimizer:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    lazy: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in SERVER_OPTIMIZERS:
@@ -153,34 +199,67 @@ class ServerOptimizer:
         previous: AdapterState,
         aggregate: AdapterState,
         state: OptimizerState | None,
+        trained: Mapping[Key, int] | None = None,
     ) -> tuple[AdapterState, OptimizerState | None]:
         """The new global state and optimizer state after one round.
 
         ``previous`` is the global state the round started from, ``aggregate`` what the
-        aggregation rule returned; neither is modified.
+        aggregation rule returned; neither is modified. ``trained`` (:func:`trained_slots`
+        of the round's accepted updates) says what the round trained; with ``lazy`` only
+        that moves. ``None`` means everything was trained.
         """
         if self.kind == "none":
             return aggregate, None
         t = (state.step if state is not None else 0) + 1
         m_prev = state.m if state is not None else None
+        mask = _mask(previous, trained) if self.lazy and trained is not None else None
+        # 1 where the parameter moves this round (dense: everywhere)
+        on = mask if mask is not None else _zip(np.ones_like, previous)
         delta = _zip(lambda a, p: a.astype(np.float64) - p, aggregate, previous)
         b1, lr = self.beta1, self.lr
         if self.kind == "momentum":
-            m = _zip(lambda d, mp: d if mp is None else b1 * mp + d, delta, m_prev)
-            new = _zip(lambda p, mm: (p + lr * mm).astype(np.float32), previous, m)
+            m = _zip(
+                lambda d, mp, k: np.where(k > 0, d if mp is None else b1 * mp + d, _or0(mp)),
+                delta,
+                m_prev,
+                on,
+            )
+            new = _zip(lambda p, mm, k: (p + lr * k * mm).astype(np.float32), previous, m, on)
             return new, OptimizerState(step=t, m=_as32(m))
         b2, tau = self.beta2, self.tau
         v_prev = state.v if state is not None else None
-        m = _zip(lambda d, mp: (1 - b1) * d + (0 if mp is None else b1 * mp), delta, m_prev)
-        v = _zip(lambda d, vp: (1 - b2) * d * d + (0 if vp is None else b2 * vp), delta, v_prev)
-        c1, c2 = 1 - b1**t, 1 - b2**t
-        new = _zip(
-            lambda p, mm, vv: (p + lr * (mm / c1) / (np.sqrt(vv / c2) + tau)).astype(np.float32),
-            previous,
-            m,
-            v,
+        # per parameter, the rounds that trained it (a dense checkpoint's: all of them)
+        if state is not None and state.count is not None:
+            count_prev: AdapterState = state.count
+        else:
+            count_prev = _zip(lambda p: np.full(p.shape, t - 1, dtype=np.float64), previous)
+        count = _zip(lambda c, k: c + k, count_prev, on)
+        m = _zip(
+            lambda d, mp, k: np.where(k > 0, (1 - b1) * d + b1 * _or0(mp), _or0(mp)),
+            delta,
+            m_prev,
+            on,
         )
-        return new, OptimizerState(step=t, m=_as32(m), v=_as32(v))
+        v = _zip(
+            lambda d, vp, k: np.where(k > 0, (1 - b2) * d * d + b2 * _or0(vp), _or0(vp)),
+            delta,
+            v_prev,
+            on,
+        )
+
+        def adam(p: Array, mm: Array, vv: Array, n: Array, k: Array) -> Array:
+            n = np.maximum(n, 1.0)  # never trained: m = v = 0 and k = 0, no step
+            step = (mm / (1 - b1**n)) / (np.sqrt(vv / (1 - b2**n)) + tau)
+            return (p + lr * k * step).astype(np.float32)
+
+        new = _zip(adam, previous, m, v, count, on)
+        return new, OptimizerState(
+            step=t, m=_as32(m), v=_as32(v), count=_as32(count) if self.lazy else None
+        )
+
+
+def _or0(x: Array | None) -> Array | float:
+    return 0.0 if x is None else x
 
 
 def _as32(state: AdapterState) -> AdapterState:

@@ -49,7 +49,7 @@ from legend.federation.core import (
 )
 from legend.federation.errors import FederationError, FederationInputError
 from legend.federation.job import JobConfig
-from legend.federation.server_opt import OptimizerState
+from legend.federation.server_opt import MOMENTS, OptimizerState
 from legend.models.spec import ModelSpec, get_model_spec
 from legend.planner.costs import Calibration
 from legend.planner.profiles import Fleet, load_fleet
@@ -504,7 +504,7 @@ def _checkpoint(out: Path, result: RoundResult, progress: _Progress) -> None:
     )
     files = [path.name]
     if optimizer:
-        files += [str(optimizer[k]) for k in ("m", "v") if optimizer.get(k)]
+        files += [str(optimizer[k]) for k in MOMENTS if optimizer.get(k)]
     state = {
         "round": result.round,
         "global_state": path.name,
@@ -562,7 +562,7 @@ def _read_state(state_path: Path) -> dict[str, Any]:
     if entry is not None:
         if not isinstance(entry, dict):
             raise CheckpointError(f"{state_path}: `server_optimizer` must be an object")
-        for key in ("m", "v"):
+        for key in MOMENTS:
             if entry.get(key):
                 names.append(
                     _inside(ck, entry[key], f"{state_path}: `server_optimizer.{key}`").name
@@ -687,7 +687,7 @@ def _load_checkpoint(
                 raise CheckpointError(
                     f"server optimizer checkpoint in {ck} is damaged ({type(exc).__name__})"
                 ) from None
-            for moment in (optimizer.m, optimizer.v):
+            for moment in (optimizer.m, optimizer.v, optimizer.count):
                 if moment is not None and expected is not None:
                     _check_like(moment, expected, ck / f"{state_path.name} server_optimizer")
     except CheckpointError as exc:
