@@ -111,6 +111,19 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
         short = cut[r["method"]]
         assert int(short["rounds"]) == 2
         assert 0 < float(short["sim_time_s"]) < float(r["sim_time_s"])
+    # the adapter's change per round, from the run's checkpoints (benchmarks/adapter_growth.py)
+    growth = bench_module("adapter_growth").growth_rows(out / "seed0" / "uniform")
+    assert [g["round"] for g in growth] == [1, 2, 3]
+    for g in growth:
+        layers = [float(v) for v in str(g["layers"]).split()]
+        assert len(layers) == 4  # the tiny BERT's layers, all adapted by uniform LoRA
+        assert float(g["total"]) == pytest.approx(math.hypot(*layers), abs=0.01)
+        assert float(g["total"]) > 0  # B starts at zero; a trained round moves it
+    accuracies = {
+        int(r["round"]): float(r["accuracy"])
+        for r in csv_rows(out / "seed0" / "uniform" / "rounds.csv")
+    }
+    assert [g["accuracy"] for g in growth] == [accuracies[k] for k in (1, 2, 3)]
 
 
 def test_progress_correlations_of_a_run() -> None:
