@@ -771,29 +771,87 @@ def input_digests(cfg: JobConfig) -> dict[str, Any]:
     return digests
 
 
+# Options whose absence from a run's saved config.toml means a behaviour other than their
+# default: the legend that wrote the file did not have the option and behaved as this value,
+# in the jobs where the option matters. (Options added without a change of behaviour need
+# no entry: absent means their default.)
+OLDER_BEHAVIOUR: dict[tuple[str, str], tuple[Any, Callable[[JobConfig], bool]]] = {
+    # before it existed the server optimizer stepped every parameter every round
+    ("federation", "server_lazy"): (False, lambda c: c.federation.server_optimizer != "none"),
+}
+
+
+def _saved_raw(saved: Path) -> dict[str, Any] | None:
+    import tomllib
+
+    try:
+        return tomllib.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+
+
+def _older_behaviour(raw: Mapping[str, Any], cfg: JobConfig) -> dict[tuple[str, str], Any]:
+    """The entries of :data:`OLDER_BEHAVIOUR` that matter to ``cfg`` and that a saved
+    ``config.toml`` (``raw``) does not list: how the legend that wrote it behaved."""
+    return {
+        (section, key): value
+        for (section, key), (value, matters) in OLDER_BEHAVIOUR.items()
+        if matters(cfg) and not (isinstance(raw.get(section), dict) and key in raw[section])
+    }
+
+
+def _saved_job(saved: Path) -> JobConfig:
+    """The job a run directory's ``config.toml`` describes, as the legend that wrote it ran
+    it: options it does not list that changed behaviour when added take their older value."""
+    from legend.federation.job import load_job
+
+    cfg = load_job(saved)
+    for (section, key), value in _older_behaviour(_saved_raw(saved) or {}, cfg).items():
+        cfg = cfg.override(section, **{key: value})
+    return cfg
+
+
+def _older_behaviour_hint(cfg: JobConfig, saved: Path) -> str:
+    """What to set to resume a run whose legend behaved otherwise than ``cfg`` asks."""
+    raw = _saved_raw(saved) or {}
+    differ = [
+        (f"{section}.{key}", str(value).lower())
+        for (section, key), value in _older_behaviour(raw, cfg).items()
+        if getattr(getattr(cfg, section), key) != value
+    ]
+    if not differ:
+        return ""
+    names = ", ".join(name for name, _ in differ)
+    settings = ", ".join(f"{name} = {value}" for name, value in differ)
+    return (
+        f"; the run was started by an earlier legend without {names}: to continue it as it "
+        f"ran, set {settings} in the job"
+    )
+
+
 def _job_digest_of_older_options(cfg: JobConfig, saved: Path) -> str | None:
     """The job's digest as the legend that started the run at ``saved`` computed it.
 
     A run records the digest of its job over the options its legend knew. An option added
-    since, left at its default, does not change the job; so the options its ``config.toml``
-    does not list are left out (keys whose value is ``None``, which TOML cannot write, stay
-    in). ``None`` where such an option is not at its default, or the file cannot be read:
-    the job has changed.
+    since, left at the value that matches how that legend behaved (its default, or its
+    :data:`OLDER_BEHAVIOUR` value), does not change the job; so the options its
+    ``config.toml`` does not list are left out (keys whose value is ``None``, which TOML
+    cannot write, stay in). ``None`` where such an option is set otherwise, or the file
+    cannot be read: the job has changed.
     """
     import dataclasses
-    import tomllib
 
-    try:
-        raw = tomllib.loads(saved.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    raw = _saved_raw(saved)
+    if raw is None:
         return None
     data = _comparable(cfg, paths=False)
+    older = _older_behaviour(raw, cfg)
     for section, values in data.items():
         listed = raw.get(section, {})
         if not isinstance(listed, dict):
             return None
         defaults = {
-            f.name: f.default
+            f.name: older.get((section, f.name), f.default)
             for f in dataclasses.fields(getattr(cfg, section))
             if f.default is not dataclasses.MISSING
         }
@@ -831,8 +889,6 @@ def check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
     ``config.toml`` (the same job but for ``job.rounds``), the same inputs as recorded in
     ``inputs.json`` and at least one completed round.
     """
-    from legend.federation.job import load_job
-
     if out.exists() and not out.is_dir():
         raise RunDirError(f"run directory {out} is a file; give a folder with --out")
     if resume:
@@ -850,10 +906,10 @@ def check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
                 )
         recorded_path = out / INPUTS_FILE
         paths = not recorded_path.is_file()  # without digests, the same files by path
-        if _comparable(load_job(saved), paths=paths) != _comparable(cfg, paths=paths):
+        if _comparable(_saved_job(saved), paths=paths) != _comparable(cfg, paths=paths):
             raise RunDirError(
                 f"cannot resume {out}: the job differs from the one it was started with "
-                f"({saved}); only job.rounds may change"
+                f"({saved}); only job.rounds may change{_older_behaviour_hint(cfg, saved)}"
             )
         if recorded_path.is_file():
             try:

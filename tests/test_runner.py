@@ -422,3 +422,60 @@ def test_a_run_started_by_an_older_legend_resumes(tiny_cfg, prepared, tmp_path):
     (run / "inputs.json").write_text(json.dumps(inputs))
     with pytest.raises(RunDirError, match="input changed since the run started: job"):
         run_job(tiny_cfg.override("job", rounds=3), run, prepared=prepared, resume=True)
+
+
+def _as_older_legend(run: Path, cfg, key: str, section: str) -> None:
+    """Rewrite ``run`` as a legend without ``section.key`` wrote it: the key gone from its
+    config.toml and the job digest computed without it."""
+    import hashlib
+
+    from legend.federation.session import _comparable
+
+    config = run / "config.toml"
+    lines = config.read_text().splitlines()
+    assert any(line.startswith(f"{key} =") for line in lines)
+    config.write_text("\n".join(x for x in lines if not x.startswith(f"{key} =")) + "\n")
+    older = _comparable(cfg, paths=False)
+    del older[section][key]
+    inputs = json.loads((run / "inputs.json").read_text())
+    inputs["job"]["sha256"] = hashlib.sha256(
+        json.dumps(older, sort_keys=True, default=str).encode()
+    ).hexdigest()
+    (run / "inputs.json").write_text(json.dumps(inputs))
+
+
+def test_a_run_of_the_dense_server_optimizer_resumes_only_as_it_ran(tiny_cfg, prepared, tmp_path):
+    """Before `federation.server_lazy` existed FedAdam stepped every parameter. A run started
+    then must not continue under the lazy default as if nothing changed: resume names the
+    key and its value, and with `server_lazy = false` continues the run as it ran."""
+    from legend.federation.session import RunDirError
+
+    dense = tiny_cfg.override(
+        "federation", server_optimizer="adam", server_lr=0.01, server_lazy=False
+    )
+    run = tmp_path / "dense"
+    run_job(dense, run, prepared=prepared, show_progress=False, stop_after=1)
+    _as_older_legend(run, dense, "server_lazy", "federation")
+    lazy = dense.override("federation", server_lazy=True)
+    with pytest.raises(RunDirError) as err:
+        run_job(lazy, run, prepared=prepared, show_progress=False, resume=True)
+    assert "set federation.server_lazy = false in the job" in str(err.value)
+    result = run_job(dense, run, prepared=prepared, show_progress=False, resume=True)
+    assert [r["round"] for r in csv_rows(result.out_dir / "rounds.csv")] == ["1", "2"]
+    # and it equals the dense run uninterrupted
+    whole = run_job(dense, tmp_path / "whole", prepared=prepared, show_progress=False)
+    assert [(r["accuracy"], r["test_loss"]) for r in csv_rows(whole.out_dir / "rounds.csv")] == [
+        (r["accuracy"], r["test_loss"]) for r in csv_rows(result.out_dir / "rounds.csv")
+    ]
+
+
+def test_an_older_run_without_a_server_optimizer_resumes_under_the_new_option(
+    tiny_cfg, prepared, tmp_path
+):
+    """`server_lazy` does nothing under FedAvg, so its absence blocks nothing there."""
+    assert tiny_cfg.federation.server_optimizer == "none"
+    run = tmp_path / "fedavg"
+    run_job(tiny_cfg, run, prepared=prepared, show_progress=False, stop_after=1)
+    _as_older_legend(run, tiny_cfg, "server_lazy", "federation")
+    result = run_job(tiny_cfg, run, prepared=prepared, show_progress=False, resume=True)
+    assert [r["round"] for r in csv_rows(result.out_dir / "rounds.csv")] == ["1", "2"]
