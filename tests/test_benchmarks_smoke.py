@@ -124,6 +124,22 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
         for r in csv_rows(out / "seed0" / "uniform" / "rounds.csv")
     }
     assert [g["accuracy"] for g in growth] == [accuracies[k] for k in (1, 2, 3)]
+    # what each layer and rank slot bought the global model (benchmarks/attribution.py):
+    # the slot groups and the layers split the same first-order decrease
+    attribution = bench_module("attribution")
+    assert attribution.slot_groups([2, 4, 8]) == [(0, 2), (2, 4), (4, 8)]
+    rows = attribution.attribute(out / "seed0" / "exact", "validation", 0)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        layers = sum(v for k, v in r.items() if k.startswith("layer_"))
+        slots = sum(v for k, v in r.items() if k.startswith("slots_"))
+        assert layers == pytest.approx(slots, rel=1e-9, abs=1e-12)
+        assert r["first_order_decrease"] == pytest.approx(layers + r["head"])
+        assert math.isfinite(r["actual_decrease"]) and r["loss_before"] > 0
+    # the first order tracks the actual change of the loss over the three small steps
+    first = [r["first_order_decrease"] for r in rows]
+    actual = [r["actual_decrease"] for r in rows]
+    assert sum(abs(f - a) for f, a in zip(first, actual, strict=True)) < sum(map(abs, actual))
 
 
 def test_progress_correlations_of_a_run() -> None:
