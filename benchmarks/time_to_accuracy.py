@@ -666,7 +666,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--loss", default="logit-adjusted", choices=("logit-adjusted", "cross-entropy")
     )
     parser.add_argument("--server-optimizer", default="adam", choices=("adam", "momentum", "none"))
-    parser.add_argument("--server-lr", type=float, default=0.03)
+    parser.add_argument("--server-lr", type=float, default=0.01, help="server optimizer rate")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--uniform-rank", type=int, default=8)
     parser.add_argument(
