@@ -17,7 +17,6 @@ Writes ``adapter_growth.csv`` (one row per run and round) and ``adapter_growth.m
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tomllib
 from pathlib import Path
@@ -26,7 +25,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, read_csv, reproduce_command, write_csv, write_markdown
+from common import (
+    markdown_table,
+    read_csv,
+    reproduce_command,
+    run_checkpoints,
+    write_csv,
+    write_markdown,
+)
 
 COLUMNS = ("run", "round", "accuracy", "test_loss", "total", "top_layer", "layers")
 
@@ -34,20 +40,19 @@ COLUMNS = ("run", "round", "accuracy", "test_loss", "total", "top_layer", "layer
 def growth_rows(run: Path) -> list[dict[str, object]]:
     """One row per checkpointed round of ``run``: the adapter's change per layer."""
     from legend.federation.adapters import AdapterState
+    from legend.federation.job import TrainSection
 
     config = run / "config.toml"
     if not config.is_file():
         raise SystemExit(f"{run} is not a run directory: it has no config.toml")
-    scale = float(tomllib.loads(config.read_text())["train"].get("lora_scale", 2.0))
+    # read as text: the run's fleet file need not exist any more to read its checkpoints
+    train = tomllib.loads(config.read_text()).get("train", {})
+    scale = float(train.get("lora_scale", TrainSection.lora_scale))
     # a run that has not finished a round yet has no rounds.csv: no accuracies to show
     records = read_csv(run / "rounds.csv") if (run / "rounds.csv").is_file() else []
     rounds = {int(r["round"]): r for r in records}
     rows = []
-    for path in sorted((run / "checkpoints").glob("round_*.npz")):
-        match = re.fullmatch(r"round_(\d+)\.npz", path.name)
-        if match is None:  # the server optimizer's moments
-            continue
-        number = int(match.group(1))
+    for number, path in run_checkpoints(run):
         state = AdapterState.from_npz(path)
         squares: dict[int, float] = {}
         for (layer, _), (a, b) in state.factors.items():

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,22 +39,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, reproduce_command, set_offline_env, write_csv, write_markdown
+from common import (
+    markdown_table,
+    reproduce_command,
+    run_checkpoints,
+    set_offline_env,
+    write_csv,
+    write_markdown,
+)
 
 
 def slot_groups(ranks: Sequence[int]) -> list[tuple[int, int]]:
     """Rank-slot groups ``[lo, hi)`` of a rank grid: what each step up the grid adds."""
     bounds = [0, *sorted(int(r) for r in ranks)]
     return list(itertools.pairwise(bounds))
-
-
-def _checkpoints(run: Path) -> list[tuple[int, Path]]:
-    out = []
-    for path in (run / "checkpoints").glob("round_*.npz"):
-        match = re.fullmatch(r"round_(\d+)\.npz", path.name)
-        if match is not None:
-            out.append((int(match.group(1)), path))
-    return sorted(out)
 
 
 def _gradients(host: Any, family: str, state: Any, split: Any, batch_size: int) -> tuple:
@@ -98,13 +95,6 @@ def _gradients(host: Any, family: str, state: Any, split: Any, batch_size: int) 
     return total, grads, head
 
 
-def _loss(host: Any, state: Any, split: Any, batch_size: int) -> float:
-    from legend.federation.training import evaluate
-
-    with host.evaluation_model(state) as model:
-        return evaluate(model, split, batch_size=batch_size)[1]
-
-
 def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, Any]]:
     """One row per round of ``run``: the first-order loss decrease per layer, slot group
     and head, and the actual decrease."""
@@ -129,10 +119,12 @@ def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, A
     groups = slot_groups(cfg.train.ranks)
     batch = cfg.federation.eval_batch_size
     before = init_global(spec, max(cfg.train.ranks), prepared.initial_head, seed=cfg.job.seed)
+    # each state's loss and gradients once: a round's "after" is the next round's "before"
+    loss, grads, head_grads = _gradients(host, spec.family, before, split, batch)
     rows = []
-    for number, path in _checkpoints(run):
+    for number, path in run_checkpoints(run):
         after = AdapterState.from_npz(path)
-        loss, grads, head_grads = _gradients(host, spec.family, before, split, batch)
+        loss_after, grads_after, head_after = _gradients(host, spec.family, after, split, batch)
         layer_part = np.zeros(spec.num_layers)
         group_part = np.zeros(len(groups))
         for key, (a1, b1) in after.factors.items():
@@ -155,7 +147,7 @@ def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, A
                 raise SystemExit(f"{run}: head parameter {key} is not in the checkpoint")
             delta = after.head[key].astype(np.float64) - before.head[key]
             head_part -= float(np.sum(grad * delta))
-        actual = loss - _loss(host, after, split, batch)
+        actual = loss - loss_after
         row: dict[str, Any] = {
             "run": str(run),
             "round": number,
@@ -172,7 +164,7 @@ def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, A
             }
         )
         rows.append(row)
-        before = after
+        before, loss, grads, head_grads = after, loss_after, grads_after, head_after
         print(
             f"{run} round {number}: actual {actual:+.4f}, first order "
             f"{row['first_order_decrease']:+.4f}",

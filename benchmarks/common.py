@@ -10,6 +10,7 @@ import csv
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -293,6 +294,17 @@ def write_markdown(path: Path, title: str, blocks: Sequence[str], command: str) 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text))
     return path
+
+
+def run_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """A run directory's global-state checkpoints (``checkpoints/round_NNNN.npz``, not the
+    server optimizer's moments beside them) as ``(round, path)``, in round order."""
+    out = []
+    for path in (run / "checkpoints").glob("round_*.npz"):
+        match = re.fullmatch(r"round_(\d+)\.npz", path.name)
+        if match is not None:
+            out.append((int(match.group(1)), path))
+    return sorted(out)
 
 
 def peak_rss_bytes() -> int:

@@ -394,23 +394,11 @@ def test_a_run_started_by_an_older_legend_resumes(tiny_cfg, prepared, tmp_path):
     """A run records its job's digest over the options its legend knew. An option added
     since (here `planner.min_sample_share`, emulated as absent) at its default must not
     block --resume; set to anything else, the job has changed and resume is refused."""
-    import hashlib
-
-    from legend.federation.session import RunDirError, _comparable
+    from legend.federation.session import RunDirError
 
     run = tmp_path / "old"
     run_job(tiny_cfg, run, prepared=prepared, show_progress=False, stop_after=1)
-    config = run / "config.toml"
-    lines = config.read_text().splitlines()
-    assert any(line.startswith("min_sample_share") for line in lines)
-    config.write_text("\n".join(x for x in lines if not x.startswith("min_sample_share")) + "\n")
-    older = _comparable(tiny_cfg, paths=False)
-    del older["planner"]["min_sample_share"]
-    inputs = json.loads((run / "inputs.json").read_text())
-    digest = hashlib.sha256(json.dumps(older, sort_keys=True, default=str).encode()).hexdigest()
-    assert inputs["job"]["sha256"] != digest  # the digest the older legend wrote
-    inputs["job"]["sha256"] = digest
-    (run / "inputs.json").write_text(json.dumps(inputs))
+    inputs = _as_older_legend(run, tiny_cfg, "min_sample_share", "planner")
 
     changed = tiny_cfg.override("planner", allow_dropping=True, min_sample_share=0.5)
     with pytest.raises(RunDirError, match=r"only job\.rounds may change"):
@@ -424,9 +412,9 @@ def test_a_run_started_by_an_older_legend_resumes(tiny_cfg, prepared, tmp_path):
         run_job(tiny_cfg.override("job", rounds=3), run, prepared=prepared, resume=True)
 
 
-def _as_older_legend(run: Path, cfg, key: str, section: str) -> None:
+def _as_older_legend(run: Path, cfg, key: str, section: str) -> dict:
     """Rewrite ``run`` as a legend without ``section.key`` wrote it: the key gone from its
-    config.toml and the job digest computed without it."""
+    config.toml and the job digest computed without it; returns the new ``inputs.json``."""
     import hashlib
 
     from legend.federation.session import _comparable
@@ -438,10 +426,11 @@ def _as_older_legend(run: Path, cfg, key: str, section: str) -> None:
     older = _comparable(cfg, paths=False)
     del older[section][key]
     inputs = json.loads((run / "inputs.json").read_text())
-    inputs["job"]["sha256"] = hashlib.sha256(
-        json.dumps(older, sort_keys=True, default=str).encode()
-    ).hexdigest()
+    digest = hashlib.sha256(json.dumps(older, sort_keys=True, default=str).encode()).hexdigest()
+    assert inputs["job"]["sha256"] != digest  # the digest the older legend wrote
+    inputs["job"]["sha256"] = digest
     (run / "inputs.json").write_text(json.dumps(inputs))
+    return inputs
 
 
 def test_a_run_of_the_dense_server_optimizer_resumes_only_as_it_ran(tiny_cfg, prepared, tmp_path):
