@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/adapter_growth"))
     parser.add_argument("--every", type=int, default=5, help="rounds between table rows")
     args = parser.parse_args(argv)
+    if args.every < 1:
+        parser.error(f"--every must be a positive number of rounds, got {args.every}")
     rows = [row for run in args.runs for row in growth_rows(run)]
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "adapter_growth.csv", rows, COLUMNS)

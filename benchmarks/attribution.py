@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max", type=int, default=0, help="at most this many examples")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/attribution"))
     args = parser.parse_args(argv)
+    if args.max < 0:
+        parser.error(f"--max must be 0 (the whole split) or a positive count, got {args.max}")
     set_offline_env()
     all_rows, summary = [], []
     for run in args.runs:
