@@ -23,7 +23,12 @@ first-order split can be checked.
 less noisy, for analysis only. Writes ``attribution.csv`` (one row per run and round: the
 loss decrease bought per layer, per slot group and by the head, the first-order total and
 the actual decrease) and ``attribution.md`` (per run, each part's share of the total
-first-order decrease over all rounds). Reads runs; trains nothing.
+first-order decrease over all rounds). Each row also holds, per layer and slot group, the
+decrease it bought (``cell_<layer>_<slots>``) and how many mean-sized devices trained it
+that round (``cover_<layer>_<slots>``, from the run's ``devices.csv``); ``coverage.csv``
+pools, over the cells trained at more than one coverage, each round's decrease relative to
+the cell's mean by the number of devices that trained it: whether a slot buys more when
+more devices train it. Reads runs; trains nothing.
 """
 
 from __future__ import annotations
@@ -95,6 +100,65 @@ def _gradients(host: Any, family: str, state: Any, split: Any, batch_size: int) 
     return total, grads, head
 
 
+def round_coverage(run: Path, num_layers: int, ranks: Sequence[int]) -> dict[int, np.ndarray]:
+    """Per round ``[layer, slot group]``: how many mean-sized devices trained it (the
+    samples of the devices whose update was accepted, over their mean), from the run's
+    ``devices.csv``; empty when the run has none."""
+    from common import read_csv
+
+    path = run / "devices.csv"
+    if not path.is_file():
+        return {}
+    groups = slot_groups(ranks)
+    by_round: dict[int, list[dict[str, str]]] = {}
+    for row in read_csv(path):
+        if row.get("status") == "ok":
+            by_round.setdefault(int(row["round"]), []).append(row)
+    out = {}
+    for number, rows in by_round.items():
+        mean = float(np.mean([float(r["samples"]) for r in rows]))
+        cover = np.zeros((num_layers, len(groups)))
+        for r in rows:
+            for layer, rank in zip(r["layers"].split(), r["ranks"].split(), strict=True):
+                for j, (_lo, hi) in enumerate(groups):
+                    if int(rank) >= hi:
+                        cover[int(layer), j] += float(r["samples"]) / mean
+        out[number] = cover
+    return out
+
+
+def coverage_response(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The loss decrease a layer's slot group bought against how many mean-sized devices
+    trained it: each cell's (layer, slot group) decreases over rounds divided by its mean
+    over the rounds that trained it (its gain), pooled over cells and binned by coverage
+    (rounded to whole devices). Cells trained at one coverage only say nothing and are
+    left out."""
+    cells = sorted(k.removeprefix("cover_") for k in rows[0] if k.startswith("cover_"))
+    pooled: dict[int, list[float]] = {}
+    used = 0
+    for cell in cells:
+        cover = np.asarray([float(r[f"cover_{cell}"]) for r in rows])
+        dec = np.asarray([float(r[f"cell_{cell}"]) for r in rows])
+        trained = cover > 0
+        if len(np.unique(np.rint(cover[trained]))) < 2 or dec[trained].mean() <= 0:
+            continue
+        used += 1
+        rel = dec[trained] / dec[trained].mean()
+        for c, v in zip(np.rint(cover[trained]).astype(int), rel, strict=True):
+            pooled.setdefault(int(c), []).append(float(v))
+    return [
+        {
+            "run": rows[0]["run"],
+            "devices": c,
+            "cells x rounds": len(v),
+            "cells": used,
+            "relative decrease": float(np.mean(v)),
+            "std error": float(np.std(v) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
+        }
+        for c, v in sorted(pooled.items())
+    ]
+
+
 def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, Any]]:
     """One row per round of ``run``: the first-order loss decrease per layer, slot group
     and head, and the actual decrease."""
@@ -118,6 +182,7 @@ def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, A
     scale = float(cfg.train.lora_scale)
     groups = slot_groups(cfg.train.ranks)
     batch = cfg.federation.eval_batch_size
+    coverage = round_coverage(run, spec.num_layers, cfg.train.ranks)
     before = init_global(spec, max(cfg.train.ranks), prepared.initial_head, seed=cfg.job.seed)
     # each state's loss and gradients once: a round's "after" is the next round's "before"
     loss, grads, head_grads = _gradients(host, spec.family, before, split, batch)
@@ -127,6 +192,7 @@ def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, A
         loss_after, grads_after, head_after = _gradients(host, spec.family, after, split, batch)
         layer_part = np.zeros(spec.num_layers)
         group_part = np.zeros(len(groups))
+        cell_part = np.zeros((spec.num_layers, len(groups)))
         for key, (a1, b1) in after.factors.items():
             a0, b0 = (x.astype(np.float64) for x in before.factors[key])
             a1, b1 = a1.astype(np.float64), b1.astype(np.float64)
@@ -138,6 +204,7 @@ def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, A
             layer_part[key[0]] += float(slot.sum())
             for j, (lo, hi) in enumerate(groups):
                 group_part[j] += float(slot[lo:hi].sum())
+                cell_part[key[0], j] += float(slot[lo:hi].sum())
         head_part = 0.0
         for name, grad in head_grads.items():
             # PEFT's "base_model.model.classifier.modules_to_save.default.weight" is the
@@ -163,6 +230,12 @@ def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, A
                 for (lo, hi), v in zip(groups, group_part, strict=True)
             }
         )
+        cover = coverage.get(number)
+        for layer in range(spec.num_layers):
+            for j, (lo, hi) in enumerate(groups):
+                row[f"cell_{layer}_{lo + 1}-{hi}"] = float(cell_part[layer, j])
+                if cover is not None:
+                    row[f"cover_{layer}_{lo + 1}-{hi}"] = float(cover[layer, j])
         rows.append(row)
         before, loss, grads, head_grads = after, loss_after, grads_after, head_after
         print(
@@ -202,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max < 0:
         parser.error(f"--max must be 0 (the whole split) or a positive count, got {args.max}")
     set_offline_env()
-    all_rows, summary = [], []
+    all_rows, summary, response = [], [], []
     for run in args.runs:
         rows = attribute(run, args.split, args.max)
         if not rows:
@@ -210,16 +283,21 @@ def main(argv: list[str] | None = None) -> None:
         parts = [k for k in rows[0] if k.startswith(("layer_", "slots_"))] + ["head"]
         all_rows += rows
         summary.append(shares(rows, parts))
+        response += coverage_response(rows)
     columns = list(dict.fromkeys(k for r in all_rows for k in r))
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "attribution.csv", all_rows, columns)
     summary_columns = list(dict.fromkeys(k for r in summary for k in r))
     table = markdown_table(summary, summary_columns)
+    blocks = [table]
+    if response:
+        write_csv(args.out / "coverage.csv", response, list(response[0]))
+        blocks.append(markdown_table(response, list(response[0])))
     command = reproduce_command("attribution.py", argv)
     write_markdown(
-        args.out / "attribution.md", "Loss decrease by layer and rank slot", [table], command
+        args.out / "attribution.md", "Loss decrease by layer and rank slot", blocks, command
     )
-    print(table)
+    print("\n\n".join(blocks))
     print(command)
 
 

@@ -2,11 +2,12 @@
 
 For fleets of 10 to 1,000 devices, plan one round of all-MiniLM-L6-v2 (query+value LoRA,
 ranks 2,4,8,16, batch 16 x 48 tokens, 5 local steps: the settings of
-``time_to_accuracy.py``) with the default objective (``rate``: maximise utility per
-second ``U / T``) twice, with the exact planner (integer program, ``--solver``) and with the
-LEGEND-style greedy, and report both objectives, their ratio, the round time ``T`` and
-utility ``U`` of each plan, the proven MIP gap and both solve times (host wall clock,
-formulation included). Two kinds of fleet, each drawn with several seeds:
+``time_to_accuracy.py``) with the default objective (``progress``: the progress model's
+measured prior per priced second; ``--objective rate`` for the fixed utility per second
+``U / T``) twice, with the exact planner (``--solver``) and with the LEGEND-style greedy,
+and report both objectives, their ratio, the round time ``T`` and utility ``U`` of each
+plan, the proven MIP gap and both solve times (host wall clock, formulation included).
+Two kinds of fleet, each drawn with several seeds:
 
 ``fleet50``
     devices drawn with replacement from the 50 profiles of ``benchmarks/fleet50.csv``
@@ -17,6 +18,11 @@ formulation included). Two kinds of fleet, each drawn with several seeds:
 
 Both are planned with the default solver (``auto``: the exact sweep, since no coupling row
 is active; the ``method`` column records which path solved each plan).
+
+``--saturation H1 H2 ...`` plans the saturating progress model instead (the coverage
+response ``H`` at 1, 2, ... mean-sized devices; :mod:`legend.planner.saturation`): a
+coupled program, solved by the MILP over every configuration to ``--mip-gap``. The
+greedy's moves stay per device; both plans are valued on the saturating model.
 
 Every plan is checked by the independent validator. ``--smoke`` runs fleets of 10 and 30
 devices with one seed in seconds.
@@ -107,7 +113,13 @@ def run_one(kind: str, n: int, seed: int, args: argparse.Namespace) -> dict[str,
     spec = get_model_spec("all-MiniLM-L6-v2", target_modules="qv")
     job = job_params()
     fleet = fleet50_sample(n, seed) if kind == "fleet50" else distinct_fleet(n, seed)
-    options = PlannerOptions(solver=args.solver, time_limit_s=args.time_limit_s, mip_gap=1e-4)
+    options = PlannerOptions(
+        objective=args.objective,
+        solver=args.solver,
+        time_limit_s=args.time_limit_s,
+        mip_gap=args.mip_gap,
+        saturation=tuple(args.saturation) if args.saturation else "none",
+    )
     start = time.perf_counter()
     plan = plan_round(fleet, spec, job, options)
     ip_time = time.perf_counter() - start
@@ -172,9 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--fleets", nargs="+", default=["fleet50", "distinct"], choices=["fleet50", "distinct"]
     )
     parser.add_argument("--solver", default="auto")
+    parser.add_argument("--objective", default="progress", choices=["progress", "rate"])
+    parser.add_argument("--saturation", type=float, nargs="+", default=None)
+    parser.add_argument("--mip-gap", type=float, default=1e-4)
     parser.add_argument("--time-limit-s", type=float, default=60.0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.saturation and args.objective != "progress":
+        parser.error("--saturation applies to --objective progress only")
     sizes = args.sizes or ([10, 30] if args.smoke else [10, 30, 100, 300, 1000])
     seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     default_out = "planner_quality_smoke" if args.smoke else "planner_quality"
@@ -212,8 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out / "planner_quality.md",
         "Planner quality: exact vs greedy",
         [
-            f"Objective `rate` (U / T), solver {args.solver}, time limit {args.time_limit_s} s, "
-            f"seeds {seeds}. Solve times are host wall clock (formulation included).",
+            f"Objective `{args.objective}`"
+            + (f", saturation {args.saturation}" if args.saturation else "")
+            + f", solver {args.solver}, MIP gap {args.mip_gap:g}, time limit "
+            f"{args.time_limit_s} s, seeds {seeds}. Solve times are host wall clock "
+            "(formulation included).",
             summary_md,
             "## Every instance\n\n"
             + markdown_table(

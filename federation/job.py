@@ -154,6 +154,7 @@ class PlannerSection:
     min_sample_share: float = PlannerOptions.min_sample_share
     layer_weights: str | tuple[float, ...] = PlannerOptions.layer_weights
     rank_gains: str | tuple[float, ...] = PlannerOptions.rank_gains
+    saturation: str | tuple[float, ...] = PlannerOptions.saturation
     seconds_per_mb: float = PlannerOptions.seconds_per_mb
     server_overhead_s: float = PlannerOptions.server_overhead_s
     use_classes: bool | None = PlannerOptions.use_classes

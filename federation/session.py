@@ -778,7 +778,24 @@ def input_digests(cfg: JobConfig) -> dict[str, Any]:
 OLDER_BEHAVIOUR: dict[tuple[str, str], tuple[Any, Callable[[JobConfig], bool]]] = {
     # before it existed the server optimizer stepped every parameter every round
     ("federation", "server_lazy"): (False, lambda c: c.federation.server_optimizer != "none"),
+    # before it existed the progress objective valued every device's slots additively
+    ("planner", "saturation"): ("none", lambda c: _saturates_by_default(c)),
 }
+
+
+def _saturates_by_default(cfg: JobConfig) -> bool:
+    """Whether ``saturation = "auto"`` plans ``cfg`` otherwise than the additive model: a
+    coverage response is stored with its model's prior (docs/planner.md)."""
+    if cfg.planner.objective != "progress":
+        return False
+    from legend.models.errors import ModelInputError
+    from legend.models.priors import progress_prior
+
+    try:
+        prior = progress_prior(cfg.job.model)
+    except ModelInputError:
+        return False
+    return prior is not None and prior.coverage_response is not None
 
 
 def _saved_raw(saved: Path) -> dict[str, Any] | None:
@@ -815,7 +832,7 @@ def _older_behaviour_hint(cfg: JobConfig, saved: Path) -> str:
     """What to set to resume a run whose legend behaved otherwise than ``cfg`` asks."""
     raw = _saved_raw(saved) or {}
     differ = [
-        (f"{section}.{key}", str(value).lower())
+        (f"{section}.{key}", f'"{value}"' if isinstance(value, str) else str(value).lower())
         for (section, key), value in _older_behaviour(raw, cfg).items()
         if getattr(getattr(cfg, section), key) != value
     ]

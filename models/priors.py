@@ -14,7 +14,12 @@ rank on the model's default data, read off the update it produced) and never set
 ``rank_response``
     ``{rank: phi(rank)}`` over the measured rank grid, non-decreasing, ``phi(r_max) = 1``;
 ``source``
-    how and on what it was measured (the command that reproduces it).
+    how and on what it was measured (the command that reproduces it);
+``coverage_response`` (optional)
+    ``{"sizes": [...], "response": [...], "source": ...}``: how the loss decrease a
+    round's server step buys on the global model grows with the number of mean-sized
+    devices that train a rank slot (``benchmarks/coverage_response.py``; the planner's
+    saturating progress model, :mod:`legend.planner.saturation`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class ProgressPrior:
     layer_gains: tuple[float, ...]
     rank_response: tuple[tuple[int, float], ...]
     source: str = ""
+    # (mean-sized devices, relative decrease) points of the coverage response, if measured
+    coverage_response: tuple[tuple[float, float], ...] | None = None
 
     def response_at(self, ranks: tuple[int, ...]) -> tuple[float, ...]:
         """``phi(r)`` at each rank of ``ranks`` (interpolated in ``log r`` between the
@@ -49,11 +56,17 @@ class ProgressPrior:
         return interpolate_response(self.rank_response, ranks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "layer_gains": list(self.layer_gains),
             "rank_response": {str(r): v for r, v in self.rank_response},
             "source": self.source,
         }
+        if self.coverage_response is not None:
+            out["coverage_response"] = {
+                "sizes": [c for c, _ in self.coverage_response],
+                "response": [h for _, h in self.coverage_response],
+            }
+        return out
 
 
 def interpolate_response(
@@ -92,11 +105,31 @@ def _parse(model: str, raw: Any) -> ProgressPrior:
         raise ModelInputError(f"{where}: `rank_response` must be finite and > 0, got {values}")
     if any(b < a - 1e-12 for a, b in pairwise(values)):
         raise ModelInputError(f"{where}: `rank_response` must not decrease, got {values}")
+    coverage = None
+    if raw.get("coverage_response") is not None:
+        try:
+            cr = raw["coverage_response"]
+            coverage = tuple(
+                (float(c), float(h)) for c, h in zip(cr["sizes"], cr["response"], strict=True)
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelInputError(
+                f"{where}: `coverage_response` is malformed ({exc}); rerun "
+                "benchmarks/coverage_response.py"
+            ) from exc
+        if not coverage or any(
+            not (math.isfinite(c) and c > 0 and math.isfinite(h)) for c, h in coverage
+        ):
+            raise ModelInputError(
+                f"{where}: `coverage_response` needs finite sizes > 0 and finite responses, "
+                f"got {list(coverage)}"
+            )
     return ProgressPrior(
         model=model,
         layer_gains=gains,
         rank_response=response,
         source=str(raw.get("source", "")),
+        coverage_response=coverage,
     )
 
 

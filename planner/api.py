@@ -103,6 +103,9 @@ def make_plan(
                     utility=util,
                 )
             )
+    if problem.saturation is not None:
+        # the saturating progress of the whole plan (DevicePlan.utility stays additive)
+        total_utility = problem.progress_of(configs)
     if problem.options.server_mbps is not None:
         # C7: the round lasts at least as long as the server's link needs for its bytes
         moved = sum(d.predicted_upload_bytes + d.predicted_download_bytes for d in devices)

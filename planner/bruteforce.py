@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 from legend.planner.diagnose import blocked_devices, explain_infeasibility
 from legend.planner.errors import InfeasibleError, PlannerInputError
 from legend.planner.greedy import check_fleet_options
+from legend.planner.saturation import column_slots, slot_gains
 from legend.planner.types import Configuration, PlanningProblem, SolverOutcome
 
 __all__ = [
@@ -195,6 +196,25 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
         n_i = float(fleet.devices[i].num_samples)
         taking_part = taking_part + axis(n_i * (depths[i] > 0).astype(np.float64), i)
 
+    curve = problem.saturation
+    if curve is not None:
+        # saturating progress: per rank slot of a layer its coverage in mean-sized devices
+        gains = slot_gains(problem.layer_weights, problem.rank_gains)
+        n_bar = float(np.mean([d.num_samples for d in fleet.devices]))
+        grid = problem.job.ranks
+        cover = [np.zeros(sizes) for _ in range(gains.size)]
+        for i, device in enumerate(fleet.devices):
+            slots = np.asarray(
+                [
+                    column_slots([ranks], L, grid)[0] if layers else np.zeros(gains.size)
+                    for layers, ranks in per_device[i]
+                ]
+            )
+            for q in range(gains.size):
+                cover[q] = cover[q] + axis(device.num_samples / n_bar * slots[:, q], i)
+        total_u = n_bar * sum(
+            g * curve(c) for g, c in zip(gains.ravel(), cover, strict=True) if g > 0
+        )
     need = max(1, opts.min_participants if opts.allow_dropping else 0)
     feasible = participants >= need
     if opts.allow_dropping and opts.min_sample_share > 0:

@@ -43,6 +43,7 @@ __all__ = [
     "DeviceGroups",
     "FleetCosts",
     "build_catalogue",
+    "complete_catalogue",
     "fleet_costs",
     "group_identical",
     "shared_costs",
@@ -242,6 +243,60 @@ def build_catalogue(problem: PlanningProblem) -> Catalogue:
         depth=depth,
         rank_sum=rank_sum,
         utility_per_sample=top[d_idx, s_idx].astype(float),
+        memory_bytes=memory[0] + memory[1] * d_f + memory[2] * s_f,
+        bytes_one_way=nbytes[0] + nbytes[1] * s_f,
+        ranks=tuple(vectors),
+        num_layers=L,
+    )
+
+
+# At most this many configurations make a complete catalogue (complete_catalogue).
+MAX_COMPLETE = 20_000
+
+
+def complete_catalogue(problem: PlanningProblem) -> Catalogue | None:
+    """Every configuration (top blocks of ``min_depth..L`` layers, ranks of the grid,
+    non-decreasing toward the output under C4) as a catalogue, or ``None`` when there are
+    more than :data:`MAX_COMPLETE`.
+
+    The catalogue of :func:`build_catalogue` keeps one rank vector per (depth, rank sum),
+    the best for the additive utility, which is exact for programs whose value is a sum over
+    devices. Under the saturating progress model (:mod:`legend.planner.saturation`) a
+    vector that covers another layer's slots can be worth more than the additively best
+    one, so its MILP plans over every configuration where they are few (MiniLM with ranks
+    2-16: 209). Its columns are not sorted for :meth:`Catalogue.by_depth`'s guarantee.
+    """
+    import itertools
+
+    L = problem.spec.num_layers
+    opts = problem.options
+    grid = tuple(int(r) for r in problem.job.ranks)
+    K = len(grid)
+    depths = range(opts.min_depth, L + 1)
+    count = sum(math.comb(d + K - 1, K - 1) if opts.monotone_ranks else K**d for d in depths)
+    if count > MAX_COMPLETE:
+        return None
+    vectors: list[tuple[int, ...]] = []
+    for d in depths:
+        combos = (
+            itertools.combinations_with_replacement(grid, d)
+            if opts.monotone_ranks
+            else itertools.product(grid, repeat=d)
+        )
+        vectors.extend(tuple(c) for c in combos)
+    w = problem.layer_weights
+    gain = problem.gain_of()
+    depth = np.asarray([len(v) for v in vectors], dtype=np.int64)
+    rank_sum = np.asarray([sum(v) for v in vectors], dtype=np.int64)
+    utility = np.asarray(
+        [sum(w[L - len(v) + k] * gain[r] for k, r in enumerate(v)) for v in vectors], dtype=float
+    )
+    memory, nbytes = shared_costs(problem)
+    d_f, s_f = depth.astype(float), rank_sum.astype(float)
+    return Catalogue(
+        depth=depth,
+        rank_sum=rank_sum,
+        utility_per_sample=utility,
         memory_bytes=memory[0] + memory[1] * d_f + memory[2] * s_f,
         bytes_one_way=nbytes[0] + nbytes[1] * s_f,
         ranks=tuple(vectors),

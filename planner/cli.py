@@ -117,6 +117,14 @@ def plan_command(
             help="Utility of a rank: auto (the measured prior under progress), prior or log2.",
         ),
     ] = "auto",
+    saturation: Annotated[
+        str,
+        typer.Option(
+            "--saturation",
+            help="progress: how a rank slot's progress grows with the devices training it: "
+            "auto (the measured coverage response, where stored), prior or none (additive).",
+        ),
+    ] = "auto",
     seconds_per_mb: Annotated[
         float,
         typer.Option(
@@ -260,6 +268,7 @@ def plan_command(
         coverage_share=coverage_share,
         layer_weights=layer_weights,
         rank_gains=rank_gains,
+        saturation=saturation,
         seconds_per_mb=seconds_per_mb,
         server_overhead_s=server_overhead_s,
         threads=threads,

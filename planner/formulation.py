@@ -39,6 +39,12 @@ Rows (names as in the code)::
     C10[e,g,j]  L_e + o_egj v[g,j] - T <= 0         (N_g > 1)
     C10avg[e,g] L_e + sum_j o_egj m[g,j] / N_g - T <= 0  (N_g > 1, a valid cut)
     UF          sum_gj n_g u_j m[g,j] >= U_floor                     utility floor (O2)
+    SAT[l,k]    sum_s z[lk,s] - sum_gj (n_g / n_bar) a_jlk m[g,j] <= 0  saturating progress
+
+Under the saturating progress model (:mod:`legend.planner.saturation`; ``progress`` with a
+coverage response) the utility is ``n_bar sum_lk G_lk sum_s a_s z[lk,s]`` over segment
+variables ``0 <= z[lk,s] <= w_s`` instead of ``sum_gj n_g u_j m[g,j]`` (``a_jlk`` = 1 when
+column ``j`` trains slot group ``k`` of layer ``l``, ``a_s`` the falling slopes of ``H``).
 
 ``k_e`` is the seconds per byte of ``e`` summed over its congested directions and
 ``o_egj`` the unit's compute time plus its own transfer in the directions where ``e`` is
@@ -71,6 +77,7 @@ from legend.planner.catalog import (
 )
 from legend.planner.errors import PlannerInputError
 from legend.planner.plan import Plan
+from legend.planner.saturation import column_slots, slot_gains
 from legend.planner.types import Configuration, PlanningProblem
 
 __all__ = [
@@ -93,7 +100,8 @@ OUT = -1  # the column "sitting out"
 class VarKey(NamedTuple):
     """What a variable means: ``kind`` is ``"m"`` (``owner`` = unit, ``a`` = catalogue
     column or -1 for out: a count), ``"v"`` (unit, column: used), ``"T"`` (round time) or
-    ``"L"`` (``owner`` = link: its bytes at its capacity, in seconds)."""
+    ``"L"`` (``owner`` = link: its bytes at its capacity, in seconds) or ``"z"`` (``owner``
+    = slot ``l * K + k``, ``a`` = segment of the coverage response)."""
 
     kind: str
     owner: int = -1
@@ -377,8 +385,14 @@ def formulate(
     )
     # under progress a column's bytes matter too: no pruning by time and utility alone
     priced = opts.objective == "progress" and opts.seconds_per_mb > 0
+    curve = problem.saturation
     units = _units(
-        problem, cat, fc, links, time_cap_s=cap, extra_dims=link_rows or coverage > 1 or priced
+        problem,
+        cat,
+        fc,
+        links,
+        time_cap_s=cap,
+        extra_dims=link_rows or coverage > 1 or priced or curve is not None,
     )
     G = len(units)
     # shared links need T as a variable (at most the deadline under O1)
@@ -396,12 +410,23 @@ def formulate(
     depth = np.where(part, cat.depth[np.maximum(col, 0)], 0)
     nbytes_mb = np.where(part, cat.bytes_one_way[np.maximum(col, 0)], 0.0) / MB
 
-    # variables: m (C), v (len(v_cols)), T, L_e
+    # saturating progress: per rank slot of a layer q, segments s of H (z[q, s])
+    if curve is not None:
+        slot_cols = column_slots(cat.ranks, L, problem.job.ranks)
+        gains = slot_gains(problem.layer_weights, problem.rank_gains).ravel()
+        slots = np.flatnonzero((gains > 0) & (slot_cols.sum(axis=0) > 0))
+        n_seg = len(curve.widths)
+    else:
+        slot_cols, gains, slots, n_seg = np.zeros((len(cat), 0)), np.zeros(0), np.zeros(0, int), 0
+
+    # variables: m (C), v (len(v_cols)), T, L_e, z
     n_m = C
     v_id = n_m + np.arange(len(v_cols))
     t_id = n_m + len(v_cols) if has_t else -1
     l_id = n_m + len(v_cols) + (1 if has_t else 0) + np.arange(len(links))
-    num_vars = n_m + len(v_cols) + (1 if has_t else 0) + len(links)
+    z_base = n_m + len(v_cols) + (1 if has_t else 0) + len(links)
+    z_id = z_base + np.arange(len(slots) * n_seg).reshape(len(slots), n_seg)
+    num_vars = z_base + len(slots) * n_seg
     v_of = np.full(C, -1, dtype=np.int64)
     v_of[v_cols] = v_id
 
@@ -423,7 +448,13 @@ def formulate(
 
     lower = np.zeros(num_vars)
     upper = np.concatenate(
-        [sizes[unit_of], np.ones(len(v_cols)), [t_ub] if has_t else [], np.full(len(links), np.inf)]
+        [
+            sizes[unit_of],
+            np.ones(len(v_cols)),
+            [t_ub] if has_t else [],
+            np.full(len(links), np.inf),
+            np.tile(curve.widths, len(slots)) if curve is not None else [],
+        ]
     )
     integer = np.concatenate(
         [
@@ -431,6 +462,7 @@ def formulate(
             np.ones(len(v_cols), dtype=bool),
             [False] if has_t else [],
             np.zeros(len(links), dtype=bool),
+            np.zeros(len(slots) * n_seg, dtype=bool),
         ]
     ).astype(bool)
     if has_t:
@@ -504,8 +536,26 @@ def formulate(
             raise PlannerInputError("internal: shared-link rows need T as a variable")
         _link_rows(rows, problem, cat, fc, units, links, unit_of, v_of, t_id, l_id, nbytes_mb)
 
+    if curve is not None:
+        # SAT[q]: the segments of slot q hold at most its coverage in mean-sized devices
+        n_unit = samples[units.groups.first][unit_of] / scale
+        use = np.where(part[:, None], slot_cols[np.maximum(col, 0)], 0.0)
+        K = len(problem.job.ranks)
+        for i, q in enumerate(slots):
+            ids = np.flatnonzero(use[:, q] > 0)
+            rows.add(
+                f"SAT[{q // K},{q % K}]",
+                np.concatenate([z_id[i], ids]),
+                np.concatenate([np.ones(n_seg), -n_unit[ids]]),
+                -np.inf,
+                0.0,
+            )
+
     util = np.zeros(num_vars)
-    util[:C] = units.utility / scale
+    if curve is None:
+        util[:C] = units.utility / scale
+    else:
+        util[z_id] = gains[slots][:, None] * curve.slopes[None, :]
     price_s = None
     if opts.objective == "progress":
         # seconds the bytes of each device-column are worth (both ways)
@@ -536,6 +586,10 @@ def formulate(
     for cl in links:
         names.append(f"L[{cl.link}]")
         index.append(VarKey("L", cl.link))
+    for q in slots:
+        for k in range(n_seg):
+            names.append(f"z[{q},{k}]")
+            index.append(VarKey("z", int(q), k))
 
     milp = MILP(
         var_names=tuple(names),
@@ -710,6 +764,7 @@ def encode(
                 k = lookup.get((int(unit_of[c]), int(units.column[c])))
                 if k is not None:
                     values[k] = 1.0
+    _set_saturation(milp, values)
     if milp.round_time is not None or links:
         _set_link_loads(milp, values)
         if milp.round_time is not None:
@@ -728,6 +783,20 @@ def _set_link_loads(milp: MILP, values: np.ndarray) -> None:
         l_var = next(c for c in cols if milp.index[c].kind == "L")
         mask = cols != l_var
         values[l_var] = float(vals[mask] @ values[cols[mask]])
+
+
+def _set_saturation(milp: MILP, values: np.ndarray) -> None:
+    """Fill each slot's segments ``z`` (in order, to their widths) up to the coverage its
+    row (SAT) says of ``values``: the largest progress those counts allow."""
+    for r in milp.rows_named("SAT"):
+        start, end = milp.matrix.indptr[r], milp.matrix.indptr[r + 1]
+        cols = milp.matrix.indices[start:end]
+        vals = milp.matrix.data[start:end]
+        is_z = np.asarray([milp.index[c].kind == "z" for c in cols])
+        left = -float(vals[~is_z] @ values[cols[~is_z]])
+        for c in sorted(cols[is_z], key=lambda c: milp.index[c].a):
+            values[c] = min(max(left, 0.0), milp.upper[c])
+            left -= values[c]
 
 
 def denominator_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:

@@ -77,6 +77,8 @@ def applies(problem: PlanningProblem) -> bool:
     topo = problem.topology
     if topo is not None and topo.congested(problem.fleet):
         return False
+    if problem.saturation is not None:
+        return False
     return problem.options.objective in ("progress", "rate", "deadline")
 
 

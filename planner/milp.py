@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from legend.planner.backends import MilpResult, satisfies, solve_milp
-from legend.planner.catalog import Catalogue, FleetCosts
+from legend.planner.catalog import Catalogue, FleetCosts, complete_catalogue
 from legend.planner.diagnose import explain_infeasibility
 from legend.planner.errors import InfeasibleError, SolverError
 from legend.planner.formulation import (
@@ -26,7 +26,7 @@ from legend.planner.formulation import (
     formulate,
     round_time_of,
 )
-from legend.planner.sweep import best_columns, sweep
+from legend.planner.sweep import SweepResult, best_columns, sweep
 from legend.planner.types import PlanningProblem, SolverOutcome
 
 __all__ = ["MAX_COLUMNS", "solve_milp_problem"]
@@ -56,23 +56,42 @@ class _Context:
     fc: FleetCosts
     backend: str
     clock: _Clock
+    # the (depth, rank sum) catalogue the sweep needs, when the program's differs
+    base: Catalogue | None = None
 
 
 def _decoupled(ctx: _Context) -> tuple[np.ndarray | None, float | None, float]:
     """The sweep's solution of the program without coupling rows (None if it has none), its
     rate and the largest utility any plan reaches (no deadline)."""
     problem = ctx.problem
-    _, top = best_columns(ctx.cat, ctx.fc, math.inf)
+    base = ctx.base if ctx.base is not None else ctx.cat
+    # an upper bound on U: the additive utility bounds the saturating progress
+    _, top = best_columns(base, ctx.fc, math.inf)
     u_max = float(np.where(np.isfinite(top), top, 0.0) @ ctx.fc.samples)
     try:
-        res = sweep(problem, ctx.cat, ctx.fc)
+        res = sweep(problem, base, ctx.fc)
     except InfeasibleError:
         return None, None, u_max
+    if ctx.base is not None:
+        # the sweep's columns in the program's catalogue
+        where = {(int(ctx.cat.depth[j]), ctx.cat.ranks[j]): j for j in range(len(ctx.cat))}
+        choice = np.asarray(
+            [
+                where.get((int(base.depth[j]), base.ranks[j]), -1) if j >= 0 else -1
+                for j in res.choice
+            ],
+            dtype=np.int64,
+        )
+        return choice, _rate(problem, res), u_max
+    return res.choice, _rate(problem, res), u_max
+
+
+def _rate(problem: PlanningProblem, res: SweepResult) -> float | None:
+    """The sweep's ratio (an upper bound on the program's: it has no coupling rows, and its
+    additive utility bounds the saturating progress)."""
     if problem.options.objective == "progress":
-        rate = res.objective_value if res.objective_value > 0 else None
-    else:
-        rate = res.utility / res.round_time_s if res.round_time_s > 0 else None
-    return res.choice, rate, u_max
+        return res.objective_value if res.objective_value > 0 else None
+    return res.utility / res.round_time_s if res.round_time_s > 0 else None
 
 
 def _checked(
@@ -339,8 +358,19 @@ def solve_milp_problem(
     otherwise :class:`SolverError` says so.
     """
     opts = problem.options
+    base = None
+    if problem.saturation is not None:
+        # exact over every configuration, not only the additively best per (depth, rank sum)
+        full = complete_catalogue(problem)
+        if full is not None:
+            cat, base = full, cat
     ctx = _Context(
-        problem=problem, cat=cat, fc=fc, backend=backend, clock=_Clock(opts.time_limit_s)
+        problem=problem,
+        cat=cat,
+        fc=fc,
+        backend=backend,
+        clock=_Clock(opts.time_limit_s),
+        base=base,
     )
     size = len(fc) * len(cat)
     if size > MAX_COLUMNS:

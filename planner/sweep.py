@@ -84,6 +84,8 @@ def coupling_rows(problem: PlanningProblem) -> tuple[str, ...]:
         rows.append("C9s participating samples")
     if problem.topology is not None and problem.topology.congested(problem.fleet):
         rows.append("C10 shared links")
+    if problem.saturation is not None:
+        rows.append("SAT saturating progress")
     return tuple(rows)
 
 

@@ -8,6 +8,7 @@ so the planner's modules form no import cycle (``types`` <- ``catalog`` <- ``swe
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from legend.planner.costs import Calibration, CostModel
 from legend.planner.errors import PlannerInputError
 from legend.planner.plan import inputs_digest
 from legend.planner.profiles import Fleet, JobParams
+from legend.planner.saturation import Saturation, plan_progress, saturation_curve, slot_gains
 
 if TYPE_CHECKING:
     from legend.planner.plan import Plan
@@ -32,6 +34,7 @@ __all__ = [
     "OBJECTIVES",
     "RANK_GAINS",
     "RATIO_OBJECTIVES",
+    "SATURATIONS",
     "SOLVER_NAMES",
     "TOPOLOGY_BLIND_SOLVERS",
     "Configuration",
@@ -51,6 +54,7 @@ DEFAULT_OBJECTIVE = "progress"
 DEFAULT_SECONDS_PER_MB = 8.0 / 1000.0
 LAYER_WEIGHTS = ("auto", "prior", "linear", "uniform")
 RANK_GAINS = ("auto", "prior", "log2")
+SATURATIONS = ("auto", "prior", "none")
 # "auto": the exact sweep where the program separates per device, the catalogue MILP on
 # HiGHS (highspy) where coupling rows tie devices together (docs/planner.md).
 DEFAULT_SOLVER = "auto"
@@ -142,6 +146,14 @@ class PlannerOptions:
         measured prior's rank response under ``progress`` where one is stored, else
         ``"log2"``), ``"prior"``, ``"log2"`` (``log2(1 + r)``), or an explicit tuple of one
         positive, non-decreasing value per rank of the grid.
+    saturation
+        ``progress`` only: the coverage response ``H`` of the saturating progress model
+        (:mod:`legend.planner.saturation`): a rank slot of a layer buys ``H(c)`` when ``c``
+        mean-sized devices train it. ``"auto"`` (default: the response measured with the
+        model's prior where one is stored, else ``"none"``), ``"prior"``, ``"none"`` (the
+        additive model, ``H(c) = c``), or an explicit tuple ``h(1), h(2), ...``: the
+        response at 1, 2, ... mean-sized devices (its least concave majorant is used,
+        flat beyond the last point).
     seconds_per_mb
         ``progress`` only: the price of traffic, seconds of round time one megabyte moved
         (either way, every device) is worth (default 0.008: what a 1 Gbit/s link spends).
@@ -173,6 +185,7 @@ class PlannerOptions:
     min_sample_share: float = 0.0
     layer_weights: str | tuple[float, ...] = "auto"
     rank_gains: str | tuple[float, ...] = "auto"
+    saturation: str | tuple[float, ...] = "auto"
     seconds_per_mb: float = DEFAULT_SECONDS_PER_MB
     server_overhead_s: float = 0.0
     use_classes: bool | None = None  # None: automatic (classes when profiles repeat)
@@ -273,6 +286,24 @@ class PlannerOptions:
                 raise PlannerInputError(
                     f"`rank_gains` must not decrease with the rank, got {list(g)}"
                 )
+        if isinstance(self.saturation, str):
+            if self.saturation not in SATURATIONS:
+                raise PlannerInputError(
+                    f"`saturation` must be one of {', '.join(SATURATIONS)} or a list of the "
+                    f"response at 1, 2, ... devices, got {self.saturation!r}"
+                )
+        else:
+            h = self.saturation
+            if not h or any(not (math.isfinite(v) and v >= 0) for v in h) or h[0] <= 0:
+                raise PlannerInputError(
+                    "`saturation` must be finite numbers >= 0, the first > 0 (the response "
+                    f"at 1, 2, ... mean-sized devices), got {list(h)}"
+                )
+            if self.objective != "progress":
+                raise PlannerInputError(
+                    f"`saturation` applies to objective 'progress' only, not {self.objective!r}; "
+                    'leave it "auto"'
+                )
         for name in ("seconds_per_mb", "server_overhead_s"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -283,7 +314,7 @@ class PlannerOptions:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for key in ("layer_weights", "rank_gains"):
+        for key in ("layer_weights", "rank_gains", "saturation"):
             if isinstance(out[key], tuple):
                 out[key] = list(out[key])
         return out
@@ -359,6 +390,18 @@ class PlanningProblem:
                     f'`{what} = "prior"`: no progress prior is stored for {spec.name}; '
                     'measure one with benchmarks/progress_prior.py or leave it "auto"'
                 )
+        if options.saturation == "prior":
+            prior = _prior(spec)
+            if prior is None or prior.coverage_response is None:
+                raise PlannerInputError(
+                    f'`saturation = "prior"`: no coverage response is stored for {spec.name}; '
+                    'measure one with benchmarks/coverage_response.py or leave it "auto"'
+                )
+            if options.objective != "progress":
+                raise PlannerInputError(
+                    f"`saturation` applies to objective 'progress' only, not "
+                    f'{options.objective!r}; leave it "auto"'
+                )
         return cls(
             fleet=fleet,
             spec=spec,
@@ -406,6 +449,36 @@ class PlanningProblem:
             return tuple(float(v) for v in g)
         return tuple(rank_gain(r) for r in self.job.ranks)
 
+    @property
+    def saturation(self) -> Saturation | None:
+        """The coverage response ``H`` of the saturating progress model, resolved from
+        ``options.saturation`` (``None``: the additive model)."""
+        value = self.options.saturation
+        if self.options.objective != "progress" or value == "none":
+            return None
+        if isinstance(value, tuple):
+            return saturation_curve([(k + 1.0, h) for k, h in enumerate(value)])
+        prior = _prior(self.spec)
+        if prior is None or prior.coverage_response is None:
+            return None
+        return saturation_curve(prior.coverage_response)
+
+    def progress_of(self, configs: Sequence[Configuration]) -> float:
+        """The utility ``U`` of per-device configurations (fleet order): ``sum_i u_i``
+        under the additive model, ``P`` of :mod:`legend.planner.saturation` otherwise."""
+        samples = [d.num_samples for d in self.fleet.devices]
+        curve = self.saturation
+        if curve is None:
+            return float(
+                sum(
+                    n * self.utility_per_sample(*cfg)
+                    for n, cfg in zip(samples, configs, strict=True)
+                    if cfg[0]
+                )
+            )
+        gains = slot_gains(self.layer_weights, self.rank_gains)
+        return plan_progress(configs, samples, gains, self.job.ranks, curve)
+
     def gain_of(self) -> dict[int, float]:
         """``{rank: g(rank)}`` over the job's grid."""
         return dict(zip(self.job.ranks, self.rank_gains, strict=True))
@@ -448,6 +521,9 @@ class PlanningProblem:
             # what "auto" and "prior" resolved to (the stored prior can change)
             [list(self.layer_weights), list(self.rank_gains)],
         ]
+        curve = self.saturation
+        if curve is not None:
+            parts.append([curve.widths.tolist(), curve.slopes.tolist()])
         if self.topology is not None:
             parts.append(self.topology.to_dict())
         return inputs_digest(*parts)

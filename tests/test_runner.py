@@ -468,3 +468,14 @@ def test_an_older_run_without_a_server_optimizer_resumes_under_the_new_option(
     _as_older_legend(run, tiny_cfg, "server_lazy", "federation")
     result = run_job(tiny_cfg, run, prepared=prepared, show_progress=False, resume=True)
     assert [r["round"] for r in csv_rows(result.out_dir / "rounds.csv")] == ["1", "2"]
+
+
+def test_an_older_run_resumes_where_saturation_auto_is_additive(tiny_cfg, prepared, tmp_path):
+    """`planner.saturation = "auto"` plans additively for a model without a stored coverage
+    response, as the legend before the option did, so its absence blocks nothing."""
+    assert tiny_cfg.planner.saturation == "auto"
+    run = tmp_path / "older"
+    run_job(tiny_cfg, run, prepared=prepared, show_progress=False, stop_after=1)
+    _as_older_legend(run, tiny_cfg, "saturation", "planner")
+    result = run_job(tiny_cfg, run, prepared=prepared, show_progress=False, resume=True)
+    assert [r["round"] for r in csv_rows(result.out_dir / "rounds.csv")] == ["1", "2"]
