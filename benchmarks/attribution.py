@@ -129,12 +129,14 @@ def round_coverage(run: Path, num_layers: int, ranks: Sequence[int]) -> dict[int
 
 def coverage_response(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The loss decrease a layer's slot group bought against how many mean-sized devices
-    trained it: each cell's (layer, slot group) decreases over rounds divided by its mean
-    over the rounds that trained it (its gain), pooled over cells and binned by coverage
-    (rounded to whole devices). Cells trained at one coverage only say nothing and are
-    left out."""
+    trained it, pooled over the cells (layer, slot group) trained at more than one coverage
+    and binned by coverage (rounded to whole devices). Two normalisations: each cell's
+    decrease over its mean over the rounds that trained it (its gain), and, to take out how
+    much the whole round learned, each cell's share of the round's LoRA decrease over the
+    cell's mean share (rounds whose LoRA decrease is not positive left out)."""
     cells = sorted(k.removeprefix("cover_") for k in rows[0] if k.startswith("cover_"))
-    pooled: dict[int, list[float]] = {}
+    total = np.asarray([sum(float(r[f"cell_{c}"]) for c in cells) for r in rows])
+    pooled: dict[int, tuple[list[float], list[float]]] = {}
     used = 0
     for cell in cells:
         cover = np.asarray([float(r[f"cover_{cell}"]) for r in rows])
@@ -145,18 +147,36 @@ def coverage_response(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         used += 1
         rel = dec[trained] / dec[trained].mean()
         for c, v in zip(np.rint(cover[trained]).astype(int), rel, strict=True):
-            pooled.setdefault(int(c), []).append(float(v))
-    return [
-        {
-            "run": rows[0]["run"],
-            "devices": c,
-            "cells x rounds": len(v),
-            "cells": used,
-            "relative decrease": float(np.mean(v)),
-            "std error": float(np.std(v) / np.sqrt(len(v))) if len(v) > 1 else float("nan"),
-        }
-        for c, v in sorted(pooled.items())
-    ]
+            pooled.setdefault(int(c), ([], []))[0].append(float(v))
+        both = trained & (total > 0)
+        share = dec[both] / total[both]
+        if share.mean() > 0:
+            for c, v in zip(np.rint(cover[both]).astype(int), share / share.mean(), strict=True):
+                pooled.setdefault(int(c), ([], []))[1].append(float(v))
+
+    def mean_se(v: list[float]) -> tuple[float, float]:
+        if not v:
+            return float("nan"), float("nan")
+        se = float(np.std(v) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+        return float(np.mean(v)), se
+
+    out = []
+    for c, (rel, share) in sorted(pooled.items()):
+        m1, s1 = mean_se(rel)
+        m2, s2 = mean_se(share)
+        out.append(
+            {
+                "run": rows[0]["run"],
+                "devices": c,
+                "cells x rounds": len(rel),
+                "cells": used,
+                "relative decrease": m1,
+                "std error": s1,
+                "relative share of the round": m2,
+                "share std error": s2,
+            }
+        )
+    return out
 
 
 def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, Any]]:

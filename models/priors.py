@@ -18,7 +18,8 @@ rank on the model's default data, read off the update it produced) and never set
 ``coverage_response`` (optional)
     ``{"sizes": [...], "response": [...], "source": ...}``: how the loss decrease a
     round's server step buys on the global model grows with the number of mean-sized
-    devices that train a rank slot (``benchmarks/coverage_response.py``; the planner's
+    devices that train a rank slot (``benchmarks/attribution.py`` measures it from a
+    finished run's ``coverage.csv``; the planner's
     saturating progress model, :mod:`legend.planner.saturation`).
 """
 
@@ -114,8 +115,8 @@ def _parse(model: str, raw: Any) -> ProgressPrior:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelInputError(
-                f"{where}: `coverage_response` is malformed ({exc}); rerun "
-                "benchmarks/coverage_response.py"
+                f"{where}: `coverage_response` is malformed ({exc}); it needs lists "
+                "`sizes` and `response` of equal length"
             ) from exc
         if not coverage or any(
             not (math.isfinite(c) and c > 0 and math.isfinite(h)) for c, h in coverage

@@ -3,9 +3,8 @@ r"""The saturating progress of a round: a rank slot buys less with every device 
 The additive progress model values a plan by ``sum_i n_i sum_l g_l phi(r_il)``: ten devices
 training a layer buy ten times what one buys. Under a normalising server optimizer
 (FedAdam) the global model's step on a slot has about the server rate's size whoever trained
-it, and more devices only make its direction better; measured on the global model
-(``benchmarks/coverage_response.py``, docs/planner.md) the loss decrease a round buys
-saturates after a few mean-sized devices. The saturating model values a plan by
+it, and more devices can only make its direction better, so a slot's value may saturate
+after a few devices. The saturating model values a plan by
 
 .. math::
 
@@ -17,9 +16,10 @@ ranks of the grid ``r_1 < r_2 < ...``; a device at rank ``r_k`` trains groups ``
 ``c_lk`` how many mean-sized devices (``n_bar``, the mean sample count of the devices
 planned) train it, and ``H`` the *coverage response*: concave, non-decreasing,
 piecewise linear, ``H(c) = c`` up to its first breakpoint, flat beyond its last.
-With ``H(c) = c`` it is the additive model. ``H`` comes from the measured response stored
-with the model preset (:mod:`legend.models.priors`, ``coverage_response``) or the
-``saturation`` option.
+With ``H(c) = c`` it is the additive model. ``H`` comes from a measured response stored
+with the model preset (:mod:`legend.models.priors`, ``coverage_response``; none is stored
+yet: docs/planner.md says why) or the ``saturation`` option. ``benchmarks/attribution.py``
+measures the response of a finished run (``coverage.csv``).
 
 In the MILP (:mod:`legend.planner.formulation`) ``H`` is a sum of segments
 ``z_lks in [0, w_s]`` with slopes ``a_1 > a_2 > ...`` and one row per slot,

@@ -395,7 +395,7 @@ class PlanningProblem:
             if prior is None or prior.coverage_response is None:
                 raise PlannerInputError(
                     f'`saturation = "prior"`: no coverage response is stored for {spec.name}; '
-                    'measure one with benchmarks/coverage_response.py or leave it "auto"'
+                    'give the response as a list (see docs/planner.md) or leave it "auto"'
                 )
             if options.objective != "progress":
                 raise PlannerInputError(

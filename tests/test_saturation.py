@@ -164,7 +164,7 @@ def test_saturation_option_is_checked(fields: dict[str, object], match: str) -> 
 
 
 def test_prior_saturation_needs_a_measured_response() -> None:
-    with pytest.raises(PlannerInputError, match="coverage_response.py"):
+    with pytest.raises(PlannerInputError, match="no coverage response is stored"):
         PlanningProblem.create(
             fleet(2, 0), TINY, JOB, PlannerOptions(objective="progress", saturation="prior")
         )
