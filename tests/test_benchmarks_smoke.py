@@ -136,10 +136,45 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
         assert layers == pytest.approx(slots, rel=1e-9, abs=1e-12)
         assert r["first_order_decrease"] == pytest.approx(layers + r["head"])
         assert math.isfinite(r["actual_decrease"]) and r["loss_before"] > 0
+        # per layer and slot group: the cells split each layer's part, and the output
+        # layer's first slot group is trained by every participant (mean-sized devices)
+        for layer in range(3):
+            cells = [v for k, v in r.items() if k.startswith(f"cell_{layer}_")]
+            assert sum(cells) == pytest.approx(r[f"layer_{layer}"], rel=1e-9, abs=1e-12)
+        ok = [
+            d
+            for d in csv_rows(out / "seed0" / "exact" / "devices.csv")
+            if int(d["round"]) == r["round"] and d["status"] == "ok"
+        ]
+        last = max(int(k.split("_")[1]) for k in r if k.startswith("cover_"))
+        assert r[f"cover_{last}_1-2"] == pytest.approx(len(ok))
     # the first order tracks the actual change of the loss over the three small steps
     first = [r["first_order_decrease"] for r in rows]
     actual = [r["actual_decrease"] for r in rows]
     assert sum(abs(f - a) for f, a in zip(first, actual, strict=True)) < sum(map(abs, actual))
+
+
+def test_coverage_response_pools_cells_by_coverage() -> None:
+    """A cell's decrease proportional to its coverage reads as a rising response; a cell
+    trained at one coverage only says nothing and is left out."""
+    attribution = bench_module("attribution")
+    rows = []
+    for t, c in enumerate([2.0, 4.0, 2.0, 4.0]):
+        rows.append(
+            {
+                "run": "r",
+                "round": t + 1,
+                "cell_0_1-2": 0.5 * c,  # gain 0.5, proportional to coverage
+                "cover_0_1-2": c,
+                "cell_1_1-2": 3.0,  # always the same coverage
+                "cover_1_1-2": 5.0,
+            }
+        )
+    table = attribution.coverage_response(rows)
+    assert [r["devices"] for r in table] == [2, 4]
+    assert all(r["cells"] == 1 for r in table)
+    # the cell's mean decrease is 1.5: 1.0 / 1.5 and 2.0 / 1.5
+    assert [r["relative decrease"] for r in table] == pytest.approx([2 / 3, 4 / 3])
 
 
 def test_progress_correlations_of_a_run() -> None:
