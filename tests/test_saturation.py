@@ -193,3 +193,33 @@ def test_auto_keeps_the_additive_model_without_a_stored_response() -> None:
     explicit = PlannerOptions(saturation=(1.0, 1.5))
     curve = PlanningProblem.create(fleet(2, 0), spec, job, explicit).saturation
     assert curve is not None and curve.saturates_at == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"allow_dropping": True, "min_sample_share": 0.5},
+        {"allow_dropping": True, "min_participants": 2},
+        {"server_mbps": 5.0},
+        {"coverage_layers": 2, "coverage_share": 0.5},
+    ],
+    ids=["sample-floor", "participants", "server-link", "layer-coverage"],
+)
+def test_milp_matches_enumeration_with_coupling_rows(extra: dict[str, object]) -> None:
+    rng = np.random.default_rng(4)
+    f = Fleet(
+        devices=tuple(
+            device(
+                f"d{i}",
+                tflops=float(rng.uniform(0.01, 0.2)),
+                uplink_mbps=float(rng.uniform(1.0, 20.0)),
+                num_samples=int(rng.integers(20, 300)),
+                memory_gb=float(rng.choice([0.3, 1.0])),
+            )
+            for i in range(3)
+        )
+    )
+    opts = options("highs", (1.0, 1.4), seconds_per_mb=5.0, mip_gap=0.0, **extra)
+    exact = plan_round(f, TINY, JOB, opts)
+    oracle = plan_round(f, TINY, JOB, opts.with_(solver="brute-force"))
+    assert exact.objective_value == pytest.approx(oracle.objective_value, rel=1e-6)
