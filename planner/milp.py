@@ -26,7 +26,8 @@ from legend.planner.formulation import (
     formulate,
     round_time_of,
 )
-from legend.planner.sweep import SweepResult, best_columns, sweep
+from legend.planner.saturation import column_slots, slot_gains
+from legend.planner.sweep import SweepResult, best_columns, coupling_rows, sweep
 from legend.planner.types import PlanningProblem, SolverOutcome
 
 __all__ = ["MAX_COLUMNS", "solve_milp_problem"]
@@ -274,6 +275,8 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
     problem = ctx.problem
     opts = problem.options
     choice, start_rate, u_max = _decoupled(ctx)
+    if choice is not None and ctx.base is not None:
+        choice = _improve_saturating(problem, ctx.cat, ctx.fc, choice)
     cap = None
     ws_rate = None
     if choice is not None:
@@ -295,6 +298,10 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
         t0 = denominator_of(milp, milp.start)
         if t0 > 0:
             best = (float(milp.utility @ milp.start) / t0, milp.start, t0)
+    if ctx.base is not None and best is not None:
+        # the additive rate bounds the saturating one only loosely: start from the warm
+        # start's own ratio, a plan's (so every step's bound is at a tight lambda)
+        lam, verified = best[0], True
     last: MilpResult | None = None
     ratio_ub = math.inf
     converged = False
@@ -345,6 +352,67 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
         bound=bound,
         deadline_s=round_time_of(milp, values),
     )
+
+
+def _improve_saturating(
+    problem: PlanningProblem, cat: Catalogue, fc: FleetCosts, choice: np.ndarray
+) -> np.ndarray:
+    """A better warm start for the saturating program: from the sweep's additive plan, move
+    one device at a time to the column that most raises the saturating ratio
+    ``P / (T + c + p MB)``, until no move does (a local optimum; the MILP proves or beats
+    it). Only where the saturation rows are the only coupling rows and every device takes
+    part; otherwise ``choice`` is returned unchanged."""
+    opts = problem.options
+    curve = problem.saturation
+    if curve is None or coupling_rows(problem) != ("SAT saturating progress",):
+        return choice
+    if opts.allow_dropping or (choice < 0).any():
+        return choice
+    L = problem.spec.num_layers
+    slots = column_slots(cat.ranks, L, problem.job.ranks)  # [C, Q]
+    gains = slot_gains(problem.layer_weights, problem.rank_gains).ravel()
+    n_bar = float(fc.samples.mean())
+    w = fc.samples / n_bar
+    times = fc.times(slice(None), cat)
+    allowed = fc.fits(slice(None), cat)
+    if not allowed[np.arange(len(choice)), choice].all():
+        return choice
+    price = opts.seconds_per_mb * 2.0 * cat.bytes_one_way / 1e6  # seconds per device-column
+    overhead = opts.server_overhead_s
+    choice = choice.copy()
+
+    def ratio_of(cover: np.ndarray, t: float, priced: float) -> np.ndarray:
+        return n_bar * (curve(cover) * gains).sum(axis=-1) / (t + overhead + priced)
+
+    idx = np.arange(len(choice))
+    for _ in range(50):
+        moved = False
+        for i in range(len(choice)):
+            cover = (slots[choice] * w[:, None]).sum(axis=0)
+            base = cover - slots[choice[i]] * w[i]
+            others = np.delete(idx, i)
+            t_rest = float(times[others, choice[others]].max()) if len(others) else 0.0
+            priced_rest = float(price[choice[others]].sum())
+            cand = np.flatnonzero(allowed[i])
+            values = ratio_of(
+                base[None, :] + slots[cand] * w[i],
+                np.maximum(t_rest, times[i, cand]),
+                priced_rest + price[cand],
+            )
+            current = float(
+                ratio_of(
+                    cover[None, :],
+                    np.asarray([max(t_rest, times[i, choice[i]])]),
+                    np.asarray([priced_rest + price[choice[i]]]),
+                )[0]
+            )
+            k = int(np.argmax(values))
+            if values[k] > current * (1 + 1e-12):
+                choice[i] = cand[k]
+                moved = True
+        if not moved:
+            break
+    return choice
 
 
 def solve_milp_problem(
