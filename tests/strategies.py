@@ -48,6 +48,24 @@ def device(device_id: str, **fields: Any) -> DeviceProfile:
     return DeviceProfile(device_id=device_id, **{**DEVICE_DEFAULTS, **fields})
 
 
+def random_fleet(n: int, seed: int, make: Any = None, **ranges: tuple[float, float]) -> Fleet:
+    """``n`` devices (``make``, default :func:`device`) with capacities drawn uniformly
+    within ``ranges`` (field: (lo, hi); a ``num_samples`` range draws integers)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def draw(field: str, lo: float, hi: float) -> float:
+        return int(rng.integers(lo, hi)) if field == "num_samples" else float(rng.uniform(lo, hi))
+
+    return Fleet(
+        devices=tuple(
+            (make or device)(f"d{i}", **{k: draw(k, *span) for k, span in ranges.items()})
+            for i in range(n)
+        )
+    )
+
+
 def device_2gb(device_id: str, **fields: Any) -> DeviceProfile:
     """:func:`device` with 2 GB of memory, 10 Mbit/s up and 50 down unless ``fields`` say."""
     return device(

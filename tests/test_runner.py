@@ -458,24 +458,21 @@ def test_a_run_of_the_dense_server_optimizer_resumes_only_as_it_ran(tiny_cfg, pr
     ]
 
 
-def test_an_older_run_without_a_server_optimizer_resumes_under_the_new_option(
-    tiny_cfg, prepared, tmp_path
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("federation", "server_lazy"), ("planner", "saturation")],
+    ids=["server-lazy-under-fedavg", "saturation-auto-additive"],
+)
+def test_an_older_run_resumes_where_the_new_option_changes_nothing(
+    tiny_cfg, prepared, tmp_path, section, key
 ):
-    """`server_lazy` does nothing under FedAvg, so its absence blocks nothing there."""
+    """`server_lazy` does nothing under FedAvg, and `planner.saturation = "auto"` plans
+    additively for a model without a stored coverage response, as the legend before each
+    option did: their absence from an older run's config blocks nothing."""
     assert tiny_cfg.federation.server_optimizer == "none"
-    run = tmp_path / "fedavg"
-    run_job(tiny_cfg, run, prepared=prepared, show_progress=False, stop_after=1)
-    _as_older_legend(run, tiny_cfg, "server_lazy", "federation")
-    result = run_job(tiny_cfg, run, prepared=prepared, show_progress=False, resume=True)
-    assert [r["round"] for r in csv_rows(result.out_dir / "rounds.csv")] == ["1", "2"]
-
-
-def test_an_older_run_resumes_where_saturation_auto_is_additive(tiny_cfg, prepared, tmp_path):
-    """`planner.saturation = "auto"` plans additively for a model without a stored coverage
-    response, as the legend before the option did, so its absence blocks nothing."""
     assert tiny_cfg.planner.saturation == "auto"
     run = tmp_path / "older"
     run_job(tiny_cfg, run, prepared=prepared, show_progress=False, stop_after=1)
-    _as_older_legend(run, tiny_cfg, "saturation", "planner")
+    _as_older_legend(run, tiny_cfg, key, section)
     result = run_job(tiny_cfg, run, prepared=prepared, show_progress=False, resume=True)
     assert [r["round"] for r in csv_rows(result.out_dir / "rounds.csv")] == ["1", "2"]

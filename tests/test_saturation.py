@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
-from strategies import TINY, device, tiny_job
+from strategies import TINY, device, random_fleet, tiny_job
 
 from legend.models.errors import ModelInputError
 from legend.models.priors import _parse, progress_prior
@@ -28,18 +28,7 @@ GAINS = tuple(0.2 * (k + 1) ** 2 for k in range(L))  # rising toward the output
 
 
 def fleet(n: int, seed: int) -> Fleet:
-    rng = np.random.default_rng(seed)
-    return Fleet(
-        devices=tuple(
-            device(
-                f"d{i}",
-                tflops=float(rng.uniform(0.02, 0.2)),
-                uplink_mbps=float(rng.uniform(2.0, 20.0)),
-                num_samples=int(rng.integers(50, 200)),
-            )
-            for i in range(n)
-        )
-    )
+    return random_fleet(n, seed, tflops=(0.02, 0.2), uplink_mbps=(2.0, 20.0), num_samples=(50, 200))
 
 
 def options(solver: str, saturation: object, **more: object) -> PlannerOptions:
@@ -206,18 +195,13 @@ def test_auto_keeps_the_additive_model_without_a_stored_response() -> None:
     ids=["sample-floor", "participants", "server-link", "layer-coverage"],
 )
 def test_milp_matches_enumeration_with_coupling_rows(extra: dict[str, object]) -> None:
-    rng = np.random.default_rng(4)
-    f = Fleet(
-        devices=tuple(
-            device(
-                f"d{i}",
-                tflops=float(rng.uniform(0.01, 0.2)),
-                uplink_mbps=float(rng.uniform(1.0, 20.0)),
-                num_samples=int(rng.integers(20, 300)),
-                memory_gb=float(rng.choice([0.3, 1.0])),
-            )
-            for i in range(3)
-        )
+    f = random_fleet(
+        3,
+        4,
+        tflops=(0.01, 0.2),
+        uplink_mbps=(1.0, 20.0),
+        num_samples=(20, 300),
+        memory_gb=(0.3, 1.0),
     )
     opts = options("highs", (1.0, 1.4), seconds_per_mb=5.0, mip_gap=0.0, **extra)
     exact = plan_round(f, TINY, JOB, opts)

@@ -12,7 +12,7 @@ import highspy  # noqa: F401  (hard dependency of the default solver)
 import pulp  # noqa: F401
 import pytest
 from ip_oracle import close, solve_exhaustively
-from strategies import FLEET3, OBJECTIVES, TINY, program, tiny_job
+from strategies import FLEET3, OBJECTIVES, TINY, program, random_fleet, tiny_job
 from strategies import device_2gb as device
 
 from legend.models.spec import get_model_spec
@@ -309,22 +309,16 @@ def test_auto_plans_a_large_coupled_progress_fleet_with_a_proven_gap() -> None:
     """Past LAGRANGIAN_MIN_DEVICES, ``auto`` plans coupled ``progress`` programs with the
     Lagrangian planner: a plan that meets every row, with a proven bound that the MILP's
     plan does not exceed and that is not below the MILP's bound by more than its gap."""
-    import numpy as np
-
     from legend.planner.solvers import LAGRANGIAN_MIN_DEVICES
 
-    rng = np.random.default_rng(3)
-    fleet = Fleet(
-        devices=tuple(
-            device(
-                f"d{i}",
-                tflops=float(rng.uniform(0.005, 0.05)),
-                uplink_mbps=float(rng.uniform(0.5, 5.0)),
-                downlink_mbps=float(rng.uniform(2.0, 20.0)),
-                num_samples=int(rng.integers(10, 100)),
-            )
-            for i in range(LAGRANGIAN_MIN_DEVICES + 10)
-        )
+    fleet = random_fleet(
+        LAGRANGIAN_MIN_DEVICES + 10,
+        3,
+        device,
+        tflops=(0.005, 0.05),
+        uplink_mbps=(0.5, 5.0),
+        downlink_mbps=(2.0, 20.0),
+        num_samples=(10, 100),
     )
     job = tiny_job()
     rows = {"server_mbps": 20.0, "coverage_layers": 2, "coverage_share": 0.5}
