@@ -122,7 +122,8 @@ def plan_command(
         typer.Option(
             "--saturation",
             help="progress: how a rank slot's progress grows with the devices training it: "
-            "auto (the measured coverage response, where stored), prior or none (additive).",
+            "auto (the measured coverage response, where stored), prior, none (additive), or "
+            "comma-separated numbers: the response at 1, 2, ... mean-sized devices.",
         ),
     ] = "auto",
     seconds_per_mb: Annotated[
@@ -268,7 +269,7 @@ def plan_command(
         coverage_share=coverage_share,
         layer_weights=layer_weights,
         rank_gains=rank_gains,
-        saturation=saturation,
+        saturation=_saturation_arg(saturation),
         seconds_per_mb=seconds_per_mb,
         server_overhead_s=server_overhead_s,
         threads=threads,
@@ -432,3 +433,18 @@ def _bytes(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+def _saturation_arg(text: str) -> str | tuple[float, ...]:
+    """``--saturation``: a keyword, or comma-separated numbers (the response at 1, 2, ...)."""
+    from legend.planner.types import SATURATIONS
+
+    if text in SATURATIONS:
+        return text
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise PlannerInputError(
+            f"--saturation must be {', '.join(SATURATIONS)} or comma-separated numbers (the "
+            f"response at 1, 2, ... mean-sized devices, e.g. 1,1.5,1.8), got {text!r}"
+        ) from None

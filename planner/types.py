@@ -192,6 +192,10 @@ class PlannerOptions:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("layer_weights", "rank_gains", "saturation"):
+            if isinstance(getattr(self, name), list):
+                # a list (JSON, a plan's options) means the same as a tuple
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.objective not in OBJECTIVES:
             raise PlannerInputError(
                 f"`objective` must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"

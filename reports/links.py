@@ -67,7 +67,7 @@ def options_from_plan(plan: Plan) -> PlannerOptions:
     """The planner options a plan was made with (its ``options``), as :class:`PlannerOptions`."""
     allowed = set(PlannerOptions.__dataclass_fields__)
     values = {k: v for k, v in (plan.options or {}).items() if k in allowed}
-    for key in ("layer_weights", "rank_gains"):
+    for key in ("layer_weights", "rank_gains", "saturation"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
     values.setdefault("solver", plan.solver)

@@ -93,6 +93,22 @@ def test_extras_reach_the_planner(tmp_path: Path, capfd: pytest.CaptureFixture[s
     assert all(d.predicted_upload_bytes == 2 * d.trainable_params for d in plan.participants)
 
 
+def test_saturation_response_reaches_the_planner(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "plan.json"
+    code = run(
+        "--fleet", str(ROOT / "examples" / "tiny_fleet.csv"),
+        "--model", "tiny-bert",
+        "--out", str(out),
+        "--saturation", "1,1.5",
+    )  # fmt: skip
+    assert code == 0, capfd.readouterr().err
+    plan = Plan.load(out)
+    assert plan.options["saturation"] == [1.0, 1.5]
+    assert plan.solver == "highs"  # the saturating program couples the devices
+
+
 def _bad(tmp_path: Path, name: str, content: str) -> Path:
     path = tmp_path / name
     path.write_text(content)
@@ -149,6 +165,9 @@ def test_bad_fleet_exits_2_with_one_line(
         (["--calibration", "missing-calibration.json"], ["missing-calibration.json"]),
         (["--fleet", "no/such/fleet.csv"], ["no/such/fleet.csv", "does not exist"]),
         (["--solver", "brute-force"], ["brute-force", "limit"]),
+        (["--saturation", "fast"], ["--saturation", "'fast'", "comma-separated"]),
+        (["--saturation", "0,1"], ["saturation", "the first > 0"]),
+        (["--saturation", "prior"], ["no coverage response is stored for tiny-bert"]),
     ],
 )
 def test_bad_arguments_exit_2(

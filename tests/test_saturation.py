@@ -207,3 +207,21 @@ def test_milp_matches_enumeration_with_coupling_rows(extra: dict[str, object]) -
     exact = plan_round(f, TINY, JOB, opts)
     oracle = plan_round(f, TINY, JOB, opts.with_(solver="brute-force"))
     assert exact.objective_value == pytest.approx(oracle.objective_value, rel=1e-6)
+
+
+def test_a_saved_plan_re_derives_its_saturating_problem(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A plan's options hold the response as a list (JSON); read back, they must describe
+    the same problem (the reports re-plan and compare digests)."""
+    from legend.planner.plan import Plan
+    from legend.reports.links import options_from_plan
+
+    f = fleet(3, seed=2)
+    opts = options("highs", (1.0, 1.5), seconds_per_mb=5.0)
+    plan = plan_round(f, TINY, JOB, opts)
+    plan.save(tmp_path / "plan.json")
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.options["saturation"] == [1.0, 1.5]
+    again = options_from_plan(loaded)
+    assert again.saturation == (1.0, 1.5)
+    assert PlanningProblem.create(f, TINY, JOB, again).digest() == plan.inputs_digest
+    assert PlannerOptions(saturation=[1.0, 1.5]) == PlannerOptions(saturation=(1.0, 1.5))  # type: ignore[arg-type]
