@@ -127,13 +127,11 @@ def round_coverage(run: Path, num_layers: int, ranks: Sequence[int]) -> dict[int
     return out
 
 
-def coverage_response(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The loss decrease a layer's slot group bought against how many mean-sized devices
-    trained it, pooled over the cells (layer, slot group) trained at more than one coverage
-    and binned by coverage (rounded to whole devices). Two normalisations: each cell's
-    decrease over its mean over the rounds that trained it (its gain), and, to take out how
-    much the whole round learned, each cell's share of the round's LoRA decrease over the
-    cell's mean share (rounds whose LoRA decrease is not positive left out)."""
+def _coverage_samples(
+    rows: Sequence[dict[str, Any]],
+) -> tuple[dict[int, tuple[list[float], list[float]]], int]:
+    """Per coverage (whole devices) the normalised decreases of one run's cells (see
+    :func:`coverage_response`), and how many cells contributed."""
     cells = sorted(k.removeprefix("cover_") for k in rows[0] if k.startswith("cover_"))
     total = np.asarray([sum(float(r[f"cell_{c}"]) for c in cells) for r in rows])
     pooled: dict[int, tuple[list[float], list[float]]] = {}
@@ -153,6 +151,27 @@ def coverage_response(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if share.mean() > 0:
             for c, v in zip(np.rint(cover[both]).astype(int), share / share.mean(), strict=True):
                 pooled.setdefault(int(c), ([], []))[1].append(float(v))
+    return pooled, used
+
+
+def coverage_response(
+    rows: Sequence[dict[str, Any]], label: str | None = None
+) -> list[dict[str, Any]]:
+    """The loss decrease a layer's slot group bought against how many mean-sized devices
+    trained it, pooled over the cells (layer, slot group) trained at more than one coverage
+    and binned by coverage (rounded to whole devices). Two normalisations: each cell's
+    decrease over its mean over the rounds that trained it (its gain), and, to take out how
+    much the whole round learned, each cell's share of the round's LoRA decrease over the
+    cell's mean share (rounds whose LoRA decrease is not positive left out). ``rows`` may
+    hold several runs (their ``run`` field): each is normalised on its own, then pooled."""
+    pooled: dict[int, tuple[list[float], list[float]]] = {}
+    used = 0
+    for run in dict.fromkeys(r["run"] for r in rows):
+        part, n = _coverage_samples([r for r in rows if r["run"] == run])
+        used += n
+        for c, (rel, share) in part.items():
+            pooled.setdefault(c, ([], []))[0].extend(rel)
+            pooled[c][1].extend(share)
 
     def mean_se(v: list[float]) -> tuple[float, float]:
         if not v:
@@ -166,7 +185,7 @@ def coverage_response(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         m2, s2 = mean_se(share)
         out.append(
             {
-                "run": rows[0]["run"],
+                "run": label or rows[0]["run"],
                 "devices": c,
                 "cells x rounds": len(rel),
                 "cells": used,
@@ -304,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         all_rows += rows
         summary.append(shares(rows, parts))
         response += coverage_response(rows)
+    if len(args.runs) > 1 and any(k.startswith("cover_") for k in all_rows[0]):
+        response += coverage_response(all_rows, label="all runs")
     columns = list(dict.fromkeys(k for r in all_rows for k in r))
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "attribution.csv", all_rows, columns)
