@@ -202,7 +202,7 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
         gains = slot_gains(problem.layer_weights, problem.rank_gains)
         n_bar = float(np.mean([d.num_samples for d in fleet.devices]))
         grid = problem.job.ranks
-        cover = [np.zeros(sizes) for _ in range(gains.size)]
+        slot_cover = [np.zeros(sizes) for _ in range(gains.size)]
         for i, device in enumerate(fleet.devices):
             slots = np.asarray(
                 [
@@ -211,9 +211,9 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
                 ]
             )
             for q in range(gains.size):
-                cover[q] = cover[q] + axis(device.num_samples / n_bar * slots[:, q], i)
+                slot_cover[q] = slot_cover[q] + axis(device.num_samples / n_bar * slots[:, q], i)
         total_u = n_bar * sum(
-            g * curve(c) for g, c in zip(gains.ravel(), cover, strict=True) if g > 0
+            g * curve(c) for g, c in zip(gains.ravel(), slot_cover, strict=True) if g > 0
         )
     need = max(1, opts.min_participants if opts.allow_dropping else 0)
     feasible = participants >= need

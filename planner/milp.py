@@ -381,7 +381,7 @@ def _improve_saturating(
     overhead = opts.server_overhead_s
     choice = choice.copy()
 
-    def ratio_of(cover: np.ndarray, t: float, priced: float) -> np.ndarray:
+    def ratio_of(cover: np.ndarray, t: np.ndarray, priced: np.ndarray) -> np.ndarray:
         return n_bar * (curve(cover) * gains).sum(axis=-1) / (t + overhead + priced)
 
     idx = np.arange(len(choice))
