@@ -93,6 +93,9 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
         assert float(r["sim_time_s"]) > 0 and float(r["total_bytes"]) > 0
         assert float(r["waiting_mean_s"]) >= 0
         assert int(r["rounds"]) == 3
+        # the late gain (smoke: --flat-window 1): the last round against the one before
+        accs = [float(x["accuracy"]) for x in csv_rows(out / "seed0" / r["method"] / "rounds.csv")]
+        assert float(r["late_gain_pts"]) == pytest.approx(100 * (accs[2] - accs[1]))
         # Every method's moving average reaches the common target (its own accuracy at the
         # latest), and the time it is reached is on the method's simulated clock.
         assert r["time_to_common_s"] != ""
