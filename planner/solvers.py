@@ -96,8 +96,8 @@ def solve_problem(problem: PlanningProblem, solver: str) -> SolverOutcome:
         if solver == "lagrangian" and not lagrange.applies(problem):
             raise PlannerInputError(
                 "solver 'lagrangian' plans fleet-wide coupling rows (server link, coverage, "
-                "participants) for objectives progress, rate and deadline; use 'auto' or a "
-                "MILP backend"
+                "participants) for objectives progress, rate and deadline, not shared links "
+                "or the saturating progress model (saturation); use 'auto' or a MILP backend"
             )
         if solver == "lagrangian" or (
             lagrange.applies(problem) and len(problem.fleet) > LAGRANGIAN_MIN_DEVICES

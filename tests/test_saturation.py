@@ -225,3 +225,12 @@ def test_a_saved_plan_re_derives_its_saturating_problem(tmp_path) -> None:  # ty
     assert again.saturation == (1.0, 1.5)
     assert PlanningProblem.create(f, TINY, JOB, again).digest() == plan.inputs_digest
     assert PlannerOptions(saturation=[1.0, 1.5]) == PlannerOptions(saturation=(1.0, 1.5))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("solver", "match"),
+    [("lagrangian", "saturating progress model"), ("sweep", "SAT saturating progress")],
+)
+def test_solvers_that_cannot_plan_saturation_say_so(solver: str, match: str) -> None:
+    with pytest.raises(PlannerInputError, match=match):
+        plan_round(fleet(2, 0), TINY, JOB, options(solver, (1.0, 1.2)))
