@@ -775,14 +775,6 @@ def input_digests(cfg: JobConfig) -> dict[str, Any]:
 # default: the legend that wrote the file did not have the option and behaved as this value,
 # in the jobs where the option matters. (Options added without a change of behaviour need
 # no entry: absent means their default.)
-OLDER_BEHAVIOUR: dict[tuple[str, str], tuple[Any, Callable[[JobConfig], bool]]] = {
-    # before it existed the server optimizer stepped every parameter every round
-    ("federation", "server_lazy"): (False, lambda c: c.federation.server_optimizer != "none"),
-    # before it existed the progress objective valued every device's slots additively
-    ("planner", "saturation"): ("none", lambda c: _saturates_by_default(c)),
-}
-
-
 def _saturates_by_default(cfg: JobConfig) -> bool:
     """Whether ``saturation = "auto"`` plans ``cfg`` otherwise than the additive model: a
     coverage response is stored with its model's prior (docs/planner.md)."""
@@ -796,6 +788,14 @@ def _saturates_by_default(cfg: JobConfig) -> bool:
     except ModelInputError:
         return False
     return prior is not None and prior.coverage_response is not None
+
+
+OLDER_BEHAVIOUR: dict[tuple[str, str], tuple[Any, Callable[[JobConfig], bool]]] = {
+    # before it existed the server optimizer stepped every parameter every round
+    ("federation", "server_lazy"): (False, lambda c: c.federation.server_optimizer != "none"),
+    # before it existed the progress objective valued every device's slots additively
+    ("planner", "saturation"): ("none", _saturates_by_default),
+}
 
 
 def _saved_raw(saved: Path) -> dict[str, Any] | None:

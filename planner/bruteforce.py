@@ -27,13 +27,13 @@ times the largest ``U`` of any feasible combination), breaking ties by larger ``
 
 from __future__ import annotations
 
-import itertools
 import math
 from importlib import metadata
 
 import numpy as np
 from numpy.typing import NDArray
 
+from legend.planner.catalog import count_configurations, device_configurations
 from legend.planner.diagnose import blocked_devices, explain_infeasibility
 from legend.planner.errors import InfeasibleError, PlannerInputError
 from legend.planner.greedy import check_fleet_options
@@ -56,36 +56,6 @@ def _version() -> str:
         return "legend " + metadata.version("legend")
     except metadata.PackageNotFoundError:  # pragma: no cover
         return "legend"
-
-
-def device_configurations(
-    num_layers: int, ranks: tuple[int, ...], *, min_depth: int = 1, monotone: bool = True
-) -> list[Configuration]:
-    """Every configuration of one device: top blocks of ``min_depth..num_layers`` layers,
-    each layer at a rank of ``ranks`` (non-decreasing toward the output when ``monotone``).
-    """
-    out: list[Configuration] = []
-    for depth in range(min_depth, num_layers + 1):
-        layers = tuple(range(num_layers - depth, num_layers))
-        combos = (
-            itertools.combinations_with_replacement(ranks, depth)
-            if monotone
-            else itertools.product(ranks, repeat=depth)
-        )
-        for combo in combos:
-            out.append((layers, tuple(combo)))
-    return out
-
-
-def count_configurations(
-    num_layers: int, num_ranks: int, *, min_depth: int = 1, monotone: bool = True
-) -> int:
-    """How many configurations :func:`device_configurations` lists, without listing them."""
-    if monotone:
-        return sum(
-            math.comb(d + num_ranks - 1, num_ranks - 1) for d in range(min_depth, num_layers + 1)
-        )
-    return sum(num_ranks**d for d in range(min_depth, num_layers + 1))
 
 
 def _count(sizes: list[int]) -> int:
@@ -204,12 +174,8 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
         grid = problem.job.ranks
         slot_cover = [np.zeros(sizes) for _ in range(gains.size)]
         for i, device in enumerate(fleet.devices):
-            slots = np.asarray(
-                [
-                    column_slots([ranks], L, grid)[0] if layers else np.zeros(gains.size)
-                    for layers, ranks in per_device[i]
-                ]
-            )
+            # a device sitting out ((), ()) trains no slot: a row of zeros
+            slots = column_slots([ranks for _, ranks in per_device[i]], L, grid)
             for q in range(gains.size):
                 slot_cover[q] = slot_cover[q] + axis(device.num_samples / n_bar * slots[:, q], i)
         total_u = n_bar * sum(

@@ -28,6 +28,7 @@ linear in the fleet size.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ __all__ = [
     "FleetCosts",
     "build_catalogue",
     "complete_catalogue",
+    "count_configurations",
+    "device_configurations",
     "fleet_costs",
     "group_identical",
     "shared_costs",
@@ -250,6 +253,36 @@ def build_catalogue(problem: PlanningProblem) -> Catalogue:
     )
 
 
+def device_configurations(
+    num_layers: int, ranks: tuple[int, ...], *, min_depth: int = 1, monotone: bool = True
+) -> list[Configuration]:
+    """Every configuration of one device: top blocks of ``min_depth..num_layers`` layers,
+    each layer at a rank of ``ranks`` (non-decreasing toward the output when ``monotone``).
+    """
+    out: list[Configuration] = []
+    for depth in range(min_depth, num_layers + 1):
+        layers = tuple(range(num_layers - depth, num_layers))
+        combos = (
+            itertools.combinations_with_replacement(ranks, depth)
+            if monotone
+            else itertools.product(ranks, repeat=depth)
+        )
+        for combo in combos:
+            out.append((layers, tuple(combo)))
+    return out
+
+
+def count_configurations(
+    num_layers: int, num_ranks: int, *, min_depth: int = 1, monotone: bool = True
+) -> int:
+    """How many configurations :func:`device_configurations` lists, without listing them."""
+    if monotone:
+        return sum(
+            math.comb(d + num_ranks - 1, num_ranks - 1) for d in range(min_depth, num_layers + 1)
+        )
+    return sum(num_ranks**d for d in range(min_depth, num_layers + 1))
+
+
 # At most this many configurations make a complete catalogue (complete_catalogue).
 MAX_COMPLETE = 20_000
 
@@ -266,24 +299,13 @@ def complete_catalogue(problem: PlanningProblem) -> Catalogue | None:
     one, so its MILP plans over every configuration where they are few (MiniLM with ranks
     2-16: 209). Its columns are not sorted for :meth:`Catalogue.by_depth`'s guarantee.
     """
-    import itertools
-
     L = problem.spec.num_layers
     opts = problem.options
     grid = tuple(int(r) for r in problem.job.ranks)
-    K = len(grid)
-    depths = range(opts.min_depth, L + 1)
-    count = sum(math.comb(d + K - 1, K - 1) if opts.monotone_ranks else K**d for d in depths)
-    if count > MAX_COMPLETE:
+    shape = {"min_depth": opts.min_depth, "monotone": opts.monotone_ranks}
+    if count_configurations(L, len(grid), **shape) > MAX_COMPLETE:
         return None
-    vectors: list[tuple[int, ...]] = []
-    for d in depths:
-        combos = (
-            itertools.combinations_with_replacement(grid, d)
-            if opts.monotone_ranks
-            else itertools.product(grid, repeat=d)
-        )
-        vectors.extend(tuple(c) for c in combos)
+    vectors = [ranks for _, ranks in device_configurations(L, grid, **shape)]
     w = problem.layer_weights
     gain = problem.gain_of()
     depth = np.asarray([len(v) for v in vectors], dtype=np.int64)

@@ -148,6 +148,7 @@ def plan_progress(
     n_bar = float(n.mean())
     if n_bar <= 0:
         return 0.0
+    # by the layers each device trains (a baseline's need not be a top block)
     g = np.asarray(grid, dtype=np.int64)
     cover = np.zeros((L, K))
     for (layers, ranks), n_i in zip(configs, n, strict=True):

@@ -74,6 +74,8 @@ def test_slots_and_progress_by_hand() -> None:
     # equal samples: layer 1's first slot covered twice (counts once), the rest once
     value = plan_progress(configs, [100, 100], gains, (2, 4), curve)
     assert value == pytest.approx(100 * (0.25 + 0.5 + 1.5))
+    # a baseline's layers need not be a top block: layer 0 alone covers layer 0's slot
+    assert plan_progress([((0,), (2,))], [100], gains, (2, 4), curve) == pytest.approx(25.0)
 
 
 def test_linear_response_is_the_additive_model() -> None:
