@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     markdown_table,
+    read_csv,
     reproduce_command,
     run_checkpoints,
     set_offline_env,
@@ -104,8 +105,6 @@ def round_coverage(run: Path, num_layers: int, ranks: Sequence[int]) -> dict[int
     """Per round ``[layer, slot group]``: how many mean-sized devices trained it (the
     samples of the devices whose update was accepted, over their mean), from the run's
     ``devices.csv``; empty when the run has none."""
-    from common import read_csv
-
     path = run / "devices.csv"
     if not path.is_file():
         return {}
@@ -229,9 +228,7 @@ def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, A
     for number, path in run_checkpoints(run):
         after = AdapterState.from_npz(path)
         loss_after, grads_after, head_after = _gradients(host, spec.family, after, split, batch)
-        layer_part = np.zeros(spec.num_layers)
-        group_part = np.zeros(len(groups))
-        cell_part = np.zeros((spec.num_layers, len(groups)))
+        cell_part = np.zeros((spec.num_layers, len(groups)))  # [layer, slot group]
         for key, (a1, b1) in after.factors.items():
             a0, b0 = (x.astype(np.float64) for x in before.factors[key])
             a1, b1 = a1.astype(np.float64), b1.astype(np.float64)
@@ -240,10 +237,9 @@ def attribute(run: Path, split_name: str, max_examples: int) -> list[dict[str, A
             slot = -scale * (
                 np.einsum("ok,oi,ki->k", b1, g, a1) - np.einsum("ok,oi,ki->k", b0, g, a0)
             )
-            layer_part[key[0]] += float(slot.sum())
             for j, (lo, hi) in enumerate(groups):
-                group_part[j] += float(slot[lo:hi].sum())
                 cell_part[key[0], j] += float(slot[lo:hi].sum())
+        layer_part, group_part = cell_part.sum(axis=1), cell_part.sum(axis=0)
         head_part = 0.0
         for name, grad in head_grads.items():
             # PEFT's "base_model.model.classifier.modules_to_save.default.weight" is the

@@ -192,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.saturation and args.objective != "progress":
         parser.error("--saturation applies to --objective progress only")
+    if not 0 <= args.mip_gap < 1:
+        parser.error(f"--mip-gap must be in [0, 1), got {args.mip_gap}")
     sizes = args.sizes or ([10, 30] if args.smoke else [10, 30, 100, 300, 1000])
     seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     default_out = "planner_quality_smoke" if args.smoke else "planner_quality"
