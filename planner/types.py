@@ -468,18 +468,15 @@ class PlanningProblem:
         return saturation_curve(prior.coverage_response)
 
     def progress_of(self, configs: Sequence[Configuration]) -> float:
-        """The utility ``U`` of per-device configurations (fleet order): ``sum_i u_i``
-        under the additive model, ``P`` of :mod:`legend.planner.saturation` otherwise."""
-        samples = [d.num_samples for d in self.fleet.devices]
+        """The saturating progress ``P`` (:mod:`legend.planner.saturation`) of per-device
+        configurations in fleet order; only under a coverage response (``saturation``)."""
         curve = self.saturation
         if curve is None:
-            return float(
-                sum(
-                    n * self.utility_per_sample(*cfg)
-                    for n, cfg in zip(samples, configs, strict=True)
-                    if cfg[0]
-                )
+            raise PlannerInputError(
+                "progress_of values plans on the saturating model; this problem is additive "
+                '(saturation "none", or "auto" without a stored response)'
             )
+        samples = [d.num_samples for d in self.fleet.devices]
         gains = slot_gains(self.layer_weights, self.rank_gains)
         return plan_progress(configs, samples, gains, self.job.ranks, curve)
 
