@@ -225,6 +225,7 @@ def build_config(args: argparse.Namespace, method: str, seed: int) -> Any:
             device=args.device,
             loss=args.loss,
             optimizer=args.optimizer,
+            cache_prefix=args.cache_prefix,
         ),
         data=DataSection(
             dataset=args.dataset,
@@ -685,6 +686,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--topology", default=None, help="topology file (default: the setting's; '' for none)"
     )
+    parser.add_argument(
+        "--cache-prefix",
+        action="store_true",
+        help="every method's devices keep their frozen-prefix features (train.cache_prefix)",
+    )
     parser.add_argument("--jitter", type=float, default=0.1)
     parser.add_argument("--max-train", type=int, default=0)
     parser.add_argument("--max-test", type=int, default=2000, help="held-out sentences")
@@ -789,7 +795,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"learning rate {args.learning_rate} with the {args.loss} loss, server optimizer "
         f"{args.server_optimizer} at {args.server_lr}, Dirichlet alpha {args.alpha}, "
         f"{args.max_test} held-out test examples evaluated after every round, jitter "
-        f"{args.jitter}. Accuracy: the mean of the last {args.window} rounds; time and bytes "
+        f"{args.jitter}"
+        + (
+            "; every device keeps its frozen-prefix features (train.cache_prefix; each pays "
+            "for computing them in its first round that reads them)"
+            if args.cache_prefix
+            else ""
+        )
+        + f". Accuracy: the mean of the last {args.window} rounds; time and bytes "
         f"to a target: at the first round whose {args.window}-round moving average reaches "
         f"it. Target accuracy {args.target}; common target: per seed, the lowest accuracy "
         f"among the methods. Late gain: the mean of the last {args.flat_window} rounds minus "

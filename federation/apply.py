@@ -305,6 +305,14 @@ class AdapterHost:
                 f"`base_model` must be frozen, but {len(trainable)} parameters require grad "
                 f"(e.g. `{trainable[0]}`); load it with legend.models.loaders.load_base_model"
             )
+        from legend.federation.prefix import PREFIX_FAMILIES
+
+        if job.cache_prefix and spec.family not in PREFIX_FAMILIES:
+            raise FederationInputError(
+                f"`train.cache_prefix` = true needs a model of the "
+                f"{' or '.join(PREFIX_FAMILIES)} family; {spec.name} is a {spec.family!r} "
+                "model: set it to false"
+            )
         self.base_model = base_model
         self.spec = spec
         self.job = job

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -107,6 +107,9 @@ class ClientInstruction:
     fault: str | None = None  # injected: "drop" or one of FAULT_KINDS
     loss: str = "cross-entropy"  # the local loss (train.loss)
     optimizer: str = "adamw"  # the local optimizer (train.optimizer)
+    # compute the frozen-prefix features first (train.cache_prefix; the device's first
+    # round that reads them): the simulated clock charges it
+    build_prefix: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,6 +191,7 @@ class ServerCore:
         estimates: Mapping[str, tuple[float, float, float]] | None = None,
         topology: Topology | None = None,
         optimizer_state: OptimizerState | None = None,
+        prefix_built: Iterable[str] = (),
     ) -> None:
         self.cfg = cfg
         f = cfg.federation
@@ -213,6 +217,8 @@ class ServerCore:
         self.last_plan: Plan | None = None
         # what each configuration contributes to learning, estimated from the run
         self.progress_model = ProgressModel(spec, cfg.job_params.ranks)
+        # devices that hold their frozen-prefix features (train.cache_prefix)
+        self.prefix_built: set[str] = set(prefix_built)
 
     # -- 1. selection --------------------------------------------------------------------
     def select(self, round_index: int, available: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -228,6 +234,14 @@ class ServerCore:
     # -- 2. planning ---------------------------------------------------------------------
     def plan(self, round_index: int, device_ids: Sequence[str]) -> Plan:
         fleet = with_estimates(self.fleet.subset(device_ids), self.estimates)
+        if self.cfg.train.cache_prefix:
+            # who still has to compute its frozen-prefix features: the planner charges it
+            fleet = Fleet(
+                devices=tuple(
+                    replace(d, prefix_built=d.device_id in self.prefix_built) for d in fleet.devices
+                ),
+                source=fleet.source,
+            )
         plan = plan_for_method(
             self.cfg,
             fleet,
@@ -291,6 +305,7 @@ class ServerCore:
                     weight_decay=cfg.train.weight_decay,
                     loss=cfg.train.loss,
                     optimizer=cfg.train.optimizer,
+                    build_prefix=self._builds_prefix(dp.device_id, dp.layers),
                     freeze_a=cfg.aggregation == "ffa",
                     seed=tuple(device_seed(cfg.job.seed, round_index, index)),
                     fault=fault,
@@ -299,6 +314,15 @@ class ServerCore:
         return out
 
     # -- 4. aggregation ------------------------------------------------------------------
+    def _builds_prefix(self, device_id: str, layers: Sequence[int]) -> bool:
+        """Whether a device computes its frozen-prefix features this round: the job caches
+        them, it does not hold them yet, and its plan starts above layer 0 (reads them)."""
+        return (
+            self.cfg.train.cache_prefix
+            and device_id not in self.prefix_built
+            and min(layers, default=0) > 0
+        )
+
     def finish_round(
         self,
         round_index: int,
@@ -388,7 +412,14 @@ class ServerCore:
             if self.topology is not None
             else ()
         )
-        self._update_estimates(replies)
+        built = {
+            r.device_id
+            for r in answered
+            if r.state is not None
+            and self._builds_prefix(r.device_id, plan.device(r.device_id).layers)
+        }
+        self._update_estimates(replies, built)
+        self.prefix_built |= built
 
         device_rows = []
         for dp in plan.devices:
@@ -500,8 +531,9 @@ class ServerCore:
             )
         return rows
 
-    def _update_estimates(self, replies: Sequence[ClientReply]) -> None:
-        """EMA capacity estimation from observed compute time and link throughput."""
+    def _update_estimates(self, replies: Sequence[ClientReply], built: set[str]) -> None:
+        """EMA capacity estimation from observed compute time and link throughput (``built``:
+        the devices that also computed their frozen-prefix features)."""
         rho = self.cfg.federation.ema
         for reply in replies:
             if reply.dropped or reply.sim_compute_s <= 0:
@@ -514,6 +546,8 @@ class ServerCore:
             flops = self.cfg.job_params.steps_for(device) * self.costs.step_flops(
                 dp.layers, dp.ranks
             )
+            if reply.device_id in built:
+                flops += self.costs.prefix_build_flops(reply.num_samples)
             obs_tflops = flops / reply.sim_compute_s / 1e12
             obs_up = (
                 reply.upload_bytes * 8 / reply.sim_upload_s / 1e6 if reply.sim_upload_s > 0 else up
@@ -620,6 +654,9 @@ class ClientCore:
                 memory_bytes=cost.memory_bytes,
                 dropped=True,
             )
+        compute_s = cost.compute_s
+        if ins.build_prefix:
+            compute_s += self.costs.prefix_build_flops(batches.num_samples) / profile.flops_per_s
         start = time.perf_counter()
         with self.host.activate(dp, ins.init_state, freeze_a=ins.freeze_a) as model:
             decrease = LayerDecrease(self.host.layer_parameters())
@@ -634,6 +671,8 @@ class ClientCore:
                 optimizer=ins.optimizer,
                 seed=ins.seed,
                 decrease=decrease,
+                # the frozen layers below the lowest adapted one come from the device's cache
+                prefix_layers=min(ins.layers, default=0) if self.costs.job.cache_prefix else 0,
             )
             state = self.host.extract()
         host_time = time.perf_counter() - start
@@ -647,7 +686,7 @@ class ClientCore:
             train_loss=loss,
             steps=ins.local_steps,
             host_time_s=host_time,
-            sim_compute_s=cost.compute_s * float(noise[0]),
+            sim_compute_s=compute_s * float(noise[0]),
             sim_download_s=cost.download_s * float(noise[1]),
             sim_upload_s=cost.upload_s * float(noise[2]),
             download_bytes=cost.download_bytes,

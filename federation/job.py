@@ -111,6 +111,10 @@ class TrainSection:
     # The simulated device clock does not depend on it; on cuda, runs are repeatable on
     # the same machine but not bit-identical to cpu runs.
     device: str = "cpu"
+    # each device keeps the output of its frozen layers below the adapted block (computed
+    # once, without dropout, when it joins) and runs forward only from its lowest adapted
+    # layer; bert and roberta models. See docs/costs.md, "The frozen-prefix cache"
+    cache_prefix: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,6 +230,7 @@ class JobConfig:
             ranks=t.ranks,
             train_head=True,
             lora_scale=t.lora_scale,
+            cache_prefix=t.cache_prefix,
         )
 
     @property

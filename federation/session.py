@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -481,6 +481,16 @@ class _Progress:
     val_loss: float = math.nan
     # the progress model's state (:meth:`ProgressModel.to_dict`), None before any round
     progress_model: dict[str, Any] | None = None
+    # devices holding their frozen-prefix features (``train.cache_prefix``), sorted
+    prefix_built: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix_built, list) or not all(
+            isinstance(d, str) for d in self.prefix_built
+        ):
+            raise ValueError(
+                f"`prefix_built` must be a list of device ids, got {self.prefix_built!r}"
+            )
 
 
 def _sha256(path: Path) -> str:
@@ -1127,6 +1137,7 @@ class RunSession:
             estimates=estimates,
             topology=load_topology(cfg.job.topology, p.fleet) if cfg.job.topology else None,
             optimizer_state=optimizer_state,
+            prefix_built=progress.prefix_built,
         )
         if progress.progress_model is not None:
             try:
@@ -1221,6 +1232,7 @@ class RunSession:
         row["val_loss_drop"] = drop
         progress.val_loss = val_loss
         progress.progress_model = self.server.progress_model.to_dict()
+        progress.prefix_built = sorted(self.server.prefix_built)
         row["sim_time_s"] = row["sim_time_s"] + progress.server_time_s
         if progress.accepted_updates is not None:
             progress.accepted_updates += int(row["participants"])

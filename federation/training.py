@@ -146,8 +146,14 @@ def train_steps(
     loss: str = "cross-entropy",
     optimizer: str = "adamw",
     decrease: LayerDecrease | None = None,
+    prefix_layers: int = 0,
 ) -> float:
     """Run ``steps`` optimizer steps on batches drawn (seeded) from the device's data.
+
+    ``prefix_layers > 0`` trains from the frozen-prefix cache (:mod:`legend.federation.prefix`):
+    the output of the frozen layers ``0..prefix_layers-1`` is computed once for the device's
+    samples, without dropout, and every step runs forward from layer ``prefix_layers`` up.
+    The model must adapt no layer below it.
 
     Returns the mean training loss; ``decrease``, when given, records every step's
     first-order loss decrease per layer (:class:`LayerDecrease`). Only parameters that
@@ -179,6 +185,14 @@ def train_steps(
     # (engines that train devices in other processes or orders then agree).
     torch_seed = int(np.random.default_rng([*list(seed), 5]).integers(2**62))
     device = _device_of(model)
+    features = None
+    if prefix_layers > 0:
+        from legend.federation.prefix import prefix_features
+
+        tensors = {
+            k: v for k, v in _to(data.split.batch(data.indices), device).items() if k != "labels"
+        }
+        features = prefix_features(model, tensors, prefix_layers, batch_size=batch_size)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(torch_seed)
         losses = _train_loop(
@@ -192,6 +206,7 @@ def train_steps(
             if loss == "logit-adjusted"
             else None,
             decrease=decrease,
+            prefix=(prefix_layers, features) if features is not None else None,
         )
     model.eval()
     return float(np.mean(losses)) if losses else math.nan
@@ -207,7 +222,12 @@ def _train_loop(
     batch_size: int,
     log_prior: torch.Tensor | None = None,
     decrease: LayerDecrease | None = None,
+    prefix: tuple[int, torch.Tensor] | None = None,
 ) -> list[float]:
+    from contextlib import nullcontext
+
+    from legend.federation.prefix import feature_rows, from_layer
+
     model.train()
     losses: list[float] = []
     n = data.num_samples
@@ -221,12 +241,18 @@ def _train_loop(
         cursor += len(take)
         batch = _to(data.split.batch(data.indices[take]), _device_of(model))
         optimizer.zero_grad(set_to_none=True)
-        if log_prior is None:
-            loss = model(**batch).loss
-        else:
-            labels = batch.pop("labels")
-            logits = model(**batch).logits
-            loss = torch.nn.functional.cross_entropy(logits + log_prior, labels)
+        cached = (
+            nullcontext()
+            if prefix is None
+            else from_layer(model, prefix[0], feature_rows(prefix[1], take))
+        )
+        with cached:
+            if log_prior is None:
+                loss = model(**batch).loss
+            else:
+                labels = batch.pop("labels")
+                logits = model(**batch).logits
+                loss = torch.nn.functional.cross_entropy(logits + log_prior, labels)
         if not torch.isfinite(loss):
             losses.append(math.nan)
             break

@@ -361,6 +361,12 @@ def shared_costs(
     return (table.memory_const_bytes, m1, m2), (table.bytes_const, b2)
 
 
+def setup_seconds(problem: PlanningProblem) -> np.ndarray:
+    """Per device, the seconds it spends before its local steps (``CostModel.setup_s``)."""
+    devices = problem.fleet.devices
+    return np.fromiter((problem.costs.setup_s(d) for d in devices), float, len(devices))
+
+
 def fleet_costs(problem: PlanningProblem) -> FleetCosts:
     """:class:`FleetCosts` of the problem's fleet, checked against the cost model."""
     devices = problem.fleet.devices
@@ -374,6 +380,7 @@ def fleet_costs(problem: PlanningProblem) -> FleetCosts:
     down_spb = 8.0 / (down * 1e6)
     up_spb = 8.0 / (up * 1e6)
     c_const, c_layer, c_rank = problem.costs.compute_coefficients(steps / (tflops * 1e12))
+    c_const = c_const + setup_seconds(problem)
     _memory, (b0, b1) = shared_costs(problem)
     link = down_spb + up_spb
     fc = FleetCosts(
@@ -427,8 +434,9 @@ class DeviceGroups:
 
 
 def group_identical(problem: PlanningProblem, route_key: np.ndarray | None = None) -> DeviceGroups:
-    """Group devices whose tflops, memory, links, local steps, samples (and route over the
-    topology's congested links, ``route_key``) are equal; groups ordered by first member."""
+    """Group devices whose tflops, memory, links, local steps, samples, setup time (and route
+    over the topology's congested links, ``route_key``) are equal; groups ordered by first
+    member."""
     devices = problem.fleet.devices
     n = len(devices)
     job = problem.job
@@ -439,6 +447,7 @@ def group_identical(problem: PlanningProblem, route_key: np.ndarray | None = Non
         np.fromiter((d.downlink_mbps for d in devices), float, n),
         np.fromiter((job.steps_for(d) for d in devices), float, n),
         np.fromiter((d.num_samples for d in devices), float, n),
+        setup_seconds(problem),
     ]
     if route_key is not None:
         cols.append(route_key.astype(float))

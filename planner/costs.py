@@ -13,7 +13,10 @@ Time of device ``i``:
     download_s = B_i / downlink_i,   upload_s = B_i / uplink_i
     time_s     = compute_s + download_s + upload_s
 
-with ``B_i = bytes_per_param * (sum_l r_l p_l + head params)``. FLOPs come from the
+with ``B_i = bytes_per_param * (sum_l r_l p_l + head params)``. With the frozen-prefix cache
+(``JobParams.cache_prefix``) a step runs forward only through the ``depth`` layers from the
+lowest adapted one up: ``F_fwd`` becomes ``F_fwd - (L - depth) * F_layer`` (the layers
+below are read from the device's cache), still affine in the depth. FLOPs come from the
 :class:`~legend.models.spec.ModelSpec` (analytic) or from a :class:`Calibration` measured on
 the host (``legend calibrate``), in which case host seconds are scaled to the device by the
 ratio of effective TFLOPS.
@@ -209,6 +212,7 @@ class CostModel:
             self._bwd_layer = spec.layer_forward_flops_per_token(job.seq_len) * tokens
             self._lora_rank = spec.lora_flops_per_token_per_rank() * tokens
             self._head_bwd = 2.0 * spec.head_params * tokens
+            self._fwd_layer = self._bwd_layer
         else:
             # Host seconds per local step, scaled to this job's token count; converted to
             # "host-equivalent FLOPs" so that dividing by device FLOP/s gives device seconds.
@@ -218,6 +222,17 @@ class CostModel:
             self._bwd_layer = calibration.backward_per_layer_s * ratio * host_flops_per_s
             self._lora_rank = calibration.lora_per_rank_s * ratio * host_flops_per_s
             self._head_bwd = 0.0  # included in the measured backward
+            # the measured forward pass, shared evenly by the layers (the embeddings' small
+            # share with them)
+            self._fwd_layer = self._fwd / spec.num_layers
+        # the forward FLOPs a step needs whatever its depth: all of them without the cache;
+        # with it, what the layers leave (embeddings and pooler) plus, per layer of depth,
+        # one layer's forward (``_step_fwd_layer``)
+        self._step_fwd_const = self._fwd
+        self._step_fwd_layer = 0.0
+        if job.cache_prefix:
+            self._step_fwd_const = self._fwd - spec.num_layers * self._fwd_layer
+            self._step_fwd_layer = self._fwd_layer
         self._memory = self._memory_model()
 
     # -- the pieces ---------------------------------------------------------------------
@@ -240,10 +255,11 @@ class CostModel:
         """FLOPs (or calibrated host-equivalent FLOPs) of one local step."""
         if not layers:
             return 0.0
+        depth = self.backward_depth(layers)
         return (
-            self._fwd
+            self._step_fwd_const
             + self._head_bwd
-            + self.backward_depth(layers) * self._bwd_layer
+            + depth * (self._step_fwd_layer + self._bwd_layer)
             + sum(ranks) * self._lora_rank
         )
 
@@ -255,8 +271,8 @@ class CostModel:
         the planner's contiguous top blocks, vectorised over a fleet.
         """
         return (
-            steps_per_flops * (self._fwd + self._head_bwd),
-            steps_per_flops * self._bwd_layer,
+            steps_per_flops * (self._step_fwd_const + self._head_bwd),
+            steps_per_flops * (self._step_fwd_layer + self._bwd_layer),
             steps_per_flops * self._lora_rank,
         )
 
@@ -324,6 +340,27 @@ class CostModel:
             return 0.0
         return self._memory.bytes(self.backward_depth(layers), sum(ranks))
 
+    def prefix_build_flops(self, num_samples: int) -> float:
+        """FLOPs of a device computing its frozen-prefix features (0 without the cache): one
+        forward pass of its ``num_samples`` samples through the embeddings and every layer
+        but the top one, so that a plan of any depth can start from them."""
+        if not self.job.cache_prefix:
+            return 0.0
+        per_sample = (self._fwd - self._fwd_layer) / self.job.batch_size
+        return num_samples * per_sample
+
+    def setup_s(self, device: DeviceProfile) -> float:
+        """Seconds a participating device spends before its local steps: computing its
+        frozen-prefix features if the job caches them and it does not hold them yet.
+
+        The planner charges it to every configuration of such a device (so costs stay affine
+        in depth and rank sum); the simulated clock charges it only where the device's plan
+        starts above layer 0, the only plans that read the features (a device planned at
+        full depth is predicted slower than it runs)."""
+        if not self.job.cache_prefix or device.prefix_built:
+            return 0.0
+        return self.prefix_build_flops(device.num_samples) / device.flops_per_s
+
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(
         self, device: DeviceProfile, layers: tuple[int, ...], ranks: tuple[int, ...]
@@ -342,6 +379,7 @@ class CostModel:
             )
         steps = self.job.steps_for(device)
         compute = steps * self.step_flops(layers, ranks) / device.flops_per_s
+        compute += self.setup_s(device)
         params = self.trainable_params(layers, ranks)
         nbytes = float(params * self.job.bytes_per_param)
         down = nbytes / device.downlink_bps
@@ -365,10 +403,12 @@ class CostModel:
         bpp = self.job.bytes_per_param
         link = 1.0 / device.downlink_bps + 1.0 / device.uplink_bps
         p = self.spec.params_per_rank
-        compute_const = steps * (self._fwd + self._head_bwd) / speed
+        compute_const = steps * (self._step_fwd_const + self._head_bwd) / speed
+        compute_const += self.setup_s(device)
         bytes_const = float(self.head_params() * bpp)
+        per_layer = self._step_fwd_layer + self._bwd_layer
         compute_coef = tuple(
-            tuple(steps * (self._bwd_layer + r * self._lora_rank) / speed for r in self.job.ranks)
+            tuple(steps * (per_layer + r * self._lora_rank) / speed for r in self.job.ranks)
             for _ in range(self.spec.num_layers)
         )
         bytes_coef = tuple(

@@ -242,8 +242,11 @@ class _Greedy:
         self.start_depth = max(opts.min_depth, coverage_depth)
         self.server_bps = None if opts.server_mbps is None else opts.server_mbps * 1e6 / 8
 
-        # Distinct cost profiles: the cost model sees speed, links and local steps only.
+        # Distinct cost profiles: the cost model sees speed, links, local steps and setup time
+        # (frozen-prefix features still to compute) only.
         # Profiles are numbered in the order of their first device.
+        from legend.planner.catalog import fleet_costs, setup_seconds, shared_costs
+
         devices = fleet.devices
         n = len(devices)
         keys = [
@@ -251,6 +254,7 @@ class _Greedy:
             np.fromiter((d.uplink_mbps for d in devices), np.float64, n),
             np.fromiter((d.downlink_mbps for d in devices), np.float64, n),
             np.fromiter((problem.job.steps_for(d) for d in devices), np.float64, n),
+            setup_seconds(problem),
         ]
         order = np.lexsort(keys[::-1])  # stable: the first device of a profile comes first
         same = np.ones(max(n - 1, 0), dtype=bool)  # as the device before it in that order
@@ -266,7 +270,6 @@ class _Greedy:
         representative_index = np.sort(firsts)
         # Costs from the cost model's affine coefficients (checked against it), vectorised:
         # every layer costs the same, and each coefficient is affine in the rank.
-        from legend.planner.catalog import fleet_costs, shared_costs
 
         fc = fleet_costs(problem)
         reps = representative_index

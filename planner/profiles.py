@@ -49,7 +49,7 @@ REQUIRED_FIELDS = (
     "downlink_mbps",
     "num_samples",
 )
-OPTIONAL_FIELDS = ("local_steps", "device_class")
+OPTIONAL_FIELDS = ("local_steps", "device_class", "prefix_built")
 _POSITIVE_FLOATS = ("tflops", "memory_gb", "uplink_mbps", "downlink_mbps")
 _POSITIVE_INTS = ("num_samples", "local_steps")
 MAX_COUNT = 10**12  # bound of integer fields (samples, steps): beyond it a value is a mistake
@@ -67,8 +67,17 @@ class DeviceProfile:
     num_samples: int
     local_steps: int | None = None
     device_class: str | None = None
+    prefix_built: bool = True
+    """Whether the device already holds its frozen-prefix features; read only when the job
+    caches the prefix (``JobParams.cache_prefix``). A federated run sets it ``False`` for a
+    device until its first round with the cache, which then also computes them."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prefix_built, bool):
+            raise FleetError(
+                f"device {self.device_id!r}: `prefix_built` must be true or false, "
+                f"got {self.prefix_built!r}"
+            )
         if not isinstance(self.device_id, str) or not self.device_id.strip():
             raise FleetError(f"`device_id` must be a non-empty string, got {self.device_id!r}")
         for name in _POSITIVE_FLOATS:
@@ -116,6 +125,8 @@ class DeviceProfile:
             "num_samples": self.num_samples,
             "local_steps": self.local_steps,
             "device_class": self.device_class,
+            # only when not the default, so fleets written before it read and hash the same
+            **({} if self.prefix_built else {"prefix_built": False}),
         }
 
 
@@ -196,6 +207,10 @@ class JobParams:
 
     ``bytes_per_param`` is what one transferred parameter costs on the wire (4 for fp32,
     2 for fp16); ``weight_precision`` is how the frozen base weights sit in memory.
+    ``cache_prefix``: each device keeps the output of the frozen layers below its adapted
+    block for its local samples (computed once, without dropout, when it joins), so a local
+    step runs forward only from its lowest adapted layer (docs/costs.md, "The frozen-prefix
+    cache").
     """
 
     batch_size: int = 16
@@ -207,8 +222,13 @@ class JobParams:
     ranks: tuple[int, ...] = (2, 4, 8, 16)
     train_head: bool = True
     lora_scale: float = 2.0
+    cache_prefix: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cache_prefix, bool):
+            raise PlannerInputError(
+                f"`cache_prefix` must be true or false, got {self.cache_prefix!r}"
+            )
         for name in ("batch_size", "seq_len", "local_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -239,6 +259,8 @@ class JobParams:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        # ``cache_prefix`` only when set, so the digests of plans made before it are unchanged
+        extra = {"cache_prefix": True} if self.cache_prefix else {}
         return {
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
@@ -251,6 +273,7 @@ class JobParams:
             "ranks": list(self.ranks),
             "train_head": self.train_head,
             "lora_scale": self.lora_scale,
+            **extra,
         }
 
 
@@ -314,10 +337,24 @@ def _device_from_row(row: Mapping[str, Any], source: str, row_number: int) -> De
     device_class = row.get("device_class")
     if device_class is not None and str(device_class).strip():
         values["device_class"] = str(device_class).strip()
+    built = row.get("prefix_built")
+    if built is not None and not (isinstance(built, str) and not built.strip()):
+        values["prefix_built"] = _boolean(built, "prefix_built", where)
     try:
         return DeviceProfile(**values)
     except FleetError as exc:
         raise FleetError(f"{where}: {exc}") from None
+
+
+def _boolean(raw: Any, name: str, where: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise FleetError(f"{where}: field `{name}` = {raw!r} must be true or false")
 
 
 def _number(raw: Any, name: str, where: str, *, integer: bool) -> Any:

@@ -129,6 +129,7 @@ def instruction_to_record(ins: ClientInstruction, job: ConfigRecord) -> RecordDi
             "freeze-a": bool(ins.freeze_a),
             "seed": [int(x) for x in ins.seed],
             "fault": ins.fault or "",
+            "build-prefix": bool(ins.build_prefix),
         }
     )
     return RecordDict(
@@ -206,6 +207,8 @@ def instruction_from_record(content: RecordDict) -> ClientInstruction:
         **fields,
         init_state=state_from_arrays(content.array_records[ADAPTER]),
         fault=read_field(c, "fault", str, what) or None,
+        # absent from the messages of servers before the frozen-prefix cache: no build
+        build_prefix=read_field(c, "build-prefix", bool, what) if "build-prefix" in c else False,
     )
 
 
