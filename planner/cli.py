@@ -167,6 +167,14 @@ def plan_command(
             "--weight-precision", help="Frozen weights in memory: fp32, fp16, bf16, int8, 4bit."
         ),
     ] = "fp32",
+    cache_prefix: Annotated[
+        bool,
+        typer.Option(
+            "--cache-prefix",
+            help="Devices keep their frozen layers' output and run forward only from the "
+            "lowest adapted layer (a fleet row's prefix_built=false: still to compute it).",
+        ),
+    ] = False,
     calibration: Annotated[
         Path | None,
         typer.Option("--calibration", help="Host timings from `legend calibrate` (JSON)."),
@@ -254,6 +262,7 @@ def plan_command(
         weight_precision=weight_precision,
         target_modules=target_modules,
         ranks=grid,
+        cache_prefix=cache_prefix,
     )
     if utility_floor is not None and not utility_floor > 0:
         raise PlannerInputError(f"--utility-floor must be > 0, got {utility_floor!r}")

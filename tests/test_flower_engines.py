@@ -193,6 +193,27 @@ def test_flower_deployment_matches_the_in_process_engine(reference, federation, 
     assert not serverapps
 
 
+def test_nodes_train_from_the_prefix_cache_as_the_in_process_engine(federation, tmp_path):
+    """``train.cache_prefix`` reaches the nodes (in the job's TOML) and the feature pass in
+    the instruction: the nodes' updates and clock are the in-process engine's."""
+    from legend.federation.runner import run_job
+
+    cfg = load_job(TINY, job__rounds=ROUNDS, train__cache_prefix=True)
+    reference = run_job(cfg, tmp_path / "inprocess", show_progress=False)
+    out = tmp_path / "deploy"
+    deployed = _deploy(cfg, out, federation, round_timeout_s=120.0)
+    assert deployed.rounds_completed == ROUNDS
+    assert _max_diff(deployed.global_state, reference.global_state) <= TOL
+    assert _plan_columns(out) == _plan_columns(tmp_path / "inprocess")
+    ref_rows = csv_rows(tmp_path / "inprocess" / "devices.csv")
+    got = [float(r["observed_compute_s"]) for r in csv_rows(out / "devices.csv")]
+    want = [float(r["observed_compute_s"]) for r in ref_rows]
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    # the tiny fleet's devices adapt below full depth, so some of them computed features
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["progress"]["prefix_built"]
+
+
 def _serverapp_pids(fed) -> list[int]:
     out = []
     for pid in descendants(fed.superlink.pid):

@@ -259,3 +259,40 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert Plan.from_json(ok.stdout) == Plan.load(tmp_path / "p.json")
+
+
+def test_the_frozen_prefix_cache_reaches_the_planner(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    fleet_path = tmp_path / "fleet.csv"
+    fleet_path.write_text(
+        HEADER + ",prefix_built\n"
+        "slow-new,0.05,3,4,20,90,false\nslow-old,0.05,3,4,20,90,true\nfast,1.0,8,40,200,150,\n"
+    )
+    out = tmp_path / "plan.json"
+    args = ["--fleet", str(fleet_path), "--model", "all-MiniLM-L6-v2", "--out", str(out)]
+    code = run(*args, "--seq-len", "32", "--local-steps", "5", "--cache-prefix")
+    captured = capfd.readouterr()
+    assert code == 0, captured.err
+    plan = Plan.load(out)
+    job = JobParams(seq_len=32, local_steps=5, cache_prefix=True)
+    assert plan.job["cache_prefix"] is True
+    fleet = load_fleet(fleet_path)
+    assert validate_plan(plan, fleet, _spec("all-MiniLM-L6-v2"), job) == []
+    from legend.planner.costs import CostModel
+
+    costs = CostModel(_spec("all-MiniLM-L6-v2"), job)
+    for dp in plan.participants:
+        want = costs.evaluate(fleet[dp.device_id], dp.layers, dp.ranks).compute_s
+        assert dp.predicted_compute_s == pytest.approx(want, rel=1e-9)
+    # the device still to compute its features is charged for it
+    new, old = plan.device("slow-new"), plan.device("slow-old")
+    if new.layers == old.layers and new.ranks == old.ranks:
+        assert new.predicted_compute_s > old.predicted_compute_s
+    # without the flag the same fleet plans the uncached costs, in longer rounds
+    args[-1] = str(tmp_path / "plain.json")
+    code = run(*args, "--seq-len", "32", "--local-steps", "5", "--format", "json")
+    assert code == 0
+    plain = json.loads(capfd.readouterr().out)
+    assert "cache_prefix" not in plain["job"]
+    assert plain["round_time_s"] > plan.round_time_s
