@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cache
 from importlib import metadata
 from typing import Any
 
@@ -394,11 +395,20 @@ def _solve_cvxpy_highs(milp: MILP, limits: SolveLimits) -> MilpResult:
     return MilpResult.of(status, native, version, values, objective, bound)
 
 
+@cache
 def _dist_version(name: str) -> str:
+    """An installed distribution's version ("?" if not installed); read once per process
+    (reading package metadata takes a millisecond, a share of a small plan's time)."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "?"
+
+
+def legend_version() -> str:
+    """``"legend <version>"``: the solver version of the planners written in legend."""
+    version = _dist_version("legend")
+    return "legend" if version == "?" else f"legend {version}"
 
 
 # -- HiGHS through highspy -----------------------------------------------------------------

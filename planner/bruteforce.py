@@ -28,11 +28,11 @@ times the largest ``U`` of any feasible combination), breaking ties by larger ``
 from __future__ import annotations
 
 import math
-from importlib import metadata
 
 import numpy as np
 from numpy.typing import NDArray
 
+from legend.planner.backends import legend_version
 from legend.planner.catalog import count_configurations, device_configurations
 from legend.planner.diagnose import blocked_devices, explain_infeasibility
 from legend.planner.errors import InfeasibleError, PlannerInputError
@@ -49,13 +49,6 @@ __all__ = [
 
 MAX_COMBINATIONS = 2_000_000
 _REL_TOL = 1e-9
-
-
-def _version() -> str:
-    try:
-        return "legend " + metadata.version("legend")
-    except metadata.PackageNotFoundError:  # pragma: no cover
-        return "legend"
 
 
 def _count(sizes: list[int]) -> int:
@@ -241,7 +234,7 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
         configurations=configurations,
         status="OPTIMAL",
         solver="brute-force",
-        solver_version=_version(),
+        solver_version=legend_version(),
         mip_gap=0.0,
         objective_value=value if math.isfinite(value) else None,
         deadline_s=deadline,

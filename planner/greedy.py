@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from importlib import metadata
 
 import numpy as np
 from numpy.typing import NDArray
 
+from legend.planner.backends import legend_version
 from legend.planner.diagnose import blocked_devices, fleet_reasons
 from legend.planner.errors import InfeasibleError, PlannerInputError
 from legend.planner.types import (
@@ -77,13 +77,6 @@ _REFINE_STEPS = 30
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
-
-
-def _version() -> str:
-    try:
-        return "legend " + metadata.version("legend")
-    except metadata.PackageNotFoundError:  # pragma: no cover - source checkout without install
-        return "legend"
 
 
 def _utility_tables(problem: PlanningProblem) -> tuple[FloatArray, FloatArray]:
@@ -1183,7 +1176,7 @@ def solve_greedy(problem: PlanningProblem) -> SolverOutcome:
         configurations=result.configurations,
         status="FEASIBLE",
         solver="greedy",
-        solver_version=_version(),
+        solver_version=legend_version(),
         mip_gap=None,
         objective_value=value,
         deadline_s=result.deadline_s if math.isfinite(result.deadline_s) else None,
