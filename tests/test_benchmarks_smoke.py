@@ -256,6 +256,11 @@ def test_time_to_accuracy_recipe() -> None:
     ]
     with pytest.raises(SystemExit):
         tta.parse_args(["--methods", "greedy-on-something"])
+    # the frozen-prefix cache is one switch for every method alike
+    cached = tta.parse_args(["--cache-prefix"])
+    for method in ("exact", "greedy", "uniform"):
+        assert tta.build_config(cached, method, 0).job_params.cache_prefix is True
+        assert tta.build_config(args, method, 0).job_params.cache_prefix is False
 
 
 def test_fleet50_topology_matches_its_generator() -> None:
