@@ -298,9 +298,12 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
         t0 = denominator_of(milp, milp.start)
         if t0 > 0:
             best = (float(milp.utility @ milp.start) / t0, milp.start, t0)
-    if ctx.base is not None and best is not None:
-        # the additive rate bounds the saturating one only loosely: start from the warm
-        # start's own ratio, a plan's (so every step's bound is at a tight lambda)
+    if best is not None:
+        # Start from the warm start's own ratio, a plan's: where coupling rows (shared
+        # links, floors, saturation) make the decoupled rate only an upper bound, a step at
+        # that bound favours short rounds and returns a plan worse than the warm start (a
+        # wasted solve); without them the warm start is the decoupled optimum and its ratio
+        # is that rate, which the first step verifies.
         lam, verified = best[0], True
     last: MilpResult | None = None
     ratio_ub = math.inf
@@ -326,6 +329,15 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
             # every plan has U - lam D <= bound - lam * overhead (D its denominator, the
             # constant overhead left out of the program), so U / D <= lam + that / D_lb
             ratio_ub = min(ratio_ub, lam + max(res.bound - lam * milp.overhead_s, 0.0) / t_lb)
+        if (
+            res.status == "OPTIMAL"
+            and best[0] > 0
+            and (ratio_ub - best[0]) / best[0] <= opts.mip_gap
+        ):
+            # the best plan is proven within the gap: a further step would only tighten
+            # the proof (a solve of the same program at its ratio)
+            converged = True
+            break
         if (
             lam > 0
             and ratio <= lam * (1 + DINKELBACH_RTOL)
