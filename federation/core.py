@@ -656,7 +656,7 @@ class ClientCore:
             )
         compute_s = cost.compute_s
         if ins.build_prefix:
-            compute_s += self.costs.prefix_build_flops(batches.num_samples) / profile.flops_per_s
+            compute_s += self.costs.prefix_build_s(profile, batches.num_samples)
         start = time.perf_counter()
         with self.host.activate(dp, ins.init_state, freeze_a=ins.freeze_a) as model:
             decrease = LayerDecrease(self.host.layer_parameters())

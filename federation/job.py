@@ -112,8 +112,9 @@ class TrainSection:
     # the same machine but not bit-identical to cpu runs.
     device: str = "cpu"
     # each device keeps the output of its frozen layers below the adapted block (computed
-    # once, without dropout, when it joins) and runs forward only from its lowest adapted
-    # layer; bert and roberta models. See docs/costs.md, "The frozen-prefix cache"
+    # once, without dropout, in its first round that reads it) and runs forward only from
+    # its lowest adapted layer; bert and roberta models. See docs/costs.md, "The
+    # frozen-prefix cache"
     cache_prefix: bool = False
 
 

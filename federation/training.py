@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from legend.federation.job import LOSSES, OPTIMIZERS
+from legend.federation.prefix import feature_rows, from_layer, prefix_features
 
 __all__ = [
     "LOSSES",
@@ -187,8 +189,6 @@ def train_steps(
     device = _device_of(model)
     features = None
     if prefix_layers > 0:
-        from legend.federation.prefix import prefix_features
-
         tensors = {
             k: v for k, v in _to(data.split.batch(data.indices), device).items() if k != "labels"
         }
@@ -224,10 +224,6 @@ def _train_loop(
     decrease: LayerDecrease | None = None,
     prefix: tuple[int, torch.Tensor] | None = None,
 ) -> list[float]:
-    from contextlib import nullcontext
-
-    from legend.federation.prefix import feature_rows, from_layer
-
     model.train()
     losses: list[float] = []
     n = data.num_samples

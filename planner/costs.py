@@ -349,6 +349,12 @@ class CostModel:
         per_sample = (self._fwd - self._fwd_layer) / self.job.batch_size
         return num_samples * per_sample
 
+    def prefix_build_s(self, device: DeviceProfile, num_samples: int | None = None) -> float:
+        """Seconds ``device`` takes to compute its frozen-prefix features for
+        ``num_samples`` samples (default: its profile's) (0 without the cache)."""
+        n = device.num_samples if num_samples is None else num_samples
+        return self.prefix_build_flops(n) / device.flops_per_s
+
     def setup_s(self, device: DeviceProfile) -> float:
         """Seconds a participating device spends before its local steps: computing its
         frozen-prefix features if the job caches them and it does not hold them yet.
@@ -359,7 +365,7 @@ class CostModel:
         full depth is predicted slower than it runs)."""
         if not self.job.cache_prefix or device.prefix_built:
             return 0.0
-        return self.prefix_build_flops(device.num_samples) / device.flops_per_s
+        return self.prefix_build_s(device)
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(

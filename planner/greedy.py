@@ -263,7 +263,6 @@ class _Greedy:
         representative_index = np.sort(firsts)
         # Costs from the cost model's affine coefficients (checked against it), vectorised:
         # every layer costs the same, and each coefficient is affine in the rank.
-
         fc = fleet_costs(problem)
         reps = representative_index
         (m0, m1, m2), (b0, b1) = shared_costs(problem)

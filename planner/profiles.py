@@ -208,9 +208,9 @@ class JobParams:
     ``bytes_per_param`` is what one transferred parameter costs on the wire (4 for fp32,
     2 for fp16); ``weight_precision`` is how the frozen base weights sit in memory.
     ``cache_prefix``: each device keeps the output of the frozen layers below its adapted
-    block for its local samples (computed once, without dropout, when it joins), so a local
-    step runs forward only from its lowest adapted layer (docs/costs.md, "The frozen-prefix
-    cache").
+    block for its local samples (computed once, without dropout, in its first round that
+    reads them), so a local step runs forward only from its lowest adapted layer
+    (docs/costs.md, "The frozen-prefix cache").
     """
 
     batch_size: int = 16
