@@ -25,6 +25,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 FLEET50 = BENCH_DIR / "fleet50.csv"
 FLEET50_AP = BENCH_DIR / "fleet50_ap.toml"
+FLEET50_AP_STAGGERED = BENCH_DIR / "fleet50_ap_staggered.toml"
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -118,8 +119,9 @@ FLEET50_AP_BACKHAUL_MBPS = (20.0, 40.0)  # up, down per access point
 FLEET50_SERVER_MBPS = (50.0, 100.0)  # up, down of the server's link
 
 
-def fleet50_ap_topology_toml(fleet_csv: str | None = None) -> str:
-    """The text of ``benchmarks/fleet50_ap.toml`` for the fleet ``fleet50_csv()``."""
+def fleet50_ap_topology_toml(fleet_csv: str | None = None, contention: str = "together") -> str:
+    """The text of ``benchmarks/fleet50_ap.toml`` (``contention="staggered"``:
+    ``benchmarks/fleet50_ap_staggered.toml``) for the fleet ``fleet50_csv()``."""
     text = fleet50_csv() if fleet_csv is None else fleet_csv
     rows = [line.split(",") for line in text.strip().splitlines()[1:]]
     aps = sorted({(int(r[0].rsplit("-", 1)[1]) - 1) // 2 + 1 for r in rows})
@@ -129,6 +131,15 @@ def fleet50_ap_topology_toml(fleet_csv: str | None = None) -> str:
         "# one core router whose link to the server is capped. Written by",
         "# fleet50_ap_topology_toml() in benchmarks/common.py; a test checks it.",
         "",
+    ]
+    if contention != "together":
+        out += [
+            "# The exact planner models the shared links with uploads released as devices",
+            "# finish computing (docs/topology.md, contention models).",
+            f'contention = "{contention}"',
+            "",
+        ]
+    out += [
         "[[nodes]]",
         'id = "core"',
         'kind = "router"',

@@ -567,11 +567,7 @@ class ServerCore:
 def restrict_topology(topology: Topology, device_ids: Sequence[str]) -> Topology:
     """``topology`` with routes for ``device_ids`` only (a round's sample of the fleet)."""
     keep = set(device_ids)
-    return Topology(
-        links=topology.links,
-        routes={d: r for d, r in topology.routes.items() if d in keep},
-        node_kinds=topology.node_kinds,
-    )
+    return replace(topology, routes={d: r for d, r in topology.routes.items() if d in keep})
 
 
 def round_clock(

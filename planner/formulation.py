@@ -38,6 +38,8 @@ Rows (names as in the code)::
     C10[e,g]    L_e + sum_j o_egj m[g,j] - T <= 0   (N_g = 1)        contention on e
     C10[e,g,j]  L_e + o_egj v[g,j] - T <= 0         (N_g > 1)
     C10avg[e,g] L_e + sum_j o_egj m[g,j] / N_g - T <= 0  (N_g > 1, a valid cut)
+    C10u[e,s]   theta_s w[e,s] + L_e + s_e sum_gj rem_gj(theta_s) m[g,j] - T <= 0  staggered
+    C10w[e,s,g] sum_{j: rem_gj(theta_s) > 0} m[g,j] / N_g - w[e,s] <= 0      uploads
     UF          sum_gj n_g u_j m[g,j] >= U_floor                     utility floor (O2)
     SAT[l,k]    sum_s z[lk,s] - sum_gj (n_g / n_bar) a_jlk m[g,j] <= 0  saturating progress
 
@@ -46,9 +48,17 @@ coverage response) the utility is ``n_bar sum_lk G_lk sum_s a_s z[lk,s]`` over s
 variables ``0 <= z[lk,s] <= w_s`` instead of ``sum_gj n_g u_j m[g,j]`` (``a_jlk`` = 1 when
 column ``j`` trains slot group ``k`` of layer ``l``, ``a_s`` the falling slopes of ``H``).
 
-``k_e`` is the seconds per byte of ``e`` summed over its congested directions and
-``o_egj`` the unit's compute time plus its own transfer in the directions where ``e`` is
-not congested (docs/topology.md). Coverage of the output layer (``r = 1``) holds for every
+Under the ``"together"`` contention model (the default) (:mod:`legend.planner.topology`) ``k_e`` is the
+seconds per byte of ``e`` summed over its congested directions and ``o_egj`` the unit's
+compute time plus its own transfer in the directions where ``e`` is not congested. Under
+``"staggered"`` ``k_e`` counts the downloads only, rows C10 exist where ``e``
+is congested downstream with ``o_egj`` the compute time plus the device's own upload, and
+where ``e`` is congested upstream the rows C10u bound the uploads, released at ``L_e +
+c_gj`` (own download instead of ``L_e`` without downstream congestion), at times
+``theta_s`` (``rem_gj(theta)`` the bytes a device surely still has to send then;
+``s_e`` the link's seconds per byte up). The rows are a relaxation at those times; the
+solve adds the row at a solution's own peak until the rows hold its exact round time
+(:func:`staggered_cuts`; docs/topology.md). Coverage of the output layer (``r = 1``) holds for every
 participant and needs no row. Under C7 the round lasts as long as the slower of the
 slowest participant and the server link: ``T >= 2 B / s``.
 
@@ -78,6 +88,7 @@ from legend.planner.catalog import (
 from legend.planner.errors import PlannerInputError
 from legend.planner.plan import Plan
 from legend.planner.saturation import column_slots, slot_gains
+from legend.planner.topology import staggered_upload_s
 from legend.planner.types import Configuration, PlanningProblem
 
 __all__ = [
@@ -86,6 +97,7 @@ __all__ = [
     "VarKey",
     "columns_of",
     "congested_links",
+    "staggered_cuts",
     "decode",
     "denominator_of",
     "encode",
@@ -118,6 +130,9 @@ class CongestedLink:
     up: bool
     down: bool
     devices: np.ndarray
+    up_bytes_per_s: float = math.inf
+    down_s_per_byte: float = 0.0
+    contention: str = "together"
 
 
 def congested_links(problem: PlanningProblem) -> tuple[CongestedLink, ...]:
@@ -143,7 +158,14 @@ def congested_links(problem: PlanningProblem) -> tuple[CongestedLink, ...]:
             )
             out.append(
                 CongestedLink(
-                    link=e, s_per_byte=k, up=up, down=down, devices=np.asarray(sorted(idx))
+                    link=e,
+                    s_per_byte=k,
+                    up=up,
+                    down=down,
+                    devices=np.asarray(sorted(idx)),
+                    up_bytes_per_s=link.up_mbps * MB / 8,
+                    down_s_per_byte=8 / (link.down_mbps * MB) if down else 0.0,
+                    contention=topo.contention,
                 )
             )
     return tuple(out)
@@ -164,6 +186,48 @@ class Units:
 
     def size(self, g: int) -> int:
         return len(self.groups.members[g])
+
+
+@dataclass(frozen=True, kw_only=True)
+class StaggeredUploads:
+    """The uploads through one link congested upstream under the ``"staggered"`` model:
+    per program column ``ids`` its release after ``L_e`` (``l_var``, the downloads' time;
+    ``-1`` when the link is not congested downstream and releases are absolute), bytes
+    and rate, for the exact round time of a solution (:func:`round_time_of`)."""
+
+    link: int
+    ids: np.ndarray
+    release_s: np.ndarray
+    nbytes: np.ndarray
+    rate: np.ndarray
+    s_per_byte: float
+    l_var: int
+    anchor: np.ndarray  # per entry: m (a unit of one device) or v (several): column used
+    unit: np.ndarray  # per entry: its unit
+    unit_size: np.ndarray  # per entry: its unit's number of members
+    theta: np.ndarray  # the times of the rows C10u
+    w_ids: np.ndarray  # per theta: the variable w (somebody still uploads at theta)
+
+    def rem(self, theta: float) -> np.ndarray:
+        """Per entry the bytes its device surely still has to send at ``theta``."""
+        r, b, u = self.release_s, self.nbytes, self.rate
+        return np.clip(b - np.maximum(theta - r, 0.0) * u, 0.0, b)
+
+    def row(self, theta: float, t_id: int, lead: int) -> tuple[np.ndarray, np.ndarray]:
+        """Columns and coefficients of ``theta * x[lead] + L_e + s_e sum_gj rem_gj(theta)
+        m[g,j] - T <= 0`` (``x[lead]`` is 1 when somebody still uploads at ``theta``)."""
+        rem = self.rem(theta) * self.s_per_byte
+        keep = rem > 0
+        extra = [lead, self.l_var, t_id] if self.l_var >= 0 else [lead, t_id]
+        extra_vals = [theta, 1.0, -1.0] if self.l_var >= 0 else [theta, -1.0]
+        return (
+            np.concatenate([self.ids[keep], extra]).astype(np.int64),
+            np.concatenate([rem[keep], extra_vals]),
+        )
+
+
+#: Above this many breakpoints a link's staggered rows use this many quantiles of them.
+MAX_THETA_ROWS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,6 +280,7 @@ class MILP:
     server_bytes_per_s: float | None = None
     price_s: np.ndarray | None = None
     overhead_s: float = 0.0
+    staggered: tuple[StaggeredUploads, ...] = ()
 
     @property
     def num_vars(self) -> int:
@@ -426,9 +491,13 @@ def formulate(
     l_id = n_m + len(v_cols) + (1 if has_t else 0) + np.arange(len(links))
     z_base = n_m + len(v_cols) + (1 if has_t else 0) + len(links)
     z_id = z_base + np.arange(len(slots) * n_seg).reshape(len(slots), n_seg)
-    num_vars = z_base + len(slots) * n_seg
     v_of = np.full(C, -1, dtype=np.int64)
     v_of[v_cols] = v_id
+    # w: per staggered link and row time, whether somebody still uploads then
+    w_base = z_base + len(slots) * n_seg
+    staggered = _staggered_uploads(cat, fc, units, links, l_id, v_of, w_base)
+    n_w = sum(len(up.theta) for up in staggered)
+    num_vars = w_base + n_w
 
     first_times = [units.time_s[units.start[g] : units.start[g + 1]] for g in range(G)]
     mins = [float(ft[ft > 0].min()) if (ft > 0).any() else math.inf for ft in first_times]
@@ -454,6 +523,7 @@ def formulate(
             [t_ub] if has_t else [],
             np.full(len(links), np.inf),
             np.tile(curve.widths, len(slots)) if curve is not None else [],
+            np.ones(n_w),
         ]
     )
     integer = np.concatenate(
@@ -463,6 +533,7 @@ def formulate(
             [False] if has_t else [],
             np.zeros(len(links), dtype=bool),
             np.zeros(len(slots) * n_seg, dtype=bool),
+            np.zeros(n_w, dtype=bool),
         ]
     ).astype(bool)
     if has_t:
@@ -534,7 +605,9 @@ def formulate(
     if links:
         if not has_t:
             raise PlannerInputError("internal: shared-link rows need T as a variable")
-        _link_rows(rows, problem, cat, fc, units, links, unit_of, v_of, t_id, l_id, nbytes_mb)
+        _link_rows(
+            rows, problem, cat, fc, units, links, unit_of, v_of, t_id, l_id, nbytes_mb, staggered
+        )
 
     if curve is not None:
         # SAT[q]: the segments of slot q hold at most its coverage in mean-sized devices
@@ -590,6 +663,10 @@ def formulate(
         for k in range(n_seg):
             names.append(f"z[{q},{k}]")
             index.append(VarKey("z", int(q), k))
+    for up in staggered:
+        for k in range(len(up.theta)):
+            names.append(f"w[{up.link},{k}]")
+            index.append(VarKey("w", up.link, k))
 
     milp = MILP(
         var_names=tuple(names),
@@ -614,6 +691,7 @@ def formulate(
         server_bytes_per_s=None if opts.server_mbps is None else opts.server_mbps * MB / 8,
         price_s=price_s,
         overhead_s=opts.server_overhead_s if opts.objective == "progress" else 0.0,
+        staggered=staggered,
     )
     if start is None and problem.warm_start is not None:
         start = columns_of(cat, problem, problem.warm_start)
@@ -669,7 +747,10 @@ def _link_rows(
     t_id: int,
     l_id: np.ndarray,
     nbytes_mb: np.ndarray,
+    staggered: Sequence[StaggeredUploads],
 ) -> None:
+    """Rows C10 of every congested link (module docstring; docs/topology.md for the
+    ``"staggered"`` model's rows ``C10u`` and ``C10w``)."""
     col = units.column
     part = col != OUT
     safe = np.maximum(col, 0)
@@ -677,16 +758,19 @@ def _link_rows(
     # units by link, without a pass over every column per link
     unit_of_device = units.groups.inverse
     for k, cl in enumerate(links):
+        stag = cl.contention == "staggered"
         unit_ids = np.unique(unit_of_device[cl.devices])
         cols = (
             np.concatenate([np.arange(units.start[g], units.start[g + 1]) for g in unit_ids])
             if len(unit_ids)
             else np.zeros(0, dtype=np.int64)
         )
+        # L_e: the congested directions' bytes ("together"), the downloads' ("staggered")
+        per_byte = cl.down_s_per_byte if stag else cl.s_per_byte
         rows.add(
             f"C10b[{cl.link}]",
             np.append(cols, l_id[k]),
-            np.append(cl.s_per_byte * nbytes_mb[cols] * MB, -1.0),
+            np.append(per_byte * nbytes_mb[cols] * MB, -1.0),
             0.0,
             0.0,
         )
@@ -702,11 +786,16 @@ def _link_rows(
                 + fc.compute_per_layer[dev] * cat.depth[j]
                 + fc.compute_per_rank[dev] * cat.rank_sum[j]
             )
-            own = cat.bytes_one_way[j] * (
-                (0.0 if cl.down else fc.down_s_per_byte[dev])
-                + (0.0 if cl.up else fc.up_s_per_byte[dev])
-            )
-            o = compute + own
+            if stag:
+                if not cl.down:
+                    continue  # the device's own time (C5) covers D_e = 0
+                o = compute + cat.bytes_one_way[j] * fc.up_s_per_byte[dev]
+            else:
+                own = cat.bytes_one_way[j] * (
+                    (0.0 if cl.down else fc.down_s_per_byte[dev])
+                    + (0.0 if cl.up else fc.up_s_per_byte[dev])
+                )
+                o = compute + own
             if units.size(int(g)) == 1:
                 rows.add(
                     f"C10[{cl.link},{g}]",
@@ -733,6 +822,138 @@ def _link_rows(
                         -np.inf,
                         0.0,
                     )
+    for up in staggered:
+        _staggered_rows(rows, up, t_id)
+
+
+def _staggered_uploads(
+    cat: Catalogue,
+    fc: FleetCosts,
+    units: Units,
+    links: Sequence[CongestedLink],
+    l_id: np.ndarray,
+    v_of: np.ndarray,
+    w_base: int,
+) -> tuple[StaggeredUploads, ...]:
+    """The uploads of every link congested upstream under the ``"staggered"`` model, with
+    the times of their rows (releases of the link's columns: all of them up to
+    :data:`MAX_THETA_ROWS`, otherwise that many quantiles) and their variables ``w`` from
+    ``w_base`` on."""
+    col = units.column
+    part = col != OUT
+    safe = np.maximum(col, 0)
+    first = units.groups.first
+    out = []
+    for k, cl in enumerate(links):
+        if cl.contention != "staggered" or not cl.up:
+            continue
+        ids_, rel_, bytes_, rate_, unit_ = [], [], [], [], []
+        for g in np.unique(units.groups.inverse[cl.devices]):
+            dev = int(first[g])
+            ids = np.arange(units.start[g], units.start[g + 1])
+            ids = ids[part[ids]]
+            if not len(ids):
+                continue
+            j = safe[ids]
+            compute = (
+                fc.compute_const[dev]
+                + fc.compute_per_layer[dev] * cat.depth[j]
+                + fc.compute_per_rank[dev] * cat.rank_sum[j]
+            )
+            own_down = cat.bytes_one_way[j] * fc.down_s_per_byte[dev]
+            ids_.append(ids)
+            rel_.append(compute + (0.0 if cl.down else own_down))
+            bytes_.append(cat.bytes_one_way[j])
+            rate_.append(np.full(len(ids), min(1.0 / fc.up_s_per_byte[dev], cl.up_bytes_per_s)))
+            unit_.append(np.full(len(ids), g))
+        if not ids_:
+            continue
+        ids = np.concatenate(ids_)
+        release = np.concatenate(rel_)
+        unit = np.concatenate(unit_)
+        size = np.asarray([units.size(int(g)) for g in unit], dtype=float)
+        theta = np.unique(np.round(release, 9))
+        if len(theta) > MAX_THETA_ROWS:
+            theta = np.unique(np.quantile(theta, np.linspace(0.0, 1.0, MAX_THETA_ROWS)))
+        out.append(
+            StaggeredUploads(
+                link=cl.link,
+                ids=ids,
+                release_s=release,
+                nbytes=np.concatenate(bytes_),
+                rate=np.concatenate(rate_),
+                s_per_byte=1.0 / cl.up_bytes_per_s,
+                l_var=int(l_id[k]) if cl.down else -1,
+                anchor=np.where(size > 1, v_of[ids], ids),
+                unit=unit,
+                unit_size=size,
+                theta=theta,
+                w_ids=w_base + np.arange(len(theta)),
+            )
+        )
+        w_base += len(theta)
+    return tuple(out)
+
+
+def _staggered_rows(rows: _Rows, up: StaggeredUploads, t_id: int) -> None:
+    """C10u[e,s]: ``theta_s w_s + L_e + s_e sum_gj rem_gj(theta_s) m[g,j] - T <= 0``, and
+    C10w[e,s,g]: ``sum_{j: rem_gj(theta_s) > 0} m[g,j] / N_g - w_s <= 0``: ``w_s`` in
+    ``[0, 1]`` is 1 when a device (of a unit of one) still has bytes to send at
+    ``theta_s``, so the row holds for every plan (an upload that is done says nothing
+    about the round after it)."""
+    for s_idx, th in enumerate(up.theta):
+        cols, vals = up.row(float(th), t_id, int(up.w_ids[s_idx]))
+        rows.add(f"C10u[{up.link},{s_idx}]", cols, vals, -np.inf, 0.0)
+        live = up.rem(float(th)) > 0
+        for g in np.unique(up.unit[live]):
+            mine = live & (up.unit == g)
+            rows.add(
+                f"C10w[{up.link},{s_idx},{g}]",
+                np.append(up.ids[mine], up.w_ids[s_idx]),
+                np.append(1.0 / up.unit_size[mine], -1.0),
+                -np.inf,
+                0.0,
+            )
+
+
+def staggered_cuts(milp: MILP, values: np.ndarray, *, rel_tol: float = 1e-7) -> MILP | None:
+    """``milp`` with a row C10u at the peak of every staggered link whose uploads, in the
+    solution ``values``, take longer than its ``T`` allows; ``None`` when none does (the
+    rows then hold the solution's exact round time)."""
+    if not milp.staggered or milp.round_time is None:
+        return None
+    t_id = milp.round_time
+    v = np.asarray(values, dtype=float)
+    t_val = float(v[t_id])
+    w = v.copy()
+    w[: len(milp.units.column)] = np.rint(w[: len(milp.units.column)])
+    _set_link_loads(milp, w)
+    added = _Rows()
+    for up in milp.staggered:
+        n = w[up.ids]
+        on = n > 0.5
+        if not on.any():
+            continue
+        down = w[up.l_var] if up.l_var >= 0 else 0.0
+        r, b, u = up.release_s[on], up.nbytes[on], up.rate[on]
+        rem = np.clip(b[None, :] - np.maximum(r[:, None] - r[None, :], 0.0) * u, 0.0, b)
+        f = down + r + up.s_per_byte * (rem @ n[on])
+        k = int(np.argmax(f))
+        if f[k] > t_val * (1 + rel_tol) + 1e-9:
+            # at the release of the entry that peaks, that entry's own upload is pending
+            entry = int(np.flatnonzero(on)[k])
+            cols, vals = up.row(float(r[k]), t_id, int(up.anchor[entry]))
+            name = f"C10u[{up.link},cut{len(milp.rows_named('C10u')) + len(added.names)}]"
+            added.add(name, cols, vals, -np.inf, 0.0)
+    if not added.names:
+        return None
+    return replace(
+        milp,
+        matrix=sp.vstack([milp.matrix, added.matrix(milp.num_vars)], format="csr"),
+        row_names=milp.row_names + tuple(added.names),
+        row_lower=np.concatenate([milp.row_lower, added.lower]),
+        row_upper=np.concatenate([milp.row_upper, added.upper]),
+    )
 
 
 def encode(
@@ -765,6 +986,7 @@ def encode(
                 if k is not None:
                     values[k] = 1.0
     _set_saturation(milp, values)
+    _set_uploading(milp, values)
     if milp.round_time is not None or links:
         _set_link_loads(milp, values)
         if milp.round_time is not None:
@@ -783,6 +1005,20 @@ def _set_link_loads(milp: MILP, values: np.ndarray) -> None:
         l_var = next(c for c in cols if milp.index[c].kind == "L")
         mask = cols != l_var
         values[l_var] = float(vals[mask] @ values[cols[mask]])
+
+
+def _set_uploading(milp: MILP, values: np.ndarray) -> None:
+    """Set each staggered row's ``w`` to what its rows C10w say of ``values``: the largest
+    share of a unit's members that still upload at its time."""
+    for up in milp.staggered:
+        n = np.rint(values[up.ids])
+        for s_idx, th in enumerate(up.theta):
+            live = (up.rem(float(th)) > 0) & (n > 0)
+            share = 0.0
+            for g in np.unique(up.unit[live]):
+                mine = live & (up.unit == g)
+                share = max(share, float((n[mine] / up.unit_size[mine]).sum()))
+            values[up.w_ids[s_idx]] = min(share, 1.0)
 
 
 def _set_saturation(milp: MILP, values: np.ndarray) -> None:
@@ -826,7 +1062,7 @@ def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
         )
         t = max(t, nbytes / milp.server_bytes_per_s)
     shared = milp.rows_named("C10")
-    if shared and milp.round_time is not None:
+    if (shared or milp.staggered) and milp.round_time is not None:
         w = v.copy()
         w[:C] = np.rint(w[:C])
         vk = [k for k, key in enumerate(milp.index) if key.kind == "v"]
@@ -839,8 +1075,21 @@ def round_time_of(milp: MILP, values: Sequence[float] | np.ndarray) -> float:
         # L_e from the byte rows of the rounded counts
         _set_link_loads(milp, w)
         w[milp.round_time] = 0.0
-        act = milp.matrix[shared] @ w
-        t = max(t, float(act.max()))
+        if shared:
+            act = milp.matrix[shared] @ w
+            t = max(t, float(act.max()))
+        for up in milp.staggered:
+            n = w[up.ids]
+            on = n > 0.5
+            if on.any():
+                down = w[up.l_var] if up.l_var >= 0 else 0.0
+                t = max(
+                    t,
+                    down
+                    + staggered_upload_s(
+                        up.release_s[on], up.nbytes[on], up.rate[on], up.s_per_byte, n[on]
+                    ),
+                )
     return t
 
 

@@ -89,11 +89,13 @@ def _shared(
 
 
 def applies(problem: PlanningProblem) -> bool:
-    """Whether the only coupling rows are a topology's shared links (C10), every device is
-    on at most one link shared with other devices, and the objective is ``rate`` or
-    ``deadline``."""
+    """Whether the only coupling rows are a topology's shared links (C10) under the
+    ``"together"`` contention model, every device is on at most one link shared with other
+    devices, and the objective is ``rate`` or ``deadline``."""
     opts = problem.options
     if problem.topology is None or opts.objective not in ("rate", "deadline"):
+        return False
+    if problem.topology.contention != "together":
         return False
     if opts.server_mbps is not None:
         return False

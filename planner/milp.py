@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from legend.planner.formulation import (
     encode,
     formulate,
     round_time_of,
+    staggered_cuts,
 )
 from legend.planner.saturation import column_slots, slot_gains
 from legend.planner.sweep import SweepResult, best_columns, coupling_rows, sweep
@@ -160,6 +162,64 @@ def _checked(
     )
 
 
+#: At most this many rounds of staggered-upload cuts per program (each a solve).
+MAX_CUT_ROUNDS = 25
+
+
+def _solved(ctx: _Context, milp: MILP, **kwargs: Any) -> tuple[MilpResult, MILP]:
+    """:func:`_checked`, re-solved with a row at the solution's peak while a staggered
+    link's uploads take longer than its ``T`` allows (:func:`staggered_cuts`); the result
+    and the program with those rows."""
+    res = _checked(ctx, milp, **kwargs)
+    for _ in range(MAX_CUT_ROUNDS):
+        if res.values is None:
+            return res, milp
+        cut = staggered_cuts(milp, res.values)
+        if cut is None:
+            return res, milp
+        if ctx.clock.left() <= 0:
+            break
+        start = np.asarray(res.values, dtype=float).copy()
+        start[milp.round_time] = round_time_of(milp, start)
+        if start[milp.round_time] <= milp.upper[milp.round_time] and satisfies(cut, start):
+            cut = replace(cut, start=start)
+        milp = cut
+        res = _checked(ctx, milp, **kwargs)
+    log.warning(
+        "%s: the staggered uploads' rows did not converge (%s)", ctx.backend, kwargs["what"]
+    )
+    assert res.values is not None and milp.round_time is not None
+    limit = milp.upper[milp.round_time]
+    if round_time_of(milp, res.values) > limit * (1 + 1e-9) + 1e-9:
+        # the solution's uploads take longer than the deadline allows: not a plan
+        if milp.start is not None and round_time_of(milp, milp.start) <= limit * (1 + 1e-9):
+            return replace(
+                res,
+                status="FEASIBLE",
+                values=milp.start,
+                objective=float(milp.objective @ milp.start),
+                bound=None,
+                native_status=res.native_status + " (the warm start: uploads over the limit)",
+            ), milp
+        raise SolverError(
+            f"{ctx.backend}: no plan found whose uploads through the shared links fit "
+            f"{limit:.3f} s within the time limit ({kwargs['what']}); raise time_limit_s, or "
+            'set contention = "together" in the topology'
+        )
+    return res, milp
+
+
+def _with_rows_of(milp: MILP, other: MILP) -> MILP:
+    """``milp`` with the rows of ``other`` (the same program with cuts added)."""
+    return replace(
+        milp,
+        matrix=other.matrix,
+        row_names=other.row_names,
+        row_lower=other.row_lower,
+        row_upper=other.row_upper,
+    )
+
+
 def _start(ctx: _Context, milp: MILP, choice: np.ndarray | None) -> MILP:
     """``milp`` warm-started from ``choice`` when that satisfies every row."""
     if choice is None:
@@ -198,7 +258,7 @@ def _deadline(ctx: _Context, deadline: float) -> SolverOutcome:
     choice, _, _ = _decoupled(ctx)
     milp = formulate(ctx.problem, ctx.cat, ctx.fc, deadline)
     milp = _start(ctx, milp, choice)
-    res = _checked(ctx, milp, what="maximising utility")
+    res, milp = _solved(ctx, milp, what="maximising utility")
     assert res.values is not None
     bound = None if res.bound is None else res.bound * milp.utility_scale
     return _outcome(
@@ -237,7 +297,7 @@ def _min_time(ctx: _Context) -> SolverOutcome:
     milp = formulate(problem, ctx.cat, ctx.fc, None, utility_floor=floor, time_cap_s=cap)
     milp = _start(ctx, milp, choice)
     try:
-        res = _checked(
+        res, milp = _solved(
             ctx,
             milp,
             what="minimising the round time",
@@ -315,10 +375,11 @@ def _dinkelbach(ctx: _Context) -> SolverOutcome:
         sub = milp.with_rate(lam)
         if best is not None:
             sub = replace(sub, start=best[1])
-        res = _checked(
+        res, sub = _solved(
             ctx, sub, abs_gap=abs_gap, what=f"Dinkelbach step {step + 1} (lambda={lam:.6g})"
         )
         assert res.values is not None
+        milp = _with_rows_of(milp, sub)
         last = res
         u = float(milp.utility @ res.values)
         t = denominator_of(milp, res.values)
@@ -482,6 +543,7 @@ def _too_large(ctx: _Context, size: int) -> SolverOutcome:
             objective_value=None,
         )
     raise SolverError(
-        f"{ctx.backend}: {why}; plan fewer devices per round, or drop the shared links' rows "
-        "(plan without the topology)"
+        f'{ctx.backend}: {why}; plan fewer devices per round, set contention = "together" '
+        "in the topology (the per-link Lagrangian planner solves that model at scale), or drop "
+        "the shared links' rows (plan without the topology)"
     )

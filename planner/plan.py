@@ -377,16 +377,41 @@ def _check_links(
         if not (up_congested or down_congested):
             continue
         up_s, down_s = up * 8 / (link.up_mbps * 1e6), down * 8 / (link.down_mbps * 1e6)
+        staggered = getattr(topology, "contention", "together") == "staggered"
+        jobs = []
         for d in users:
             c = evaluated[d]
-            t = (
-                c.compute_s
-                + (down_s if down_congested else c.download_s)
-                + (up_s if up_congested else c.upload_s)
-            )
+            if staggered:
+                # uploads released when the device's compute ends; they share the link
+                release = (down_s if down_congested else c.download_s) + c.compute_s
+                jobs.append((release, c.upload_bytes, min(fleet[d].uplink_mbps, link.up_mbps)))
+                t = release + c.upload_s
+            else:
+                t = (
+                    c.compute_s
+                    + (down_s if down_congested else c.download_s)
+                    + (up_s if up_congested else c.upload_s)
+                )
             slowest = max(slowest, t)
             if t > limit * (1 + rel_tol) + 1e-9:
                 bad(d, "contention", f"takes {t:.3f} s sharing {link.name} > {limit:.3f} s")
+        if staggered and up_congested and jobs:
+            # every moment theta: the bytes still to send need the link's capacity
+            cap = link.up_mbps * 1e6 / 8
+            thetas = [r for r, _, _ in jobs] + [r + b * 8 / (m * 1e6) for r, b, m in jobs]
+            t = max(
+                th
+                + sum(min(b, max(0.0, b - max(0.0, th - r) * m * 1e6 / 8)) for r, b, m in jobs)
+                / cap
+                for th in thetas
+            )
+            slowest = max(slowest, t)
+            if t > limit * (1 + rel_tol) + 1e-9:
+                bad(
+                    None,
+                    "contention",
+                    f"uploads through {link.name} take {t:.3f} s > {limit:.3f} s",
+                )
     if limit != plan.round_time_s and slowest > plan.round_time_s * (1 + rel_tol) + 1e-9:
         bad(
             None,

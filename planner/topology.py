@@ -18,30 +18,56 @@ File format (TOML or JSON)::
     down_mbps = 50.0
     latency_ms = 5.0                # optional, recorded (not part of the cost model)
 
+    contention = "together"         # optional, top level: "together" (default) or "staggered"
+
 Contention model
 ----------------
 A link ``e`` is *congested* in a direction when the devices routed through it could
 together send faster than its capacity (``sum_i rate_i > capacity_e``); only congested
 links add rows to the integer program (a link that can never be saturated, such as a
 device's private link at least as fast as its profile, keeps the per-device term alone, so
-a star topology plans exactly like no topology). For each congested link ``e`` and device
-``i`` routed through it, the round lasts at least
+a star topology plans exactly like no topology). Every device downloads from the start of
+the round, computes, then uploads. Two models of how a congested link is shared:
+
+``"together"`` (default). Every participant of ``e`` waits for all of the link's bytes in
+each congested direction: ``c_i + down_ie + up_ie <= T`` with the transfer term ``B_e /
+capacity_e`` in a congested direction and the device's own ``B_i / rate_i`` otherwise.
+Exact for devices that start their transfers together; it overrates plans whose devices
+finish computing at different times. The per-link Lagrangian planner
+(:mod:`legend.planner.linklagrange`) solves this model at any scale.
+
+``"staggered"``. Downloads through a link congested downstream all end at
+``D_e = B_e / capacity_e`` (all of the round's bytes down through ``e``; exact when the
+participants download the same number of bytes, pessimistic for the smaller ones), so each
+device ``i`` releases its upload at ``r_i = D_e + c_i`` (``c_i`` its compute time; without
+downstream congestion ``r_i = down_i + c_i``, its own download). An upload then leaves at
+most at the device's own rate ``u_i`` and the link serves at most its capacity, so for
+every time ``theta`` the bytes not yet sent,
+``rem_i(theta) = clip(B_i - max(0, theta - r_i) u_i, 0, B_i)``, still need
+``sum_i rem_i(theta) / capacity_e`` seconds after ``theta`` while any remain: the round
+lasts at least
 
 .. math::
 
-    c_i(x) + \mathrm{down}_{ie}(x) + \mathrm{up}_{ie}(x) \le T,
+    \max\Big(\max_i (r_i + B_i / u_i),\ \max_\theta \big(\theta
+        + \textstyle\sum_{i \in e} \mathrm{rem}_i(\theta) / \mathrm{capacity}_e\big)\Big),
 
-with ``c_i`` the device's compute time, and in each direction the transfer term
-``B_e(x) / capacity_e`` (all bytes of the round through ``e``, ``B_e = sum_{j in e} B_j``)
-when ``e`` is congested in that direction, otherwise the device's own ``B_i / rate_i``.
-This is exact for devices that start their transfers together and share ``e`` fairly, and
-it implies the round-level rule *bytes through e in each direction* ``<= capacity_e * T``
-(C7 of docs/planner.md is the special case of the server's own link). :func:`simulate_round` is the
-fair-sharing (max-min, processor-sharing) clock used to check the prediction.
+the maximum over ``theta`` taken at the breakpoints ``r_i`` and ``r_i + B_i / u_i``.
+Transfers of devices that finish computing early overlap the compute of the others, as on
+the fair-sharing clock; on the benchmark's access-point topology this predicts the
+simulated rounds of the greedy's and the exact planner's plans to within a few percent
+(docs/topology.md). Its program is heavier (rows at several times per link, and rows
+added at a solution's peak until they hold its exact round time), so it is opt-in.
+
+Both imply the round-level rule *bytes through e in each direction* ``<= capacity_e * T``
+(C7 of docs/planner.md is the special case of the server's own link).
+:func:`simulate_round` is the fair-sharing (max-min, processor-sharing) clock used to check
+the prediction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -52,6 +78,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from legend.planner.errors import PlannerInputError
 
 if TYPE_CHECKING:
@@ -59,6 +87,7 @@ if TYPE_CHECKING:
     from legend.planner.profiles import DeviceProfile, Fleet
 
 __all__ = [
+    "CONTENTION_MODELS",
     "SERVER",
     "Link",
     "LinkLoad",
@@ -69,10 +98,12 @@ __all__ = [
     "load_topology",
     "predicted_round_time",
     "simulate_round",
+    "staggered_upload_s",
 ]
 
 SERVER = "server"
 _MB = 1e6
+CONTENTION_MODELS = ("together", "staggered")
 
 
 class TopologyError(PlannerInputError):
@@ -96,11 +127,13 @@ class Link:
 
 @dataclass(frozen=True, kw_only=True)
 class Topology:
-    """Links and each device's route (link indices from the device up to the server)."""
+    """Links, each device's route (link indices from the device up to the server) and the
+    contention model of congested links (see the module docstring)."""
 
     links: tuple[Link, ...]
     routes: Mapping[str, tuple[int, ...]]
     node_kinds: Mapping[str, str]
+    contention: str = "together"
 
     @classmethod
     def from_dict(
@@ -110,6 +143,13 @@ class Topology:
         import networkx as nx
 
         device_ids = set(fleet.device_ids)
+        contention = data.get("contention", "together")
+        if contention not in CONTENTION_MODELS:
+            raise TopologyError(
+                f"{source}: `contention` = {contention!r} is not a contention model; use "
+                + " or ".join(f'"{m}"' for m in CONTENTION_MODELS)
+                + ' (or leave it out for "together")'
+            )
         kinds: dict[str, str] = {SERVER: "server"}
         for d in device_ids:
             kinds[d] = "device"
@@ -198,7 +238,7 @@ class Topology:
         for d in fleet.device_ids:
             p = paths[d][::-1]  # device ... server
             routes[d] = tuple(link_id[frozenset((u, v))] for u, v in itertools.pairwise(p))
-        return cls(links=tuple(links), routes=routes, node_kinds=kinds)
+        return cls(links=tuple(links), routes=routes, node_kinds=kinds, contention=contention)
 
     def devices_on(self, link: int) -> tuple[str, ...]:
         return self._devices_on.get(link, ())
@@ -230,7 +270,7 @@ class Topology:
             latency_ms=lk.latency_ms,
         )
         links = (*self.links[:link], new, *self.links[link + 1 :])
-        return Topology(links=links, routes=self.routes, node_kinds=self.node_kinds)
+        return dataclasses.replace(self, links=links)
 
     def congested(self, fleet: Fleet) -> list[tuple[int, bool, bool]]:
         """``(link, up congested, down congested)`` for links that need program rows."""
@@ -261,7 +301,10 @@ class Topology:
             }
             for lk in self.links
         ]
-        return {"nodes": nodes, "links": links}
+        out: dict[str, Any] = {"nodes": nodes, "links": links}
+        if self.contention != "together":
+            out["contention"] = self.contention
+        return out
 
 
 def load_topology(path: str | Path, fleet: Fleet) -> Topology:
@@ -328,27 +371,61 @@ def link_loads(
     return out
 
 
+def staggered_upload_s(
+    release_s: Any, nbytes: Any, rate: Any, s_per_byte: float, count: Any = None
+) -> float:
+    """The ``"staggered"`` bound of a link's uploads: ``max_theta theta + s_per_byte *
+    sum_i count_i rem_i(theta)`` over the breakpoints ``release_i`` and ``release_i +
+    nbytes_i / rate_i`` (``rate`` in bytes/s, at most the link's capacity; see the module
+    docstring). 0 without uploads."""
+    r = np.asarray(release_s, dtype=float)
+    b = np.asarray(nbytes, dtype=float)
+    u = np.asarray(rate, dtype=float)
+    n = np.ones_like(r) if count is None else np.asarray(count, dtype=float)
+    if not len(r):
+        return 0.0
+    theta = np.concatenate([r, r + b / u])
+    rem = np.clip(b[None, :] - np.maximum(theta[:, None] - r[None, :], 0.0) * u[None, :], 0.0, b)
+    return float((theta + s_per_byte * (rem @ n)).max())
+
+
 def link_times(
     topology: Topology, fleet: Fleet, costs: Mapping[str, ConfigCost]
 ) -> dict[int, float]:
     """Per congested link, the time its contention rows hold the round to.
 
     ``costs`` maps each participant to its costs (:meth:`CostModel.evaluate`). For a link
-    congested in some direction, the longest ``compute_i + down_ie + up_ie`` over its
-    participants (see the module docstring); links without participants are left out.
+    congested in some direction, under the topology's contention model (see the module
+    docstring): ``"together"``, the longest ``compute_i + down_ie + up_ie`` over its
+    participants; ``"staggered"``, the longest ``D_e + compute_i + upload_i`` (downstream
+    congestion) and the uploads' bound :func:`staggered_upload_s` (upstream congestion).
+    Links without participants are left out.
     """
     out = {}
     for k, up_c, down_c in topology.congested(fleet):
-        on = [costs[d] for d in topology.devices_on(k) if d in costs]
-        if not on:
+        ids = [d for d in topology.devices_on(k) if d in costs]
+        if not ids:
             continue
+        on = [costs[d] for d in ids]
         link = topology.links[k]
         up_s = sum(c.upload_bytes for c in on) * 8 / (link.up_mbps * _MB)
         down_s = sum(c.download_bytes for c in on) * 8 / (link.down_mbps * _MB)
-        out[k] = max(
-            c.compute_s + (down_s if down_c else c.download_s) + (up_s if up_c else c.upload_s)
-            for c in on
-        )
+        if topology.contention == "together":
+            out[k] = max(
+                c.compute_s + (down_s if down_c else c.download_s) + (up_s if up_c else c.upload_s)
+                for c in on
+            )
+            continue
+        release = [(down_s if down_c else c.download_s) + c.compute_s for c in on]
+        t = max(r + c.upload_s for r, c in zip(release, on, strict=True))
+        if up_c:
+            cap = link.up_mbps * _MB / 8
+            rate = [min(fleet[d].uplink_mbps * _MB / 8, cap) for d in ids]
+            t = max(
+                t,
+                staggered_upload_s(release, [c.upload_bytes for c in on], rate, 1.0 / cap),
+            )
+        out[k] = t
     return out
 
 

@@ -266,6 +266,9 @@ def test_time_to_accuracy_recipe() -> None:
 def test_fleet50_topology_matches_its_generator() -> None:
     common = bench_module("common")
     assert common.FLEET50_AP.read_text() == common.fleet50_ap_topology_toml()
+    assert common.FLEET50_AP_STAGGERED.read_text() == common.fleet50_ap_topology_toml(
+        contention="staggered"
+    )
     from legend.planner.profiles import load_fleet
     from legend.planner.topology import load_topology
 
@@ -273,6 +276,9 @@ def test_fleet50_topology_matches_its_generator() -> None:
     assert len(topology.routes) == 50
     # Every route runs device -> access point -> core -> server: three links.
     assert {len(route) for route in topology.routes.values()} == {3}
+    assert topology.contention == "together"
+    staggered = load_topology(common.FLEET50_AP_STAGGERED, load_fleet(common.FLEET50))
+    assert staggered.contention == "staggered" and staggered.links == topology.links
 
 
 @pytest.mark.slow
