@@ -48,9 +48,10 @@ coverage response) the utility is ``n_bar sum_lk G_lk sum_s a_s z[lk,s]`` over s
 variables ``0 <= z[lk,s] <= w_s`` instead of ``sum_gj n_g u_j m[g,j]`` (``a_jlk`` = 1 when
 column ``j`` trains slot group ``k`` of layer ``l``, ``a_s`` the falling slopes of ``H``).
 
-Under the ``"together"`` contention model (the default) (:mod:`legend.planner.topology`) ``k_e`` is the
-seconds per byte of ``e`` summed over its congested directions and ``o_egj`` the unit's
-compute time plus its own transfer in the directions where ``e`` is not congested. Under
+Under the ``"together"`` contention model (the default; :mod:`legend.planner.topology`)
+``k_e`` is the seconds per byte of ``e`` summed over its congested directions and ``o_egj``
+the unit's compute time plus its own transfer in the directions where ``e`` is not
+congested. Under
 ``"staggered"`` ``k_e`` counts the downloads only, rows C10 exist where ``e``
 is congested downstream with ``o_egj`` the compute time plus the device's own upload, and
 where ``e`` is congested upstream the rows C10u bound the uploads, released at ``L_e +
@@ -97,12 +98,12 @@ __all__ = [
     "VarKey",
     "columns_of",
     "congested_links",
-    "staggered_cuts",
     "decode",
     "denominator_of",
     "encode",
     "formulate",
     "round_time_of",
+    "staggered_cuts",
 ]
 
 MB = 1e6
