@@ -89,14 +89,24 @@ class MilpResult:
         )
 
 
+#: Options handed to every HiGHS solve of the ``highs`` backend (in its worker process too):
+#: HiGHS's own defaults except these, measured by ``benchmarks/solver_options.py`` on the
+#: planning problems of the time-to-accuracy runs (docs/planner.md, "HiGHS options"): no
+#: restart of the root after presolve reductions (the slowest plans under the staggered
+#: contention model restarted the root eight times).
+HIGHS_OPTIONS: dict[str, bool | int | float | str] = {"mip_allow_restart": False}
+
+
 @dataclass(frozen=True, kw_only=True)
 class SolveLimits:
-    """When a backend stops: its time limit, its relative and absolute gaps, its threads."""
+    """When a backend stops: its time limit, its relative and absolute gaps, its threads,
+    and further HiGHS options (``highs`` backend)."""
 
     time_limit_s: float
     mip_gap: float
     abs_gap: float | None = None
     threads: int | None = None
+    highs_options: tuple[tuple[str, bool | int | float | str], ...] = ()
 
     @property
     def seconds(self) -> float:
@@ -550,6 +560,8 @@ def _highs_here(milp: MILP, limits: SolveLimits) -> MilpResult:
         h.setOptionValue("mip_abs_gap", float(limits.abs_gap))
     if limits.threads is not None:
         h.setOptionValue("threads", int(limits.threads))
+    for name, value in limits.highs_options:
+        h.setOptionValue(name, value)
     _use_threads(limits.threads)
     a = milp.matrix.tocsc()
     lp = highspy.HighsLp()
@@ -625,7 +637,13 @@ def solve_milp(
     """
     res = BACKENDS[backend](
         milp,
-        SolveLimits(time_limit_s=time_limit_s, mip_gap=mip_gap, abs_gap=abs_gap, threads=threads),
+        SolveLimits(
+            time_limit_s=time_limit_s,
+            mip_gap=mip_gap,
+            abs_gap=abs_gap,
+            threads=threads,
+            highs_options=tuple(HIGHS_OPTIONS.items()),
+        ),
     )
     if res.values is not None and not satisfies(milp, res.values):
         why = res.native_status + " (returned values violate the program)"

@@ -918,9 +918,10 @@ def _staggered_rows(rows: _Rows, up: StaggeredUploads, t_id: int) -> None:
 
 
 def staggered_cuts(milp: MILP, values: np.ndarray, *, rel_tol: float = 1e-7) -> MILP | None:
-    """``milp`` with a row C10u at the peak of every staggered link whose uploads, in the
-    solution ``values``, take longer than its ``T`` allows; ``None`` when none does (the
-    rows then hold the solution's exact round time)."""
+    """``milp`` with a row C10u at each release of the solution ``values``'s
+    configurations on a staggered link where the uploads' bound exceeds the solution's
+    ``T``; ``None`` when there is none (the rows then hold the solution's exact round
+    time)."""
     if not milp.staggered or milp.round_time is None:
         return None
     t_id = milp.round_time
@@ -939,11 +940,11 @@ def staggered_cuts(milp: MILP, values: np.ndarray, *, rel_tol: float = 1e-7) -> 
         r, b, u = up.release_s[on], up.nbytes[on], up.rate[on]
         rem = np.clip(b[None, :] - np.maximum(r[:, None] - r[None, :], 0.0) * u, 0.0, b)
         f = down + r + up.s_per_byte * (rem @ n[on])
-        k = int(np.argmax(f))
-        if f[k] > t_val * (1 + rel_tol) + 1e-9:
-            # at the release of the entry that peaks, that entry's own upload is pending
-            entry = int(np.flatnonzero(on)[k])
-            cols, vals = up.row(float(r[k]), t_id, int(up.anchor[entry]))
+        # a row at the release of every chosen entry whose bound the solution's T misses
+        entries = np.flatnonzero(on)
+        for k in np.flatnonzero(f > t_val * (1 + rel_tol) + 1e-9):
+            # at the release of that entry, its own upload is pending
+            cols, vals = up.row(float(r[k]), t_id, int(up.anchor[entries[k]]))
             name = f"C10u[{up.link},cut{len(milp.rows_named('C10u')) + len(added.names)}]"
             added.add(name, cols, vals, -np.inf, 0.0)
     if not added.names:

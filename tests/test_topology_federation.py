@@ -7,6 +7,8 @@ on the simulated clock, the topology-blind plan's is not.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,20 @@ def test_aware_prediction_met_blind_violated(ap30_cfg, ap30_prepared, tmp_path):
     assert 0 < float(backhaul["utilisation_up"]) <= 1 + 1e-9
     assert 0 < float(backhaul["utilisation_down"]) <= 1 + 1e-9
     assert all(r["binding"] == "False" for name, r in links.items() if name != "ap-1--server")
+
+    # benchmarks/contention_models.py prices the runs' plans with both contention models:
+    # "together" is the aware plan's own prediction, and with every phone on one
+    # configuration (the blind plan) "staggered" is the clock as well
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        models = importlib.import_module("contention_models")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    models.main([str(aware_dir), str(blind_dir), "--skip-rounds", "0", "--out", str(tmp_path)])
+    aware, blind = csv_rows(tmp_path / "contention_models.csv")
+    assert float(aware["together"]) == pytest.approx(predicted / simulated, rel=1e-6)
+    assert float(blind["staggered"]) == pytest.approx(1.0, rel=0.05)
+    assert "benchmarks/contention_models.py" in (tmp_path / "contention_models.md").read_text()
 
 
 def test_no_topology_keeps_private_links(ap30_cfg, ap30_prepared, tmp_path):

@@ -1,0 +1,204 @@
+"""HiGHS options on the exact planner's real planning problems: solve time and objective.
+
+The planning problems of finished ``exact`` runs (such as those of ``time_to_accuracy.py``)
+are rebuilt round by round from each run directory: the round's participants and planner
+options from its plan file, the job's model, fleet file, topology (restricted to the
+participants) and workload from ``config.toml``, the previous round's plan as the warm
+start, and which devices already hold their frozen-prefix features (with
+``train.cache_prefix``: those whose plan in an earlier round started above layer 0). The
+profiles are the fleet file's (a run plans with its running estimates of them, so the
+problems are the run's up to those estimates). Each problem is then planned once per HiGHS
+configuration (``legend.planner.backends.HIGHS_OPTIONS``), configurations interleaved round
+by round so that host load hits them alike; the wall time of each plan (host time) and its
+objective are recorded.
+
+Usage::
+
+    .venv/bin/python benchmarks/solver_options.py RUN_DIR [RUN_DIR ...] [--rounds 10] \\
+        [--repeats 3] [--contention staggered] [--out runs/bench/solver_options]
+
+Writes ``solver_options.csv`` (per run, round, configuration and repeat) and
+``solver_options.md``: per configuration and run, the median and total plan time, the
+ratio of total time to the default's, and the largest relative objective difference from
+the default's plan (the planner's ``mip_gap`` bounds what may differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_table, reproduce_command, write_csv, write_markdown
+
+#: The configurations compared: HiGHS defaults, and the options the profiles of slow plans
+#: pointed at (root restarts after presolve reductions; presolve itself).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "highs-defaults": {},
+    "no-restart": {"mip_allow_restart": False},
+    "no-presolve": {"presolve": "off"},
+    "no-restart-no-presolve": {"mip_allow_restart": False, "presolve": "off"},
+}
+
+
+def problems(run_dir: Path, rounds: int, contention: str | None = None) -> list[dict[str, Any]]:
+    """The first ``rounds`` planning problems of the ``exact`` run at ``run_dir``
+    (``contention``: the topology's contention model instead of its own)."""
+    from legend.federation.core import restrict_topology
+    from legend.federation.job import load_job
+    from legend.models.spec import get_model_spec
+    from legend.planner.plan import Plan
+    from legend.planner.profiles import load_fleet
+    from legend.planner.topology import load_topology
+    from legend.reports.links import options_from_plan
+
+    cfg = load_job(run_dir / "config.toml")
+    if cfg.job.method != "exact":
+        raise SystemExit(f"{run_dir}: a run of `exact` is needed, not {cfg.job.method!r}")
+    fleet = load_fleet(cfg.job.fleet)
+    topology = load_topology(cfg.job.topology, fleet) if cfg.job.topology else None
+    if topology is not None and contention is not None:
+        topology = dataclasses.replace(topology, contention=contention)
+    spec = get_model_spec(cfg.job.model)
+    job = cfg.job_params
+    built: set[str] = set()
+    previous = None
+    out = []
+    for k in range(1, rounds + 1):
+        path = run_dir / "plans" / f"round_{k:04d}.json"
+        if not path.exists():
+            break
+        plan = Plan.from_json(path.read_text(encoding="utf-8"), source=str(path))
+        ids = [d.device_id for d in plan.devices]
+        sub = fleet.subset(ids)
+        if job.cache_prefix:
+            sub = dataclasses.replace(
+                sub,
+                devices=tuple(
+                    dataclasses.replace(d, prefix_built=d.device_id in built) for d in sub.devices
+                ),
+            )
+        out.append(
+            {
+                "round": k,
+                "fleet": sub,
+                "spec": spec,
+                "job": job,
+                "options": options_from_plan(plan),
+                "topology": restrict_topology(topology, ids) if topology is not None else None,
+                "warm_start": previous,
+            }
+        )
+        built |= {d.device_id for d in plan.devices if d.layers and d.layers[0] > 0}
+        previous = plan
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from legend.planner import backends
+    from legend.planner.api import plan_round
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories of `exact`")
+    parser.add_argument("--rounds", type=int, default=10, help="first rounds of each run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--contention",
+        choices=("together", "staggered"),
+        default=None,
+        help="plan with this contention model of the runs' topology instead of its own",
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/solver_options"))
+    args = parser.parse_args(argv)
+    rows: list[dict[str, Any]] = []
+    for run in args.runs:
+        for prob in problems(run, args.rounds, args.contention):
+            for rep in range(args.repeats):
+                for name in args.configs:
+                    backends.HIGHS_OPTIONS.clear()
+                    backends.HIGHS_OPTIONS.update(CONFIGS[name])
+                    t0 = time.perf_counter()
+                    plan = plan_round(
+                        prob["fleet"],
+                        prob["spec"],
+                        prob["job"],
+                        prob["options"],
+                        topology=prob["topology"],
+                        warm_start=prob["warm_start"],
+                    )
+                    rows.append(
+                        {
+                            "run": str(run),
+                            "round": prob["round"],
+                            "config": name,
+                            "repeat": rep,
+                            "plan_s": time.perf_counter() - t0,
+                            "objective": plan.objective_value,
+                            "status": plan.status,
+                        }
+                    )
+                    print(
+                        f"{run} round {prob['round']} {name}: {rows[-1]['plan_s']:.3f} s",
+                        flush=True,
+                    )
+    backends.HIGHS_OPTIONS.clear()
+    write_csv(
+        args.out / "solver_options.csv",
+        rows,
+        ("run", "round", "config", "repeat", "plan_s", "objective", "status"),
+    )
+    table = []
+    for run in args.runs:
+        mine = [r for r in rows if r["run"] == str(run)]
+        best = {}  # per round and config: the fastest repeat (host load only slows a plan)
+        for r in mine:
+            key = (r["round"], r["config"])
+            if key not in best or r["plan_s"] < best[key]["plan_s"]:
+                best[key] = r
+        base_total = sum(r["plan_s"] for (_, c), r in best.items() if c == args.configs[0])
+        for name in args.configs:
+            times = [r["plan_s"] for (_, c), r in best.items() if c == name]
+            diffs = [
+                abs(r["objective"] - best[(k, args.configs[0])]["objective"])
+                / max(abs(best[(k, args.configs[0])]["objective"]), 1e-12)
+                for (k, c), r in best.items()
+                if c == name
+            ]
+            table.append(
+                {
+                    "run": str(run),
+                    "config": name,
+                    "rounds": len(times),
+                    "median_s": f"{statistics.median(times):.3f}",
+                    "total_s": f"{sum(times):.2f}",
+                    "vs_default": f"{sum(times) / base_total:.2f}x",
+                    "max_objective_diff": f"{max(diffs):.1e}",
+                }
+            )
+    columns = ("run", "config", "rounds", "median_s", "total_s", "vs_default", "max_objective_diff")
+    text = markdown_table(table, columns)
+    write_markdown(
+        args.out / "solver_options.md",
+        "HiGHS options on the exact planner's planning problems",
+        [
+            "Wall time of each plan (host time), the fastest of "
+            f"{args.repeats} repeats per round and configuration; objective difference "
+            f"relative to the first configuration's plan ({args.configs[0]}).",
+            text,
+        ],
+        reproduce_command("solver_options.py", argv),
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
