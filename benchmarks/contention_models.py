@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table, reproduce_command, write_csv, write_markdown
 
-
 MODELS = ("together", "staggered")
 
 
