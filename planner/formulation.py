@@ -72,7 +72,7 @@ mean sample count (``utility_scale``), so that rows and objective have moderate 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -753,9 +753,6 @@ def _link_rows(
     """Rows C10 of every congested link (module docstring; docs/topology.md for the
     ``"staggered"`` model's rows ``C10u`` and ``C10w``)."""
     col = units.column
-    part = col != OUT
-    safe = np.maximum(col, 0)
-    first = units.groups.first
     # units by link, without a pass over every column per link
     unit_of_device = units.groups.inverse
     for k, cl in enumerate(links):
@@ -775,18 +772,7 @@ def _link_rows(
             0.0,
             0.0,
         )
-        for g in unit_ids:
-            dev = int(first[g])
-            ids = np.arange(units.start[g], units.start[g + 1])
-            ids = ids[part[ids]]
-            if not len(ids):
-                continue
-            j = safe[ids]
-            compute = (
-                fc.compute_const[dev]
-                + fc.compute_per_layer[dev] * cat.depth[j]
-                + fc.compute_per_rank[dev] * cat.rank_sum[j]
-            )
+        for g, dev, ids, j, compute in _unit_columns(cat, fc, units, unit_ids):
             if stag:
                 if not cl.down:
                     continue  # the device's own time (C5) covers D_e = 0
@@ -827,6 +813,27 @@ def _link_rows(
         _staggered_rows(rows, up, t_id)
 
 
+def _unit_columns(
+    cat: Catalogue, fc: FleetCosts, units: Units, unit_ids: np.ndarray
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per unit of ``unit_ids`` with a participating column: the unit, its first device,
+    its program columns other than *out*, their catalogue columns and compute times."""
+    part = units.column != OUT
+    for g in unit_ids:
+        dev = int(units.groups.first[g])
+        ids = np.arange(units.start[g], units.start[g + 1])
+        ids = ids[part[ids]]
+        if not len(ids):
+            continue
+        j = units.column[ids]
+        compute = (
+            fc.compute_const[dev]
+            + fc.compute_per_layer[dev] * cat.depth[j]
+            + fc.compute_per_rank[dev] * cat.rank_sum[j]
+        )
+        yield int(g), dev, ids, j, compute
+
+
 def _staggered_uploads(
     cat: Catalogue,
     fc: FleetCosts,
@@ -840,27 +847,13 @@ def _staggered_uploads(
     the times of their rows (releases of the link's columns: all of them up to
     :data:`MAX_THETA_ROWS`, otherwise that many quantiles) and their variables ``w`` from
     ``w_base`` on."""
-    col = units.column
-    part = col != OUT
-    safe = np.maximum(col, 0)
-    first = units.groups.first
     out = []
     for k, cl in enumerate(links):
         if cl.contention != "staggered" or not cl.up:
             continue
         ids_, rel_, bytes_, rate_, unit_ = [], [], [], [], []
-        for g in np.unique(units.groups.inverse[cl.devices]):
-            dev = int(first[g])
-            ids = np.arange(units.start[g], units.start[g + 1])
-            ids = ids[part[ids]]
-            if not len(ids):
-                continue
-            j = safe[ids]
-            compute = (
-                fc.compute_const[dev]
-                + fc.compute_per_layer[dev] * cat.depth[j]
-                + fc.compute_per_rank[dev] * cat.rank_sum[j]
-            )
+        unit_ids = np.unique(units.groups.inverse[cl.devices])
+        for g, dev, ids, j, compute in _unit_columns(cat, fc, units, unit_ids):
             own_down = cat.bytes_one_way[j] * fc.down_s_per_byte[dev]
             ids_.append(ids)
             rel_.append(compute + (0.0 if cl.down else own_down))

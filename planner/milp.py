@@ -144,14 +144,7 @@ def _checked(
     if res.status == "NOT_SOLVED" and milp.start is not None:
         # stopped before it found anything better: the warm start stands, with no proven gap
         log.warning("%s stopped at the time limit (%s); keeping the warm start", ctx.backend, what)
-        return replace(
-            res,
-            status="FEASIBLE",
-            values=milp.start,
-            objective=float(milp.objective @ milp.start),
-            bound=None,
-            native_status=res.native_status + " (the warm start)",
-        )
+        return _warm_start_result(res, milp, "the warm start")
     if res.status == "NOT_SOLVED":
         raise SolverError(
             f"{ctx.backend} stopped at the time limit of {clock.limit_s:g} s without a feasible "
@@ -193,14 +186,7 @@ def _solved(ctx: _Context, milp: MILP, **kwargs: Any) -> tuple[MilpResult, MILP]
     if round_time_of(milp, res.values) > limit * (1 + 1e-9) + 1e-9:
         # the solution's uploads take longer than the deadline allows: not a plan
         if milp.start is not None and round_time_of(milp, milp.start) <= limit * (1 + 1e-9):
-            return replace(
-                res,
-                status="FEASIBLE",
-                values=milp.start,
-                objective=float(milp.objective @ milp.start),
-                bound=None,
-                native_status=res.native_status + " (the warm start: uploads over the limit)",
-            ), milp
+            return _warm_start_result(res, milp, "the warm start: uploads over the limit"), milp
         raise SolverError(
             f"{ctx.backend}: no plan found whose uploads through the shared links fit "
             f"{limit:.3f} s within the time limit ({kwargs['what']}); raise time_limit_s, or "
@@ -217,6 +203,19 @@ def _with_rows_of(milp: MILP, other: MILP) -> MILP:
         row_names=other.row_names,
         row_lower=other.row_lower,
         row_upper=other.row_upper,
+    )
+
+
+def _warm_start_result(res: MilpResult, milp: MILP, note: str) -> MilpResult:
+    """``res`` replaced by ``milp``'s warm start: feasible, with no proven bound."""
+    assert milp.start is not None
+    return replace(
+        res,
+        status="FEASIBLE",
+        values=milp.start,
+        objective=float(milp.objective @ milp.start),
+        bound=None,
+        native_status=f"{res.native_status} ({note})",
     )
 
 
