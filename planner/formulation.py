@@ -89,7 +89,7 @@ from legend.planner.catalog import (
 from legend.planner.errors import PlannerInputError
 from legend.planner.plan import Plan
 from legend.planner.saturation import column_slots, slot_gains
-from legend.planner.topology import staggered_upload_s
+from legend.planner.topology import remaining_bytes, staggered_upload_s
 from legend.planner.types import Configuration, PlanningProblem
 
 __all__ = [
@@ -211,8 +211,7 @@ class StaggeredUploads:
 
     def rem(self, theta: float) -> np.ndarray:
         """Per entry the bytes its device surely still has to send at ``theta``."""
-        r, b, u = self.release_s, self.nbytes, self.rate
-        return np.clip(b - np.maximum(theta - r, 0.0) * u, 0.0, b)
+        return remaining_bytes(theta, self.release_s, self.nbytes, self.rate)
 
     def row(self, theta: float, t_id: int, lead: int) -> tuple[np.ndarray, np.ndarray]:
         """Columns and coefficients of ``theta * x[lead] + L_e + s_e sum_gj rem_gj(theta)
@@ -930,8 +929,8 @@ def staggered_cuts(milp: MILP, values: np.ndarray, *, rel_tol: float = 1e-7) -> 
         if not on.any():
             continue
         down = w[up.l_var] if up.l_var >= 0 else 0.0
-        r, b, u = up.release_s[on], up.nbytes[on], up.rate[on]
-        rem = np.clip(b[None, :] - np.maximum(r[:, None] - r[None, :], 0.0) * u, 0.0, b)
+        r = up.release_s[on]
+        rem = remaining_bytes(r, r, up.nbytes[on], up.rate[on])
         f = down + r + up.s_per_byte * (rem @ n[on])
         # a row at the release of every chosen entry whose bound the solution's T misses
         entries = np.flatnonzero(on)

@@ -377,7 +377,7 @@ def _check_links(
         if not (up_congested or down_congested):
             continue
         up_s, down_s = up * 8 / (link.up_mbps * 1e6), down * 8 / (link.down_mbps * 1e6)
-        staggered = getattr(topology, "contention", "together") == "staggered"
+        staggered = topology.contention == "staggered"
         jobs = []
         for d in users:
             c = evaluated[d]

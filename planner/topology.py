@@ -97,6 +97,7 @@ __all__ = [
     "link_times",
     "load_topology",
     "predicted_round_time",
+    "remaining_bytes",
     "simulate_round",
     "staggered_upload_s",
 ]
@@ -371,6 +372,18 @@ def link_loads(
     return out
 
 
+def remaining_bytes(theta: Any, release_s: Any, nbytes: Any, rate: Any) -> np.ndarray:
+    """``rem_i(theta)``: the bytes of each upload (released at ``release_s``, at most
+    ``rate`` bytes/s) that are surely still to send at each time of ``theta``; shape
+    ``(len(theta), len(release_s))`` for an array ``theta``, ``(len(release_s),)`` for a
+    number."""
+    t = np.asarray(theta, dtype=float)
+    r = np.asarray(release_s, dtype=float)
+    b = np.asarray(nbytes, dtype=float)
+    u = np.asarray(rate, dtype=float)
+    return np.clip(b - np.maximum(t[..., None] - r, 0.0) * u, 0.0, b)
+
+
 def staggered_upload_s(
     release_s: Any, nbytes: Any, rate: Any, s_per_byte: float, count: Any = None
 ) -> float:
@@ -379,14 +392,13 @@ def staggered_upload_s(
     nbytes_i / rate_i`` (``rate`` in bytes/s, at most the link's capacity; see the module
     docstring). 0 without uploads."""
     r = np.asarray(release_s, dtype=float)
+    if not len(r):
+        return 0.0
     b = np.asarray(nbytes, dtype=float)
     u = np.asarray(rate, dtype=float)
     n = np.ones_like(r) if count is None else np.asarray(count, dtype=float)
-    if not len(r):
-        return 0.0
     theta = np.concatenate([r, r + b / u])
-    rem = np.clip(b[None, :] - np.maximum(theta[:, None] - r[None, :], 0.0) * u[None, :], 0.0, b)
-    return float((theta + s_per_byte * (rem @ n)).max())
+    return float((theta + s_per_byte * (remaining_bytes(theta, r, b, u) @ n)).max())
 
 
 def link_times(
