@@ -96,7 +96,10 @@ from common import (
 # ``allow_dropping = true``) shows what choosing the participants would buy and cost;
 # ``exact-drop75`` and ``greedy-drop75`` may leave devices out only while the participants
 # hold at least 75% of the round's sampled data (``min_sample_share = 0.75``, C9s; one value
-# for both planners, set before any run and not swept).
+# for both planners, set before any run and not swept). ``exact-price0.08`` and
+# ``exact-price0.45`` price traffic higher than the default 0.008 s/MB: what a 100 Mbit/s
+# link and what the fleet's median uplink (17.6 Mbit/s in ``fleet50.csv``) spend carrying a
+# megabyte; they trace what bytes cost in time, the default ``exact`` stays the headline.
 METHODS: dict[str, dict[str, Any]] = {
     "exact": {"method": "exact", "objective": "progress"},
     "greedy": {"method": "greedy", "objective": "progress"},
@@ -108,6 +111,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "depth-only": {"method": "depth-only", "objective": "progress"},
     "rank-only": {"method": "rank-only", "objective": "progress"},
     "exact-drop": {"method": "exact", "objective": "progress", "allow_dropping": True},
+    "exact-price0.08": {"method": "exact", "objective": "progress", "seconds_per_mb": 0.08},
+    "exact-price0.45": {"method": "exact", "objective": "progress", "seconds_per_mb": 0.45},
     "exact-drop75": {
         "method": "exact",
         "objective": "progress",
@@ -240,6 +245,7 @@ def build_config(args: argparse.Namespace, method: str, seed: int) -> Any:
             objective=spec["objective"],
             allow_dropping=bool(spec.get("allow_dropping", False)),
             min_sample_share=float(spec.get("min_sample_share", 0.0)),
+            seconds_per_mb=float(spec.get("seconds_per_mb", PlannerSection.seconds_per_mb)),
             time_limit_s=10.0,
             calibration="none",
         ),
