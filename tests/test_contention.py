@@ -257,3 +257,60 @@ def test_staggered_plans_move_more_through_the_same_link_than_together() -> None
     # the staggered round time is what the clock runs, the together one overrates its plan
     assert plans["staggered"].round_time_s == pytest.approx(clock(plans["staggered"]), rel=0.02)
     assert plans["together"].round_time_s > clock(plans["together"]) * 1.1
+
+
+def _cutless(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No staggered rows in advance and no cut rounds: the program's first solution is
+    what the deadline path must judge."""
+    from legend.planner import formulation, milp
+
+    monkeypatch.setattr(formulation, "MAX_THETA_ROWS", 0)
+    monkeypatch.setattr(milp, "MAX_CUT_ROUNDS", 0)
+
+
+def _crowded() -> tuple[Fleet, Topology]:
+    fleet = Fleet(devices=tuple(_device(i, tflops=1.0, up=25.0) for i in range(4)))
+    return fleet, _ap(fleet, 6.0, 1e4, "staggered")
+
+
+def test_staggered_deadline_keeps_the_warm_start_when_the_rows_do_not_converge(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of cut rounds with a solution whose uploads overrun the deadline, the planner
+    returns its warm start (which meets it) as a feasible plan without a bound."""
+    import numpy as np
+
+    from legend.planner import milp
+
+    _cutless(monkeypatch)
+    real = milp._decoupled
+
+    def cheapest(ctx):  # the warm start: every device on its cheapest configuration
+        cat = ctx.cat
+        j = min(range(len(cat)), key=lambda j: (int(cat.depth[j]), sum(cat.ranks[j])))
+        return np.full(len(ctx.fc), j, dtype=np.int64), None, real(ctx)[2]
+
+    monkeypatch.setattr(milp, "_decoupled", cheapest)
+    fleet, topo = _crowded()
+    deadline_s = 1.0
+    opts = PlannerOptions(objective="deadline", deadline_s=deadline_s, solver="highs")
+    plan = plan_round(fleet, SPEC, JOB, opts, topology=topo)
+    assert plan.status == "FEASIBLE" and plan.objective_bound is None
+    assert "did not converge" in caplog.text
+    assert {(d.layers, d.ranks) for d in plan.devices} == {((5,), (2,))}
+    assert plan.round_time_s <= deadline_s * (1 + 1e-6)
+    assert validate_plan(plan, fleet, SPEC, JOB, deadline_s=deadline_s, topology=topo) == []
+
+
+def test_staggered_deadline_without_a_warm_start_names_the_fixes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from legend.planner import milp
+    from legend.planner.errors import SolverError
+
+    _cutless(monkeypatch)
+    monkeypatch.setattr(milp, "_start", lambda ctx, m, choice: m)
+    fleet, topo = _crowded()
+    opts = PlannerOptions(objective="deadline", deadline_s=1.0, solver="highs")
+    with pytest.raises(SolverError, match=r"time_limit_s.*contention = \"together\""):
+        plan_round(fleet, SPEC, JOB, opts, topology=topo)
