@@ -28,6 +28,8 @@ METHODS = (
     "exact-drop",
     "exact-drop75",
     "greedy-drop75",
+    "exact-price0.08",
+    "exact-price0.45",
     "uniform",
     "hetlora",
     "fedra",
@@ -256,6 +258,15 @@ def test_time_to_accuracy_recipe() -> None:
     ]
     with pytest.raises(SystemExit):
         tta.parse_args(["--methods", "greedy-on-something"])
+    # the byte-price ablations differ from `exact` in the price alone
+    smoke = tta.parse_args(["--smoke"])
+    base = tta.build_config(smoke, "exact", 0)
+    for label, price in (("exact-price0.08", 0.08), ("exact-price0.45", 0.45)):
+        priced = tta.build_config(smoke, label, 0)
+        assert priced.planner.seconds_per_mb == price != base.planner.seconds_per_mb
+        assert priced.override("planner", seconds_per_mb=base.planner.seconds_per_mb).planner == (
+            base.planner
+        )
     # the frozen-prefix cache is one switch for every method alike
     cached = tta.parse_args(["--cache-prefix"])
     for method in ("exact", "greedy", "uniform"):
