@@ -307,6 +307,42 @@ def write_markdown(path: Path, title: str, blocks: Sequence[str], command: str) 
     return path
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_run_config(run: Path) -> Any:
+    """A finished run's job (``config.toml``), its fleet and topology files verified.
+
+    Each input file must have the SHA-256 the run recorded in ``inputs.json``. Where the
+    recorded path is gone (the run was made from another checkout), a file of the same name
+    under ``benchmarks/`` or ``examples/`` with that digest stands in for it; any other
+    mismatch is an error naming the file and what to do."""
+    import json
+
+    from legend.federation.job import load_job
+
+    inputs = json.loads((run / "inputs.json").read_text(encoding="utf-8"))
+    overrides = {}
+    for key in ("fleet", "topology"):
+        entry = inputs.get(key)
+        if not entry or not entry.get("path"):
+            continue
+        recorded, digest = Path(entry["path"]), entry["sha256"]
+        candidates = [recorded] + [REPO_ROOT / d / recorded.name for d in ("benchmarks", "examples")]
+        found = next((c for c in candidates if c.is_file() and _sha256(c) == digest), None)
+        if found is None:
+            raise SystemExit(
+                f"{run / 'inputs.json'}: no {key} file with the run's SHA-256 {digest[:12]}... "
+                f"at {recorded} or under benchmarks/ or examples/ ({recorded.name}); restore "
+                "the file the run was made with"
+            )
+        overrides[f"job__{key}"] = str(found)
+    return load_job(run / "config.toml", **overrides)
+
+
 def run_checkpoints(run: Path) -> list[tuple[int, Path]]:
     """A run directory's global-state checkpoints (``checkpoints/round_NNNN.npz``, not the
     server optimizer's moments beside them) as ``(round, path)``, in round order."""

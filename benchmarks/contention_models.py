@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, reproduce_command, write_csv, write_markdown
+from common import load_run_config, markdown_table, reproduce_command, write_csv, write_markdown
 
 MODELS = ("together", "staggered")
 
@@ -39,13 +39,12 @@ MODELS = ("together", "staggered")
 def run_ratios(run_dir: Path, skip_rounds: int) -> list[dict[str, object]]:
     """Per round of ``run_dir`` (after the first ``skip_rounds``): each model's predicted
     round time over the simulated one."""
-    from legend.federation.job import load_job
     from legend.models.spec import get_model_spec
     from legend.planner.costs import CostModel
     from legend.planner.profiles import load_fleet
     from legend.planner.topology import load_topology, predicted_round_time
 
-    cfg = load_job(run_dir / "config.toml")
+    cfg = load_run_config(run_dir)
     if not cfg.job.topology:
         raise SystemExit(f"{run_dir}: the run has no topology (job.topology is empty)")
     fleet = load_fleet(cfg.job.fleet)

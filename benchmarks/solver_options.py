@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, reproduce_command, write_csv, write_markdown
+from common import load_run_config, markdown_table, reproduce_command, write_csv, write_markdown
 
 #: The configurations compared: HiGHS defaults, and the options the profiles of slow plans
 #: pointed at (root restarts after presolve reductions; presolve itself).
@@ -48,19 +48,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def problems(run_dir: Path, rounds: int, contention: str | None = None) -> list[dict[str, Any]]:
+def problems(
+    run_dir: Path, rounds: int, contention: str | None = None, *, any_method: bool = False
+) -> list[dict[str, Any]]:
     """The first ``rounds`` planning problems of the ``exact`` run at ``run_dir``
-    (``contention``: the topology's contention model instead of its own)."""
+    (``contention``: the topology's contention model instead of its own; ``any_method``: a
+    run of any method, whose plans' options need not be the exact planner's)."""
     from legend.federation.core import restrict_topology
-    from legend.federation.job import load_job
     from legend.models.spec import get_model_spec
     from legend.planner.plan import Plan
     from legend.planner.profiles import load_fleet
     from legend.planner.topology import load_topology
     from legend.reports.links import options_from_plan
 
-    cfg = load_job(run_dir / "config.toml")
-    if cfg.job.method != "exact":
+    cfg = load_run_config(run_dir)
+    if cfg.job.method != "exact" and not any_method:
         raise SystemExit(f"{run_dir}: a run of `exact` is needed, not {cfg.job.method!r}")
     fleet = load_fleet(cfg.job.fleet)
     topology = load_topology(cfg.job.topology, fleet) if cfg.job.topology else None
@@ -91,9 +93,10 @@ def problems(run_dir: Path, rounds: int, contention: str | None = None) -> list[
                 "fleet": sub,
                 "spec": spec,
                 "job": job,
-                "options": options_from_plan(plan),
+                "options": options_from_plan(plan) if not any_method else None,
                 "topology": restrict_topology(topology, ids) if topology is not None else None,
                 "warm_start": previous,
+                "plan": plan,
             }
         )
         built |= {d.device_id for d in plan.devices if d.layers and d.layers[0] > 0}

@@ -157,6 +157,16 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
     first = [r["first_order_decrease"] for r in rows]
     actual = [r["actual_decrease"] for r in rows]
     assert sum(abs(f - a) for f, a in zip(first, actual, strict=True)) < sum(map(abs, actual))
+    # how far the rounds are from their floor (benchmarks/round_floor.py): no plan beats the
+    # floor on the same profiles, and uniform LoRA (every device at full depth) sits above it
+    floor = bench_module("round_floor")
+    for method in ("exact", "greedy", "uniform"):
+        frows = floor.round_rows(out / "seed0" / method, 3)
+        assert [r["round"] for r in frows] == [1, 2, 3]
+        for r in frows:
+            assert 0 < r["floor_s"] <= r["plan_s"] * (1 + 1e-9) and r["clock_s"] > 0
+        if method == "uniform":
+            assert all(r["plan_s"] > r["floor_s"] * 1.05 for r in frows)
 
 
 def test_coverage_response_pools_cells_by_coverage() -> None:
@@ -364,3 +374,27 @@ def test_progress_prior_smoke() -> None:
     assert len(gains) == 4 and sum(gains) / 4 == pytest.approx(1.0, abs=1e-3)
     response = [entry["rank_response"][r] for r in ("2", "4", "8")]
     assert response == sorted(response) and response[-1] == pytest.approx(1.0)
+
+
+def test_run_inputs_are_verified_before_a_run_is_rebuilt(tmp_path: Path) -> None:
+    """A run made from another checkout is rebuilt from the repository's copy of its fleet
+    only when that copy has the digest the run recorded."""
+    import hashlib
+
+    common = bench_module("common")
+    run = tmp_path / "run"
+    run.mkdir()
+    gone = tmp_path / "elsewhere" / "fleet50.csv"
+    (run / "config.toml").write_text(
+        f'[job]\nmodel = "all-MiniLM-L6-v2"\nfleet = "{gone}"\n', encoding="utf-8"
+    )
+
+    def record(digest: str) -> None:
+        inputs = {"fleet": {"path": str(gone), "sha256": digest}}
+        (run / "inputs.json").write_text(json.dumps(inputs), encoding="utf-8")
+
+    record(hashlib.sha256(common.FLEET50.read_bytes()).hexdigest())
+    assert Path(common.load_run_config(run).job.fleet) == common.FLEET50
+    record("0" * 64)  # the repository's file is not the run's
+    with pytest.raises(SystemExit, match=r"inputs.json.*fleet50.csv.*restore"):
+        common.load_run_config(run)
