@@ -331,7 +331,10 @@ def load_run_config(run: Path) -> Any:
         if not entry or not entry.get("path"):
             continue
         recorded, digest = Path(entry["path"]), entry["sha256"]
-        candidates = [recorded] + [REPO_ROOT / d / recorded.name for d in ("benchmarks", "examples")]
+        candidates = [
+            recorded,
+            *(REPO_ROOT / d / recorded.name for d in ("benchmarks", "examples")),
+        ]
         found = next((c for c in candidates if c.is_file() and _sha256(c) == digest), None)
         if found is None:
             raise SystemExit(
