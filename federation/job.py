@@ -160,7 +160,7 @@ class PlannerSection:
     layer_weights: str | tuple[float, ...] = PlannerOptions.layer_weights
     rank_gains: str | tuple[float, ...] = PlannerOptions.rank_gains
     saturation: str | tuple[float, ...] = PlannerOptions.saturation
-    seconds_per_mb: float = PlannerOptions.seconds_per_mb
+    seconds_per_mb: float | str = PlannerOptions.seconds_per_mb
     server_overhead_s: float = PlannerOptions.server_overhead_s
     use_classes: bool | None = PlannerOptions.use_classes
     threads: int | None = PlannerOptions.threads

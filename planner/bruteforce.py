@@ -207,7 +207,7 @@ def solve_bruteforce(problem: PlanningProblem) -> SolverOutcome:
     elif opts.objective in ("rate", "progress"):
         denom = round_t
         if opts.objective == "progress":
-            denom = round_t + opts.server_overhead_s + opts.seconds_per_mb * total_b / 1e6
+            denom = round_t + opts.server_overhead_s + opts.price_per_mb * total_b / 1e6
         rate = np.where(feasible & (denom > 0), total_u / np.where(denom > 0, denom, 1), -np.inf)
         flat = int(np.argmax(rate))
         value = float(rate.flat[flat])

@@ -127,12 +127,13 @@ def plan_command(
         ),
     ] = "auto",
     seconds_per_mb: Annotated[
-        float,
+        str,
         typer.Option(
             "--seconds-per-mb",
-            help="progress: the price of traffic, seconds of round time one MB is worth.",
+            help="progress: the price of traffic, seconds of round time one MB is worth, or "
+            "auto: what the median device's uplink spends carrying it.",
         ),
-    ] = DEFAULT_SECONDS_PER_MB,
+    ] = str(DEFAULT_SECONDS_PER_MB),
     server_overhead_s: Annotated[
         float,
         typer.Option(
@@ -279,7 +280,7 @@ def plan_command(
         layer_weights=layer_weights,
         rank_gains=rank_gains,
         saturation=_saturation_arg(saturation),
-        seconds_per_mb=seconds_per_mb,
+        seconds_per_mb=_price_arg(seconds_per_mb),
         server_overhead_s=server_overhead_s,
         threads=threads,
         monotone_ranks=monotone_ranks,
@@ -442,6 +443,21 @@ def _bytes(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+def _price_arg(text: str) -> float | str:
+    """``--seconds-per-mb``: a number of seconds, or ``auto``."""
+    from legend.planner.types import AUTO_PRICE
+
+    if text == AUTO_PRICE:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise PlannerInputError(
+            f"--seconds-per-mb must be a number of seconds (e.g. 0.008) or {AUTO_PRICE}, "
+            f"got {text!r}"
+        ) from None
 
 
 def _saturation_arg(text: str) -> str | tuple[float, ...]:

@@ -449,7 +449,7 @@ def formulate(
         else (time_cap_s if time_cap_s is not None else math.inf)
     )
     # under progress a column's bytes matter too: no pruning by time and utility alone
-    priced = opts.objective == "progress" and opts.seconds_per_mb > 0
+    priced = opts.objective == "progress" and opts.price_per_mb > 0
     curve = problem.saturation
     units = _units(
         problem,
@@ -633,7 +633,7 @@ def formulate(
     if opts.objective == "progress":
         # seconds the bytes of each device-column are worth (both ways)
         price_s = np.zeros(num_vars)
-        price_s[:C] = opts.seconds_per_mb * 2.0 * nbytes_mb * MB / 1e6
+        price_s[:C] = opts.price_per_mb * 2.0 * nbytes_mb * MB / 1e6
     if utility_floor is not None:
         rows.add("UF", np.arange(C), util[:C], utility_floor / scale, np.inf)
         objective = np.zeros(num_vars)

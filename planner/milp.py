@@ -449,7 +449,7 @@ def _improve_saturating(
     allowed = fc.fits(slice(None), cat)
     if not allowed[np.arange(len(choice)), choice].all():
         return choice
-    price = opts.seconds_per_mb * 2.0 * cat.bytes_one_way / 1e6  # seconds per device-column
+    price = opts.price_per_mb * 2.0 * cat.bytes_one_way / 1e6  # seconds per device-column
     overhead = opts.server_overhead_s
     choice = choice.copy()
 

@@ -299,7 +299,7 @@ def priced_columns(problem: PlanningProblem, cat: Catalogue) -> tuple[np.ndarray
     """Per column the price of its bytes in seconds (both ways), and the server overhead:
     what ``progress`` adds to a plan's round time."""
     opts = problem.options
-    return opts.seconds_per_mb * 2.0 * cat.bytes_one_way / 1e6, opts.server_overhead_s
+    return opts.price_per_mb * 2.0 * cat.bytes_one_way / 1e6, opts.server_overhead_s
 
 
 def _device_chunks(idx: np.ndarray, width: int) -> list[np.ndarray]:

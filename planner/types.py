@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from legend.planner.topology import Topology
 
 __all__ = [
+    "AUTO_PRICE",
     "DEFAULT_OBJECTIVE",
     "DEFAULT_SECONDS_PER_MB",
     "DEFAULT_SOLVER",
@@ -41,6 +42,7 @@ __all__ = [
     "PlannerOptions",
     "PlanningProblem",
     "SolverOutcome",
+    "auto_seconds_per_mb",
     "objective_value",
     "rank_gain",
 ]
@@ -52,6 +54,9 @@ DEFAULT_OBJECTIVE = "progress"
 # The default price of traffic under ``progress``: a megabyte (moved either way) costs the
 # seconds a 1 Gbit/s link needs to carry it.
 DEFAULT_SECONDS_PER_MB = 8.0 / 1000.0
+# ``seconds_per_mb = "auto"``: a megabyte costs what the median planned device's uplink
+# spends carrying it (:func:`auto_seconds_per_mb`).
+AUTO_PRICE = "auto"
 LAYER_WEIGHTS = ("auto", "prior", "linear", "uniform")
 RANK_GAINS = ("auto", "prior", "log2")
 SATURATIONS = ("auto", "prior", "none")
@@ -157,7 +162,9 @@ class PlannerOptions:
     seconds_per_mb
         ``progress`` only: the price of traffic, seconds of round time one megabyte moved
         (either way, every device) is worth (default 0.008: what a 1 Gbit/s link spends).
-        0 ignores bytes.
+        0 ignores bytes; ``"auto"``: what the median planned device's uplink spends
+        (:func:`auto_seconds_per_mb`), resolved when the problem is created, so a plan's
+        options record the number used.
     server_overhead_s
         ``progress`` only: seconds the server adds to every round (aggregation,
         evaluation, planning), part of the round's wall clock.
@@ -186,7 +193,7 @@ class PlannerOptions:
     layer_weights: str | tuple[float, ...] = "auto"
     rank_gains: str | tuple[float, ...] = "auto"
     saturation: str | tuple[float, ...] = "auto"
-    seconds_per_mb: float = DEFAULT_SECONDS_PER_MB
+    seconds_per_mb: float | str = DEFAULT_SECONDS_PER_MB
     server_overhead_s: float = 0.0
     use_classes: bool | None = None  # None: automatic (classes when profiles repeat)
     threads: int | None = None
@@ -310,11 +317,25 @@ class PlannerOptions:
                 )
         for name in ("seconds_per_mb", "server_overhead_s"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise PlannerInputError(f"`{name}` must be a finite number >= 0, got {v!r}")
+            if name == "seconds_per_mb" and v == AUTO_PRICE:
+                continue
+            if isinstance(v, str) or not (math.isfinite(v) and v >= 0):
+                also = ' or "auto"' if name == "seconds_per_mb" else ""
+                raise PlannerInputError(f"`{name}` must be a finite number >= 0{also}, got {v!r}")
 
     def with_(self, **changes: Any) -> PlannerOptions:
         return replace(self, **changes)
+
+    @property
+    def price_per_mb(self) -> float:
+        """``seconds_per_mb`` as a number (``"auto"`` is resolved by
+        :meth:`PlanningProblem.create`, whose options the solvers read)."""
+        if isinstance(self.seconds_per_mb, str):
+            raise PlannerInputError(
+                '`seconds_per_mb = "auto"` is resolved for a fleet: plan through '
+                "PlanningProblem.create or plan_round, or give a number"
+            )
+        return float(self.seconds_per_mb)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -322,6 +343,17 @@ class PlannerOptions:
             if isinstance(out[key], tuple):
                 out[key] = list(out[key])
         return out
+
+
+def auto_seconds_per_mb(fleet: Fleet) -> float:
+    """The price of ``seconds_per_mb = "auto"``: the seconds the median device's uplink
+    (``uplink_mbps`` of ``fleet``, the devices planned) needs to carry one megabyte."""
+    ups = sorted(d.uplink_mbps for d in fleet.devices)
+    if not ups:
+        raise PlannerInputError('`seconds_per_mb = "auto"` needs at least one device')
+    mid = len(ups) // 2
+    median = ups[mid] if len(ups) % 2 else 0.5 * (ups[mid - 1] + ups[mid])
+    return 8.0 / median
 
 
 def _prior(spec: ModelSpec) -> ProgressPrior | None:
@@ -354,6 +386,8 @@ class PlanningProblem:
     ) -> PlanningProblem:
         job = job or JobParams()
         options = options or PlannerOptions()
+        if options.seconds_per_mb == AUTO_PRICE:
+            options = options.with_(seconds_per_mb=auto_seconds_per_mb(fleet))
         if topology is not None and options.server_mbps is not None:
             raise PlannerInputError(
                 "give either `server_mbps` or a topology, not both: model the server's link "
@@ -500,7 +534,7 @@ class PlanningProblem:
         ``total_bytes`` moved (0 for the other objectives)."""
         if self.options.objective != "progress":
             return 0.0
-        return self.options.server_overhead_s + self.options.seconds_per_mb * total_bytes / 1e6
+        return self.options.server_overhead_s + self.options.price_per_mb * total_bytes / 1e6
 
     def objective_of(self, utility: float, round_time_s: float, total_bytes: float) -> float:
         """The objective of a plan with this utility, round time and bytes (both ways)."""
