@@ -65,13 +65,10 @@ def test_price_values_are_checked(tmp_path: Path) -> None:
         _ = PlannerOptions(seconds_per_mb="auto").price_per_mb
     job = tmp_path / "job.toml"
     fleet = ROOT / "examples" / "fleet.csv"
-    job.write_text(
-        f'[job]\nmodel = "all-MiniLM-L6-v2"\nfleet = "{fleet}"\n[planner]\nseconds_per_mb = "auto"\n'
-    )
+    head = f'[job]\nmodel = "all-MiniLM-L6-v2"\nfleet = "{fleet}"\n[planner]\n'
+    job.write_text(head + 'seconds_per_mb = "auto"\n')
     assert load_job(job).planner.options().seconds_per_mb == "auto"
-    job.write_text(
-        f'[job]\nmodel = "all-MiniLM-L6-v2"\nfleet = "{fleet}"\n[planner]\nseconds_per_mb = "x"\n'
-    )
+    job.write_text(head + 'seconds_per_mb = "x"\n')
     with pytest.raises(JobError, match=r"job.toml.*planner.seconds_per_mb.*'x'"):
         load_job(job)
 
