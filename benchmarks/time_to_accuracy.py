@@ -100,6 +100,8 @@ from common import (
 # ``exact-price0.45`` price traffic higher than the default 0.008 s/MB: what a 100 Mbit/s
 # link and what the fleet's median uplink (17.6 Mbit/s in ``fleet50.csv``) spend carrying a
 # megabyte; they trace what bytes cost in time, the default ``exact`` stays the headline.
+# ``exact-price-auto`` prices it at ``seconds_per_mb = "auto"``: the median uplink of each
+# round's participants.
 METHODS: dict[str, dict[str, Any]] = {
     "exact": {"method": "exact", "objective": "progress"},
     "greedy": {"method": "greedy", "objective": "progress"},
@@ -113,6 +115,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "exact-drop": {"method": "exact", "objective": "progress", "allow_dropping": True},
     "exact-price0.08": {"method": "exact", "objective": "progress", "seconds_per_mb": 0.08},
     "exact-price0.45": {"method": "exact", "objective": "progress", "seconds_per_mb": 0.45},
+    "exact-price-auto": {"method": "exact", "objective": "progress", "seconds_per_mb": "auto"},
     "exact-drop75": {
         "method": "exact",
         "objective": "progress",
@@ -245,7 +248,7 @@ def build_config(args: argparse.Namespace, method: str, seed: int) -> Any:
             objective=spec["objective"],
             allow_dropping=bool(spec.get("allow_dropping", False)),
             min_sample_share=float(spec.get("min_sample_share", 0.0)),
-            seconds_per_mb=float(spec.get("seconds_per_mb", PlannerSection.seconds_per_mb)),
+            seconds_per_mb=spec.get("seconds_per_mb", PlannerSection.seconds_per_mb),
             time_limit_s=10.0,
             calibration="none",
         ),

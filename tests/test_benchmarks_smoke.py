@@ -30,6 +30,7 @@ METHODS = (
     "greedy-drop75",
     "exact-price0.08",
     "exact-price0.45",
+    "exact-price-auto",
     "uniform",
     "hetlora",
     "fedra",
@@ -271,7 +272,8 @@ def test_time_to_accuracy_recipe() -> None:
     # the byte-price ablations differ from `exact` in the price alone
     smoke = tta.parse_args(["--smoke"])
     base = tta.build_config(smoke, "exact", 0)
-    for label, price in (("exact-price0.08", 0.08), ("exact-price0.45", 0.45)):
+    prices = {"exact-price0.08": 0.08, "exact-price0.45": 0.45, "exact-price-auto": "auto"}
+    for label, price in prices.items():
         priced = tta.build_config(smoke, label, 0)
         assert priced.planner.seconds_per_mb == price != base.planner.seconds_per_mb
         assert priced.override("planner", seconds_per_mb=base.planner.seconds_per_mb).planner == (
