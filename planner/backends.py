@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import math
 import os
 import re
@@ -36,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from legend.planner.formulation import MILP
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
@@ -609,7 +612,27 @@ def _highs_here(milp: MILP, limits: SolveLimits) -> MilpResult:
         else:
             dual = objective if status == "OPTIMAL" else float("nan")
         bound = dual if math.isfinite(dual) else None
+    if (
+        status == "OPTIMAL"
+        and milp.start is not None
+        and objective is not None
+        and bound is not None
+        and _beyond_gap(milp, objective, bound, limits)
+    ):
+        # HiGHS (1.x, presolve on) can report "optimal" with the warm start as its solution
+        # although its own bound, and a solve without the start, show a better one: a
+        # Dinkelbach step then proves nothing. Solve again without the start.
+        log.debug("highs: optimal status with a gap beyond the limits; solving without the start")
+        return _highs_here(replace(milp, start=None), limits)
     return MilpResult.of(status, native, version, values, objective, bound)
+
+
+def _beyond_gap(milp: MILP, objective: float, bound: float, limits: SolveLimits) -> bool:
+    """Whether ``bound`` is further from ``objective`` than both gaps allow (with slack for
+    the solver's tolerances)."""
+    gap = (bound - objective) if milp.sense == "max" else (objective - bound)
+    allowed = max(limits.mip_gap * max(abs(bound), abs(objective)), limits.abs_gap or 0.0)
+    return gap > 10 * allowed + 1e-9
 
 
 Backend = Callable[[MILP, SolveLimits], MilpResult]
