@@ -89,19 +89,19 @@ from common import (
 # Benchmark label -> the job's method and the planner objective it plans with. Every method
 # runs the same recipe; an ablation is one more entry here. ``exact`` plans with the default
 # objective (``progress``: the run's progress model, bytes priced at the default
-# seconds per MB); ``greedy`` is the LEGEND baseline on its fixed utility; the ablations
-# ``greedy-learned`` (the greedy's moves on the progress model) and ``exact-rate`` (the exact
-# planner on the fixed utility ``U / T``) separate what the model buys from what exactness
-# buys; ``exact-drop`` (the exact planner free to leave sampled devices out,
+# ``seconds_per_mb = "auto"``); ``greedy`` is the LEGEND baseline on its fixed utility; the
+# ablations ``greedy-learned`` (the greedy's moves on the progress model) and
+# ``exact-rate`` (the exact planner on the fixed utility ``U / T``) separate what the model
+# buys from what exactness buys; ``exact-drop`` (the exact planner free to leave sampled
+# devices out,
 # ``allow_dropping = true``) shows what choosing the participants would buy and cost;
 # ``exact-drop75`` and ``greedy-drop75`` may leave devices out only while the participants
 # hold at least 75% of the round's sampled data (``min_sample_share = 0.75``, C9s; one value
-# for both planners, set before any run and not swept). ``exact-price0.08`` and
-# ``exact-price0.45`` price traffic higher than the default 0.008 s/MB: what a 100 Mbit/s
-# link and what the fleet's median uplink (17.6 Mbit/s in ``fleet50.csv``) spend carrying a
-# megabyte; they trace what bytes cost in time, the default ``exact`` stays the headline.
-# ``exact-price-auto`` prices it at ``seconds_per_mb = "auto"``: the median uplink of each
-# round's participants.
+# for both planners, set before any run and not swept). The ``exact-price*`` entries price
+# traffic at fixed numbers of seconds per MB instead of the default ``"auto"`` (the median
+# uplink of each round's participants): 0.008 (a 1 Gbit/s link; the default before
+# ``"auto"``), 0.08 (a 100 Mbit/s link) and 0.45 (the median uplink of ``fleet50.csv``,
+# 17.6 Mbit/s); ``exact-price-auto`` writes the default out (it plans as ``exact``).
 METHODS: dict[str, dict[str, Any]] = {
     "exact": {"method": "exact", "objective": "progress"},
     "greedy": {"method": "greedy", "objective": "progress"},
@@ -113,6 +113,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "depth-only": {"method": "depth-only", "objective": "progress"},
     "rank-only": {"method": "rank-only", "objective": "progress"},
     "exact-drop": {"method": "exact", "objective": "progress", "allow_dropping": True},
+    "exact-price0.008": {"method": "exact", "objective": "progress", "seconds_per_mb": 0.008},
     "exact-price0.08": {"method": "exact", "objective": "progress", "seconds_per_mb": 0.08},
     "exact-price0.45": {"method": "exact", "objective": "progress", "seconds_per_mb": 0.45},
     "exact-price-auto": {"method": "exact", "objective": "progress", "seconds_per_mb": "auto"},

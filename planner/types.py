@@ -51,12 +51,11 @@ OBJECTIVES = ("progress", "rate", "deadline", "min-time")
 # Objectives that are a ratio "utility per (priced) second", solved by Dinkelbach steps.
 RATIO_OBJECTIVES = ("progress", "rate")
 DEFAULT_OBJECTIVE = "progress"
-# The default price of traffic under ``progress``: a megabyte (moved either way) costs the
-# seconds a 1 Gbit/s link needs to carry it.
-DEFAULT_SECONDS_PER_MB = 8.0 / 1000.0
 # ``seconds_per_mb = "auto"``: a megabyte costs what the median planned device's uplink
 # spends carrying it (:func:`auto_seconds_per_mb`).
 AUTO_PRICE = "auto"
+# The default price of traffic under ``progress`` (docs/planner.md says how it was chosen).
+DEFAULT_SECONDS_PER_MB: float | str = AUTO_PRICE
 LAYER_WEIGHTS = ("auto", "prior", "linear", "uniform")
 RANK_GAINS = ("auto", "prior", "log2")
 SATURATIONS = ("auto", "prior", "none")
@@ -161,10 +160,10 @@ class PlannerOptions:
         flat beyond the last point).
     seconds_per_mb
         ``progress`` only: the price of traffic, seconds of round time one megabyte moved
-        (either way, every device) is worth (default 0.008: what a 1 Gbit/s link spends).
-        0 ignores bytes; ``"auto"``: what the median planned device's uplink spends
-        (:func:`auto_seconds_per_mb`), resolved when the problem is created, so a plan's
-        options record the number used.
+        (either way, every device) is worth, or ``"auto"`` (default): what the median
+        planned device's uplink spends carrying it (:func:`auto_seconds_per_mb`), resolved
+        when the problem is created, so a plan's options record the number used. 0 ignores
+        bytes; 0.008 is what a 1 Gbit/s link spends (the default before ``"auto"``).
     server_overhead_s
         ``progress`` only: seconds the server adds to every round (aggregation,
         evaluation, planning), part of the round's wall clock.

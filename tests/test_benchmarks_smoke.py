@@ -28,6 +28,7 @@ METHODS = (
     "exact-drop",
     "exact-drop75",
     "greedy-drop75",
+    "exact-price0.008",
     "exact-price0.08",
     "exact-price0.45",
     "exact-price-auto",
@@ -272,10 +273,11 @@ def test_time_to_accuracy_recipe() -> None:
     # the byte-price ablations differ from `exact` in the price alone
     smoke = tta.parse_args(["--smoke"])
     base = tta.build_config(smoke, "exact", 0)
-    prices = {"exact-price0.08": 0.08, "exact-price0.45": 0.45, "exact-price-auto": "auto"}
-    for label, price in prices.items():
+    assert base.planner.seconds_per_mb == "auto"  # the default
+    prices = {"exact-price0.008": 0.008, "exact-price0.08": 0.08, "exact-price0.45": 0.45}
+    for label, price in [*prices.items(), ("exact-price-auto", "auto")]:
         priced = tta.build_config(smoke, label, 0)
-        assert priced.planner.seconds_per_mb == price != base.planner.seconds_per_mb
+        assert priced.planner.seconds_per_mb == price
         assert priced.override("planner", seconds_per_mb=base.planner.seconds_per_mb).planner == (
             base.planner
         )

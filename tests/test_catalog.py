@@ -194,7 +194,9 @@ AGREE_CASES = {
 def test_class_program_agrees_with_per_device_program_and_sweep(case: str) -> None:
     fleet = typed_fleet([0, 1, 0, 2, 1, 0])
     job = tiny_job()
-    base = PlannerOptions(solver="highs", mip_gap=1e-7, **AGREE_CASES[case])
+    # 1e-6: a Dinkelbach ratio is proven only as tightly as HiGHS holds the rows of T (its
+    # feasibility tolerance); at the default price of traffic that is about 2e-7 here
+    base = PlannerOptions(solver="highs", mip_gap=1e-6, **AGREE_CASES[case])
     per_device = plan_round(fleet, TINY, job, base.with_(use_classes=False))
     by_class = plan_round(fleet, TINY, job, base.with_(use_classes=True))
     auto = plan_round(fleet, TINY, job, base.with_(solver="auto"))

@@ -52,8 +52,9 @@ def test_auto_plans_as_the_number_it_resolves_to() -> None:
         (d.layers, d.ranks) for d in explicit.devices
     ]
     assert auto.objective_value == pytest.approx(explicit.objective_value)
-    # priced at a device link's speed, not the default 1 Gbit/s, traffic costs the plan bytes
-    cheap = plan_round(fleet, SPEC, JOB, PlannerOptions())
+    # priced at a device link's speed, not a 1 Gbit/s link's, traffic costs the plan bytes
+    assert PlannerOptions().seconds_per_mb == "auto"  # the default
+    cheap = plan_round(fleet, SPEC, JOB, PlannerOptions(seconds_per_mb=0.008))
     moved = [sum(d.predicted_upload_bytes for d in p.devices) for p in (auto, cheap)]
     assert moved[0] < moved[1]
 
