@@ -93,8 +93,8 @@ from common import (
 # ablations ``greedy-learned`` (the greedy's moves on the progress model) and
 # ``exact-rate`` (the exact planner on the fixed utility ``U / T``) separate what the model
 # buys from what exactness buys; ``exact-drop`` (the exact planner free to leave sampled
-# devices out,
-# ``allow_dropping = true``) shows what choosing the participants would buy and cost;
+# devices out, ``allow_dropping = true``) shows what choosing the participants would buy and
+# cost;
 # ``exact-drop75`` and ``greedy-drop75`` may leave devices out only while the participants
 # hold at least 75% of the round's sampled data (``min_sample_share = 0.75``, C9s; one value
 # for both planners, set before any run and not swept). The ``exact-price*`` entries price

@@ -29,7 +29,7 @@ from legend.planner.formulation import (
     staggered_cuts,
 )
 from legend.planner.saturation import column_slots, slot_gains
-from legend.planner.sweep import SweepResult, best_columns, coupling_rows, sweep
+from legend.planner.sweep import SweepResult, best_columns, coupling_rows, priced_columns, sweep
 from legend.planner.types import PlanningProblem, SolverOutcome
 
 __all__ = ["MAX_COLUMNS", "solve_milp_problem"]
@@ -449,8 +449,7 @@ def _improve_saturating(
     allowed = fc.fits(slice(None), cat)
     if not allowed[np.arange(len(choice)), choice].all():
         return choice
-    price = opts.price_per_mb * 2.0 * cat.bytes_one_way / 1e6  # seconds per device-column
-    overhead = opts.server_overhead_s
+    price, overhead = priced_columns(problem, cat)  # seconds per device-column, per round
     choice = choice.copy()
 
     def ratio_of(cover: np.ndarray, t: np.ndarray, priced: np.ndarray) -> np.ndarray:

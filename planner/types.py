@@ -8,6 +8,7 @@ so the planner's modules form no import cycle (``types`` <- ``catalog`` <- ``swe
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -347,12 +348,9 @@ class PlannerOptions:
 def auto_seconds_per_mb(fleet: Fleet) -> float:
     """The price of ``seconds_per_mb = "auto"``: the seconds the median device's uplink
     (``uplink_mbps`` of ``fleet``, the devices planned) needs to carry one megabyte."""
-    ups = sorted(d.uplink_mbps for d in fleet.devices)
-    if not ups:
+    if not fleet.devices:
         raise PlannerInputError('`seconds_per_mb = "auto"` needs at least one device')
-    mid = len(ups) // 2
-    median = ups[mid] if len(ups) % 2 else 0.5 * (ups[mid - 1] + ups[mid])
-    return 8.0 / median
+    return 8.0 / statistics.median(d.uplink_mbps for d in fleet.devices)
 
 
 def _prior(spec: ModelSpec) -> ProgressPrior | None:
