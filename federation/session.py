@@ -827,12 +827,29 @@ def _older_behaviour(raw: Mapping[str, Any], cfg: JobConfig) -> dict[tuple[str, 
     }
 
 
-def _saved_job(saved: Path) -> JobConfig:
+def _saved_job(saved: Path, inputs_of: JobConfig | None = None) -> JobConfig:
     """The job a run directory's ``config.toml`` describes, as the legend that wrote it ran
-    it: options it does not list that changed behaviour when added take their older value."""
+    it: options it does not list that changed behaviour when added take their older value.
+
+    ``inputs_of``: where the run recorded its input files' digests, the input files (fleet,
+    topology, data set, calibration) are compared by digest, not by path; a recorded path
+    that no longer exists is then taken from this job, so that a run whose checkout moved
+    can still be compared (the digests are checked separately)."""
     from legend.federation.job import load_job
 
-    cfg = load_job(saved)
+    overrides = {}
+    raw = _saved_raw(saved) or {}
+    for section, key in _INPUT_PATHS if inputs_of is not None else ():
+        recorded = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        given = str(getattr(getattr(inputs_of, section), key))
+        if (
+            isinstance(recorded, str)
+            and Path(recorded).is_absolute()
+            and not Path(recorded).is_file()
+            and Path(given).is_absolute()
+        ):
+            overrides[f"{section}__{key}"] = given
+    cfg = load_job(saved, **overrides)
     for (section, key), value in _older_behaviour(_saved_raw(saved) or {}, cfg).items():
         cfg = cfg.override(section, **{key: value})
     return cfg
@@ -933,7 +950,8 @@ def check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
                 )
         recorded_path = out / INPUTS_FILE
         paths = not recorded_path.is_file()  # without digests, the same files by path
-        if _comparable(_saved_job(saved), paths=paths) != _comparable(cfg, paths=paths):
+        saved_job = _saved_job(saved, inputs_of=None if paths else cfg)
+        if _comparable(saved_job, paths=paths) != _comparable(cfg, paths=paths):
             raise RunDirError(
                 f"cannot resume {out}: the job differs from the one it was started with "
                 f"({saved}); only job.rounds may change{_older_behaviour_hint(cfg, saved)}"

@@ -476,3 +476,37 @@ def test_an_older_run_resumes_where_the_new_option_changes_nothing(
     _as_older_legend(run, tiny_cfg, key, section)
     result = run_job(tiny_cfg, run, prepared=prepared, show_progress=False, resume=True)
     assert [r["round"] for r in csv_rows(result.out_dir / "rounds.csv")] == ["1", "2"]
+
+
+def test_a_run_whose_checkout_moved_resumes_from_the_same_files(tiny_cfg, prepared, tmp_path):
+    """A run compares its input files by the digests in ``inputs.json``: when the fleet it
+    recorded is gone (the checkout moved), a job naming a byte-identical copy resumes it,
+    and a copy with other contents is refused naming the input."""
+    import shutil
+
+    from legend.federation.session import RunDirError
+
+    old_home, new_home = tmp_path / "old_checkout", tmp_path / "new_checkout"
+    old_home.mkdir()
+    new_home.mkdir()
+    fleet = Path(tiny_cfg.job.fleet)
+    shutil.copy(fleet, old_home / fleet.name)
+    run = tmp_path / "run"
+    started = tiny_cfg.override("job", fleet=str(old_home / fleet.name))
+    run_job(started, run, prepared=prepared, show_progress=False, stop_after=1)
+    shutil.rmtree(old_home)
+
+    moved = tiny_cfg.override("job", fleet=str(shutil.copy(fleet, new_home / fleet.name)))
+    result = run_job(moved, run, prepared=prepared, show_progress=False, resume=True)
+    assert [r["round"] for r in csv_rows(result.out_dir / "rounds.csv")] == ["1", "2"]
+
+    edited = new_home / "edited.csv"
+    edited.write_text(fleet.read_text() + "\n")
+    with pytest.raises(RunDirError, match=r"input changed since the run started: fleet"):
+        run_job(
+            tiny_cfg.override("job", fleet=str(edited), rounds=3),
+            run,
+            prepared=prepared,
+            show_progress=False,
+            resume=True,
+        )
