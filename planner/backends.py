@@ -324,6 +324,17 @@ def _solve_pulp_highs(milp: MILP, limits: SolveLimits) -> MilpResult:
         dual = float(highs.getInfo().mip_dual_bound)
         # PuLP hands HiGHS the negated objective of a maximisation.
         bound = -dual if milp.sense == "max" else dual
+    if (
+        status == "OPTIMAL"
+        and start is not None
+        and objective is not None
+        and math.isfinite(bound)
+        and _beyond_gap(milp, objective, bound, limits)
+    ):
+        # the same HiGHS behaviour as in _highs_here: "optimal" with the warm start as its
+        # solution while its own bound shows a better one; solve again without the start
+        log.debug("pulp-highs: optimal status with a gap beyond the limits; solving without it")
+        return _solve_pulp_highs(replace(milp, start=None), limits)
     return MilpResult.of(status, native, version, values, objective, bound)
 
 
