@@ -49,7 +49,23 @@ from legend.planner.plan import Plan
 from legend.planner.profiles import Fleet
 from legend.planner.topology import Topology
 
-__all__ = ["plan_for_method", "planner_options"]
+__all__ = ["plan_for_method", "planner_options", "unread_options"]
+
+
+#: What the ``progress`` objective charges beside the round time: read only by the methods
+#: that plan on it with a solver other than the greedy (whose moves take no price).
+PRICE_OPTIONS = (("planner", "seconds_per_mb"), ("planner", "server_overhead_s"))
+
+
+def unread_options(cfg: JobConfig) -> tuple[tuple[str, str], ...]:
+    """The ``(section, key)`` options ``cfg``'s method does not read: a run that differs from
+    ``cfg`` in them alone plans, trains and aggregates the same (so it may be resumed)."""
+    priced = (
+        cfg.job.method in ("exact", "depth-only", "rank-only")
+        and cfg.planner.objective == "progress"
+        and cfg.planner.solver != "greedy"
+    )
+    return () if priced else PRICE_OPTIONS
 
 
 def planner_options(cfg: JobConfig, **changes: object) -> PlannerOptions:

@@ -906,6 +906,36 @@ def _job_digest_of_older_options(cfg: JobConfig, saved: Path) -> str | None:
     return _job_sha256(data)
 
 
+def _with_unread_from_run(cfg: JobConfig, saved: Path) -> JobConfig:
+    """``cfg`` with the run's values of the options its method does not read
+    (:func:`~legend.federation.methods.unread_options`; a changed default of such an option,
+    such as ``planner.seconds_per_mb`` for ``greedy``, must not block a resume)."""
+    from legend.federation.methods import unread_options
+
+    raw = _saved_raw(saved) or {}
+    for section, key in unread_options(cfg):
+        listed = raw.get(section)
+        if isinstance(listed, dict) and key in listed:
+            try:
+                cfg = cfg.override(section, **{key: listed[key]})
+            except (TypeError, ValueError, FederationInputError):
+                continue  # not a value this legend accepts: the comparison names it
+    return cfg
+
+
+def _job_differences(before: Mapping[str, Any], now: Mapping[str, Any], most: int = 4) -> str:
+    """``section.key`` was ``saved`` in the run, ``given`` now, for each differing key (the
+    first ``most``), so that the user can set the run's value to continue it."""
+    out = []
+    for section in sorted(set(before) | set(now)):
+        a, b = before.get(section) or {}, now.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                out.append(f"{section}.{key} = {a.get(key)!r} in the run, {b.get(key)!r} now")
+    more = f" and {len(out) - most} more" if len(out) > most else ""
+    return "; ".join(out[:most]) + more
+
+
 def _job_sha256(data: Mapping[str, Any]) -> str:
     """The digest ``inputs.json`` records of a job's comparable form."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
@@ -948,13 +978,16 @@ def check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
                 raise RunDirError(
                     f"cannot resume {out}: {out / name} leads outside the run directory"
                 )
+        cfg = _with_unread_from_run(cfg, saved)
         recorded_path = out / INPUTS_FILE
         paths = not recorded_path.is_file()  # without digests, the same files by path
         saved_job = _saved_job(saved, inputs_of=None if paths else cfg)
-        if _comparable(saved_job, paths=paths) != _comparable(cfg, paths=paths):
+        before, now = _comparable(saved_job, paths=paths), _comparable(cfg, paths=paths)
+        if before != now:
             raise RunDirError(
                 f"cannot resume {out}: the job differs from the one it was started with "
-                f"({saved}); only job.rounds may change{_older_behaviour_hint(cfg, saved)}"
+                f"({saved}): {_job_differences(before, now)}; only job.rounds may change"
+                f"{_older_behaviour_hint(cfg, saved)}"
             )
         if recorded_path.is_file():
             try:

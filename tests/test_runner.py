@@ -510,3 +510,34 @@ def test_a_run_whose_checkout_moved_resumes_from_the_same_files(tiny_cfg, prepar
             show_progress=False,
             resume=True,
         )
+
+
+@pytest.mark.parametrize("method", ["greedy", "exact"])
+def test_a_changed_price_blocks_a_resume_only_where_the_method_reads_it(
+    method, tiny_cfg, prepared, tmp_path
+):
+    """A run whose ``config.toml`` holds another ``planner.seconds_per_mb`` (the default
+    changed between versions) resumes where its method does not read the price (the LEGEND
+    greedy plans on its fixed utility); for ``exact`` it is refused, the error naming the key,
+    both values and that only job.rounds may change."""
+    from legend.federation.session import RunDirError
+
+    cfg = tiny_cfg.override("job", method=method)
+    run = tmp_path / method
+    run_job(
+        cfg.override("planner", seconds_per_mb=0.008),
+        run,
+        prepared=prepared,
+        show_progress=False,
+        stop_after=1,
+    )
+    now = cfg.override("planner", seconds_per_mb="auto")
+    if method == "greedy":
+        result = run_job(now, run, prepared=prepared, show_progress=False, resume=True)
+        assert [r["round"] for r in csv_rows(result.out_dir / "rounds.csv")] == ["1", "2"]
+    else:
+        with pytest.raises(
+            RunDirError,
+            match=r"planner\.seconds_per_mb = 0\.008 in the run, 'auto' now; only job\.rounds",
+        ):
+            run_job(now, run, prepared=prepared, show_progress=False, resume=True)
