@@ -274,9 +274,24 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> None:
     """Run every method of one seed, sharing one loaded model, data split and partition."""
     from legend.federation.runner import prepare, run_job
 
+    from legend.federation.errors import FederationInputError
+    from legend.federation.session import check_run_dir
+
     todo = [m for m in args.methods if not _finished(out / f"seed{seed}" / m, args.rounds)]
     if not todo:
         return
+    for method in todo:
+        # every run this seed continues is checked before any trains, so that a run that
+        # cannot be continued stops the benchmark at once, not after the others' hours
+        run_dir = out / f"seed{seed}" / method
+        try:
+            check_run_dir(
+                build_config(args, method, seed),
+                run_dir,
+                (run_dir / "checkpoints" / "state.json").is_file(),
+            )
+        except FederationInputError as exc:
+            raise SystemExit(f"error: {exc}") from None
     prepared = None
     for method in todo:
         cfg = build_config(args, method, seed)
