@@ -272,9 +272,8 @@ def _finished(run_dir: Path, rounds: int) -> bool:
 
 def run_seed(args: argparse.Namespace, seed: int, out: Path) -> None:
     """Run every method of one seed, sharing one loaded model, data split and partition."""
-    from legend.federation.runner import prepare, run_job
-
     from legend.federation.errors import FederationInputError
+    from legend.federation.runner import prepare, run_job
     from legend.federation.session import check_run_dir
 
     todo = [m for m in args.methods if not _finished(out / f"seed{seed}" / m, args.rounds)]
