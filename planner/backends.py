@@ -328,6 +328,7 @@ def _solve_pulp_highs(milp: MILP, limits: SolveLimits) -> MilpResult:
         status == "OPTIMAL"
         and start is not None
         and objective is not None
+        and bound is not None
         and math.isfinite(bound)
         and _beyond_gap(milp, objective, bound, limits)
     ):
