@@ -402,3 +402,34 @@ def test_run_inputs_are_verified_before_a_run_is_rebuilt(tmp_path: Path) -> None
     record("0" * 64)  # the repository's file is not the run's
     with pytest.raises(SystemExit, match=r"inputs.json.*fleet50.csv.*restore"):
         common.load_run_config(run)
+
+
+def test_the_goals_check_the_method_they_are_asked_for() -> None:
+    """``--goals-for`` checks an ablation of ``exact`` against the setting's goals, with the
+    same arithmetic as ``exact`` (ratios per seed; four of five seeds and the mean)."""
+    tta = bench_module("time_to_accuracy")
+    rows = []
+    for seed in range(5):
+        for method, time_s, mb, acc in (
+            ("exact", 10.0, 100.0, 0.73),
+            ("exact-price-auto", 8.0, 40.0, 0.745 if seed else 0.70),
+            ("greedy", 9.0, 100.0, 0.75),
+            ("uniform", 30.0, 100.0, 0.75),
+        ):
+            rows.append(
+                {
+                    "seed": seed,
+                    "method": method,
+                    "time_to_target_s": time_s,
+                    "bytes_to_target": mb * 1e6,
+                    "accuracy": acc,
+                    "late_gain_pts": 0.1,
+                }
+            )
+    methods = ["exact", "exact-price-auto", "greedy", "uniform"]
+    plain = {g["goal"]: g["met"] for g in tta.goals(rows, methods, "A")}
+    auto = {g["goal"]: g["met"] for g in tta.goals(rows, methods, "A", "exact-price-auto")}
+    assert list(plain.values())[:4] == [True, False, False, False]
+    assert list(auto.values())[:4] == [True, True, True, False]  # seed 0: 5 points below
+    assert all(goal.startswith("exact-price-auto") for goal in list(auto)[:4])
+    assert tta.goals(rows, ["exact", "greedy", "uniform"], "A", "exact-price-auto") == []
