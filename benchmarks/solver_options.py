@@ -16,6 +16,12 @@ Usage::
 
     .venv/bin/python benchmarks/solver_options.py RUN_DIR [RUN_DIR ...] [--rounds 10] \\
         [--repeats 3] [--contention staggered] [--out runs/bench/solver_options]
+    .venv/bin/python benchmarks/solver_options.py --saturating 1 2 2.5 2.75 \\
+        [--saturating-devices 10] [--saturating-seeds 0 1 2 3]
+
+``--saturating`` adds programs that are not a run's: the saturating progress model over
+devices drawn from ``fleet50.csv`` (one program per seed, no warm start). ``--smoke``: one
+such program of four devices.
 
 Writes ``solver_options.csv`` (per run, round, configuration and repeat) and
 ``solver_options.md``: per configuration and run, the median and total plan time, the
@@ -45,6 +51,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "no-restart": {"mip_allow_restart": False},
     "no-presolve": {"presolve": "off"},
     "no-restart-no-presolve": {"mip_allow_restart": False, "presolve": "off"},
+    # the sub-MIP heuristics RINS and RENS (most of a slow staggered plan's time)
+    "no-restart-no-rins-rens": {
+        "mip_allow_restart": False,
+        "mip_heuristic_run_rins": False,
+        "mip_heuristic_run_rens": False,
+    },
 }
 
 
@@ -104,12 +116,39 @@ def problems(
     return out
 
 
+def saturating_problems(
+    response: tuple[float, ...], devices: int, seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Saturating programs (:mod:`legend.planner.saturation`) over ``devices`` devices drawn
+    from ``fleet50.csv`` per seed, with the workload of ``planner_quality.py``; each is one
+    "round" (its seed) of the source."""
+    from planner_quality import fleet50_sample, job_params
+
+    from legend.models.spec import get_model_spec
+    from legend.planner.types import PlannerOptions
+
+    spec = get_model_spec("all-MiniLM-L6-v2", target_modules="qv")
+    options = PlannerOptions(saturation=response, solver="highs")
+    return [
+        {
+            "round": seed,
+            "fleet": fleet50_sample(devices, seed),
+            "spec": spec,
+            "job": job_params(),
+            "options": options,
+            "topology": None,
+            "warm_start": None,
+        }
+        for seed in seeds
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from legend.planner import backends
     from legend.planner.api import plan_round
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories of `exact`")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories of `exact`")
     parser.add_argument("--rounds", type=int, default=10, help="first rounds of each run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
@@ -119,11 +158,44 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="plan with this contention model of the runs' topology instead of its own",
     )
+    parser.add_argument(
+        "--saturating",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="H",
+        help="also plan saturating programs (coverage response H at 1, 2, ... devices) over "
+        "--saturating-devices devices drawn from fleet50.csv, one per --saturating-seeds seed",
+    )
+    parser.add_argument("--saturating-devices", type=int, default=10)
+    parser.add_argument("--saturating-seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one saturating program of 4 devices (response 1, 2), one repeat: seconds",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/solver_options"))
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.saturating = args.saturating or [1.0, 2.0]
+        args.saturating_devices, args.saturating_seeds, args.repeats = 4, [0], 1
+    if not args.runs and not args.saturating:
+        parser.error("give run directories, --saturating, or both")
+    sources: list[tuple[str, list[dict[str, Any]]]] = [
+        (str(run), problems(run, args.rounds, args.contention)) for run in args.runs
+    ]
+    if args.saturating:
+        sources.append(
+            (
+                f"saturating, {args.saturating_devices} devices of fleet50.csv",
+                saturating_problems(
+                    tuple(args.saturating), args.saturating_devices, args.saturating_seeds
+                ),
+            )
+        )
     rows: list[dict[str, Any]] = []
-    for run in args.runs:
-        for prob in problems(run, args.rounds, args.contention):
+    for run, probs in sources:
+        for prob in probs:
             for rep in range(args.repeats):
                 for name in args.configs:
                     backends.HIGHS_OPTIONS.clear()
@@ -159,8 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ("run", "round", "config", "repeat", "plan_s", "objective", "status"),
     )
     table = []
-    for run in args.runs:
-        mine = [r for r in rows if r["run"] == str(run)]
+    for run, _ in sources:
+        mine = [r for r in rows if r["run"] == run]
         best = {}  # per round and config: the fastest repeat (host load only slows a plan)
         for r in mine:
             key = (r["round"], r["config"])
@@ -177,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ]
             table.append(
                 {
-                    "run": str(run),
+                    "run": run,
                     "config": name,
                     "rounds": len(times),
                     "median_s": f"{statistics.median(times):.3f}",
@@ -200,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         reproduce_command("solver_options.py", argv),
     )
     print(text)
+    print(f"reproduce: {reproduce_command('solver_options.py', argv)}")
 
 
 if __name__ == "__main__":

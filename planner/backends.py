@@ -96,8 +96,13 @@ class MilpResult:
 #: HiGHS's own defaults except these, measured by ``benchmarks/solver_options.py`` on the
 #: planning problems of the time-to-accuracy runs (docs/planner.md, "HiGHS options"): no
 #: restart of the root after presolve reductions (the slowest plans under the staggered
-#: contention model restarted the root eight times).
-HIGHS_OPTIONS: dict[str, bool | int | float | str] = {"mip_allow_restart": False}
+#: contention model restarted the root eight times), and no RINS or RENS sub-MIP heuristics
+#: (70% of a slow staggered plan's solve; the warm start already supplies the incumbent).
+HIGHS_OPTIONS: dict[str, bool | int | float | str] = {
+    "mip_allow_restart": False,
+    "mip_heuristic_run_rins": False,
+    "mip_heuristic_run_rens": False,
+}
 
 
 @dataclass(frozen=True, kw_only=True)

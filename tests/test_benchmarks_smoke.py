@@ -433,3 +433,15 @@ def test_the_goals_check_the_method_they_are_asked_for() -> None:
     assert list(auto.values())[:4] == [True, True, True, False]  # seed 0: 5 points below
     assert all(goal.startswith("exact-price-auto") for goal in list(auto)[:4])
     assert tta.goals(rows, ["exact", "greedy", "uniform"], "A", "exact-price-auto") == []
+
+
+def test_solver_options_smoke(tmp_path: Path) -> None:
+    """The HiGHS-options benchmark plans the same program under each configuration and
+    reports each one's time against the first's, with the objectives' difference."""
+    out = tmp_path / "solver_options"
+    run_script("solver_options.py", out, "--configs", "no-restart", "no-restart-no-rins-rens")
+    rows = csv_rows(out / "solver_options.csv")
+    assert {r["config"] for r in rows} == {"no-restart", "no-restart-no-rins-rens"}
+    assert all(r["status"] == "OPTIMAL" and float(r["plan_s"]) > 0 for r in rows)
+    assert len({round(float(r["objective"]), 6) for r in rows}) == 1  # the same optimum
+    assert "| no-restart-no-rins-rens | 1 |" in (out / "solver_options.md").read_text()
