@@ -850,7 +850,7 @@ def _saved_job(saved: Path, inputs_of: JobConfig | None = None) -> JobConfig:
         ):
             overrides[f"{section}__{key}"] = given
     cfg = load_job(saved, **overrides)
-    for (section, key), value in _older_behaviour(_saved_raw(saved) or {}, cfg).items():
+    for (section, key), value in _older_behaviour(raw, cfg).items():
         cfg = cfg.override(section, **{key: value})
     return cfg
 
@@ -924,8 +924,8 @@ def _with_unread_from_run(cfg: JobConfig, saved: Path) -> JobConfig:
 
 
 def _job_differences(before: Mapping[str, Any], now: Mapping[str, Any], most: int = 4) -> str:
-    """``section.key`` was ``saved`` in the run, ``given`` now, for each differing key (the
-    first ``most``), so that the user can set the run's value to continue it."""
+    """``section.key = <run's value> in the run, <job's value> now`` for each key that
+    differs (the first ``most``), so that the user can set the run's value to continue it."""
     out = []
     for section in sorted(set(before) | set(now)):
         a, b = before.get(section) or {}, now.get(section) or {}

@@ -329,16 +329,7 @@ def _solve_pulp_highs(milp: MILP, limits: SolveLimits) -> MilpResult:
         dual = float(highs.getInfo().mip_dual_bound)
         # PuLP hands HiGHS the negated objective of a maximisation.
         bound = -dual if milp.sense == "max" else dual
-    if (
-        status == "OPTIMAL"
-        and start is not None
-        and objective is not None
-        and bound is not None
-        and math.isfinite(bound)
-        and _beyond_gap(milp, objective, bound, limits)
-    ):
-        # the same HiGHS behaviour as in _highs_here: "optimal" with the warm start as its
-        # solution while its own bound shows a better one; solve again without the start
+    if _optimal_beyond_gap(status, milp, objective, bound, limits):
         log.debug("pulp-highs: optimal status with a gap beyond the limits; solving without it")
         return _solve_pulp_highs(replace(milp, start=None), limits)
     return MilpResult.of(status, native, version, values, objective, bound)
@@ -629,24 +620,25 @@ def _highs_here(milp: MILP, limits: SolveLimits) -> MilpResult:
         else:
             dual = objective if status == "OPTIMAL" else float("nan")
         bound = dual if math.isfinite(dual) else None
-    if (
-        status == "OPTIMAL"
-        and milp.start is not None
-        and objective is not None
-        and bound is not None
-        and _beyond_gap(milp, objective, bound, limits)
-    ):
-        # HiGHS (1.x, presolve on) can report "optimal" with the warm start as its solution
-        # although its own bound, and a solve without the start, show a better one: a
-        # Dinkelbach step then proves nothing. Solve again without the start.
+    if _optimal_beyond_gap(status, milp, objective, bound, limits):
         log.debug("highs: optimal status with a gap beyond the limits; solving without the start")
         return _highs_here(replace(milp, start=None), limits)
     return MilpResult.of(status, native, version, values, objective, bound)
 
 
-def _beyond_gap(milp: MILP, objective: float, bound: float, limits: SolveLimits) -> bool:
-    """Whether ``bound`` is further from ``objective`` than both gaps allow (with slack for
-    the solver's tolerances)."""
+def _optimal_beyond_gap(
+    status: str, milp: MILP, objective: float | None, bound: float | None, limits: SolveLimits
+) -> bool:
+    """Whether HiGHS answered a program with a warm start "optimal" while its own bound is
+    further from the objective than both gaps allow (with slack for its tolerances).
+
+    HiGHS (1.x, presolve on) can do so with the warm start as its solution although a solve
+    without the start finds a better one: a Dinkelbach step then proves nothing, and the
+    adapters that hand it a start (``highs``, ``pulp-highs``) solve again without it."""
+    if status != "OPTIMAL" or milp.start is None or objective is None or bound is None:
+        return False
+    if not math.isfinite(bound):
+        return False
     gap = (bound - objective) if milp.sense == "max" else (objective - bound)
     allowed = max(limits.mip_gap * max(abs(bound), abs(objective)), limits.abs_gap or 0.0)
     return gap > 10 * allowed + 1e-9
