@@ -986,7 +986,8 @@ def check_run_dir(cfg: JobConfig, out: Path, resume: bool) -> None:
         if before != now:
             raise RunDirError(
                 f"cannot resume {out}: the job differs from the one it was started with "
-                f"({saved}): {_job_differences(before, now)}; only job.rounds may change"
+                f"({saved}): {_job_differences(before, now)}; only job.rounds may change: "
+                "set these as the run has them, or start a new run with --out"
                 f"{_older_behaviour_hint(cfg, saved)}"
             )
         if recorded_path.is_file():
