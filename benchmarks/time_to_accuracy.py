@@ -102,6 +102,8 @@ from common import (
 # uplink of each round's participants): 0.008 (a 1 Gbit/s link; the default before
 # ``"auto"``), 0.08 (a 100 Mbit/s link) and 0.45 (the median uplink of ``fleet50.csv``,
 # 17.6 Mbit/s); ``exact-price-auto`` writes the default out (it plans as ``exact``).
+# ``exact-probe`` is the default with the server's probe of every layer on its 256
+# validation examples (``federation.probe_examples``; docs/planner.md).
 METHODS: dict[str, dict[str, Any]] = {
     "exact": {"method": "exact", "objective": "progress"},
     "greedy": {"method": "greedy", "objective": "progress"},
@@ -117,6 +119,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "exact-price0.08": {"method": "exact", "objective": "progress", "seconds_per_mb": 0.08},
     "exact-price0.45": {"method": "exact", "objective": "progress", "seconds_per_mb": 0.45},
     "exact-price-auto": {"method": "exact", "objective": "progress", "seconds_per_mb": "auto"},
+    "exact-probe": {"method": "exact", "objective": "progress", "probe_examples": 256},
     "exact-drop75": {
         "method": "exact",
         "objective": "progress",
@@ -258,6 +261,7 @@ def build_config(args: argparse.Namespace, method: str, seed: int) -> Any:
             eval_every=1,
             server_optimizer=args.server_optimizer,
             server_lr=args.server_lr,
+            probe_examples=int(spec.get("probe_examples", FederationSection.probe_examples)),
         ),
     )
 
@@ -484,6 +488,26 @@ def collect(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def accuracy_by_round(
+    out: Path, seeds: Sequence[int], methods: Sequence[str], rounds: int, every: int = 5
+) -> list[dict[str, Any]]:
+    """Per method, the mean over seeds of the test accuracy (%) at every ``every``-th round
+    and the last: what a round learns, whatever it costs (time-to-target tables mix it with
+    the round's time)."""
+    marks = sorted({*range(every, rounds + 1, every), rounds})
+    out_rows = []
+    for method in methods:
+        curves = [
+            [_num(r["accuracy"]) for r in read_csv(out / f"seed{s}" / method / "rounds.csv")]
+            for s in seeds
+        ]
+        row: dict[str, Any] = {"method": method}
+        for k in marks:
+            row[f"round {k}"] = 100 * _mean([c[k - 1] for c in curves if len(c) >= k])
+        out_rows.append(row)
+    return out_rows
 
 
 def _ratios(rows: Sequence[Mapping[str, Any]], method: str, base: str, key: str) -> list[float]:
@@ -908,11 +932,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             "host_time_s": lambda v: f"{v:.0f}",
         },
     )
+    by_round = accuracy_by_round(out, args.seeds, args.methods, args.rounds)
+    by_round_md = markdown_table(
+        by_round,
+        tuple(by_round[0]),
+        formats={
+            k: (lambda v: "-" if math.isnan(v) else f"{v:.1f}")
+            for k in by_round[0]
+            if k != "method"
+        },
+    )
     blocks = [
         setting,
         "## Per method (mean ± standard deviation over seeds)\n\n" + summary_md,
         "## Goals\n\n" + markdown_table(checks, ("goal", "measured", "met")) if checks else "",
         "## Per seed\n\n" + runs_md,
+        "## Accuracy by round (%, mean over seeds)\n\nWhat a round learns, whatever its "
+        "time: the test accuracy after the round.\n\n" + by_round_md,
     ]
     if reports:
         blocks.append(

@@ -332,11 +332,15 @@ class ServerCore:
         missing: Sequence[str] = (),
         host_time_s: float = 0.0,
         server_time_s: float = 0.0,
+        probe: Sequence[float] | None = None,
     ) -> RoundResult:
         """Check, aggregate and account one round.
 
         ``missing`` names devices that never replied (dropped out or timed out); the round
         then lasts until the server's timeout (``timeout_factor`` x the planned round time).
+        ``probe`` is the server's probe of the global state the round started from (per
+        layer; :meth:`ProgressModel.signals`), folded into the progress model with the
+        devices' measurements.
         """
         f = self.cfg.federation
         accepted: list[ClientUpdate] = []
@@ -387,7 +391,7 @@ class ServerCore:
         if accepted:
             # what the updates say of layers and ranks, against the slices they started from
             self.progress_model.observe(
-                self.progress_model.signals(self.global_state, accepted, decreases)
+                self.progress_model.signals(self.global_state, accepted, decreases, probe)
             )
         rule = AGGREGATORS[self.cfg.aggregation]
         if accepted:

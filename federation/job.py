@@ -193,6 +193,9 @@ class FederationSection:
     server_tau: float = 1e-3
     # step only the layers and rank slots the round trained (lazy FedOpt; docs/federation.md)
     server_lazy: bool = True
+    # the server's probe of every layer's gain on this many of its validation examples, every
+    # round, for the methods that plan on the progress model (0: off; docs/planner.md)
+    probe_examples: int = 0
 
 
 _SECTIONS: dict[str, type] = {
@@ -408,6 +411,13 @@ def _validate(cfg: JobConfig) -> None:
     if f.timeout_factor < 1:
         raise JobError(f"{s}: `federation.timeout_factor` = {f.timeout_factor} must be >= 1")
     _positive(s, "federation.eval_every", f.eval_every)
+    _positive(s, "federation.probe_examples", f.probe_examples, zero_ok=True)
+    if f.probe_examples > 0 and d.validation_size <= 0:
+        raise JobError(
+            f"{s}: `federation.probe_examples` = {f.probe_examples} probes the server's "
+            f"validation split, but `data.validation_size` = {d.validation_size} holds none "
+            "out; set data.validation_size > 0, or federation.probe_examples = 0"
+        )
     if j.target_accuracy is not None and not 0 < j.target_accuracy <= 1:
         raise JobError(f"{s}: `job.target_accuracy` = {j.target_accuracy} must be in (0, 1]")
     if j.topology and p.server_mbps is not None:

@@ -57,6 +57,22 @@ __all__ = ["plan_for_method", "planner_options", "unread_options"]
 PRICE_OPTIONS = (("planner", "seconds_per_mb"), ("planner", "server_overhead_s"))
 
 
+#: The server's probe of the layers' gains: read only by the methods that plan on the
+#: progress model.
+PROBE_OPTIONS = (("federation", "probe_examples"),)
+
+
+def plans_on_progress_model(cfg: JobConfig) -> bool:
+    """Whether ``cfg``'s plans read the run's progress model (its layer gains or rank
+    response; see :func:`plan_for_method`)."""
+    p = cfg.planner
+    return (
+        cfg.job.method in ("exact", "depth-only", "rank-only", "greedy-learned")
+        and p.objective == "progress"
+        and (p.layer_weights == "auto" or p.rank_gains == "auto")
+    )
+
+
 def unread_options(cfg: JobConfig) -> tuple[tuple[str, str], ...]:
     """The ``(section, key)`` options ``cfg``'s method does not read: a run that differs from
     ``cfg`` in them alone plans, trains and aggregates the same (so it may be resumed)."""
@@ -65,7 +81,9 @@ def unread_options(cfg: JobConfig) -> tuple[tuple[str, str], ...]:
         and cfg.planner.objective == "progress"
         and cfg.planner.solver != "greedy"
     )
-    return () if priced else PRICE_OPTIONS
+    return (() if priced else PRICE_OPTIONS) + (
+        () if plans_on_progress_model(cfg) else PROBE_OPTIONS
+    )
 
 
 def planner_options(cfg: JobConfig, **changes: object) -> PlannerOptions:

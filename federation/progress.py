@@ -303,10 +303,16 @@ class ProgressModel:
         global_before: AdapterState,
         updates: Sequence[ClientUpdate],
         decreases: Sequence[Sequence[float]] | None = None,
+        probe: Sequence[float] | None = None,
     ) -> RoundSignals:
         """Per-layer energies and per-rank energy shares of ``updates`` against the slices
         of ``global_before`` they were trained from, and the per-layer loss decreases the
-        devices measured (``decreases[k]`` of ``updates[k]``, one value per model layer)."""
+        devices measured (``decreases[k]`` of ``updates[k]``, one value per model layer).
+
+        ``probe`` is the server's probe of ``global_before`` (one value per model layer,
+        every layer at the largest rank; :func:`~legend.federation.training.probe_layer_decrease`):
+        it enters the fit as one more device, whose contrasts reach the layers no device
+        trained."""
         L = self.spec.num_layers
         r_max = max(self.ranks)
         energy_sum = np.zeros(L)
@@ -348,6 +354,16 @@ class ProgressModel:
                     decrease_count[layer] += 1
                     if d > 0:
                         records.append((index, layer, r, d))
+        if probe is not None:
+            if len(probe) != L:
+                raise ValueError(
+                    f"a probe of {len(probe)} layers for a model of {L}; give one per layer"
+                )
+            records.extend(
+                (len(updates), layer, r_max, float(d))
+                for layer, d in enumerate(probe)
+                if math.isfinite(d) and d > 0
+            )
         info, score = decrease_evidence(records, self.ranks, L)
         with np.errstate(invalid="ignore", divide="ignore"):
             energy = np.where(energy_count > 0, energy_sum / np.maximum(energy_count, 1), np.nan)

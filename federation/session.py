@@ -472,6 +472,9 @@ class _Progress:
     # the server's time per round on the simulated clock: measured once, in the run's first
     # round, and recorded so that a resumed run keeps the clock of an uninterrupted one
     server_time_s: float | None = None
+    # the host time of the server's layer probe (``federation.probe_examples``), measured
+    # in the first round that probed; None: not measured (or no probe)
+    probe_time_s: float | None = None
     # updates accepted so far (None: a run directory written before this was recorded)
     accepted_updates: int | None = None
     last_rejection: str = ""
@@ -1202,6 +1205,7 @@ class RunSession:
         self.last_round = cfg.job.rounds if stop_after is None else min(cfg.job.rounds, stop_after)
         self._round_start = 0.0
         self._server_time = 0.0
+        self._probe: tuple[float, ...] | None = None
 
     def pending_rounds(self) -> range:
         return range(self.progress.round + 1, self.last_round + 1)
@@ -1239,8 +1243,48 @@ class RunSession:
         with _ServerTimer() as timer:
             instructions = self.server.instructions(t, plan)
         self._server_time = plan_time + timer.seconds
+        self._probe = self._probe_layers()
         plan.save(self.out / "plans" / f"round_{t:04d}.json")
         return plan, instructions
+
+    def _probe_layers(self) -> tuple[float, ...] | None:
+        """The server's probe of the global state the round starts from: per layer, the
+        gain of a gradient step on its adapter, on the first ``federation.probe_examples``
+        validation examples (None where the probe is off or there is no validation split).
+
+        The server runs it while the devices train, so the simulated clock charges only
+        what it takes beyond the round's devices (its host time, measured once, in the first
+        round that probes: see :meth:`complete_round`)."""
+        from legend.federation.adapters import slice_for
+        from legend.federation.methods import plans_on_progress_model
+        from legend.federation.training import probe_layer_decrease
+        from legend.planner.plan import DevicePlan
+
+        cfg, p = self.cfg, self.prepared
+        examples = cfg.federation.probe_examples
+        if examples <= 0 or p.validation is None or not plans_on_progress_model(cfg):
+            return None
+        state = self.server.global_state
+        ranks = state.layer_ranks()
+        layers = tuple(sorted(ranks))
+        whole = DevicePlan(
+            device_id="server-probe", layers=layers, ranks=tuple(ranks[ly] for ly in layers)
+        )
+        with (
+            _ServerTimer() as timer,
+            p.host.activate(whole, slice_for(state, whole.layers, whole.ranks)) as model,
+        ):
+            probe = probe_layer_decrease(
+                model,
+                p.validation,
+                p.host.layer_parameters(),
+                p.spec.num_layers,
+                examples=examples,
+                batch_size=cfg.federation.eval_batch_size,
+            )
+        if self.progress.probe_time_s is None:
+            self.progress.probe_time_s = timer.seconds
+        return probe
 
     def complete_round(
         self,
@@ -1256,7 +1300,7 @@ class RunSession:
 
         cfg, p, progress = self.cfg, self.prepared, self.progress
         with _ServerTimer() as timer:
-            result = self.server.finish_round(t, plan, replies, missing=missing)
+            result = self.server.finish_round(t, plan, replies, missing=missing, probe=self._probe)
         server_time = self._server_time + timer.seconds
         accuracy, test_loss = math.nan, math.nan
         if t % cfg.federation.eval_every == 0 or t == self.last_round:
@@ -1285,7 +1329,13 @@ class RunSession:
         progress.val_loss = val_loss
         progress.progress_model = self.server.progress_model.to_dict()
         progress.prefix_built = sorted(self.server.prefix_built)
-        row["sim_time_s"] = row["sim_time_s"] + progress.server_time_s
+        # the probe ran while the devices trained: only what it took beyond them counts
+        probe_wait = (
+            max(0.0, progress.probe_time_s - row["sim_time_s"])
+            if self._probe is not None and progress.probe_time_s is not None
+            else 0.0
+        )
+        row["sim_time_s"] = row["sim_time_s"] + progress.server_time_s + probe_wait
         if progress.accepted_updates is not None:
             progress.accepted_updates += int(row["participants"])
         if result.rejected:

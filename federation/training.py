@@ -305,3 +305,52 @@ def evaluate(
         total_loss += float(out.loss) * len(batch["labels"])
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
     return correct / max(n, 1), total_loss / max(n, 1)
+
+
+def probe_layer_decrease(
+    model: torch.nn.Module,
+    split: TokenizedSplit,
+    layer_params: Mapping[int, Sequence[torch.nn.Parameter]],
+    num_layers: int,
+    *,
+    examples: int = 0,
+    batch_size: int = 64,
+) -> tuple[float, ...]:
+    """Per model layer, the first-order decrease of the expected loss that a gradient step
+    of unit rate on that layer's LoRA factors would buy: ``||g_l||^2`` for the gradient
+    ``g_l`` of the loss over the layer's factors, estimated without the sampling noise that
+    a squared minibatch gradient carries, as ``<g_l^(1), g_l^(2)>`` of the two halves of the
+    examples used (independent halves make it unbiased; it can come out negative where the
+    layer's signal is below its noise). NaN for a layer without factors.
+
+    This is the server's probe of what every layer's adapter would buy
+    (:mod:`legend.federation.progress`): measured on held-out data at the global model,
+    without dropout, for every layer whether or not a device trains it. ``examples`` > 0
+    uses the first that many examples of ``split`` (all otherwise; at least two). The
+    parameters' ``.grad`` are left set.
+    """
+    n = len(split) if examples <= 0 else min(examples, len(split))
+    if n < 2:
+        return (math.nan,) * num_layers
+    model.eval()
+    device = _device_of(model)
+    halves: list[dict[int, list[torch.Tensor]]] = []
+    for lo, hi in ((0, n // 2), (n // 2, n)):
+        for p in model.parameters():
+            p.grad = None
+        for start in range(lo, hi, batch_size):
+            batch = _to(split.batch(np.arange(start, min(hi, start + batch_size))), device)
+            loss = model(**batch).loss * (len(batch["labels"]) / (hi - lo))
+            loss.backward()
+        halves.append(
+            {
+                int(layer): [p.grad.detach().clone() for p in group if p.grad is not None]
+                for layer, group in layer_params.items()
+            }
+        )
+    out = [math.nan] * num_layers
+    for layer, first in halves[0].items():
+        second = halves[1][layer]
+        if first and 0 <= layer < num_layers:
+            out[layer] = float(sum(torch.sum(a * b) for a, b in zip(first, second, strict=True)))
+    return tuple(out)

@@ -32,6 +32,7 @@ METHODS = (
     "exact-price0.08",
     "exact-price0.45",
     "exact-price-auto",
+    "exact-probe",
     "uniform",
     "hetlora",
     "fedra",
@@ -169,6 +170,26 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
             assert 0 < r["floor_s"] <= r["plan_s"] * (1 + 1e-9) and r["clock_s"] > 0
         if method == "uniform":
             assert all(r["plan_s"] > r["floor_s"] * 1.05 for r in frows)
+    # what a round learns, per method: the mean accuracy after rounds 2 and 3 (the last)
+    by_round = bench_module("time_to_accuracy").accuracy_by_round(out, [0], ["uniform"], 3, 2)
+    assert list(by_round[0]) == ["method", "round 2", "round 3"]
+    assert by_round[0]["round 3"] == pytest.approx(100 * accuracies[3])
+    assert "## Accuracy by round" in (out / "time_to_accuracy.md").read_text()
+    # the exact planner with the server's probe: it probed, and its probe is compared with
+    # the layer gains the run learned (benchmarks/probe_agreement.py)
+    state = json.loads((out / "seed0" / "exact-probe" / "checkpoints" / "state.json").read_text())
+    assert state["progress"]["probe_time_s"] > 0
+    agreement = bench_module("probe_agreement")
+    rows, cpu = agreement.run_rows(out / "seed0" / "exact-probe", [1, 2], 8)
+    assert cpu > 0 and [(r["round"], r["measure"]) for r in rows[:4]] == [
+        (1, "probe"),
+        (1, "squared_16"),
+        (1, "squared_8"),
+        (1, "learned"),
+    ]
+    for r in rows:
+        assert r["layer 3"] == pytest.approx(1.0)  # ratios to the last layer
+    assert math.isfinite(rows[3]["log_gap"]) and rows[3]["log_gap"] >= 0
 
 
 def test_coverage_response_pools_cells_by_coverage() -> None:

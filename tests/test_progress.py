@@ -338,3 +338,91 @@ def _signals(info: np.ndarray, score: np.ndarray) -> RoundSignals:
         information=tuple(tuple(float(v) for v in row) for row in info),
         score=tuple(float(v) for v in score),
     )
+
+
+def test_the_servers_probe_reaches_the_layers_no_device_trains() -> None:
+    """Devices that train only the top two layers say nothing of the lower ones; the
+    server's probe (every layer at the largest rank, one more device in the fit) does: the
+    gains move from the prior to the probe's ratios, on the layers the devices trained
+    as well as on the others."""
+    start = _global()
+    L = TINY.num_layers
+    top = (L - 2, L - 1)
+    update = _update(start, dict.fromkeys(top, 1.0), directions=1)
+    decrease = [float("nan")] * L
+    decrease[top[0]], decrease[top[1]] = 0.02, 0.04
+    blind = ProgressModel(TINY, RANKS, smoothing=0.0, prior_sd=100.0)
+    blind.observe(blind.signals(start, [update], [tuple(decrease)]))
+    # nothing identifies the lower layers: they stay where the prior put them (g = 1 each)
+    assert blind.layer_gains[0] == pytest.approx(blind.layer_gains[-1])
+    probe = (0.03, 0.01, 0.02, 0.04)[:L]
+    probed = ProgressModel(TINY, RANKS, smoothing=0.0, prior_sd=100.0)
+    signals = probed.signals(start, [update], [tuple(decrease)], probe)
+    info = np.asarray(signals.information)
+    assert all(info[ly, ly] > 0 for ly in range(L - 1))  # evidence on every layer
+    probed.observe(signals)
+    gains = probed.layer_gains
+    # the probe alone speaks of layers 0 and 1: its ratios to the last layer
+    assert gains[0] / gains[-1] == pytest.approx(probe[0] / probe[-1], rel=0.05)
+    assert gains[1] / gains[-1] == pytest.approx(probe[1] / probe[-1], rel=0.05)
+    # layer 2: the device (1/2) and the probe (1/2) agree
+    assert gains[2] / gains[-1] == pytest.approx(0.5, rel=0.05)
+    with pytest.raises(ValueError, match="one per layer"):
+        probed.signals(start, [update], [tuple(decrease)], probe[:-1])
+
+
+def test_the_probe_measures_the_gradient_energy_of_every_layer() -> None:
+    """``probe_layer_decrease`` is, per layer, the inner product of the mean loss's
+    gradients over the two halves of the examples (batching does not change it), NaN for a
+    layer without factors; unlike the squared gradient of one batch it does not grow with
+    the sampling noise: on pure-noise labels it is near zero on average while the squared
+    norm is not."""
+    import torch
+
+    from legend.federation.training import TokenizedSplit, probe_layer_decrease
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3)
+            self.b = torch.nn.Linear(3, 2)
+
+        def logits(self, x):
+            return self.b(torch.tanh(self.a(x.float())))
+
+        def forward(self, input_ids, labels):
+            logits = self.logits(input_ids)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            return type("Out", (), {"loss": loss, "logits": logits})
+
+    net = Net()
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    split = TokenizedSplit(tensors={"input_ids": x}, labels=y)
+    layers = {0: [net.a.weight], 1: [net.b.weight, net.b.bias]}
+    whole = probe_layer_decrease(net, split, layers, 3, batch_size=10)
+    batched = probe_layer_decrease(net, split, layers, 3, batch_size=2)
+    assert batched[:2] == pytest.approx(whole[:2], rel=1e-5)
+    assert np.isnan(whole[2])
+    grads = []
+    for half in (slice(0, 5), slice(5, 10)):
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net.logits(x[half]), y[half]).backward()
+        grads.append(net.a.weight.grad.clone())
+    assert whole[0] == pytest.approx(float((grads[0] * grads[1]).sum()), rel=1e-5)
+    # labels that carry nothing: the squared half-gradient stays, the cross product averages out
+    cross, square = [], []
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        noise = TokenizedSplit(
+            tensors={"input_ids": torch.randn(64, 3, generator=g)},
+            labels=torch.randint(0, 2, (64,), generator=g),
+        )
+        cross.append(probe_layer_decrease(net, noise, layers, 3)[1])
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(
+            net.logits(noise.tensors["input_ids"][:32]), noise.labels[:32]
+        ).backward()
+        square.append(float((net.b.weight.grad**2).sum() + (net.b.bias.grad**2).sum()))
+    assert abs(np.mean(cross)) < 0.25 * np.mean(square)

@@ -340,6 +340,13 @@ def test_killed_process_resumes_to_the_same_result(tmp_path):
         ("[job]\nfleet='tiny_fleet.csv'\n[train]\nloss='focal'\n", "`train.loss` = 'focal'"),
         ("[job\n", "not valid TOML"),
         (
+            "[job]\nfleet='tiny_fleet.csv'\n[data]\nvalidation_size=0\n"
+            "[federation]\nprobe_examples=64\n",
+            "`federation.probe_examples` = 64 probes the server's validation split, but "
+            "`data.validation_size` = 0",
+        ),
+        ("[job]\nfleet='tiny_fleet.csv'\n[federation]\nprobe_examples=-1\n", "must be >= 0"),
+        (
             "[job]\nfleet='tiny_fleet.csv'\n[planner]\nmin_sample_share=0.8\n",
             "`planner.min_sample_share` = 0.8 only applies with `allow_dropping` = true",
         ),
@@ -541,3 +548,63 @@ def test_a_changed_price_blocks_a_resume_only_where_the_method_reads_it(
             match=r"planner\.seconds_per_mb = 0\.008 in the run, 'auto' now; only job\.rounds",
         ):
             run_job(now, run, prepared=prepared, show_progress=False, resume=True)
+
+
+@pytest.mark.parametrize("method", ["exact", "greedy"])
+def test_the_servers_probe_runs_for_the_methods_that_plan_on_the_progress_model(
+    method, tiny_cfg, prepared, tmp_path, monkeypatch
+):
+    """With ``federation.probe_examples`` set, the server probes every layer of the global
+    state each round for ``exact``, on its validation split (its host time recorded once,
+    its evidence in the progress model's state, the simulated clock charged only beyond the
+    devices); the LEGEND greedy plans on its fixed utility, so it neither probes nor refuses
+    a resume over it.
+
+    The tiny random-initialised model's split-half products are noise (often negative, so
+    they add no record): the probe's measurement is checked in tests/test_progress.py, and
+    here a spy runs the real probe, checks what it was given and hands on its magnitudes."""
+    import legend.federation.training as training
+
+    real = training.probe_layer_decrease
+    calls = []
+
+    def spy(model, split, layer_params, num_layers, **kwargs):
+        calls.append((split, sorted(layer_params), num_layers, kwargs["examples"]))
+        return tuple(abs(v) for v in real(model, split, layer_params, num_layers, **kwargs))
+
+    monkeypatch.setattr(training, "probe_layer_decrease", spy)
+    cfg = tiny_cfg.override("job", method=method)
+    plain = run_job(cfg, tmp_path / "plain", prepared=prepared, show_progress=False)
+    assert calls == []
+    probed_cfg = cfg.override("federation", probe_examples=16)
+    probed = run_job(probed_cfg, tmp_path / "probed", prepared=prepared, show_progress=False)
+    states = [
+        json.loads((r.out_dir / "checkpoints" / "state.json").read_text())["progress"]
+        for r in (plain, probed)
+    ]
+    rows = [csv_rows(r.out_dir / "rounds.csv") for r in (plain, probed)]
+    assert states[0]["probe_time_s"] is None
+    evidence = [np.asarray(s["progress_model"]["information"]) for s in states]
+    if method == "greedy":
+        assert states[1]["probe_time_s"] is None and calls == []
+        np.testing.assert_array_equal(evidence[1], evidence[0])
+        device_s = [[float(r["sim_time_s"]) - float(r["server_time_s"]) for r in x] for x in rows]
+        assert device_s[1] == pytest.approx(device_s[0], rel=1e-9)
+        # an option the method does not read does not block a resume
+        run_job(
+            cfg.override("job", rounds=3),
+            tmp_path / "probed",
+            prepared=prepared,
+            show_progress=False,
+            resume=True,
+        )
+        return
+    probe_s = states[1]["probe_time_s"]
+    assert probe_s is not None and probe_s > 0
+    layers = list(range(prepared.spec.num_layers))
+    assert calls == [(prepared.validation, layers, len(layers), 16)] * 2  # once a round
+    assert not np.allclose(evidence[1], evidence[0])
+    # round 1 plans alike in both runs (the probe's evidence enters after it): the clock
+    # charges the probe only where it outlasts the round's devices
+    first = [float(x[0]["sim_time_s"]) - float(x[0]["server_time_s"]) for x in rows]
+    assert first[1] == pytest.approx(max(first[0], probe_s), rel=1e-9)
