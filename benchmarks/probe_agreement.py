@@ -57,15 +57,10 @@ def _squared_norms(model: Any, split: Any, layer_params: Any, num_layers: int, n
     examples of ``split`` (one batch)."""
     import numpy as np
 
-    from legend.federation.training import TokenizedSplit
-
     model.eval()
     for p in model.parameters():
         p.grad = None
-    first = TokenizedSplit(
-        tensors={k: v[:n] for k, v in split.tensors.items()}, labels=split.labels[:n]
-    )
-    model(**first.batch(np.arange(n))).loss.backward()
+    model(**split.batch(np.arange(n))).loss.backward()
     out = [math.nan] * num_layers
     for layer, group in layer_params.items():
         out[int(layer)] = float(sum((p.grad**2).sum() for p in group if p.grad is not None))
@@ -81,10 +76,8 @@ def run_rows(run: Path, rounds: Sequence[int], examples: int) -> tuple[list[dict
     """The rows of one run, and the host CPU seconds of its last probe."""
     import torch
 
-    from legend.federation.adapters import slice_for
     from legend.federation.session import _load_arrays, prepare
     from legend.federation.training import probe_layer_decrease
-    from legend.planner.plan import DevicePlan
 
     torch.set_num_threads(1)
     cfg = load_run_config(run)
@@ -102,12 +95,7 @@ def run_rows(run: Path, rounds: Sequence[int], examples: int) -> tuple[list[dict
             continue
         state = _load_arrays(checkpoint)
         learned = json.loads(plan_file.read_text(encoding="utf-8"))["options"]["layer_weights"]
-        ranks = state.layer_ranks()
-        layers = tuple(sorted(ranks))
-        whole = DevicePlan(
-            device_id="probe", layers=layers, ranks=tuple(ranks[ly] for ly in layers)
-        )
-        with prepared.host.activate(whole, slice_for(state, layers, whole.ranks)) as model:
+        with prepared.host.activate_global(state) as model:
             params = prepared.host.layer_parameters()
             started = time.process_time()
             probe = probe_layer_decrease(

@@ -511,6 +511,14 @@ class AdapterHost:
         finally:
             self._remove()
 
+    @contextlib.contextmanager
+    def activate_global(self, global_state: AdapterState) -> Iterator[PeftModel]:
+        """Install ``global_state``'s adapter, every layer at its rank, trainable like a
+        device's (:meth:`activate`): what the server's probe of every layer differentiates
+        (``probe_layer_decrease`` in :mod:`legend.federation.training`)."""
+        with self.activate(self._global_plan(global_state, "global"), global_state) as model:
+            yield model
+
     def extract(self) -> AdapterState:
         """The installed adapter's current weights as a numpy ``float32`` state."""
         import torch

@@ -1255,25 +1255,14 @@ class RunSession:
         The server runs it while the devices train, so the simulated clock charges only
         what it takes beyond the round's devices (its host time, measured once, in the first
         round that probes: see :meth:`complete_round`)."""
-        from legend.federation.adapters import slice_for
         from legend.federation.methods import plans_on_progress_model
         from legend.federation.training import probe_layer_decrease
-        from legend.planner.plan import DevicePlan
 
         cfg, p = self.cfg, self.prepared
         examples = cfg.federation.probe_examples
         if examples <= 0 or p.validation is None or not plans_on_progress_model(cfg):
             return None
-        state = self.server.global_state
-        ranks = state.layer_ranks()
-        layers = tuple(sorted(ranks))
-        whole = DevicePlan(
-            device_id="server-probe", layers=layers, ranks=tuple(ranks[ly] for ly in layers)
-        )
-        with (
-            _ServerTimer() as timer,
-            p.host.activate(whole, slice_for(state, whole.layers, whole.ranks)) as model,
-        ):
+        with _ServerTimer() as timer, p.host.activate_global(self.server.global_state) as model:
             probe = probe_layer_decrease(
                 model,
                 p.validation,
